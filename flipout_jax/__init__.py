@@ -1,0 +1,30 @@
+"""flipout_jax: pruning and sparse training as pure optax transformations.
+
+    import flipout_jax as fj
+    tx = fj.flipout(optax.sgd(0.1, momentum=0.9), sparsity=0.99, prune_every=500)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)  # pruned weights are 0.0
+"""
+
+from flipout_jax import distributions
+from flipout_jax import schedules
+from flipout_jax import scores
+from flipout_jax import selection
+from flipout_jax import trees
+from flipout_jax.core import PruneState
+from flipout_jax.core import Tracker
+from flipout_jax.core import get_masks
+from flipout_jax.core import prune
+from flipout_jax.methods.flipout import flip_counter
+from flipout_jax.methods.flipout import flipout
+from flipout_jax.methods.flipout import global_magnitude
+from flipout_jax.methods.flipout import random_pruning
+from flipout_jax.methods.hoyer_square import hoyer_square
+from flipout_jax.methods.hoyer_square import hoyer_square_penalty
+from flipout_jax.methods.hoyer_square import threshold_prune
+from flipout_jax.methods.one_shot import fixed_mask
+from flipout_jax.methods.one_shot import snip
+from flipout_jax.report import SparsityReport
+from flipout_jax.report import sparsity_report
+
+__version__ = "0.1.0"

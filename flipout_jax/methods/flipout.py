@@ -1,0 +1,132 @@
+"""FlipOut (Apostol, Stol & Forré 2020) and its gradual-pruning baselines.
+
+All of them are :func:`flipout_jax.core.prune` with a periodic schedule: every
+``prune_every`` steps after ``start_step``, remove ``prune_rate`` of the
+surviving prunable weights, ranked globally by
+
+* FlipOut: ``τ = |θ|^p / (flips + 1)``, flips = sign changes of the weight
+  since initialisation, plus gradient noise of std ``λ‖g‖/√n`` per tensor;
+* global magnitude: ``|θ|`` (with ``noise_scale > 0``: noisy global magnitude);
+* random: uniform among the survivors.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+from flipout_jax import core
+from flipout_jax import schedules
+from flipout_jax import scores
+from flipout_jax import trees
+
+_INT32_MAX = jnp.iinfo(jnp.int32).max
+
+
+def flip_counter() -> core.Tracker:
+  """Counts, per prunable weight, how often its sign changed.
+
+  ``sign(0) = 0``, so moving to or from exactly 0 counts as a change. Counts
+  accumulate from initialisation, saturate at int32 max, are never reset at
+  pruning events, and are zeroed for pruned weights.
+  """
+
+  def init(params, masks):
+    return trees.map_prunable(lambda m, p: jnp.zeros(p.shape, jnp.int32),
+                              masks, params)
+
+  def update(counts, old, new, masks):
+    def count(m, c, a, b):
+      flipped = jnp.sign(a) != jnp.sign(b)
+      return c + (flipped & (c < _INT32_MAX)).astype(jnp.int32)
+    return trees.map_prunable(count, masks, counts, old, new)
+
+  def prune(counts, masks):
+    return trees.map_prunable(lambda m, c: jnp.where(m, c, 0), masks, counts)
+
+  return core.Tracker(init, update, prune)
+
+
+def periodic_schedule(sparsity: float, prune_every: int | None,
+                      prune_rate: float, start_step: int,
+                      end_step: int | None) -> schedules.Schedule:
+  """Events every ``prune_every`` steps, or spread to finish by ``end_step``."""
+  if (prune_every is None) == (end_step is None):
+    raise ValueError(
+        "prune_every: give exactly one of prune_every (steps between events) "
+        "or end_step (reach the target sparsity by this step).")
+  if prune_every is not None:
+    return schedules.periodic(sparsity, prune_every, prune_rate, start_step)
+  return schedules.periodic_until(sparsity, end_step, prune_rate, start_step)
+
+
+def flipout(inner: optax.GradientTransformation, *, sparsity: float,
+            prune_every: int | None = None, prune_rate: float = 0.5,
+            p: float = 2.0, noise_scale: float = 1.0, noise_on: str = "all",
+            start_step: int = 0, end_step: int | None = None,
+            distribution="global", filter_fn=None,
+            seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """FlipOut: prune the weights whose sign oscillates, ``τ = |θ|^p/(flips+1)``.
+
+  Args:
+    inner: the optimizer to wrap (e.g. ``optax.sgd(0.1, momentum=0.9)``).
+    sparsity: final fraction of prunable weights at 0, in [0, 1); the final
+      number pruned is ``round(sparsity·N)`` exactly.
+    prune_every: steps between pruning events (events at
+      ``start_step + k·prune_every``); or give ``end_step`` instead.
+    prune_rate: fraction of the surviving weights each event removes, (0, 1).
+    p: exponent of the magnitude in the saliency, > 0.
+    noise_scale: λ of the gradient noise; 0 disables it.
+    noise_on: ``"all"`` leaves (the reference) or ``"prunable"`` only.
+    start_step: step after which the periodic events start.
+    end_step: reach ``sparsity`` at (or just before) this step instead of
+      giving ``prune_every``.
+    distribution: ``"global"`` (the paper), ``"uniform"``, ``"erk"`` or a map.
+    filter_fn: which leaves are prunable (default: float leaves, ndim >= 2).
+    seed: PRNG seed of the gradient noise.
+
+  Returns:
+    An optax transformation; its state holds masks and int32 flip counts.
+  """
+  p = float(p)
+  if not p > 0:
+    raise ValueError(f"p: {p} must be > 0.")
+  return core.prune(
+      inner, score_fn=scores.flipout_saliency(p),
+      schedule=periodic_schedule(sparsity, prune_every, prune_rate,
+                                 start_step, end_step),
+      distribution=distribution, noise_scale=noise_scale, noise_on=noise_on,
+      tracker=flip_counter(), filter_fn=filter_fn, seed=seed, name="flipout")
+
+
+def global_magnitude(inner: optax.GradientTransformation, *, sparsity: float,
+                     prune_every: int | None = None, prune_rate: float = 0.5,
+                     noise_scale: float = 0.0, noise_on: str = "all",
+                     start_step: int = 0, end_step: int | None = None,
+                     distribution="global", filter_fn=None,
+                     seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Gradual magnitude pruning on FlipOut's schedule; score ``|θ|``.
+
+  ``noise_scale > 0`` adds FlipOut's gradient noise: the paper's "noisy
+  global magnitude" ablation. Arguments as in :func:`flipout`.
+  """
+  return core.prune(
+      inner, score_fn=scores.magnitude,
+      schedule=periodic_schedule(sparsity, prune_every, prune_rate,
+                                 start_step, end_step),
+      distribution=distribution, noise_scale=noise_scale, noise_on=noise_on,
+      filter_fn=filter_fn, seed=seed, name="global_magnitude")
+
+
+def random_pruning(inner: optax.GradientTransformation, *, sparsity: float,
+                   prune_every: int | None = None, prune_rate: float = 0.5,
+                   start_step: int = 0, end_step: int | None = None,
+                   distribution="global", filter_fn=None,
+                   seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Removes ``prune_rate`` of the survivors uniformly at random per event."""
+  return core.prune(
+      inner, score_fn=scores.random,
+      schedule=periodic_schedule(sparsity, prune_every, prune_rate,
+                                 start_step, end_step),
+      distribution=distribution, filter_fn=filter_fn, seed=seed,
+      name="random_pruning")

@@ -1,0 +1,47 @@
+"""One-shot masks: SNIP at initialisation, and training under a fixed mask."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from flipout_jax import core
+from flipout_jax import schedules
+from flipout_jax import scores
+from flipout_jax import trees
+
+
+def snip(inner: optax.GradientTransformation, *, sparsity: float,
+         step: int = 0, distribution="global", filter_fn=None,
+         seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """SNIP (Lee et al. 2019): one-shot pruning by ``|θ·g|``, then a fixed mask.
+
+  At update ``step`` (default the first), scores every prunable weight by
+  ``|θ·g|`` with the gradient of that step taken at the weights ``θ`` it was
+  computed at, keeps the top ``N − round(sparsity·N)`` globally, and never
+  changes the mask again.
+  """
+  return core.prune(
+      inner, score_fn=scores.snip, schedule=schedules.one_shot(sparsity, step),
+      distribution=distribution, filter_fn=filter_fn, seed=seed, name="snip")
+
+
+def fixed_mask(inner: optax.GradientTransformation,
+               masks) -> optax.GradientTransformationExtraArgs:
+  """Trains with ``masks`` held fixed (fine-tuning after one-shot pruning).
+
+  Args:
+    inner: the optimizer to wrap.
+    masks: a mask tree (bool arrays where prunable, None elsewhere), e.g. from
+      :func:`flipout_jax.get_masks` or :func:`flipout_jax.threshold_prune`.
+
+  Returns:
+    A transformation that keeps masked weights at exactly 0.0.
+  """
+  paths = {path for path, _ in trees.leaves_with_paths(masks)}
+  if not paths:
+    raise ValueError("masks: holds no mask array; nothing would be pruned.")
+  return core.prune(
+      inner, score_fn=scores.magnitude, schedule=schedules.Schedule((), ()),
+      filter_fn=lambda path, leaf: path in paths, initial_masks=masks,
+      name="fixed_mask")

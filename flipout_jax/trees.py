@@ -1,0 +1,190 @@
+"""Pytree utilities: which leaves are prunable, masked maps, moment resets.
+
+Every method in the library sees a parameter pytree through the same lens: a
+*mask tree* with the structure of the params whose prunable leaves are boolean
+arrays (True = weight alive) and whose other leaves are ``None``. Per-weight
+method state (flip counts, coverage counts, raw weights) uses the same layout,
+so one helper, :func:`map_prunable`, maps over "the prunable leaves" of any of
+them.
+
+A *filter* decides what is prunable. It is called as ``filter_fn(path, leaf)``
+with ``path`` the leaf's key path rendered as ``"a/b/kernel"`` (dict keys,
+attribute names and sequence indices joined by ``/``), so the same filter works
+on plain dicts, Flax Linen variables, ``nnx.State`` and lists.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+FilterFn = Callable[[str, Any], bool]
+
+
+def path_str(key_path: Sequence[Any]) -> str:
+  """Renders a ``jax.tree_util`` key path as ``"a/b/0/kernel"``."""
+  return jax.tree_util.keystr(tuple(key_path), simple=True, separator="/")
+
+
+def default_filter(path: str, leaf: Any) -> bool:
+  """Prunes float leaves with ``ndim >= 2``: Dense and Conv kernels.
+
+  Biases (ndim 1), BatchNorm/LayerNorm scales (ndim 1) and scalars are kept
+  dense, as in the papers this library implements.
+  """
+  del path
+  return bool(jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim >= 2)
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
+  """``[(path, leaf), ...]`` in ``jax.tree`` flattening order."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [(path_str(p), leaf) for p, leaf in flat]
+
+
+def prunable_tree(params: PyTree, filter_fn: FilterFn | None = None) -> PyTree:
+  """Evaluates the filter: a params-shaped tree of Python bools.
+
+  Raises:
+    ValueError: if the filter selects no leaf, or selects a non-float leaf, or
+      params has a leaf that is not an array.
+  """
+  filter_fn = default_filter if filter_fn is None else filter_fn
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  selected = []
+  for key_path, leaf in flat:
+    path = path_str(key_path)
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+      raise ValueError(
+          f"params: leaf {path!r} is a {type(leaf).__name__}, not an array; "
+          "pass a pytree of jax/numpy arrays.")
+    chosen = bool(filter_fn(path, leaf))
+    if chosen and not jnp.issubdtype(leaf.dtype, jnp.floating):
+      raise ValueError(
+          f"filter_fn: selected leaf {path!r} has dtype {leaf.dtype}; only "
+          "floating-point leaves can be pruned.")
+    selected.append(chosen)
+  if not any(selected):
+    raise ValueError(
+        "filter_fn: selects no leaf of params, so there is nothing to prune "
+        f"(leaves: {[path_str(p) for p, _ in flat][:10]}...). The default "
+        "filter prunes float leaves with ndim >= 2.")
+  return jax.tree.unflatten(treedef, selected)
+
+
+def mask_like(params: PyTree, prunable: PyTree, fill: bool = True) -> PyTree:
+  """A mask tree: ``bool[shape]`` filled with ``fill`` where prunable, else None."""
+  return jax.tree.map(
+      lambda p, s: jnp.full(p.shape, fill, jnp.bool_) if s else None,
+      params, prunable)
+
+
+def map_prunable(fn: Callable[..., Any], masks: PyTree, *trees: PyTree) -> PyTree:
+  """Maps ``fn(mask, *leaves)`` over the prunable leaves; None elsewhere.
+
+  Args:
+    fn: called once per prunable leaf with the mask leaf and the matching
+      leaves of ``trees``.
+    masks: a mask tree (``None`` at non-prunable leaves).
+    *trees: trees with the params' structure (or mask-tree layout).
+
+  Returns:
+    A tree in mask-tree layout holding ``fn``'s results.
+  """
+  return jax.tree.map(
+      lambda m, *xs: None if m is None else fn(m, *xs),
+      masks, *trees, is_leaf=_is_none)
+
+
+def apply_masks(tree: PyTree, masks: PyTree) -> PyTree:
+  """Zeroes the entries of ``tree`` whose mask is False (exactly 0.0)."""
+  return jax.tree.map(
+      lambda m, x: x if m is None else jnp.where(m, x, jnp.zeros_like(x)),
+      masks, tree, is_leaf=_is_none)
+
+
+def prunable_leaves(masks: PyTree, tree: PyTree) -> list[Any]:
+  """The leaves of ``tree`` at the prunable positions of ``masks``, in order."""
+  out = []
+  jax.tree.map(
+      lambda m, x: out.append(x) if m is not None else None,
+      masks, tree, is_leaf=_is_none)
+  return out
+
+
+def unflatten_prunable(masks: PyTree, leaves: Sequence[Any]) -> PyTree:
+  """Inverse of :func:`prunable_leaves`: puts ``leaves`` back in mask layout."""
+  it = iter(leaves)
+  return jax.tree.map(
+      lambda m: None if m is None else next(it), masks, is_leaf=_is_none)
+
+
+def check_same_structure(params: PyTree, masks: PyTree, *, what: str) -> None:
+  """Raises ValueError if params no longer matches the tree ``init`` saw."""
+  expected = jax.tree.structure(masks, is_leaf=_is_none)
+  got = jax.tree.structure(params)
+  if expected != got:
+    raise ValueError(
+        f"params: the tree passed to {what}.update has structure {got}, but "
+        f"{what}.init saw {expected}. Pass the same params tree to init and "
+        "update.")
+  for (path, p), m in zip(leaves_with_paths(params),
+                          jax.tree.leaves(masks, is_leaf=_is_none)):
+    if m is not None and tuple(p.shape) != tuple(m.shape):
+      raise ValueError(
+          f"params: leaf {path!r} has shape {tuple(p.shape)} in update but "
+          f"{tuple(m.shape)} at init.")
+
+
+def reset_params_like(state: PyTree, params: PyTree, reset: PyTree) -> PyTree:
+  """Zeroes per-parameter buffers of an optimizer state where ``reset`` is True.
+
+  Any subtree of ``state`` with the params' tree structure and leaf shapes is
+  taken to be a per-parameter buffer (momentum, Adam's first and second
+  moments, ...), whatever optax class holds it; scalars such as step counts
+  are left alone. This is how grown weights start with zero moments under any
+  inner optimizer or chain of them.
+
+  Args:
+    state: an optax optimizer state.
+    params: the params tree (only its structure and shapes are used).
+    reset: a mask tree; entries that are True are zeroed. ``None`` leaves
+      are not touched.
+
+  Returns:
+    ``state`` with the selected entries of every per-parameter buffer zeroed.
+  """
+  treedef = jax.tree.structure(params)
+  shapes = [tuple(np.shape(p)) for p in jax.tree.leaves(params)]
+
+  params_is_leaf = treedef.num_nodes == 1 and treedef.num_leaves == 1
+
+  def is_params_like(x):
+    if x is None:
+      return False
+    if isinstance(x, (jax.Array, np.ndarray)):
+      # A bare array is a per-parameter buffer only when params is one array.
+      return params_is_leaf and tuple(np.shape(x)) == shapes[0]
+    try:
+      if jax.tree.structure(x) != treedef:
+        return False
+    except Exception:  # pylint: disable=broad-except
+      return False
+    return [tuple(np.shape(l)) for l in jax.tree.leaves(x)] == shapes
+
+  def zero(x):
+    if not is_params_like(x):
+      return x
+    return jax.tree.map(
+        lambda r, buf: buf if r is None else jnp.where(r, jnp.zeros_like(buf), buf),
+        reset, x, is_leaf=_is_none)
+
+  return jax.tree.map(zero, state, is_leaf=is_params_like)

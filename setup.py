@@ -1,0 +1,34 @@
+"""Install flipout_jax: `pip install -e .[test]`."""
+import setuptools
+
+setuptools.setup(
+    name="flipout_jax",
+    version="0.1.0",
+    description=(
+        "Pruning and sparse training (FlipOut, ST-3, DST-EE, UniPTS, gradient-flow"
+        " measures) as pure optax gradient transformations."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["flipout_jax", "flipout_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.30",
+        "flax>=0.10.0",
+        "optax>=0.2.4",
+        "chex>=0.1.87",
+        "numpy>=1.26",
+        "ml_collections>=0.1.1",
+        "absl-py>=2.0",
+        "orbax-checkpoint>=0.6.0",
+        "tensorflow-datasets>=4.9.6",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "mlxtend>=0.23",
+        "scikit-learn>=1.3",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100"],
+        "tf": ["tensorflow>=2.16"],
+    },
+)
