@@ -38,7 +38,7 @@ from flipout_jax import selection
 from flipout_jax import trees
 
 PyTree = Any
-RESET_MOMENTS = ("none", "pruned", "all")
+RESET_MOMENTS = ("none", "pruned", "grown", "changed", "all")
 NOISE_ON = ("all", "prunable")
 
 
@@ -110,6 +110,9 @@ def budget_table(distribution, masks: PyTree,
                        schedule.final_sparsity)
 
 
+MaskRule = Callable[[scores_lib.ScoreContext, PyTree, Any, jax.Array], PyTree]
+
+
 def shrink_masks(masks: PyTree, scores: PyTree, groups, keep) -> PyTree:
   """Keeps the ``keep[g]`` highest-scoring *alive* weights of each group.
 
@@ -125,17 +128,30 @@ def shrink_masks(masks: PyTree, scores: PyTree, groups, keep) -> PyTree:
   return trees.unflatten_prunable(masks, new_leaves)
 
 
-def masked_updates(updates: PyTree, masks: PyTree, params: PyTree) -> PyTree:
-  """``where(mask, update, −param)``: pruned weights land on exactly 0.0."""
+def shrink_rule(ctx: scores_lib.ScoreContext, scores: PyTree, groups,
+                keep: jax.Array) -> PyTree:
+  """The default mask rule of pruning methods: :func:`shrink_masks`."""
+  return shrink_masks(ctx.masks, scores, groups, keep)
+
+
+def masked_updates(updates: PyTree, old_masks: PyTree, new_masks: PyTree,
+                   params: PyTree) -> PyTree:
+  """``where(old & new, update, −param)``.
+
+  Weights pruned now or before land on exactly 0.0; weights grown on this
+  step (dead before, so exactly 0.0) stay at 0.0; every weight alive before
+  and after moves by exactly the inner update.
+  """
   return jax.tree.map(
-      lambda m, u, p: u if m is None else jnp.where(m, u, -p),
-      masks, updates, params, is_leaf=lambda x: x is None)
+      lambda m0, m1, u, p: u if m0 is None else jnp.where(m0 & m1, u, -p),
+      old_masks, new_masks, updates, params, is_leaf=lambda x: x is None)
 
 
 def prune(inner: optax.GradientTransformation,
           *,
           score_fn: scores_lib.ScoreFn,
           schedule: schedules_lib.Schedule,
+          mask_rule: MaskRule = shrink_rule,
           distribution: distributions_lib.Distribution = "global",
           noise_scale: float = 0.0,
           noise_on: str = "all",
@@ -152,17 +168,23 @@ def prune(inner: optax.GradientTransformation,
     score_fn: importance score; on an event, the ``keep`` highest-scoring
       alive weights of each group stay alive.
     schedule: the pruning events (step, target sparsity).
+    mask_rule: ``(ctx, scores, groups, keep) -> new masks`` on events; the
+      default :func:`shrink_rule` keeps the ``keep[g]`` best alive weights of
+      each group. Sparse-training methods (DST) pass a drop-and-grow rule.
     distribution: ``"global"``, ``"uniform"``, ``"erk"`` or ``{path: s}``.
     noise_scale: λ of FlipOut's gradient noise ``N(0, (λ‖g‖/√n)²)``; 0 = off.
     noise_on: ``"all"`` float leaves or ``"prunable"`` leaves only.
     tracker: per-weight state observed every step (default: none).
     reset_moments: after an event, zero the inner optimizer's per-parameter
-      buffers for ``"pruned"`` weights, for ``"all"`` weights (the gradient
-      flow protocol's fresh momentum), or ``"none"``.
+      buffers of the weights ``"pruned"`` by it, ``"grown"`` by it,
+      ``"changed"`` (either), of ``"all"`` weights (the gradient-flow
+      protocol's fresh momentum), or ``"none"``.
     filter_fn: ``(path, leaf) -> bool`` selecting the prunable leaves
       (default :func:`flipout_jax.trees.default_filter`).
-    initial_masks: optional starting masks (mask layout; e.g. to fine-tune
-      with a fixed mask); default all alive.
+    initial_masks: starting masks (mask layout; e.g. to fine-tune with a
+      fixed mask), or a function ``(params, dense_masks, key) -> masks``
+      (e.g. DST's random sparse start); default all alive. Weights whose
+      initial mask is False are zeroed by the first update.
     seed: seed of the PRNG key kept in the state.
     name: used in error messages.
 
@@ -184,16 +206,19 @@ def prune(inner: optax.GradientTransformation,
                                     jax.tree.leaves(prunable)) if s]
     distributions_lib.validate_distribution(distribution, paths)
     masks = trees.mask_like(params, prunable)
-    if initial_masks is not None:
-      trees.check_same_structure(params, initial_masks, what=f"{name} initial_masks")
+    init_key, key = jax.random.split(jax.random.PRNGKey(seed))
+    given = initial_masks
+    if callable(given):
+      given = given(params, masks, init_key)
+    if given is not None:
+      trees.check_same_structure(params, given, what=f"{name} initial_masks")
       masks = trees.map_prunable(
-          lambda m, given: jnp.asarray(given, jnp.bool_).reshape(m.shape),
-          masks, initial_masks)
+          lambda m, g: jnp.asarray(g, jnp.bool_).reshape(m.shape), masks, given)
     return PruneState(
         count=jnp.zeros([], jnp.int32),
         masks=masks,
         method_state=tracker.init(params, masks),
-        key=jax.random.PRNGKey(seed),
+        key=key,
         inner_state=inner.init(params))
 
   def update_fn(grads, state, params=None, **extra_args):
@@ -206,6 +231,7 @@ def prune(inner: optax.GradientTransformation,
     step_key = jax.random.fold_in(state.key, state.count)
     noise_key, event_key = jax.random.split(step_key)
 
+    dense_grads = grads
     grads = trees.apply_masks(grads, masks)
     clean_grads = grads
     if noise_scale > 0.0:
@@ -226,25 +252,24 @@ def prune(inner: optax.GradientTransformation,
     def on_event(carry):
       masks, method_state, inner_state = carry
       ctx = scores_lib.ScoreContext(
-          masks=masks, params=new_params, old_params=params, grads=clean_grads,
+          step=state.count, masks=masks, params=new_params, old_params=params,
+          grads=clean_grads, dense_grads=dense_grads,
           method_state=method_state, key=event_key, extra_args=extra_args)
-      new_masks = shrink_masks(masks, score_fn(ctx), groups,
-                               jnp.asarray(table)[jnp.maximum(idx, 0)])
+      new_masks = mask_rule(ctx, score_fn(ctx), groups,
+                            jnp.asarray(table)[jnp.maximum(idx, 0)])
       method_state = tracker.prune(method_state, new_masks)
-      if reset_moments == "all":
-        reset = trees.mask_like(params, jax.tree.map(lambda p: True, params))
-        inner_state = trees.reset_params_like(inner_state, params, reset)
-      elif reset_moments == "pruned":
-        reset = trees.map_prunable(lambda m, n: m & ~n, masks, new_masks)
+      if reset_moments != "none":
+        reset = _reset_selection(reset_moments, params, masks, new_masks)
         inner_state = trees.reset_params_like(inner_state, params, reset)
       return new_masks, method_state, inner_state
 
+    old_masks = masks
     carry = (masks, method_state, inner_state)
     if schedule.steps:
       carry = jax.lax.cond(is_event, on_event, lambda c: c, carry)
     masks, method_state, inner_state = carry
 
-    updates = masked_updates(updates, masks, params)
+    updates = masked_updates(updates, old_masks, masks, params)
     return updates, PruneState(
         count=optax.safe_increment(state.count),
         masks=masks,
@@ -253,6 +278,16 @@ def prune(inner: optax.GradientTransformation,
         inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _reset_selection(mode: str, params, old: PyTree, new: PyTree) -> PyTree:
+  """Which entries ``reset_moments=mode`` zeroes (mask layout)."""
+  if mode == "all":
+    return trees.mask_like(params, jax.tree.map(lambda p: True, params))
+  rule = {"pruned": lambda a, b: a & ~b,
+          "grown": lambda a, b: b & ~a,
+          "changed": lambda a, b: a != b}[mode]
+  return trees.map_prunable(lambda m, a, b: rule(a, b), old, old, new)
 
 
 def find_prune_states(state: optax.OptState) -> list[PruneState]:

@@ -19,11 +19,13 @@ PyTree = Any
 
 
 class ScoreContext(NamedTuple):
-  """What a score function may look at on a pruning step."""
+  """What a score function (or mask rule) may look at on a pruning step."""
+  step: jax.Array  # int32 []: the step count of this update (0-based)
   masks: PyTree  # mask tree before this event: bool[shape] / None
   params: PyTree  # weights after this step's update (pruned entries are 0)
   old_params: PyTree  # weights before this step's update
   grads: PyTree  # this step's masked loss gradient at old_params, before noise
+  dense_grads: PyTree  # the same gradient before masking (RigL-style growth)
   method_state: PyTree  # per-method state (e.g. int32 flip counts)
   key: jax.Array  # PRNG key reserved for this event
   extra_args: dict[str, Any]  # extra keyword arguments given to update

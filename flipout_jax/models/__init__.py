@@ -14,12 +14,11 @@ prunes by default, while biases and BatchNorm scales/offsets (ndim 1) are not.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import flax.linen as nn
 
-from flipout_jax.models.lenet import LeNet5, LeNet300100, scaled
+from flipout_jax.models.lenet import LeNet5, LeNet300100, check_width, scaled
 from flipout_jax.models.resnet import (BasicBlock, CifarResNet, ResNet18,
                                        ResNet20, ResNet56)
 from flipout_jax.models.vgg import VGG, VGG11, VGG13, VGG16, VGG19
@@ -64,14 +63,12 @@ def get_model(name: str, *, num_classes: int = 10,
       positive number, or a `num_classes` below 1.
   """
   _check_name(name)
-  if isinstance(width, bool) or not (
-      isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
-    raise ValueError(f"width must be a finite number > 0, got width={width!r}")
+  width = check_width(width)
   if isinstance(num_classes, bool) or not (
       isinstance(num_classes, int) and num_classes >= 1):
     raise ValueError(
         f"num_classes must be an int >= 1, got num_classes={num_classes!r}")
-  return _REGISTRY[name](num_classes=num_classes, width=float(width))
+  return _REGISTRY[name](num_classes=num_classes, width=width)
 
 
 __all__ = [
@@ -89,6 +86,7 @@ __all__ = [
     "VGG13",
     "VGG16",
     "VGG19",
+    "check_width",
     "get_model",
     "scaled",
     "uses_batchnorm",

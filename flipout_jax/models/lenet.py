@@ -7,9 +7,18 @@ Neither model has BatchNorm; both accept and ignore `train` so every model in
 from __future__ import annotations
 
 import math
+import numbers
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+
+def check_width(width: float) -> float:
+  """Returns `width` as a float; raises ValueError unless it is finite and > 0."""
+  if (isinstance(width, bool) or not isinstance(width, numbers.Real)
+      or not math.isfinite(width) or width <= 0):
+    raise ValueError(f"width must be a finite number > 0, got width={width!r}")
+  return float(width)
 
 
 def scaled(base: int, width: float) -> int:
@@ -20,9 +29,7 @@ def scaled(base: int, width: float) -> int:
   Raises:
     ValueError: if `width` is not a finite positive number.
   """
-  if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
-    raise ValueError(f"width must be a finite number > 0, got width={width!r}")
-  return max(1, int(round(base * width)))
+  return max(1, int(round(base * check_width(width))))
 
 
 class LeNet300100(nn.Module):
