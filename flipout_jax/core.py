@@ -298,9 +298,15 @@ def find_prune_states(state: optax.OptState) -> list[PruneState]:
   return found
 
 
-def _unwrap(x):
-  # nnx.Optimizer wraps state arrays in Variables; return the raw array.
-  return x.get_value() if hasattr(x, "get_value") else x
+def _is_variable(x) -> bool:
+  # nnx.Optimizer keeps its state in Variable wrappers (OptVariable/OptArray).
+  return hasattr(x, "get_value") and callable(x.get_value)
+
+
+def _unwrap(tree: PyTree) -> PyTree:
+  """Replaces nnx Variable wrappers by the values they hold."""
+  return jax.tree.map(lambda x: x.get_value() if _is_variable(x) else x, tree,
+                      is_leaf=lambda x: x is None or _is_variable(x))
 
 
 def get_masks(state: optax.OptState) -> PyTree:
@@ -318,9 +324,9 @@ def get_masks(state: optax.OptState) -> PyTree:
     raise ValueError(
         "state: holds no flipout_jax pruning state; pass the optimizer state "
         "returned by a flipout_jax transformation's init/update.")
-  masks = jax.tree.map(_unwrap, found[0].masks, is_leaf=lambda x: x is None)
+  masks = _unwrap(found[0].masks)
   for other in found[1:]:
     masks = jax.tree.map(
-        lambda a, b: None if a is None else a & _unwrap(b),
-        masks, other.masks, is_leaf=lambda x: x is None)
+        lambda a, b: None if a is None else a & b,
+        masks, _unwrap(other.masks), is_leaf=lambda x: x is None)
   return masks

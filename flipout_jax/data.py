@@ -259,8 +259,9 @@ def eval_batches(ds: Dataset, batch_size: int, *, split: str = "test"
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
   part = ds.train if split == "train" else ds.test
-  return (part.read(np.arange(start, min(start + batch_size, part.num_examples)))
-          for start in range(0, part.num_examples, batch_size))
+  n = part.num_examples
+  return (part.read(np.arange(start, min(start + batch_size, n)))
+          for start in range(0, n, batch_size))
 
 
 def random_crop_flip(images: np.ndarray, rng: np.random.Generator, *,
@@ -300,7 +301,8 @@ def _is_int(value) -> bool:
 
 def _check_batch_size(batch_size: int) -> None:
   if not _is_int(batch_size) or batch_size <= 0:
-    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    raise ValueError(
+        f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 # --- Embedded data sets -------------------------------------------------------
@@ -392,16 +394,16 @@ def _tfds_dataset(name: str, data_dir: str | None) -> Dataset:
     root = str(builder.data_dir_root)
     if not builder.is_prepared():
       raise DatasetNotPreparedError(
-          f"{name} is not prepared in data_dir={root} (flipout_jax never"
-          " downloads); prepare it on a machine with internet access and"
-          " TensorFlow with `tfds build"
-          f" {name} --data_dir={shlex.quote(root)} --file_format=array_record`"
-          " and copy it there") from None
+          f"{name} is not prepared in data_dir={root} and flipout_jax never"
+          " downloads; on a machine with internet access and TensorFlow run"
+          f" `tfds build {name} --data_dir={shlex.quote(root)}"
+          " --file_format=array_record` (or build it elsewhere and copy the"
+          f" {name}/ folder into {root})") from None
     if isinstance(err, NotImplementedError):
       raise DatasetNotPreparedError(
           f"{name} is prepared in {builder.data_dir} without a random-access"
-          f" format ({builder.info.file_format.value}); convert it with `tfds"
-          " convert_format"
+          f" format ({builder.info.file_format.value}); with TensorFlow"
+          " installed, convert it: `tfds convert_format"
           f" --dataset_version_dir={shlex.quote(str(builder.data_dir))}"
           " --out_file_format=array_record`") from None
     raise
@@ -417,10 +419,11 @@ def _tfds_dataset(name: str, data_dir: str | None) -> Dataset:
       # little on local files (decoding dominates), and tfds's own test mock
       # (`tfds.testing.mock_data`) breaks `__getitems__`.
       records = [source[int(i)] for i in indices]
-      images = np.stack([np.asarray(r["image"]) for r in records]) \
-          if records else np.zeros((0, *image_shape), np.uint8)
+      images = np.zeros((len(records), *image_shape), np.float32)
+      for k, record in enumerate(records):
+        images[k] = record["image"]
       labels = np.asarray([r["label"] for r in records], np.int32)
-      return images.astype(np.float32) / 255.0, labels
+      return images / np.float32(255.0), labels
 
     return Split(split_name, len(source), image_shape, num_classes, mean, std,
                  reader)

@@ -255,6 +255,7 @@ def test_registry_names_and_classes():
   assert models.get_model("vgg11").depth == 11
   assert models.get_model("vgg19").depth == 19
   assert isinstance(models.get_model("resnet56"), models.ResNet56)
+  assert models.get_model("lenet5", width=np.float32(0.5)).width == 0.5
 
 
 def test_uses_batchnorm():
@@ -274,7 +275,7 @@ def test_unknown_name_raises():
     models.uses_batchnorm("alexnet")
 
 
-@pytest.mark.parametrize("width", [0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("width", [0, -1.0, float("nan"), float("inf"), True])
 def test_bad_width_raises(width):
   with pytest.raises(ValueError, match="width"):
     models.get_model("lenet5", width=width)

@@ -23,7 +23,9 @@ def hoyer_square_penalty(params: Any, prunable: Any) -> jax.Array:
   An all-zero tensor contributes 0 (and gets a zero gradient).
   """
   def term(p):
-    l1 = jnp.sum(jnp.abs(p))
+    # sign(θ)·θ = |θ| with gradient sign(θ): 0 at θ = 0, as in the reference
+    # (jnp.abs would give a gradient of 1 there and push zeros away).
+    l1 = jnp.sum(jax.lax.stop_gradient(jnp.sign(p)) * p)
     l2sq = jnp.sum(p * p)
     safe = jnp.where(l2sq > 0, l2sq, 1.0)
     return jnp.where(l2sq > 0, l1 * l1 / safe, 0.0)

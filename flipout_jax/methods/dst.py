@@ -1,0 +1,431 @@
+"""Dynamic sparse training: DST-EE, RigL and SET as one optax transformation.
+
+Sparse-to-sparse training at a constant number of active weights per layer
+(Huang et al. 2023, arXiv 2211.16667; Evci et al. 2020; Mocanu et al. 2018).
+All three are :func:`flipout_jax.core.prune` with
+
+* a random sparse start: each group (a layer, for every distribution except
+  ``"global"``) keeps a uniformly random subset of exactly the size
+  :func:`flipout_jax.distributions.budget` gives it (ERK by default), via the
+  core's callable ``initial_masks``; the first update puts every weight
+  outside it on exactly 0.0;
+* a schedule of events at ``t = k·ΔT`` for ``k = 1, 2, ...`` while
+  ``t < T_end`` (``ΔT = update_every``, ``T_end = end_step``), all at the same
+  target sparsity, so the masks keep their counts;
+* a drop-and-grow *mask rule* (:func:`drop_and_grow`): in each group with
+  ``a`` active weights drop the ``n = ⌊d_t·a⌋`` active weights of smallest
+  ``|θ|`` (θ after this step's update), with the cosine-decayed fraction
+  ``d_t = d_0/2·(1 + cos(π·t/T_end))``, then grow the ``n`` highest-scoring
+  weights among all weights inactive after the drop (just-dropped ones
+  included, as in RigL's reference code);
+* a grow score:
+
+  - ``"dst_ee"``: ``S_i = |g_i| + c·ln(t + 1)/(N_i + ε)``, with g the dense
+    gradient of the step (inactive weights are stored as 0.0, so it exists),
+    N_i the number of updates during which weight i has been active so far
+    (this one included; a :func:`coverage_counter` tracker) and c the
+    exploration weight. c = 0 is exactly RigL;
+  - ``"rigl"``: ``|g_i|``;
+  - ``"random"`` (SET): uniform random;
+* ``reset_moments="grown"``: the inner optimizer's per-parameter buffers
+  (momentum, Adam's μ and ν, ... of any optax optimizer or chain) are zeroed
+  for grown weights, which start at exactly 0.0.
+
+Mask semantics of an event: a weight is *grown* if it is active after the
+event and was not before (``new & ~old``) and *dropped* if the reverse. A
+weight dropped and grown back in the same event is active before and after,
+so it keeps its value and its moments (RigL's code re-zeroes it; here the
+net mask change is what counts, which is what the core's ``masked_updates``
+and ``reset_moments`` act on). Per group, #dropped = #grown always.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flipout_jax import core
+from flipout_jax import distributions as distributions_lib
+from flipout_jax import schedules
+from flipout_jax import scores as scores_lib
+from flipout_jax import selection
+from flipout_jax import trees
+
+GROW = ("dst_ee", "rigl", "random")
+# Initial drop fraction d_0 of each family (SPEC §3): 0.5 for the gradient
+# growers (RigL and DST-EE, which is RigL plus an exploration bonus), 0.3 for
+# SET's random growth.
+DEFAULT_DROP_FRACTION = {"dst_ee": 0.5, "rigl": 0.5, "random": 0.3}
+# See `dst` for why: of the order of the larger per-weight gradients.
+DEFAULT_EXPLORATION = 1e-3
+_INT32_MAX = jnp.iinfo(jnp.int32).max
+
+
+# ----------------------------------------------------------------------------
+# Argument checks (ValueErrors name the argument and its valid range).
+
+
+def _check_sparsity(sparsity) -> float:
+  if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+    raise ValueError(f"sparsity: must be a number in [0, 1), got {sparsity!r}.")
+  sparsity = float(sparsity)
+  if not 0.0 <= sparsity < 1.0:
+    raise ValueError(f"sparsity: {sparsity} is outside [0, 1).")
+  return sparsity
+
+
+def _check_positive_int(value, name: str) -> int:
+  if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+      or value <= 0):
+    raise ValueError(f"{name}: must be an int >= 1, got {value!r}.")
+  return int(value)
+
+
+def _check_drop_fraction(value) -> float:
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise ValueError(f"drop_fraction: must be a number in (0, 1), got {value!r}.")
+  value = float(value)
+  if not 0.0 < value < 1.0:
+    raise ValueError(f"drop_fraction: {value} is outside (0, 1).")
+  return value
+
+
+def _check_finite(value, name: str, *, positive: bool) -> float:
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise ValueError(f"{name}: must be a number, got {value!r}.")
+  value = float(value)
+  ok = value > 0.0 if positive else value >= 0.0
+  if not (ok and math.isfinite(value)):
+    bound = "> 0" if positive else ">= 0"
+    raise ValueError(f"{name}: {value} must be finite and {bound}.")
+  return value
+
+
+def _check_grow(grow) -> str:
+  if grow not in GROW:
+    raise ValueError(f"grow: unknown value {grow!r}; valid values are {GROW}.")
+  return grow
+
+
+# ----------------------------------------------------------------------------
+# The pieces: schedule, drop fraction, tracker, grow scores, mask rule, start.
+
+
+def dst_schedule(sparsity: float, update_every: int,
+                 end_step: int) -> schedules.Schedule:
+  """Mask-update events at ``t = k·update_every``, ``k >= 1``, ``t < end_step``.
+
+  ``end_step`` is exclusive: at ``t = end_step`` the cosine drop fraction is
+  0, so an event there could not change anything. Step 0 is not an event:
+  the random start has not been trained yet. Every event targets the same
+  ``sparsity``, so the core hands the mask rule the same keep-counts.
+
+  Returns:
+    A :class:`flipout_jax.schedules.Schedule` (empty if
+    ``end_step <= update_every``: then the random mask stays fixed).
+  """
+  sparsity = _check_sparsity(sparsity)
+  update_every = _check_positive_int(update_every, "update_every")
+  end_step = _check_positive_int(end_step, "end_step")
+  steps = tuple(range(update_every, end_step, update_every))
+  return schedules.Schedule(steps, (sparsity,) * len(steps))
+
+
+def cosine_drop_fraction(step, drop_fraction: float, end_step: int) -> jax.Array:
+  """``d_t = d_0/2·(1 + cos(π·min(t, T_end)/T_end))`` in float32.
+
+  Args:
+    step: the step t (int or traced int32).
+    drop_fraction: ``d_0``.
+    end_step: ``T_end``; ``d_t = 0`` from there on.
+
+  Returns:
+    float32 ``[]`` in ``[0, d_0]``.
+  """
+  t = jnp.minimum(jnp.asarray(step, jnp.float32), float(end_step))
+  return jnp.float32(0.5 * drop_fraction) * (
+      1.0 + jnp.cos(jnp.float32(math.pi) * t / float(end_step)))
+
+
+def num_to_drop(active: jax.Array, fraction: jax.Array) -> jax.Array:
+  """``⌊fraction·active⌋`` as int32 (RigL's reference truncates too)."""
+  return jnp.floor(fraction * active.astype(jnp.float32)).astype(jnp.int32)
+
+
+def coverage_counter() -> core.Tracker:
+  """``N_i``: the number of updates during which weight i was active.
+
+  int32 counts in mask layout, incremented on every update for the weights
+  active in it (the masks in force before that update's event), saturating
+  at int32 max like ``optax.safe_increment``. Counts are cumulative: a weight
+  keeps its count when dropped and resumes counting when grown again.
+  """
+
+  def init(params, masks):
+    return trees.map_prunable(lambda m, p: jnp.zeros(p.shape, jnp.int32),
+                              masks, params)
+
+  def update(counts, old, new, masks):
+    del old, new
+    return trees.map_prunable(
+        lambda m, c: c + (m & (c < _INT32_MAX)).astype(jnp.int32),
+        masks, counts)
+
+  return core.Tracker(init, update, lambda counts, masks: counts)
+
+
+def rigl_score(ctx: scores_lib.ScoreContext):
+  """RigL's grow score ``|g|`` of the dense gradient (mask layout, float32)."""
+  return trees.map_prunable(lambda m, g: jnp.abs(g.astype(jnp.float32)),
+                            ctx.masks, ctx.dense_grads)
+
+
+def dst_ee_score(exploration: float = DEFAULT_EXPLORATION,
+                 epsilon: float = 1.0) -> scores_lib.ScoreFn:
+  """DST-EE's acquisition ``S_i = |g_i| + c·ln(t + 1)/(N_i + ε)``.
+
+  ``t`` is the 0-based step count of the update, so ``t + 1`` is the number
+  of updates done including this one; ``N_i`` (``ctx.method_state``, from
+  :func:`coverage_counter`) counts this update too, so ``N_i <= t + 1`` as
+  in UCB's ``n_i <= n``, and ``ln(t + 1) >= 0`` is defined at every step.
+  With ``exploration = 0`` the bonus is exactly 0 and this is
+  :func:`rigl_score`.
+  """
+  exploration = _check_finite(exploration, "exploration", positive=False)
+  epsilon = _check_finite(epsilon, "epsilon", positive=True)
+
+  def score(ctx: scores_lib.ScoreContext):
+    log_t = jnp.log(ctx.step.astype(jnp.float32) + 1.0)
+
+    def one(m, g, n):
+      bonus = exploration * log_t / (n.astype(jnp.float32) + epsilon)
+      return jnp.abs(g.astype(jnp.float32)) + bonus
+
+    return trees.map_prunable(one, ctx.masks, ctx.dense_grads,
+                              ctx.method_state)
+
+  return score
+
+
+def drop_and_grow(drop_fraction: float, end_step: int) -> core.MaskRule:
+  """The DST mask rule: drop ``⌊d_t·a_g⌋`` by ``|θ|``, grow as many by score.
+
+  For each group g (a layer, or all layers for ``"global"``) with ``a_g``
+  active weights, ``n_g = ⌊d_t·a_g⌋``:
+
+  1. keep the ``a_g − n_g`` active weights of largest ``|θ|`` (θ after this
+     step's update, ``ctx.params``);
+  2. grow the ``n_g`` weights of highest grow score among those not kept
+     (never-active, previously dropped and just-dropped weights alike).
+
+  Both are exact top-k selections (ties: earlier position first), so each
+  group holds exactly ``a_g`` active weights after the event. The keep-count
+  the core passes (``keep``) is not used: the count in force is conserved.
+
+  Args:
+    drop_fraction: ``d_0``.
+    end_step: ``T_end`` of the cosine decay.
+
+  Returns:
+    A :data:`flipout_jax.core.MaskRule`.
+  """
+
+  def rule(ctx: scores_lib.ScoreContext, grow_scores, groups, keep):
+    del keep
+    masks = ctx.masks
+    alive = trees.prunable_leaves(masks, masks)
+    active = jnp.stack([sum(jnp.sum(alive[i], dtype=jnp.int32) for i in g)
+                        for g in groups])
+    n = num_to_drop(active, cosine_drop_fraction(ctx.step, drop_fraction,
+                                                 end_step))
+    magnitude = [jnp.abs(p.astype(jnp.float32))
+                 for p in trees.prunable_leaves(masks, ctx.params)]
+    kept = selection.top_k_masks(magnitude, groups, active - n, alive)
+    grown = selection.top_k_masks(trees.prunable_leaves(masks, grow_scores),
+                                  groups, n, [~k for k in kept])
+    return trees.unflatten_prunable(
+        masks, [k | g for k, g in zip(kept, grown)])
+
+  return rule
+
+
+def random_sparse_masks(sparsity: float, distribution="erk") -> Callable:
+  """An ``initial_masks`` function: a uniformly random mask per group.
+
+  Group g keeps exactly ``keep_g`` weights, chosen uniformly at random, with
+  ``keep`` from :func:`flipout_jax.distributions.budget` (for ERK the global
+  count is exactly ``N − round(sparsity·N)``).
+
+  Returns:
+    ``(params, dense_masks, key) -> masks``, as ``core.prune`` expects.
+  """
+
+  def init(params, dense_masks, key):
+    del params
+    flat = trees.leaves_with_paths(dense_masks)
+    budget = distributions_lib.budget(
+        distribution, [p for p, _ in flat], [m.shape for _, m in flat],
+        sparsity, sparsity)
+    leaves = [m for _, m in flat]
+    keys = jax.random.split(key, len(leaves))
+    noise = [jax.random.uniform(k, m.shape) for k, m in zip(keys, leaves)]
+    masks = selection.top_k_masks(noise, budget.groups,
+                                  jnp.asarray(budget.keep, jnp.int32))
+    return trees.unflatten_prunable(dense_masks, masks)
+
+  return init
+
+
+# ----------------------------------------------------------------------------
+# Public constructors.
+
+
+def dst(inner: optax.GradientTransformation,
+        *,
+        sparsity: float,
+        update_every: int,
+        end_step: int,
+        drop_fraction: float | None = None,
+        grow: str = "dst_ee",
+        exploration: float = DEFAULT_EXPLORATION,
+        epsilon: float = 1.0,
+        distribution: distributions_lib.Distribution = "erk",
+        filter_fn: trees.FilterFn | None = None,
+        seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Dynamic sparse training (DST-EE, RigL or SET) wrapped around ``inner``.
+
+  Starts from a random mask at the distribution's per-layer density and,
+  every ``update_every`` steps before ``end_step``, moves
+  ``⌊d_t·a_l⌋`` of the ``a_l`` active weights of each layer:
+
+      d_t = d_0/2 · (1 + cos(π t / T_end))
+      drop: the smallest |θ| among the active weights (θ after this update)
+      grow: the highest S among the weights inactive after the drop, with
+        dst_ee:  S_i = |g_i| + c · ln(t + 1) / (N_i + ε)
+        rigl:    S_i = |g_i|
+        random:  S_i ~ U[0, 1)   (SET)
+
+  g is the dense gradient of the step, t its 0-based count, N_i the number
+  of updates (this one included) during which weight i was active. Grown
+  weights start at exactly 0.0 with zeroed inner-optimizer moments.
+
+  Args:
+    inner: any optax optimizer (e.g. ``optax.sgd(0.1, momentum=0.9)``); it
+      sees the masked gradient.
+    sparsity: fraction of the prunable weights kept at 0.0, in [0, 1). With
+      a ``{path: s}`` distribution the mapping's sparsities are used as given.
+    update_every: ΔT, steps between mask updates, an int >= 1.
+    end_step: T_end, an int >= 1: no mask update at or after this step (the
+      last is at the largest multiple of ΔT below it), and the cosine decay
+      reaches 0 here. Commonly 75% of the training steps (RigL).
+    drop_fraction: d_0 in (0, 1); default (None) is the family's: 0.5 for
+      ``"dst_ee"`` and ``"rigl"``, 0.3 for ``"random"`` (SET).
+    grow: ``"dst_ee"``, ``"rigl"`` or ``"random"``.
+    exploration: c >= 0, DST-EE's exploration weight (ignored by the others).
+      The default 1e-3 puts the bonus of a never-active weight,
+      ``c·ln(t+1)/ε ≈ 7e-3 .. 1.2e-2`` for t in 1e3 .. 1e5, at the scale of
+      the larger per-weight gradients of batch-mean losses (|g| ~ 1e-4 ..
+      1e-2 in CNNs/MLPs with cross-entropy), so exploration competes with
+      exploitation instead of swamping it; a weight active for 100 updates
+      keeps only ~1% of that bonus. c >~ 1 grows never-active weights
+      first (coverage-first), c = 0 is RigL. The paper's value was not
+      available to us: tune c per model (SPEC §3).
+    epsilon: ε > 0. 1.0 makes ``1/(N + ε)`` a UCB-style ``1/(N + 1)``: the
+      bonus of a never-active weight stays finite (``c·ln(t+1)``), so c alone
+      sets the trade-off; a tiny ε would make every never-active weight
+      outrank every gradient whatever c is.
+    distribution: ``"erk"`` (default), ``"uniform"``, ``{path: sparsity}``
+      (per layer), or ``"global"`` (one group: only the total count is
+      constant and weights may move between layers).
+    filter_fn: ``(path, leaf) -> bool``, which leaves are sparse (default:
+      float leaves with ndim >= 2).
+    seed: seed of the random start and of SET's growth.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`flipout_jax.core.PruneState` (``flipout_jax.get_masks`` returns
+    the active masks); for ``"dst_ee"`` its ``method_state`` holds the int32
+    coverage counts N in mask layout.
+
+  Raises:
+    ValueError: for arguments outside the ranges above.
+  """
+  sparsity = _check_sparsity(sparsity)
+  update_every = _check_positive_int(update_every, "update_every")
+  end_step = _check_positive_int(end_step, "end_step")
+  grow = _check_grow(grow)
+  if drop_fraction is None:
+    drop_fraction = DEFAULT_DROP_FRACTION[grow]
+  drop_fraction = _check_drop_fraction(drop_fraction)
+  exploration = _check_finite(exploration, "exploration", positive=False)
+  epsilon = _check_finite(epsilon, "epsilon", positive=True)
+  distributions_lib.validate_distribution(distribution)
+
+  if grow == "dst_ee":
+    score_fn, tracker = dst_ee_score(exploration, epsilon), coverage_counter()
+  elif grow == "rigl":
+    score_fn, tracker = rigl_score, None
+  else:
+    score_fn, tracker = scores_lib.random, None
+  return core.prune(
+      inner,
+      score_fn=score_fn,
+      schedule=dst_schedule(sparsity, update_every, end_step),
+      mask_rule=drop_and_grow(drop_fraction, end_step),
+      distribution=distribution,
+      tracker=tracker,
+      reset_moments="grown",
+      filter_fn=filter_fn,
+      initial_masks=random_sparse_masks(sparsity, distribution),
+      seed=seed,
+      name=grow if grow != "random" else "set")
+
+
+def dst_ee(inner: optax.GradientTransformation, *, sparsity: float,
+           update_every: int, end_step: int, drop_fraction: float = 0.5,
+           exploration: float = DEFAULT_EXPLORATION, epsilon: float = 1.0,
+           distribution="erk", filter_fn=None,
+           seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """DST-EE (Huang et al. 2023): grow by ``|g| + c·ln(t+1)/(N + ε)``.
+
+  :func:`dst` with ``grow="dst_ee"``; arguments as there.
+  """
+  return dst(inner, sparsity=sparsity, update_every=update_every,
+             end_step=end_step, drop_fraction=drop_fraction, grow="dst_ee",
+             exploration=exploration, epsilon=epsilon,
+             distribution=distribution, filter_fn=filter_fn, seed=seed)
+
+
+def rigl(inner: optax.GradientTransformation, *, sparsity: float,
+         update_every: int, end_step: int, drop_fraction: float = 0.5,
+         distribution="erk", filter_fn=None,
+         seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """RigL (Evci et al. 2020): drop by ``|θ|``, grow by ``|g|``.
+
+  :func:`dst` with ``grow="rigl"``; arguments as there.
+  """
+  return dst(inner, sparsity=sparsity, update_every=update_every,
+             end_step=end_step, drop_fraction=drop_fraction, grow="rigl",
+             distribution=distribution, filter_fn=filter_fn, seed=seed)
+
+
+def set_(inner: optax.GradientTransformation, *, sparsity: float,
+         update_every: int, end_step: int, drop_fraction: float = 0.3,
+         distribution="erk", filter_fn=None,
+         seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """SET (Mocanu et al. 2018): drop by ``|θ|``, grow uniformly at random.
+
+  :func:`dst` with ``grow="random"``; arguments as there. (Named ``set_``
+  to not shadow the builtin; also :func:`sparse_evolutionary_training`.)
+  """
+  return dst(inner, sparsity=sparsity, update_every=update_every,
+             end_step=end_step, drop_fraction=drop_fraction, grow="random",
+             distribution=distribution, filter_fn=filter_fn, seed=seed)
+
+
+sparse_evolutionary_training = set_

@@ -1,0 +1,503 @@
+"""ST-3 and ST-3σ (Vanderschueren & De Vleeschouwer, WACV 2023) as one optax transformation.
+
+ST-3 trains dense *raw* weights ``w`` while the model computes with their
+soft-thresholded, rescaled copy, the *effective* weights::
+
+    s_t   = S·(1 − (1 − (t − t0)/(t1 − t0))^power)    (0 before t0, S after t1)
+    τ_t   = the ⌊s_t·N⌋-th smallest score over all N prunable weights
+            (τ_t = 0 and nothing masked when ⌊s_t·N⌋ = 0)
+    score = |w|              (ST-3)
+          = |w| / σ_l        (ST-3σ), σ_l = 1/sqrt(sum of the tensor's dims)
+    τ_l   = τ_t·σ_l          (ST-3: σ_l = 1, one global τ)
+    m     = 1[score > τ_t]   (strict: ties at τ are pruned)
+    w_soft = sign(w)·max(|w| − τ_l, 0)·m       (exactly 0 where m = 0,
+                                                continuous at |w| = τ_l)
+    r_c   = (mean_k(|w_ck|·m_ck) + 1e-6) / (mean_k |w_ck| + 1e-6)
+    scale_c = 1.01/(r_c + 0.01)     (1 exactly when channel c has no pruned weight)
+    w_eff = scale_c·w_soft          (rescale=True; else w_soft)
+
+``c`` is the output channel, the last axis of Flax Dense/Conv kernels
+(``(..., in, out)``); the means run over every other axis (a prunable leaf
+with ``ndim < 2`` is one channel). ``τ`` and ``scale`` are computed in the
+optimizer state from the raw weights and are never differentiated through.
+
+**Straight-through as a pure optax transformation.** The raw weights live in
+the optimizer state; the model's params are always the effective weights, so
+a user's train step is the ordinary one::
+
+    grads = jax.grad(loss)(params)              # gradient at w_eff
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+
+``update`` applies ``grads`` to the *raw* weights through the inner optimizer
+(∂L/∂w := ∂L/∂w_eff for every weight, pruned ones included, so pruned weights
+can come back: masks are recomputed every step and are not monotone), then
+recomputes ``τ``, the masks and the scales from the new raw weights, and
+returns ``updates = w_eff' − params``. ``apply_updates`` therefore lands the
+params on the new effective weights: pruned entries on exactly 0.0 (``p + (0 −
+p)`` is exactly +0.0 in IEEE arithmetic), kept entries on ``w_eff'`` up to
+one rounding of ``p + (w_eff' − p)`` (exact whenever ``w_eff'/p`` is in
+[1/2, 2]); the raw weights, not the params, are the source of truth, so this
+rounding never accumulates. Non-prunable leaves (biases, norm scales) are
+trained normally and are not copied into the state.
+
+**Starting from dense params.** ``init(params)`` stores ``raw = params``;
+masks start all True. The params become the effective weights with the first
+``update``. Before ``start_step`` nothing is masked, τ = 0 and every scale is
+exactly 1, so ``w_eff == w_raw`` exactly.
+
+**Step count.** The schedule is evaluated at ``state.count``, the number of
+updates applied before the current one (as for every schedule of this
+library: "the event at step t fires inside the update whose count is t"). So
+the params returned by the update with count ``t`` have sparsity ``s_t``;
+the update with count ``end_step`` is the first to reach ``sparsity``.
+
+**Fine-tuning (``freeze_step``).** Updates with count ``< freeze_step`` are
+ST-3 updates. The last of them (count ``freeze_step − 1``) also replaces the
+raw weights by the weights the user holds after applying its updates (the
+effective ones; pruned entries 0.0) and resets every τ_l to 0 and every
+scale to 1. Every later update keeps the masks of that update fixed, masks
+the gradients of pruned weights, and returns ``where(m, inner_update, −p)``,
+like :func:`flipout_jax.core.prune`: the kept weights train as ordinary
+weights (no thresholding, no rescaling), the pruned ones stay exactly 0.0,
+and raw weights and params stay bitwise equal.
+
+**Placement.** ``st3`` must be the *last* transformation of a chain, because
+its updates are ``w_eff' − params``, not a gradient step that could be
+rescaled. Put gradient clipping before it (``optax.chain(
+optax.clip_by_global_norm(3.0), st3(...))``, the reference's clip-norm 3)
+and weight decay *inside* ``inner`` (e.g. ``optax.adamw`` or
+``optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(...))``): the inner
+optimizer receives the raw weights as its ``params``, so the decay acts on
+the raw weights, as in the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from flipout_jax import core
+from flipout_jax import schedules
+from flipout_jax import selection
+from flipout_jax import trees
+
+PyTree = Any
+
+_SIGN = jnp.uint32(0x80000000)
+_EPS = 1e-6  # The reference's epsilon in r_c.
+_SCALE_OFFSET = 0.01  # scale_c = (1 + offset)/(r_c + offset).
+
+
+class ST3State(NamedTuple):
+  """``PruneState.method_state`` of :func:`st3` (all in mask layout).
+
+  Attributes:
+    raw: the raw dense weights, param dtype, at the prunable leaves (None
+      elsewhere: non-prunable params are trained in place, not copied).
+    thresholds: float32 ``[]`` per prunable leaf: ``τ_l`` of the last update
+      (``τ·σ_l``; ``τ`` for plain ST-3; 0 before start and after the freeze).
+    scales: float32 per prunable leaf, shape ``[out]`` (the last axis) for
+      ``ndim >= 2`` and ``[]`` otherwise: ``scale_c`` of the last update (all
+      1 with ``rescale=False``, before start, and after the freeze).
+  """
+  raw: PyTree
+  thresholds: PyTree
+  scales: PyTree
+
+
+class ST3Weights(NamedTuple):
+  """What :func:`st3_effective` computes from raw weights.
+
+  Attributes:
+    effective: params-shaped: the effective weights at the prunable leaves,
+      the input leaves elsewhere.
+    masks: mask layout: ``score > τ``.
+    thresholds: mask layout, float32 ``[]``: ``τ_l``.
+    scales: mask layout, float32 ``[out]`` or ``[]``: ``scale_c``.
+  """
+  effective: PyTree
+  masks: PyTree
+  thresholds: PyTree
+  scales: PyTree
+
+
+# ------------------------------------------------------------------ arguments
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_args(sparsity, start_step, end_step, power, freeze_step):
+  try:
+    sparsity = float(sparsity)
+  except (TypeError, ValueError):
+    raise ValueError(f"sparsity: must be a number in [0, 1), got {sparsity!r}.") from None
+  if not 0.0 <= sparsity < 1.0:
+    raise ValueError(
+        f"sparsity: {sparsity} is outside [0, 1) (the final fraction of the "
+        "prunable weights at zero).")
+  if not _is_int(start_step) or start_step < 0:
+    raise ValueError(f"start_step: must be an int >= 0, got {start_step!r}.")
+  if not _is_int(end_step) or end_step <= start_step:
+    raise ValueError(
+        f"end_step: must be an int > start_step ({start_step}), got "
+        f"{end_step!r} (sparsity ramps from 0 at start_step to `sparsity` at "
+        "end_step).")
+  try:
+    power = float(power)
+  except (TypeError, ValueError):
+    raise ValueError(f"power: must be a number > 0, got {power!r}.") from None
+  if not (math.isfinite(power) and power > 0.0):
+    raise ValueError(f"power: {power} must be finite and > 0 (3 = cubic).")
+  if freeze_step is not None and (not _is_int(freeze_step)
+                                  or freeze_step <= end_step):
+    raise ValueError(
+        f"freeze_step: must be None or an int > end_step ({end_step}), got "
+        f"{freeze_step!r}. The update with count end_step is the first at the "
+        "final sparsity; freezing earlier would fix a lower sparsity.")
+  return (sparsity, int(start_step), int(end_step), power,
+          None if freeze_step is None else int(freeze_step))
+
+
+# ------------------------------------------------------------- the threshold
+
+
+def key_to_float(key: jax.Array) -> jax.Array:
+  """Inverse of :func:`flipout_jax.selection.sortable_key` (float32)."""
+  # Keys of non-negative floats have the sign bit set and hold the float's
+  # bits below it; keys of negative floats are the complement of the bits.
+  bits = jnp.where(key & _SIGN, key ^ _SIGN, ~key)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _sigma(shape) -> float:
+  """σ_l = 1/sqrt(sum of dims); 1 for a scalar leaf (no dims to sum)."""
+  return 1.0 / math.sqrt(sum(shape)) if len(shape) else 1.0
+
+
+def _num_pruned(sparsity: jax.Array, n: int) -> jax.Array:
+  """⌊s·N⌋ as int32 (float32 product: exact for N < 2^24, else ±N·2^-24)."""
+  k = jnp.floor(jnp.asarray(sparsity, jnp.float32) * jnp.float32(n))
+  return jnp.clip(k, 0, n).astype(jnp.int32)
+
+
+def _channel_axes(ndim: int) -> tuple[int, ...]:
+  return tuple(range(ndim - 1)) if ndim >= 2 else tuple(range(ndim))
+
+
+def soft_threshold_leaves(raw: list[jax.Array], sparsity: jax.Array, *,
+                          sigma_normalized: bool = False,
+                          rescale: bool = True):
+  """ST-3 on a list of prunable tensors ranked globally.
+
+  Args:
+    raw: the raw weights (float arrays, any shapes).
+    sparsity: ``s``, a scalar in [0, 1) (may be traced).
+    sigma_normalized: rank ``|w|/σ_l`` (ST-3σ) instead of ``|w|``.
+    rescale: multiply by the per-output-channel ``scale_c``.
+
+  Returns:
+    ``(effective, masks, thresholds, scales)``, lists matching ``raw``: the
+    effective weights (raw dtype; +0.0 exactly where masked), bool masks,
+    float32 ``[]`` thresholds ``τ_l`` and float32 scales (``[out]`` or
+    ``[]``). Nothing is differentiable but ``effective`` w.r.t. ``raw``,
+    whose derivative is ``scale_c·m`` (τ and scale are stop_gradient'ed).
+  """
+  n = sum(math.prod(w.shape) for w in raw)
+  sigmas = [_sigma(w.shape) if sigma_normalized else 1.0 for w in raw]
+  mags = [jnp.abs(w).astype(jnp.float32) for w in raw]
+  scores = [a if s == 1.0 else a / jnp.float32(s) for a, s in zip(mags, sigmas)]
+  keys = [selection.sortable_key(jax.lax.stop_gradient(x)) for x in scores]
+  k_pruned = _num_pruned(sparsity, n)
+  # The ⌊sN⌋-th smallest key is the (N − ⌊sN⌋ + 1)-th largest. For ⌊sN⌋ = 0
+  # that count is N + 1, which no candidate reaches, so the bisection returns
+  # key 0, below every real key (sortable_key never yields 0): nothing is
+  # masked, and τ is set to 0 instead of decoding key 0.
+  t = selection.kth_largest_keys(keys, [list(range(len(raw)))],
+                                 jnp.reshape(n - k_pruned + 1, (1,)))[0]
+  tau = jnp.where(k_pruned == 0, jnp.float32(0.0), key_to_float(t))
+  effective, masks, thresholds, scales = [], [], [], []
+  for w, a, key, s in zip(raw, mags, keys, sigmas):
+    m = key > t  # == score > τ, in key space so mask and τ can never disagree
+    tau_l = tau * jnp.float32(s)
+    # maximum(): with σ ≠ 1, `score > τ` and `|w| − τσ > 0` can disagree by
+    # one rounding; the mask decides, the max keeps sign(w_soft) = sign(w).
+    soft = jnp.where(m, jnp.maximum(a - tau_l, 0.0), 0.0)
+    axes = _channel_axes(w.ndim)
+    if rescale:
+      kept = jnp.mean(jnp.where(m, a, 0.0), axis=axes)
+      ratio = (kept + _EPS) / (jnp.mean(a, axis=axes) + _EPS)
+      scale = (1.0 + _SCALE_OFFSET) / (ratio + _SCALE_OFFSET)
+      # Exactly 1 for a channel without pruned weights, whatever the rounding
+      # of the two means, so that w_eff == w_raw before the schedule starts.
+      scale = jnp.where(jnp.all(m, axis=axes), jnp.float32(1.0), scale)
+      scale = jax.lax.stop_gradient(scale)
+    else:
+      scale = jnp.ones(w.shape[-1:] if w.ndim >= 2 else (), jnp.float32)
+    eff = scale * jnp.sign(w).astype(jnp.float32) * soft
+    # The outer where turns −0.0 (sign(w) < 0 times 0) into +0.0.
+    effective.append(jnp.where(m, eff, 0.0).astype(w.dtype))
+    masks.append(m)
+    thresholds.append(jax.lax.stop_gradient(tau_l))
+    scales.append(scale.astype(jnp.float32))
+  return effective, masks, thresholds, scales
+
+
+def st3_effective(raw_params: PyTree, sparsity, *,
+                  sigma_normalized: bool = False, rescale: bool = True,
+                  filter_fn: trees.FilterFn | None = None) -> ST3Weights:
+  """The effective weights of raw weights at sparsity ``s`` (no optimizer).
+
+  The same computation as one :func:`st3` update, as a pure function: e.g.
+  to export a model from raw weights, or to build a custom training loop.
+
+  Args:
+    raw_params: a params pytree of raw weights.
+    sparsity: ``s`` in [0, 1), Python float or jnp scalar.
+    sigma_normalized: ST-3σ ranking.
+    rescale: apply the per-output-channel rescaling.
+    filter_fn: ``(path, leaf) -> bool`` selecting the prunable leaves
+      (default :func:`flipout_jax.trees.default_filter`).
+
+  Returns:
+    An :class:`ST3Weights`.
+  """
+  prunable = trees.prunable_tree(raw_params, filter_fn)
+  layout = trees.mask_like(raw_params, prunable)
+  eff, masks, thr, scales = soft_threshold_leaves(
+      trees.prunable_leaves(layout, raw_params), sparsity,
+      sigma_normalized=sigma_normalized, rescale=rescale)
+  eff_tree = trees.unflatten_prunable(layout, eff)
+  effective = jax.tree.map(lambda e, p: p if e is None else e, eff_tree,
+                           raw_params, is_leaf=lambda x: x is None)
+  return ST3Weights(effective, trees.unflatten_prunable(layout, masks),
+                    trees.unflatten_prunable(layout, thr),
+                    trees.unflatten_prunable(layout, scales))
+
+
+# ------------------------------------------------------------ transformation
+
+
+def st3(inner: optax.GradientTransformation,
+        *,
+        sparsity: float,
+        start_step: int,
+        end_step: int,
+        power: float = 3.0,
+        rescale: bool = True,
+        sigma_normalized: bool = False,
+        freeze_step: int | None = None,
+        filter_fn: trees.FilterFn | None = None
+        ) -> optax.GradientTransformationExtraArgs:
+  """ST-3 (or ST-3σ) sparse training: raw weights in the state, effective params.
+
+  See the module docstring for the math. In short, each update ``t``:
+  ``w ← w + inner(∂L/∂w_eff)`` on the raw weights (straight-through), then
+  ``τ``, masks and scales from the new ``w`` at ``s_t``, and
+  ``updates = w_eff(w) − params``.
+
+  Args:
+    inner: the optimizer of the raw weights (e.g. ``optax.sgd(0.1,
+      momentum=0.9)`` with weight decay inside it); it receives the raw
+      weights as ``params`` and the gradient at the effective weights.
+    sparsity: ``S``, the final fraction of prunable weights at zero, [0, 1).
+    start_step: ``t0 >= 0``: updates with count ``<= t0`` mask nothing.
+    end_step: ``t1 > t0``: updates with count ``>= t1`` target ``S``.
+    power: exponent of the schedule, > 0 (3: cubic, as the paper).
+    rescale: the per-output-channel rescaling ``scale_c`` (paper default on).
+    sigma_normalized: ST-3σ: rank ``|w|/σ_l``, per-layer ``τ_l = τ·σ_l``.
+    freeze_step: ``None`` (never) or an int ``> end_step``: updates with
+      count ``>= freeze_step`` fine-tune the weights of update
+      ``freeze_step − 1`` under its fixed mask (see the module docstring).
+    filter_fn: ``(path, leaf) -> bool`` selecting the prunable leaves
+      (default :func:`flipout_jax.trees.default_filter`: ndim >= 2 floats).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``. Its state is a
+    :class:`flipout_jax.core.PruneState` with ``count`` (updates so far),
+    ``masks`` (the masks of the current params; found by
+    :func:`flipout_jax.get_masks`), ``method_state`` an :class:`ST3State`
+    (raw weights, thresholds, scales; see :func:`st3_raw_weights`), ``key``
+    (unused; ST-3 is deterministic) and ``inner_state``. ``update(grads,
+    state, params, **extra)`` requires ``params`` (the current effective
+    weights) and passes ``extra`` to ``inner``.
+
+  Raises:
+    ValueError: for ``sparsity`` outside [0, 1), ``start_step < 0``,
+      ``end_step <= start_step``, ``power <= 0``, ``freeze_step <=
+      end_step``, or (at init) a filter selecting nothing.
+  """
+  sparsity, start_step, end_step, power, freeze_step = _check_args(
+      sparsity, start_step, end_step, power, freeze_step)
+  inner = optax.with_extra_args_support(inner)
+  is_none = lambda x: x is None  # pylint: disable=unnecessary-lambda-assignment
+
+  def init_fn(params):
+    prunable = trees.prunable_tree(params, filter_fn)
+    masks = trees.mask_like(params, prunable)
+    n = sum(m.size for m in trees.prunable_leaves(masks, masks))
+    if n >= 2**31 - 1:
+      raise ValueError("params: 2**31 - 1 or more prunable weights; counts are int32.")
+    raw = trees.map_prunable(lambda m, p: jnp.asarray(p), masks, params)
+    thresholds = trees.map_prunable(lambda m: jnp.zeros([], jnp.float32), masks)
+    scales = trees.map_prunable(
+        lambda m: jnp.ones(m.shape[-1:] if m.ndim >= 2 else (), jnp.float32),
+        masks)
+    return core.PruneState(
+        count=jnp.zeros([], jnp.int32),
+        masks=masks,
+        method_state=ST3State(raw, thresholds, scales),
+        key=jax.random.PRNGKey(0),
+        inner_state=inner.init(params))
+
+  def update_fn(grads, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError("st3: update needs params (call "
+                       "tx.update(grads, state, params)).")
+    masks = state.masks
+    trees.check_same_structure(params, masks, what="st3")
+    mstate = state.method_state
+    count = state.count
+
+    # The inner optimizer steps the raw weights, so it gets them as params
+    # (weight decay then acts on raw weights, as in the reference).
+    inner_params = jax.tree.map(lambda m, p, r: p if m is None else r,
+                                masks, params, mstate.raw, is_leaf=is_none)
+    frozen = None if freeze_step is None else count >= freeze_step
+    if frozen is not None:
+      # Fine-tuning: pruned weights get no gradient (they are pinned to 0
+      # below anyway; this keeps the inner moments from chasing them).
+      grads = jax.tree.map(
+          lambda m, g: g if m is None else jnp.where(m | ~frozen, g, 0),
+          masks, grads, is_leaf=is_none)
+    updates, inner_state = inner.update(grads, state.inner_state,
+                                        inner_params, **extra_args)
+
+    mask_l = trees.prunable_leaves(masks, masks)
+    param_l = trees.prunable_leaves(masks, params)
+    raw_l = trees.prunable_leaves(masks, mstate.raw)
+    upd_l = trees.prunable_leaves(masks, updates)
+    # Same arithmetic as optax.apply_updates on the raw weights.
+    new_raw_l = [(r + u).astype(r.dtype) for r, u in zip(raw_l, upd_l)]
+
+    def st3_step(_):
+      s = schedules.polynomial_sparsity(count, sparsity, start_step,
+                                        end_step, power)
+      eff, new_masks, thr, scl = soft_threshold_leaves(
+          new_raw_l, s, sigma_normalized=sigma_normalized, rescale=rescale)
+      # eff is +0.0 where masked, so those updates are −p and land on 0.0.
+      out = [(e - p).astype(p.dtype) for e, p in zip(eff, param_l)]
+      raw_out = new_raw_l
+      if freeze_step is not None:
+        # The last ST-3 update: from now on the raw weights are exactly what
+        # the user holds after apply_updates, and train as plain weights.
+        last = count == freeze_step - 1
+        raw_out = [jnp.where(last, (p + u).astype(p.dtype), r)
+                   for p, u, r in zip(param_l, out, raw_out)]
+        thr = [jnp.where(last, jnp.zeros_like(x), x) for x in thr]
+        scl = [jnp.where(last, jnp.ones_like(x), x) for x in scl]
+      return out, new_masks, raw_out, thr, scl
+
+    def fine_tune_step(_):
+      out = [jnp.where(m, u, -p).astype(p.dtype)
+             for m, u, p in zip(mask_l, upd_l, param_l)]
+      raw_out = [jnp.where(m, r, jnp.zeros_like(r))
+                 for m, r in zip(mask_l, new_raw_l)]
+      return (out, mask_l, raw_out,
+              trees.prunable_leaves(masks, mstate.thresholds),
+              trees.prunable_leaves(masks, mstate.scales))
+
+    if frozen is None:
+      out_l, new_mask_l, raw_out_l, thr_l, scl_l = st3_step(None)
+    else:
+      # cond, not where: the fine-tuning phase skips the 32-pass selection.
+      out_l, new_mask_l, raw_out_l, thr_l, scl_l = jax.lax.cond(
+          frozen, fine_tune_step, st3_step, None)
+
+    out_tree = trees.unflatten_prunable(masks, out_l)
+    updates = jax.tree.map(lambda o, u: u if o is None else o,
+                           out_tree, updates, is_leaf=is_none)
+    new_state = ST3State(trees.unflatten_prunable(masks, raw_out_l),
+                         trees.unflatten_prunable(masks, thr_l),
+                         trees.unflatten_prunable(masks, scl_l))
+    return updates, core.PruneState(
+        count=optax.safe_increment(count),
+        masks=trees.unflatten_prunable(masks, new_mask_l),
+        method_state=new_state,
+        key=state.key,
+        inner_state=inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ------------------------------------------------------------------ accessors
+
+
+def _unwrap(x):
+  # nnx.Optimizer wraps state arrays in Variables; return the raw array.
+  return x.get_value() if hasattr(x, "get_value") else x
+
+
+def find_st3_state(state: optax.OptState) -> core.PruneState:
+  """The one :func:`st3` ``PruneState`` inside ``state`` (e.g. a chain).
+
+  Raises:
+    ValueError: if ``state`` holds no ST-3 state, or more than one.
+  """
+  found = [s for s in core.find_prune_states(state)
+           if isinstance(s.method_state, ST3State)]
+  if len(found) != 1:
+    raise ValueError(
+        f"state: holds {len(found)} st3 states; pass the optimizer state of "
+        "(a chain holding) exactly one flipout_jax.st3 transformation.")
+  return found[0]
+
+
+def st3_raw_weights(state: optax.OptState, params: PyTree | None = None) -> PyTree:
+  """The raw dense weights of an :func:`st3` state (also inside a chain).
+
+  Args:
+    state: the optimizer state.
+    params: optional current params; if given, the result is params-shaped
+      (raw weights at the prunable leaves, ``params``' leaves elsewhere), a
+      complete dense model.
+
+  Returns:
+    The raw weights in mask layout (None at non-prunable leaves), or a
+    params-shaped tree if ``params`` is given.
+  """
+  raw = jax.tree.map(_unwrap, find_st3_state(state).method_state.raw,
+                     is_leaf=lambda x: x is None)
+  if params is None:
+    return raw
+  return jax.tree.map(lambda r, p: p if r is None else r, raw, params,
+                      is_leaf=lambda x: x is None)
+
+
+get_raw_weights = st3_raw_weights
+
+
+def st3_thresholds(state: optax.OptState) -> PyTree:
+  """The per-layer thresholds ``τ_l`` of the last update (mask layout)."""
+  return jax.tree.map(_unwrap, find_st3_state(state).method_state.thresholds,
+                      is_leaf=lambda x: x is None)
+
+
+def st3_scales(state: optax.OptState) -> PyTree:
+  """The per-output-channel scales of the last update (mask layout)."""
+  return jax.tree.map(_unwrap, find_st3_state(state).method_state.scales,
+                      is_leaf=lambda x: x is None)
+
+
+def st3_sparsity(step, *, sparsity: float, start_step: int, end_step: int,
+                 power: float = 3.0) -> chex.Array:
+  """``s_t`` the update with count ``step`` targets (the cubic schedule)."""
+  return schedules.polynomial_sparsity(step, sparsity, start_step, end_step, power)

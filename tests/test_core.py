@@ -1,0 +1,546 @@
+"""Tests of the prune loop and FlipOut with its baselines."""
+
+import math
+
+from absl.testing import parameterized
+import chex
+import flax.linen as nn
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import flipout_jax as fj
+
+
+def mlp_params(seed=0, sizes=(12, 20, 16, 5)):
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes))
+  params = {}
+  for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    params[f"dense{i}"] = {
+        "kernel": jax.random.normal(keys[i], (a, b)) / math.sqrt(a),
+        "bias": jnp.zeros((b,)),
+    }
+  return params
+
+
+def mlp_loss(params, x, y):
+  h = x
+  n = len(params)
+  for i in range(n):
+    h = h @ params[f"dense{i}"]["kernel"] + params[f"dense{i}"]["bias"]
+    if i < n - 1:
+      h = jax.nn.relu(h)
+  return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
+
+
+def batch(step, n=32, d=12, classes=5):
+  k1, k2 = jax.random.split(jax.random.PRNGKey(1000 + step))
+  return jax.random.normal(k1, (n, d)), jax.random.randint(k2, (n,), 0, classes)
+
+
+def prunable_size(params):
+  return sum(p.size for p in jax.tree.leaves(params) if p.ndim >= 2)
+
+
+def count_zeros(params):
+  return sum(int(jnp.sum(p == 0)) for p in jax.tree.leaves(params) if p.ndim >= 2)
+
+
+INNERS = {
+    "sgd": lambda: optax.sgd(0.05),
+    "momentum": lambda: optax.sgd(0.05, momentum=0.9),
+    "adam": lambda: optax.adam(1e-2),
+    "adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
+}
+
+METHODS = {
+    "flipout": lambda inner: fj.flipout(inner, sparsity=0.95, prune_every=4),
+    "global_magnitude": lambda inner: fj.global_magnitude(
+        inner, sparsity=0.95, prune_every=4),
+    "noisy_magnitude": lambda inner: fj.global_magnitude(
+        inner, sparsity=0.95, prune_every=4, noise_scale=1.0),
+    "random": lambda inner: fj.random_pruning(inner, sparsity=0.95, prune_every=4),
+    "snip": lambda inner: fj.snip(inner, sparsity=0.95),
+}
+
+
+def run(tx, params, steps, check=None):
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, i):
+    x, y = batch(0)
+    x = x + 0.01 * i  # the data changes a little every step
+    grads = jax.grad(mlp_loss)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for i in range(steps):
+    old_masks = fj.get_masks(state)
+    params, state = step(params, state, i)
+    if check is not None:
+      check(i, params, state, old_masks)
+  return params, state, step
+
+
+class PruneLoopTest(parameterized.TestCase):
+
+  @parameterized.product(method=list(METHODS), inner=list(INNERS))
+  def test_pruned_weights_exactly_zero_and_count_exact(self, method, inner):
+    params = mlp_params()
+    n = prunable_size(params)
+    tx = METHODS[method](INNERS[inner]())
+    schedule_target = {0: 0}
+
+    def check(i, params, state, old_masks):
+      masks = fj.get_masks(state)
+      # Pruned weights are exactly 0.0 after every update.
+      for m, p in zip(jax.tree.leaves(masks), [
+          params[k]["kernel"] for k in sorted(params)]):
+        self.assertTrue(bool(jnp.all(jnp.where(m, True, p == 0.0))))
+      # Masks never revive a weight.
+      for a, b in zip(jax.tree.leaves(old_masks), jax.tree.leaves(masks)):
+        self.assertFalse(bool(jnp.any(b & ~a)))
+      dead = sum(int(jnp.sum(~m)) for m in jax.tree.leaves(masks))
+      if method == "snip":
+        expected = round(0.95 * n)
+      else:
+        events = i // 4  # events fire in the updates with count 4, 8, ...
+        expected = round(min(1 - 0.5 ** events, 0.95) * n) if events else 0
+      self.assertEqual(dead, expected)
+      schedule_target[0] = expected
+
+    params, state, _ = run(tx, params, 24, check)
+    self.assertEqual(schedule_target[0], round(0.95 * n))
+    self.assertEqual(count_zeros(params) >= round(0.95 * n), True)
+
+  def test_kept_weights_move_by_exactly_the_inner_update(self):
+    params = mlp_params()
+    inner = optax.adam(1e-2)
+    tx = fj.global_magnitude(inner, sparsity=0.5, prune_every=1)
+    state = tx.init(params)
+    grads = jax.grad(mlp_loss)(params, *batch(0))
+    updates, state = tx.update(grads, state, params)
+    ref_updates, _ = inner.update(grads, inner.init(params), params)
+    new = optax.apply_updates(params, updates)
+    masks = fj.get_masks(state)
+    for k in params:
+      m = masks[k]["kernel"]
+      ref = params[k]["kernel"] + ref_updates[k]["kernel"]
+      chex.assert_trees_all_equal(jnp.where(m, new[k]["kernel"], 0.0),
+                                  jnp.where(m, ref, 0.0))
+      chex.assert_trees_all_equal(new[k]["bias"],
+                                  params[k]["bias"] + ref_updates[k]["bias"])
+
+  def test_inner_moments_never_move_pruned_weights(self):
+    # Momentum keeps velocity for weights after they are pruned; the update
+    # must still leave them at exactly zero on every later step.
+    params = mlp_params()
+    tx = fj.global_magnitude(optax.sgd(0.5, momentum=0.99), sparsity=0.9,
+                             prune_every=2)
+    params, state, _ = run(tx, params, 12)
+    masks = fj.get_masks(state)
+    for k in params:
+      self.assertTrue(bool(jnp.all(
+          jnp.where(masks[k]["kernel"], True, params[k]["kernel"] == 0.0))))
+
+  def test_jits_once_with_events(self):
+    params = mlp_params()
+    tx = fj.flipout(optax.sgd(0.05, momentum=0.9), sparsity=0.99, prune_every=5)
+    params, state, step = run(tx, params, 50)
+    self.assertEqual(step._cache_size(), 1)
+    self.assertEqual(int(state.count), 50)
+    n = prunable_size(params)
+    self.assertEqual(count_zeros(params), round(0.99 * n))
+
+  def test_works_inside_chain_and_get_masks_finds_it(self):
+    params = mlp_params()
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     fj.global_magnitude(optax.sgd(0.1), sparsity=0.75,
+                                         prune_every=1))
+    params, state, _ = run(tx, params, 3)
+    masks = fj.get_masks(state)
+    dead = sum(int(jnp.sum(~m)) for m in jax.tree.leaves(masks))
+    self.assertEqual(dead, round(0.75 * prunable_size(params)))
+    self.assertIsNone(masks["dense0"]["bias"])
+
+  def test_get_masks_without_prune_state_raises(self):
+    with self.assertRaisesRegex(ValueError, "state"):
+      fj.get_masks(optax.sgd(0.1).init(mlp_params()))
+
+  def test_same_seed_bit_identical(self):
+    tx = lambda: fj.flipout(optax.sgd(0.05, momentum=0.9), sparsity=0.9,
+                            prune_every=3, seed=7)
+    a, _, _ = run(tx(), mlp_params(), 10)
+    b, _, _ = run(tx(), mlp_params(), 10)
+    chex.assert_trees_all_equal(a, b)
+
+  def test_end_step_schedule_reaches_target_by_end(self):
+    tx = fj.flipout(optax.sgd(0.05), sparsity=0.9, end_step=20)
+    # 4 events of 0.5 are needed (0.9375 >= 0.9): every 5 steps.
+    params, state, _ = run(tx, mlp_params(), 21)
+    self.assertEqual(count_zeros(params), round(0.9 * prunable_size(params)))
+
+
+def numpy_flipout_reference(w_seq, sparsity, prune_every, rate, p):
+  """Independent reference: flips, saliency and masks over scripted weights."""
+  w0 = w_seq[0]
+  flips = np.zeros_like(w0, np.int64)
+  mask = np.ones_like(w0, bool)
+  n = w0.size
+  cur = w0.copy()
+  events = 0
+  saliencies = []
+  for t, target in enumerate(w_seq[1:]):
+    new = np.where(mask, target, 0.0)
+    flips += (np.sign(cur) != np.sign(new)) & mask
+    if (t % prune_every == 0) and t > 0:
+      events += 1
+      keep = n - round(min(1 - (1 - rate) ** events, sparsity) * n)
+      sal = np.abs(new) ** p / (flips + 1)
+      saliencies.append(sal.copy())
+      sal = np.where(mask, sal, -np.inf)
+      order = np.argsort(-sal.ravel(), kind="stable")
+      mask = np.zeros(n, bool)
+      mask[order[:keep]] = True
+      mask = mask.reshape(w0.shape)
+      flips = np.where(mask, flips, 0)
+      new = np.where(mask, new, 0.0)
+    cur = new
+  return flips, mask, cur, saliencies
+
+
+class FlipOutReferenceTest(parameterized.TestCase):
+
+  @parameterized.parameters(2.0, 1.5)
+  def test_flips_saliency_and_masks_match_numpy(self, p):
+    rng = np.random.default_rng(0)
+    steps, shape = 13, (6, 7)
+    w_seq = [rng.normal(size=shape).astype(np.float32)]
+    for t in range(steps):
+      w = rng.normal(size=shape).astype(np.float32)
+      w[rng.random(shape) < 0.15] = 0.0  # weights passing through exactly 0
+      w_seq.append(w)
+    # sgd(1.0) with grads = w - target moves the weights to the scripted target.
+    tx = fj.flipout(optax.sgd(1.0), sparsity=0.9, prune_every=4, p=p,
+                    noise_scale=0.0)
+    params = {"w": jnp.asarray(w_seq[0])}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for target in w_seq[1:]:
+      grads = {"w": params["w"] - jnp.asarray(target)}
+      updates, state = update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+    flips, mask, final, _ = numpy_flipout_reference(w_seq, 0.9, 4, 0.5, p)
+    np.testing.assert_array_equal(np.asarray(state.method_state["w"]), flips)
+    np.testing.assert_array_equal(np.asarray(fj.get_masks(state)["w"]), mask)
+    np.testing.assert_array_equal(np.asarray(params["w"]), final)
+    # Saliency of the final state equals |θ|^p / (flips + 1).
+    ctx = fj.scores.ScoreContext(
+        step=state.count, masks=fj.get_masks(state), params=params,
+        old_params=params, grads=params, dense_grads=params,
+        method_state=state.method_state, key=state.key, extra_args={})
+    sal = fj.scores.flipout_saliency(p)(ctx)["w"]
+    np.testing.assert_allclose(np.asarray(sal),
+                               np.abs(final) ** p / (flips + 1), rtol=1e-6)
+
+  def test_flip_counts_zero_to_and_from_zero(self):
+    counter = fj.flip_counter()
+    masks = {"w": jnp.ones((4,), bool)}
+    counts = counter.init({"w": jnp.zeros(4)}, masks)
+    old = {"w": jnp.array([1.0, 0.0, -1.0, 2.0])}
+    new = {"w": jnp.array([0.0, 1.0, 1.0, 3.0])}
+    counts = counter.update(counts, old, new, masks)
+    np.testing.assert_array_equal(counts["w"], [1, 1, 1, 0])
+
+
+class NoiseTest(parameterized.TestCase):
+
+  def test_noise_std_matches_formula(self):
+    g = jax.random.normal(jax.random.PRNGKey(0), (400, 500)) * 3.0 + 1.0
+    out = fj.noise.add_gradient_noise({"g": g}, jax.random.PRNGKey(1), 0.7,
+                                      {"g": True})["g"]
+    measured = float(jnp.std(out - g))
+    expected = 0.7 * float(jnp.linalg.norm(g)) / math.sqrt(g.size)
+    self.assertLess(abs(measured / expected - 1.0), 0.02)
+
+  def test_zero_scale_adds_no_noise(self):
+    params = mlp_params()
+    grads = jax.grad(mlp_loss)(params, *batch(0))
+    tx = fj.global_magnitude(optax.sgd(1.0), sparsity=0.5, prune_every=10,
+                             noise_scale=0.0)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    chex.assert_trees_all_equal(updates, jax.tree.map(lambda g: -g, grads))
+
+  def test_noise_on_prunable_only_leaves_biases_clean(self):
+    params = mlp_params()
+    grads = jax.grad(mlp_loss)(params, *batch(0))
+    tx = fj.flipout(optax.sgd(1.0), sparsity=0.5, prune_every=10,
+                    noise_on="prunable")
+    updates, _ = tx.update(grads, tx.init(params), params)
+    chex.assert_trees_all_equal(updates["dense0"]["bias"],
+                                -grads["dense0"]["bias"])
+    self.assertFalse(bool(jnp.all(updates["dense0"]["kernel"]
+                                  == -grads["dense0"]["kernel"])))
+
+
+class SelectionTest(parameterized.TestCase):
+
+  @parameterized.parameters(0, 1, 7, 50, 99, 100)
+  def test_exact_k_with_ties_matches_stable_sort(self, k):
+    rng = np.random.default_rng(k)
+    a = rng.integers(0, 5, (6, 10)).astype(np.float32)  # many ties
+    b = rng.integers(0, 5, (40,)).astype(np.float32)
+    masks = fj.selection.top_k_masks([jnp.asarray(a), jnp.asarray(b)],
+                                     [[0, 1]], jnp.array([k]))
+    flat = np.concatenate([a.ravel(), b.ravel()])
+    order = np.argsort(-flat, kind="stable")
+    ref = np.zeros(flat.size, bool)
+    ref[order[:k]] = True
+    got = np.concatenate([np.asarray(masks[0]).ravel(), np.asarray(masks[1]).ravel()])
+    np.testing.assert_array_equal(got, ref)
+
+  def test_negative_scores_infinities_and_nan(self):
+    s = jnp.array([-3.0, jnp.nan, -jnp.inf, 2.0, -0.0, 0.0, jnp.inf, -1e-30])
+    m = fj.selection.top_k_mask(s, 5)
+    np.testing.assert_array_equal(m, [False, False, False, True, True, True,
+                                      True, True])
+
+  def test_ineligible_ranked_last(self):
+    s = jnp.array([5.0, 4.0, 3.0, 2.0])
+    eligible = jnp.array([False, True, True, True])
+    np.testing.assert_array_equal(
+        fj.selection.top_k_mask(s, 2, eligible), [False, True, True, False])
+
+  def test_per_tensor_groups(self):
+    a = jnp.arange(10.0)
+    b = -jnp.arange(6.0)
+    ma, mb = fj.selection.top_k_masks([a, b], [[0], [1]], jnp.array([3, 2]))
+    np.testing.assert_array_equal(np.nonzero(np.asarray(ma))[0], [7, 8, 9])
+    np.testing.assert_array_equal(np.nonzero(np.asarray(mb))[0], [0, 1])
+
+
+class ScheduleAndBudgetTest(parameterized.TestCase):
+
+  @parameterized.parameters((0.75, 2), (0.9375, 4), (0.984375, 6),
+                            (0.99609375, 8), (0.9990234375, 10), (0.99, 7))
+  def test_periodic_events(self, sparsity, n):
+    s = fj.schedules.periodic(sparsity, every=10, rate=0.5, start=5)
+    self.assertEqual(len(s.steps), n)
+    self.assertEqual(s.steps[0], 15)
+    self.assertEqual(s.sparsities[-1], sparsity)
+    np.testing.assert_allclose(s.sparsities[:-1],
+                               [1 - 0.5 ** k for k in range(1, n)])
+
+  def test_n_events_rate(self):
+    s = fj.schedules.n_events(0.9, num_events=3, every=5)
+    rate = 1 - 0.1 ** (1 / 3)
+    np.testing.assert_allclose(s.sparsities, [1 - (1 - rate) ** k for k in (1, 2, 3)])
+
+  def test_rounds_reach_target(self):
+    s = fj.schedules.rounds(0.75, 25, 10)
+    left = 1.0
+    for k in range(1, 26):
+      left *= 1 - 0.75 / (k * 0.75 + 25 * 0.25)
+      self.assertAlmostEqual(1 - left, s.sparsities[k - 1], places=12)
+    self.assertEqual(s.sparsities[-1], 0.75)
+
+  def test_polynomial(self):
+    s = fj.schedules.polynomial(0.8, start=10, end=20, every=5)
+    self.assertEqual(s.steps, (10, 15, 20))
+    np.testing.assert_allclose(s.sparsities, [0.0, 0.8 * (1 - 0.5 ** 3), 0.8])
+    self.assertAlmostEqual(float(fj.schedules.polynomial_sparsity(15, 0.8, 10, 20)),
+                           0.8 * (1 - 0.5 ** 3), places=6)
+    self.assertEqual(float(fj.schedules.polynomial_sparsity(3, 0.8, 10, 20)), 0.0)
+
+  def test_event_lookup_traced(self):
+    s = fj.schedules.periodic(0.75, every=3)
+    ev = jax.jit(lambda t: s.event_index(t))
+    self.assertEqual([bool(ev(t)[0]) for t in range(8)],
+                     [False, False, False, True, False, False, True, False])
+
+  def test_erk_exact_and_clamped(self):
+    shapes = [(3, 3, 3, 16), (3, 3, 16, 32), (512, 10), (8, 4)]
+    paths = ["a", "b", "c", "d"]
+    for s in (0.5, 0.9, 0.98):
+      dens = fj.distributions.erk_densities(shapes, 1 - s)
+      self.assertTrue(np.all(dens <= 1.0 + 1e-12))
+      b = fj.distributions.budget("erk", paths, shapes, s)
+      n = sum(np.prod(x) for x in shapes)
+      self.assertEqual(int(b.keep.sum()), n - round(s * n))
+      self.assertTrue(np.all(b.keep <= [np.prod(x) for x in shapes]))
+    # The small (8, 4) layer would exceed density 1 at 50 %: it is made dense.
+    b = fj.distributions.budget("erk", paths, shapes, 0.5)
+    self.assertEqual(int(b.keep[3]), 32)
+
+  def test_uniform_and_custom_budgets(self):
+    b = fj.distributions.budget("uniform", ["a", "b"], [(10, 10), (4, 5)], 0.5)
+    np.testing.assert_array_equal(b.keep, [50, 10])
+    b = fj.distributions.budget({"a": 0.9}, ["a", "b"], [(10, 10), (4, 5)], 0.45,
+                                final_sparsity=0.9)
+    np.testing.assert_array_equal(b.keep, [55, 20])
+
+  def test_uniform_distribution_in_transformation(self):
+    tx = fj.global_magnitude(optax.sgd(0.1), sparsity=0.5, prune_every=1,
+                             distribution="uniform")
+    params, state, _ = run(tx, mlp_params(), 2)
+    for k in params:
+      w = params[k]["kernel"]
+      self.assertEqual(int(jnp.sum(w == 0)), round(0.5 * w.size))
+
+
+class ValidationTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      (dict(sparsity=-0.1, prune_every=5), "sparsity"),
+      (dict(sparsity=1.0, prune_every=5), "sparsity"),
+      (dict(sparsity=0.5, prune_every=0), "prune_every"),
+      (dict(sparsity=0.5, prune_every=5, prune_rate=1.0), "prune_rate"),
+      (dict(sparsity=0.5, prune_every=5, prune_rate=0.0), "prune_rate"),
+      (dict(sparsity=0.5, prune_every=5, p=0.0), "p"),
+      (dict(sparsity=0.5, prune_every=5, noise_scale=-1.0), "noise_scale"),
+      (dict(sparsity=0.5, prune_every=5, noise_on="bias"), "noise_on"),
+      (dict(sparsity=0.5, prune_every=5, distribution="erdos"), "distribution"),
+      (dict(sparsity=0.5), "prune_every"),
+  )
+  def test_bad_arguments(self, kwargs, name):
+    with self.assertRaisesRegex(ValueError, name):
+      fj.flipout(optax.sgd(0.1), **kwargs)
+
+  def test_changed_params_tree(self):
+    tx = fj.flipout(optax.sgd(0.1), sparsity=0.5, prune_every=5)
+    params = mlp_params()
+    state = tx.init(params)
+    other = mlp_params(sizes=(12, 20, 5))
+    with self.assertRaisesRegex(ValueError, "params"):
+      tx.update(other, state, other)
+    reshaped = mlp_params(sizes=(12, 21, 16, 5))
+    with self.assertRaisesRegex(ValueError, "shape"):
+      tx.update(reshaped, state, reshaped)
+
+  def test_filter_selecting_nothing(self):
+    tx = fj.flipout(optax.sgd(0.1), sparsity=0.5, prune_every=5,
+                    filter_fn=lambda path, leaf: False)
+    with self.assertRaisesRegex(ValueError, "filter_fn"):
+      tx.init(mlp_params())
+
+  def test_integer_leaves(self):
+    params = {"w": jnp.ones((3, 3), jnp.int32)}
+    tx = fj.global_magnitude(optax.sgd(0.1), sparsity=0.5, prune_every=5,
+                             filter_fn=lambda path, leaf: True)
+    with self.assertRaisesRegex(ValueError, "dtype"):
+      tx.init(params)
+
+  def test_missing_params(self):
+    tx = fj.flipout(optax.sgd(0.1), sparsity=0.5, prune_every=5)
+    params = mlp_params()
+    with self.assertRaisesRegex(ValueError, "params"):
+      tx.update(params, tx.init(params))
+
+
+class HoyerSquareTest(parameterized.TestCase):
+
+  def test_gradient_matches_closed_form(self):
+    w = jnp.array([[1.0, -2.0], [0.5, 0.0]])
+    params = {"w": w, "b": jnp.ones(2)}
+    tx = fj.hoyer_square(0.3)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params),
+                           params)
+    l1, l2 = 3.5, 5.25
+    expected = 0.3 * (2 * l1 * np.sign(w) / l2 - 2 * l1 ** 2 * w / l2 ** 2)
+    np.testing.assert_allclose(updates["w"], expected, rtol=1e-6)
+    np.testing.assert_array_equal(updates["b"], [0.0, 0.0])
+    self.assertAlmostEqual(float(fj.hoyer_square_penalty(params, {"w": True, "b": False})),
+                           l1 ** 2 / l2, places=5)
+
+  def test_threshold_prune_then_fixed_mask(self):
+    params = {"w": jnp.array([[1e-5, 0.3], [-2e-4, -5e-5]]), "b": jnp.array([1e-6])}
+    pruned, masks = fj.threshold_prune(params, 1e-4)
+    np.testing.assert_array_equal(pruned["w"], np.float32([[0.0, 0.3], [-2e-4, 0.0]]))
+    np.testing.assert_array_equal(pruned["b"], params["b"])
+    tx = fj.fixed_mask(optax.sgd(1.0), masks)
+    state = tx.init(pruned)
+    grads = jax.tree.map(jnp.ones_like, pruned)
+    updates, state = tx.update(grads, state, pruned)
+    new = optax.apply_updates(pruned, updates)
+    np.testing.assert_array_equal(new["w"] == 0, [[True, False], [False, True]])
+
+  def test_bad_strength(self):
+    with self.assertRaisesRegex(ValueError, "strength"):
+      fj.hoyer_square(-1.0)
+    with self.assertRaisesRegex(ValueError, "threshold"):
+      fj.threshold_prune({"w": jnp.ones((2, 2))}, 0.0)
+
+
+class ReportTest(parameterized.TestCase):
+
+  def test_counts(self):
+    params = {"a": {"kernel": jnp.array([[0.0, 1.0], [2.0, 0.0]]),
+                    "bias": jnp.zeros(2)},
+              "b": {"kernel": jnp.zeros((3, 1))}}
+    r = fj.sparsity_report(params)
+    self.assertEqual((r.size, r.zeros), (7, 5))
+    self.assertEqual(r.as_dict(), {"a/kernel": 0.5, "b/kernel": 1.0})
+    self.assertIn("| **global** | | 7 | 5 | 71.43% |", str(r))
+
+
+class FlaxIntegrationTest(parameterized.TestCase):
+
+  def test_linen_train_step(self):
+    class MLP(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        x = nn.relu(nn.Dense(32)(x))
+        return nn.Dense(5)(x)
+
+    model = MLP()
+    x, y = batch(0)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    tx = fj.flipout(optax.sgd(0.1, momentum=0.9), sparsity=0.9, prune_every=3)
+    state = tx.init(variables["params"])
+
+    @jax.jit
+    def train_step(params, state, x, y):
+      def loss_fn(p):
+        logits = model.apply({"params": p}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      grads = jax.grad(loss_fn)(params)
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    params = variables["params"]
+    for i in range(15):
+      params, state = train_step(params, state, *batch(i))
+    report = fj.sparsity_report(params)
+    self.assertEqual(report.zeros, round(0.9 * report.size))
+
+  def test_nnx_optimizer(self):
+    class MLP(nnx.Module):
+      def __init__(self, rngs):
+        self.l1 = nnx.Linear(12, 32, rngs=rngs)
+        self.l2 = nnx.Linear(32, 5, rngs=rngs)
+
+      def __call__(self, x):
+        return self.l2(jax.nn.relu(self.l1(x)))
+
+    model = MLP(nnx.Rngs(0))
+    tx = fj.flipout(optax.adam(1e-2), sparsity=0.9, prune_every=3)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+      def loss_fn(m):
+        return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+      grads = nnx.grad(loss_fn)(model)
+      optimizer.update(model, grads)
+
+    for i in range(15):
+      train_step(model, optimizer, *batch(i))
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    report = fj.sparsity_report(params)
+    self.assertEqual(report.zeros, round(0.9 * report.size))
+    masks = fj.get_masks(optimizer.opt_state)
+    self.assertEqual(fj.sparsity_report(params, masks).zeros, report.zeros)
