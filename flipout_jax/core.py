@@ -155,6 +155,7 @@ def prune(inner: optax.GradientTransformation,
           distribution: distributions_lib.Distribution = "global",
           noise_scale: float = 0.0,
           noise_on: str = "all",
+          exact_noise: bool = False,
           tracker: Tracker | None = None,
           reset_moments: str = "none",
           filter_fn: trees.FilterFn | None = None,
@@ -174,6 +175,8 @@ def prune(inner: optax.GradientTransformation,
     distribution: ``"global"``, ``"uniform"``, ``"erk"`` or ``{path: s}``.
     noise_scale: λ of FlipOut's gradient noise ``N(0, (λ‖g‖/√n)²)``; 0 = off.
     noise_on: ``"all"`` float leaves or ``"prunable"`` leaves only.
+    exact_noise: draw noise with ``jax.random.normal`` rather than the
+      cheaper 16-bit inverse-CDF normals of :func:`noise.normal16`.
     tracker: per-weight state observed every step (default: none).
     reset_moments: after an event, zero the inner optimizer's per-parameter
       buffers of the weights ``"pruned"`` by it, ``"grown"`` by it,
@@ -238,7 +241,8 @@ def prune(inner: optax.GradientTransformation,
       selected = jax.tree.map(
           lambda m: m is not None if noise_on == "prunable" else True,
           masks, is_leaf=lambda x: x is None)
-      grads = noise_lib.add_gradient_noise(grads, noise_key, noise_scale, selected)
+      grads = noise_lib.add_gradient_noise(grads, noise_key, noise_scale,
+                                           selected, exact=exact_noise)
       grads = trees.apply_masks(grads, masks)
 
     updates, inner_state = inner.update(grads, state.inner_state, params,

@@ -4,6 +4,14 @@ For every selected tensor with gradient ``g`` (already masked), add
 ``ε ~ N(0, σ²I)`` with ``σ = λ·‖g‖₂ / sqrt(numel(g))``: noise of the gradient's
 root-mean-square size times ``λ``. ``numel`` counts the whole tensor, pruned
 entries included, as in the reference implementation.
+
+Drawing the noise is most of FlipOut's per-step cost on a CPU, and almost all
+of that is generating random bits (threefry: ~8 ns per 32-bit word here). By
+default each 32-bit word therefore yields *two* standard normals through the
+inverse CDF of a 16-bit uniform, ``z = √2·erfinv(2u − 1)``,
+``u = (k + ½)/2¹⁶``: a Gaussian quantised to 65,536 levels with tails cut at
+|z| ≈ 4.3 (variance within 0.02 % of 1). ``exact=True`` uses
+``jax.random.normal`` instead.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 PyTree = Any
@@ -23,8 +32,17 @@ def noise_std(grad: jax.Array, scale: float) -> jax.Array:
   return scale * jnp.sqrt(jnp.sum(g * g) / g.size)
 
 
+def normal16(key: jax.Array, shape) -> jax.Array:
+  """Standard normals, two per 32-bit random word (16-bit inverse CDF)."""
+  size = int(np.prod(shape))
+  words = jax.random.bits(key, ((size + 1) // 2,), jnp.uint32)
+  k = jnp.concatenate([words >> 16, words & 0xFFFF])[:size]
+  u = (k.astype(jnp.float32) + 0.5) * (2.0 / 65536.0) - 1.0
+  return (np.sqrt(2.0) * jax.lax.erf_inv(u)).reshape(shape)
+
+
 def add_gradient_noise(grads: PyTree, key: jax.Array, scale: float,
-                       selected: PyTree) -> PyTree:
+                       selected: PyTree, exact: bool = False) -> PyTree:
   """Adds per-tensor Gaussian noise of std ``noise_std(g, scale)``.
 
   Args:
@@ -32,6 +50,7 @@ def add_gradient_noise(grads: PyTree, key: jax.Array, scale: float,
     key: PRNG key; each leaf gets its own sub-key.
     scale: λ >= 0.
     selected: params-shaped tree of Python bools: which leaves get noise.
+    exact: draw with ``jax.random.normal`` instead of :func:`normal16`.
 
   Returns:
     ``grads`` with noise added to the selected floating-point leaves.
@@ -41,7 +60,8 @@ def add_gradient_noise(grads: PyTree, key: jax.Array, scale: float,
   def noisy(g, k, sel):
     if not sel or not jnp.issubdtype(g.dtype, jnp.floating):
       return g
-    eps = jax.random.normal(k, g.shape, jnp.float32)
+    eps = (jax.random.normal(k, g.shape, jnp.float32) if exact
+           else normal16(k, g.shape))
     return (g + noise_std(g, scale) * eps).astype(g.dtype)
 
   return jax.tree.map(noisy, grads, keys, selected)

@@ -41,6 +41,7 @@ and ``reset_moments`` act on). Per group, #dropped = #grown always.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Callable
@@ -254,6 +255,15 @@ def drop_and_grow(drop_fraction: float, end_step: int) -> core.MaskRule:
   return rule
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _random_masks(key, shapes, groups, keep):
+  # Jitted and cached on the static layout: ``init`` usually runs eagerly
+  # (e.g. in nnx.Optimizer), where op-by-op selection is slow.
+  keys = jax.random.split(key, len(shapes))
+  noise = [jax.random.uniform(k, s) for k, s in zip(keys, shapes)]
+  return selection.top_k_masks(noise, groups, jnp.asarray(keep, jnp.int32))
+
+
 def random_sparse_masks(sparsity: float, distribution="erk") -> Callable:
   """An ``initial_masks`` function: a uniformly random mask per group.
 
@@ -268,14 +278,11 @@ def random_sparse_masks(sparsity: float, distribution="erk") -> Callable:
   def init(params, dense_masks, key):
     del params
     flat = trees.leaves_with_paths(dense_masks)
+    shapes = tuple(tuple(m.shape) for _, m in flat)
     budget = distributions_lib.budget(
-        distribution, [p for p, _ in flat], [m.shape for _, m in flat],
-        sparsity, sparsity)
-    leaves = [m for _, m in flat]
-    keys = jax.random.split(key, len(leaves))
-    noise = [jax.random.uniform(k, m.shape) for k, m in zip(keys, leaves)]
-    masks = selection.top_k_masks(noise, budget.groups,
-                                  jnp.asarray(budget.keep, jnp.int32))
+        distribution, [p for p, _ in flat], shapes, sparsity, sparsity)
+    masks = _random_masks(key, shapes, budget.groups,
+                          tuple(int(k) for k in budget.keep))
     return trees.unflatten_prunable(dense_masks, masks)
 
   return init

@@ -63,7 +63,7 @@ def periodic_schedule(sparsity: float, prune_every: int | None,
 def flipout(inner: optax.GradientTransformation, *, sparsity: float,
             prune_every: int | None = None, prune_rate: float = 0.5,
             p: float = 2.0, noise_scale: float = 1.0, noise_on: str = "all",
-            start_step: int = 0, end_step: int | None = None,
+            exact_noise: bool = False, start_step: int = 0, end_step: int | None = None,
             distribution="global", filter_fn=None,
             seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """FlipOut: prune the weights whose sign oscillates, ``τ = |θ|^p/(flips+1)``.
@@ -78,6 +78,8 @@ def flipout(inner: optax.GradientTransformation, *, sparsity: float,
     p: exponent of the magnitude in the saliency, > 0.
     noise_scale: λ of the gradient noise; 0 disables it.
     noise_on: ``"all"`` leaves (the reference) or ``"prunable"`` only.
+    exact_noise: use ``jax.random.normal`` rather than the cheaper 16-bit
+      inverse-CDF normals (see :mod:`flipout_jax.noise`).
     start_step: step after which the periodic events start.
     end_step: reach ``sparsity`` at (or just before) this step instead of
       giving ``prune_every``.
@@ -96,13 +98,13 @@ def flipout(inner: optax.GradientTransformation, *, sparsity: float,
       schedule=periodic_schedule(sparsity, prune_every, prune_rate,
                                  start_step, end_step),
       distribution=distribution, noise_scale=noise_scale, noise_on=noise_on,
-      tracker=flip_counter(), filter_fn=filter_fn, seed=seed, name="flipout")
+      exact_noise=exact_noise, tracker=flip_counter(), filter_fn=filter_fn, seed=seed, name="flipout")
 
 
 def global_magnitude(inner: optax.GradientTransformation, *, sparsity: float,
                      prune_every: int | None = None, prune_rate: float = 0.5,
                      noise_scale: float = 0.0, noise_on: str = "all",
-                     start_step: int = 0, end_step: int | None = None,
+                     exact_noise: bool = False, start_step: int = 0, end_step: int | None = None,
                      distribution="global", filter_fn=None,
                      seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Gradual magnitude pruning on FlipOut's schedule; score ``|θ|``.
@@ -115,7 +117,8 @@ def global_magnitude(inner: optax.GradientTransformation, *, sparsity: float,
       schedule=periodic_schedule(sparsity, prune_every, prune_rate,
                                  start_step, end_step),
       distribution=distribution, noise_scale=noise_scale, noise_on=noise_on,
-      filter_fn=filter_fn, seed=seed, name="global_magnitude")
+      exact_noise=exact_noise, filter_fn=filter_fn, seed=seed,
+      name="global_magnitude")
 
 
 def random_pruning(inner: optax.GradientTransformation, *, sparsity: float,

@@ -54,13 +54,16 @@ the update with count ``end_step`` is the first to reach ``sparsity``.
 
 **Fine-tuning (``freeze_step``).** Updates with count ``< freeze_step`` are
 ST-3 updates. The last of them (count ``freeze_step − 1``) also replaces the
-raw weights by the weights the user holds after applying its updates (the
-effective ones; pruned entries 0.0) and resets every τ_l to 0 and every
-scale to 1. Every later update keeps the masks of that update fixed, masks
-the gradients of pruned weights, and returns ``where(m, inner_update, −p)``,
-like :func:`flipout_jax.core.prune`: the kept weights train as ordinary
-weights (no thresholding, no rescaling), the pruned ones stay exactly 0.0,
-and raw weights and params stay bitwise equal.
+raw weights by its effective weights (pruned entries 0.0) and resets every
+τ_l to 0 and every scale to 1, so that ``w_eff = where(m, w, 0)`` from then
+on. Every later update keeps the masks of that update fixed, gives the pruned
+weights no gradient, steps the raw weights with the inner optimizer, pins
+the pruned raw weights to exactly 0.0 (whatever the inner moments say) and
+returns ``updates = where(m, w', 0) − params`` as before: the kept weights
+train as ordinary weights (no thresholding, no rescaling) and the pruned
+ones stay exactly 0.0. The raw weights remain the source of truth in this
+phase too, so the params equal them up to the one rounding above (in
+practice bitwise for almost every weight) and never drift away from them.
 
 **Placement.** ``st3`` must be the *last* transformation of a chain, because
 its updates are ``w_eff' − params``, not a gradient step that could be
@@ -397,20 +400,20 @@ def st3(inner: optax.GradientTransformation,
       out = [(e - p).astype(p.dtype) for e, p in zip(eff, param_l)]
       raw_out = new_raw_l
       if freeze_step is not None:
-        # The last ST-3 update: from now on the raw weights are exactly what
-        # the user holds after apply_updates, and train as plain weights.
+        # The last ST-3 update: from now on the raw weights are the effective
+        # ones and train as plain weights under the frozen mask.
         last = count == freeze_step - 1
-        raw_out = [jnp.where(last, (p + u).astype(p.dtype), r)
-                   for p, u, r in zip(param_l, out, raw_out)]
+        raw_out = [jnp.where(last, e, r) for e, r in zip(eff, raw_out)]
         thr = [jnp.where(last, jnp.zeros_like(x), x) for x in thr]
         scl = [jnp.where(last, jnp.ones_like(x), x) for x in scl]
       return out, new_masks, raw_out, thr, scl
 
     def fine_tune_step(_):
-      out = [jnp.where(m, u, -p).astype(p.dtype)
-             for m, u, p in zip(mask_l, upd_l, param_l)]
+      # Pruned raw weights are pinned to +0.0 (the inner moments of the ST-3
+      # phase would move them otherwise); updates as in the ST-3 phase.
       raw_out = [jnp.where(m, r, jnp.zeros_like(r))
                  for m, r in zip(mask_l, new_raw_l)]
+      out = [(r - p).astype(p.dtype) for r, p in zip(raw_out, param_l)]
       return (out, mask_l, raw_out,
               trees.prunable_leaves(masks, mstate.thresholds),
               trees.prunable_leaves(masks, mstate.scales))

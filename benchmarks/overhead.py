@@ -1,0 +1,125 @@
+"""Step-time and memory overhead of each pruning method over its inner optimizer.
+
+    python -m benchmarks.overhead [--repeats 200] [--batch 128]
+
+For LeNet-300-100 and LeNet-5 (Flax, MNIST-shaped random data) it times, in
+one process and interleaved round-robin so that machine load hits all
+candidates alike, the median of a jitted train step (forward, backward,
+``tx.update``, ``apply_updates``) for the plain inner optimizer and for every
+method on non-pruning steps, and prints ratios against the plain optimizer.
+It also times a pruning step (the same jitted step on a state whose counter
+sits on an event) and counts the optimizer-state bytes per parameter beyond
+the inner optimizer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import flipout_jax as fj
+from flipout_jax import models
+
+EVENT = 1000  # the first pruning event (well after the timed steps)
+
+
+def methods(inner):
+  common = dict(sparsity=0.99, prune_every=EVENT)
+  return {
+      "sgd+momentum (plain)": inner,
+      "global_magnitude": fj.global_magnitude(inner, **common),
+      "random_pruning": fj.random_pruning(inner, **common),
+      "snip (after its event)": fj.snip(inner, sparsity=0.99, step=EVENT),
+      "noisy_global_magnitude": fj.global_magnitude(inner, noise_scale=1.0, **common),
+      "flipout": fj.flipout(inner, **common),
+  }
+
+
+def make_step(model, tx):
+  def loss_fn(params, x, y):
+    logits = model.apply({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jax.jit
+  def step(params, state, x, y):
+    grads = jax.grad(loss_fn)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def state_bytes(state) -> int:
+  return sum(np.asarray(x).nbytes for x in jax.tree.leaves(state))
+
+
+def bench_model(name, repeats, batch):
+  model = models.get_model(name)
+  x = jax.random.normal(jax.random.PRNGKey(0), (batch, 28, 28, 1))
+  y = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, 10)
+  params = model.init(jax.random.PRNGKey(2), x)["params"]
+  n_params = sum(p.size for p in jax.tree.leaves(params))
+  inner = optax.sgd(0.01, momentum=0.9)
+  inner_bytes = state_bytes(inner.init(params))
+
+  runs = {}
+  for label, tx in methods(inner).items():
+    step = make_step(model, tx)
+    state = tx.init(params)
+    jax.block_until_ready(step(params, state, x, y))  # compile
+    runs[label] = (step, state)
+
+  times = {label: [] for label in runs}
+  for _ in range(repeats):
+    for label, (step, state) in runs.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(step(params, state, x, y))
+      times[label].append(time.perf_counter() - t0)
+
+  # A pruning step: the same compiled function, counter on an event.
+  event_times = {}
+  for label, (step, state) in runs.items():
+    if not isinstance(state, fj.PruneState):
+      continue
+    ev_state = state._replace(count=jnp.int32(EVENT))
+    jax.block_until_ready(step(params, ev_state, x, y))
+    ts = []
+    for _ in range(max(5, repeats // 10)):
+      t0 = time.perf_counter()
+      jax.block_until_ready(step(params, ev_state, x, y))
+      ts.append(time.perf_counter() - t0)
+    event_times[label] = statistics.median(ts)
+
+  base = statistics.median(times["sgd+momentum (plain)"])
+  print(f"\n### {name} (batch {batch}, {n_params:,} params, median of {repeats})\n")
+  print("| method | step (ms) | ratio vs plain | pruning step (ms) | extra state bytes/param |")
+  print("|---|---:|---:|---:|---:|")
+  for label, (step, state) in runs.items():
+    med = statistics.median(times[label])
+    extra = (state_bytes(state) - inner_bytes) / n_params
+    ev = event_times.get(label)
+    ev_s = f"{1e3 * ev:.2f}" if ev is not None else "-"
+    print(f"| {label} | {1e3 * med:.2f} | {med / base:.2f}x | {ev_s} | {extra:.2f} |")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--repeats", type=int, default=200)
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--models", default="lenet300100,lenet5")
+  args = parser.parse_args()
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
+        f"{jax.device_count()} device(s)")
+  for name in args.models.split(","):
+    bench_model(name, args.repeats if name == "lenet300100" else max(20, args.repeats // 5),
+                args.batch)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,517 @@
+"""The train loop: one jitted step, per-epoch evaluation, checkpoints, resume.
+
+:func:`run` trains ``config`` in ``workdir`` and returns the final result:
+
+* one jitted step (loss, gradients, ``tx.update``, ``apply_updates``;
+  BatchNorm statistics updated for the models that have them);
+* after every epoch: test accuracy, a line in ``metrics.jsonl`` (epoch, step,
+  train_loss, test_accuracy, sparsity, lr, time, phase) and an Orbax
+  checkpoint (params, batch_stats, optimizer state, the phase's ``aux``,
+  epoch, step, elapsed time);
+* at the end: ``sparsity.md`` (per-layer report), ``curves.png``,
+  ``final_params.npz``, ``final.json`` and the line
+  ``final test_accuracy=<float> sparsity=<float>``.
+
+Resume: the latest checkpoint holds everything that changes during training;
+the optimizer state (masks, flip counts, momentum, the PRNG key of the
+pruning noise) is restored into the structure of ``tx.init(params)``, and the
+data order depends only on ``(seed, epoch)``. A run killed at any point and
+resumed therefore ends with the same bits as an uninterrupted one. Phases
+(e.g. Hoyer-Square's fine-tuning) are a pure function of the epoch count; the
+switch to a phase is re-run from the checkpoint of the previous phase's last
+epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from ml_collections import config_dict
+
+import flipout_jax as fj
+from flipout_jax import data as data_lib
+from flipout_jax import models as models_lib
+from experiments import methods as methods_lib
+
+ConfigError = methods_lib.ConfigError
+ConfigDict = config_dict.ConfigDict
+
+CHECKPOINT_DIR = "checkpoints"
+RUN_FILES = ("metrics.jsonl", "final.json", "sparsity.md", "curves.png",
+             "final_params.npz", "config.json")
+MAX_TO_KEEP = 2
+
+
+# --- Config validation ------------------------------------------------------------
+
+
+def _check(ok, field, value, want):
+  if not ok:
+    raise ConfigError(f"{field}: got {value!r}; must be {want}")
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate(config: ConfigDict) -> None:
+  """Checks names and values without loading data; raises ConfigError."""
+  required = ("method", "model", "width", "dataset", "seed", "batch_size",
+              "eval_batch_size", "num_epochs")
+  missing = [k for k in required if k not in config]
+  if missing:
+    raise ConfigError(f"config: missing fields {', '.join(missing)}")
+  methods_lib.get_method(config.method)
+  if config.model not in models_lib.MODEL_NAMES:
+    raise ConfigError(f"model: unknown model {config.model!r}; valid models are: "
+                      f"{', '.join(models_lib.MODEL_NAMES)}")
+  if config.dataset not in data_lib.DATASETS:
+    raise ConfigError(f"dataset: unknown data set {config.dataset!r}; valid data "
+                      f"sets are: {', '.join(data_lib.DATASETS)}")
+  try:
+    models_lib.check_width(config.width)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _check(_is_int(config.seed) and config.seed >= 0, "seed", config.seed,
+         "an int >= 0")
+  for key in ("batch_size", "eval_batch_size", "num_epochs"):
+    _check(_is_int(config[key]) and config[key] > 0, key, config[key],
+           "an int > 0")
+  methods_lib.validate(config)
+
+
+# --- State ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Setup:
+  config: ConfigDict
+  ds: data_lib.Dataset
+  model: Any
+  has_bn: bool
+  steps_per_epoch: int
+  phases: list[methods_lib.Phase]
+  starts: list[int]  # first global epoch of each phase
+  params0: Any
+  batch_stats0: Any
+
+  @property
+  def total_epochs(self) -> int:
+    return self.starts[-1] + self.phases[-1].num_epochs
+
+  def phase_of_epoch(self, epoch: int) -> int:
+    """The phase that trains global epoch ``epoch`` (phases with epochs)."""
+    for j in reversed(range(len(self.phases))):
+      if self.phases[j].num_epochs and self.starts[j] <= epoch:
+        return j
+    raise AssertionError(epoch)
+
+  def template_aux(self, j: int):
+    """An ``aux`` with phase ``j``'s structure (from the initial params)."""
+    phase = self.phases[j]
+    if phase.enter is None:
+      return None
+    prev = None
+    if j > 0:
+      prev = self.phases[j - 1].make_tx(self.template_aux(j - 1)).init(self.params0)
+    return phase.enter(self.params0, prev)[1]
+
+
+def _setup(config: ConfigDict) -> _Setup:
+  validate(config)
+  try:
+    ds = data_lib.load(config.dataset, data_dir=config.data_dir)
+    spe = data_lib.steps_per_epoch(ds, config.batch_size)
+    if config.augment and not ds.augment:
+      raise ConfigError(f"augment: {config.dataset} has no augmentation (CIFAR "
+                        "data sets only); set augment=None or False")
+    model = models_lib.get_model(config.model, num_classes=ds.train.num_classes,
+                                 width=config.width)
+    phases = methods_lib.phases(config, spe)
+    starts = list(np.cumsum([0] + [p.num_epochs for p in phases[:-1]]).tolist())
+    dummy = jnp.zeros((1, *ds.train.image_shape), jnp.float32)
+    variables = model.init(jax.random.PRNGKey(config.seed), dummy, train=False)
+    params0 = variables["params"]
+    batch_stats0 = variables.get("batch_stats", {})
+    setup = _Setup(config, ds, model, models_lib.uses_batchnorm(config.model),
+                   spe, phases, starts, params0, batch_stats0)
+    # Build (and init) every phase's transformation now, so that a bad value
+    # fails before training rather than at a phase switch.
+    for j, phase in enumerate(phases):
+      phase.make_tx(setup.template_aux(j)).init(params0)
+  except ConfigError:
+    raise
+  except (ValueError, data_lib.DatasetNotPreparedError) as e:
+    raise ConfigError(" ".join(str(e).split())) from None
+  return setup
+
+
+# --- Steps ----------------------------------------------------------------------------
+
+
+def _make_train_step(model, tx, has_bn: bool):
+  def train_step(state, images, labels):
+    def loss_fn(params):
+      variables = {"params": params}
+      if has_bn:
+        variables["batch_stats"] = state["batch_stats"]
+        logits, updated = model.apply(variables, images, train=True,
+                                      mutable=["batch_stats"])
+        batch_stats = updated["batch_stats"]
+      else:
+        logits = model.apply(variables, images, train=True)
+        batch_stats = state["batch_stats"]
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, batch_stats
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "batch_stats": batch_stats,
+            "opt_state": opt_state}, loss
+
+  return jax.jit(train_step)
+
+
+def _make_eval_step(model, has_bn: bool):
+  def eval_step(params, batch_stats, images, labels):
+    variables = {"params": params}
+    if has_bn:
+      variables["batch_stats"] = batch_stats
+    logits = model.apply(variables, images, train=False)
+    return jnp.sum(jnp.argmax(logits, -1) == labels)
+  return jax.jit(eval_step)
+
+
+def evaluate(setup: _Setup, eval_step, params, batch_stats) -> float:
+  correct = 0
+  for images, labels in data_lib.eval_batches(setup.ds, setup.config.eval_batch_size):
+    correct += int(eval_step(params, batch_stats, images, labels))
+  return correct / setup.ds.test.num_examples
+
+
+def masks_of(opt_state):
+  """The masks of a flipout_jax state, or None for a plain optimizer."""
+  if fj.core.find_prune_states(opt_state):
+    return fj.get_masks(opt_state)
+  return None
+
+
+def sparsity_of(params, opt_state) -> float:
+  """Global sparsity: from the masks if the optimizer prunes, else zeros."""
+  return fj.sparsity_report(params, masks_of(opt_state)).sparsity
+
+
+# --- Checkpoints -----------------------------------------------------------------------
+
+
+def _flat(prefix: str, tree) -> dict[str, Any]:
+  return {f"{prefix}{i}": leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
+
+
+def _unflat(prefix: str, template, restored: dict[str, Any]):
+  leaves, treedef = jax.tree.flatten(template)
+  return jax.tree.unflatten(treedef, [restored[f"{prefix}{i}"]
+                                      for i in range(len(leaves))])
+
+
+def _checkpoint_item(state, aux, meta: dict[str, Any]) -> dict[str, Any]:
+  item = {**_flat("s", state), **_flat("a", aux)}
+  item.update(meta)
+  return item
+
+
+def _manager(workdir: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
+      options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=True))
+
+
+# --- Files --------------------------------------------------------------------------------
+
+
+def _atomic_write(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The parseable lines of ``metrics.jsonl`` (a killed run may leave half a line)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  rows = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:
+          pass
+  return rows
+
+
+def _truncate_metrics(workdir: str, completed: int) -> None:
+  rows = [r for r in read_metrics(workdir) if r.get("epoch", 0) <= completed]
+  _atomic_write(os.path.join(workdir, "metrics.jsonl"),
+                "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def plot_curves(workdir: str, title: str = "") -> str:
+  """``curves.png``: test accuracy and sparsity against the epoch."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  rows = read_metrics(workdir)
+  epochs = [r["epoch"] for r in rows]
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.plot(epochs, [100 * r["test_accuracy"] for r in rows], "C0-", label="test accuracy")
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("test accuracy (%)", color="C0")
+  ax2 = ax.twinx()
+  ax2.plot(epochs, [100 * r["sparsity"] for r in rows], "C1--", label="sparsity")
+  ax2.set_ylabel("sparsity (%)", color="C1")
+  ax2.set_ylim(0, 100)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  path = os.path.join(workdir, "curves.png")
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def final_line(result: dict[str, Any]) -> str:
+  return (f"final test_accuracy={result['test_accuracy']!r} "
+          f"sparsity={result['sparsity']!r}")
+
+
+def _config_json(config: ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _check_workdir(config: ConfigDict, workdir: str, resume: bool,
+                   overwrite: bool) -> None:
+  has_run = (os.path.exists(os.path.join(workdir, CHECKPOINT_DIR))
+             or any(os.path.exists(os.path.join(workdir, f)) for f in RUN_FILES))
+  if overwrite:
+    shutil.rmtree(os.path.join(workdir, CHECKPOINT_DIR), ignore_errors=True)
+    for f in RUN_FILES:
+      if os.path.exists(os.path.join(workdir, f)):
+        os.remove(os.path.join(workdir, f))
+    return
+  if has_run and not resume:
+    raise ConfigError(
+        f"workdir: {workdir} already holds a run; pass --resume to continue "
+        "(or skip) it, --overwrite to start over, or another --workdir")
+  saved = os.path.join(workdir, "config.json")
+  if resume and os.path.exists(saved):
+    with open(saved) as f:
+      old = json.load(f)
+    new = _config_json(config)
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+      raise ConfigError(
+          f"workdir: {workdir} holds a run of another config (differs in "
+          f"{', '.join(diff)}); resume with the same config or use another "
+          "--workdir")
+
+
+# --- The loop ---------------------------------------------------------------------------
+
+
+def _say(bar, text: str) -> None:
+  if bar is not None and not bar.disable:
+    bar.write(text)
+  else:
+    print(text, flush=True)
+
+
+def run(config: ConfigDict, workdir: str, *, resume: bool = False,
+        overwrite: bool = False, progress: bool = True,
+        stop_after_epochs: int | None = None) -> dict[str, Any] | None:
+  """Trains ``config`` in ``workdir``; returns the final result.
+
+  Args:
+    config: the experiment config (see ``experiments/configs/_base.py``).
+    workdir: where checkpoints, metrics and results go.
+    resume: continue from the latest checkpoint; if ``final.json`` exists,
+      return it without training.
+    overwrite: delete a previous run in ``workdir`` first.
+    progress: show a tqdm bar (only on a terminal).
+    stop_after_epochs: stop (without final results, returning None) once this
+      many epochs are done in total, as if the job were killed after the
+      checkpoint; for tests and time-sliced jobs.
+
+  Raises:
+    ConfigError: a bad config or workdir (one-line message).
+  """
+  t_start = time.time()
+  final_path = os.path.join(workdir, "final.json")
+  if resume and os.path.exists(final_path):
+    with open(final_path) as f:
+      result = json.load(f)
+    print(f"{workdir}: finished before (final.json); skipped.", flush=True)
+    print(final_line(result), flush=True)
+    return result
+
+  setup = _setup(config)
+  _check_workdir(config, workdir, resume, overwrite)
+  os.makedirs(workdir, exist_ok=True)
+  _atomic_write(os.path.join(workdir, "config.json"),
+                json.dumps(_config_json(config), indent=2, sort_keys=True))
+
+  spe = setup.steps_per_epoch
+  total_epochs = setup.total_epochs
+  eval_step = _make_eval_step(setup.model, setup.has_bn)
+  mgr = _manager(workdir)
+
+  # Restore, or start from the initial variables.
+  state = {"params": setup.params0, "batch_stats": setup.batch_stats0,
+           "opt_state": None}
+  completed, elapsed0, ckpt_phase, aux = 0, 0.0, -1, None
+  latest = mgr.latest_step() if resume else None
+  if latest is not None:
+    completed = int(latest)
+    ckpt_phase = setup.phase_of_epoch(completed - 1)
+    phase = setup.phases[ckpt_phase]
+    template_aux = setup.template_aux(ckpt_phase)
+    template = dict(state, opt_state=phase.make_tx(template_aux).init(setup.params0))
+    meta = {"epoch": 0, "step": 0, "elapsed": 0.0}
+    restored = mgr.restore(latest, args=ocp.args.StandardRestore(
+        _checkpoint_item(template, template_aux, meta)))
+    state = _unflat("s", template, restored)
+    aux = _unflat("a", template_aux, restored)
+    elapsed0 = float(restored["elapsed"])
+    _truncate_metrics(workdir, completed)
+    print(f"{workdir}: resumed after epoch {completed}/{total_epochs} "
+          f"(phase {phase.name}).", flush=True)
+  elif os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    _truncate_metrics(workdir, 0)
+
+  from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+  bar = tqdm.tqdm(total=total_epochs * spe, initial=completed * spe, unit="step",
+                  disable=True if not progress else None, dynamic_ncols=True,
+                  desc=config.method)
+  metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+  try:
+    for j, phase in enumerate(setup.phases):
+      if j < ckpt_phase:
+        continue
+      if j > ckpt_phase:  # A fresh start of phase j.
+        aux = None
+        if phase.enter is not None:
+          params, aux = phase.enter(state["params"], state["opt_state"])
+          state = dict(state, params=params)
+        tx = phase.make_tx(aux)
+        state = dict(state, opt_state=tx.init(state["params"]))
+      else:
+        tx = phase.make_tx(aux)
+      train_step = _make_train_step(setup.model, tx, setup.has_bn)
+      start, end = setup.starts[j], setup.starts[j] + phase.num_epochs
+      for epoch in range(max(completed, start), end):
+        loss_sum = jnp.float32(0.0)
+        for images, labels in data_lib.train_batches(
+            setup.ds, config.batch_size, seed=config.seed, epoch=epoch,
+            augment=config.augment):
+          state, loss = train_step(state, images, labels)
+          loss_sum = loss_sum + loss
+          bar.update(1)
+        completed = epoch + 1
+        accuracy = evaluate(setup, eval_step, state["params"], state["batch_stats"])
+        row = {
+            "epoch": completed,
+            "step": completed * spe,
+            "phase": phase.name,
+            "train_loss": float(loss_sum) / spe,
+            "test_accuracy": accuracy,
+            "sparsity": sparsity_of(state["params"], state["opt_state"]),
+            "lr": float(phase.learning_rate((completed - start) * spe - 1)),
+            "time": round(elapsed0 + time.time() - t_start, 3),
+        }
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        mgr.save(completed, args=ocp.args.StandardSave(_checkpoint_item(
+            state, aux, {"epoch": completed, "step": completed * spe,
+                         "elapsed": row["time"]})))
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{accuracy:.4f}",
+                        sparsity=f"{row['sparsity']:.4f}")
+        if bar.disable:
+          _say(bar, f"epoch {completed}/{total_epochs} [{phase.name}] "
+               f"loss {row['train_loss']:.4f} test_accuracy {accuracy:.4f} "
+               f"sparsity {row['sparsity']:.4f} lr {row['lr']:.3g} "
+               f"({row['time']:.1f}s)")
+        if stop_after_epochs is not None and completed >= stop_after_epochs:
+          mgr.wait_until_finished()
+          return None
+      ckpt_phase = j
+    mgr.wait_until_finished()
+  finally:
+    bar.close()
+    metrics_file.close()
+    mgr.close()
+
+  return _finish(setup, workdir, state, completed,
+                 elapsed0 + time.time() - t_start, eval_step)
+
+
+def _finish(setup: _Setup, workdir: str, state, completed: int,
+            elapsed: float, eval_step) -> dict[str, Any]:
+  config = setup.config
+  params, opt_state = state["params"], state["opt_state"]
+  accuracy = evaluate(setup, eval_step, params, state["batch_stats"])
+  masks = masks_of(opt_state)
+  report = fj.sparsity_report(params, masks)
+  zeros = fj.sparsity_report(params)
+  text = (f"# Sparsity: {config.method}, {config.model} on {config.dataset}, "
+          f"seed {config.seed}\n\n"
+          f"{'From the masks' if masks is not None else 'Exact zeros'}; "
+          f"test accuracy {100 * accuracy:.2f}%.\n\n{report}\n")
+  print(report, flush=True)
+  _atomic_write(os.path.join(workdir, "sparsity.md"), text)
+  flat = {f"params/{p}": np.asarray(x)
+          for p, x in fj.trees.leaves_with_paths(params)}
+  flat.update({f"batch_stats/{p}": np.asarray(x)
+               for p, x in fj.trees.leaves_with_paths(state["batch_stats"])})
+  np.savez(os.path.join(workdir, "final_params.npz"), **flat)
+  plot_curves(workdir, f"{config.method}: {config.model} on {config.dataset}, "
+              f"seed {config.seed}")
+  result = {
+      "test_accuracy": accuracy,
+      "sparsity": report.sparsity,
+      "zero_fraction": zeros.sparsity,
+      "prunable_weights": report.size,
+      "pruned_weights": report.zeros,
+      "layers": report.as_dict(),
+      "epochs": completed,
+      "steps": completed * setup.steps_per_epoch,
+      "method": config.method,
+      "model": config.model,
+      "dataset": config.dataset,
+      "seed": config.seed,
+      "time": round(elapsed, 3),
+      "config": _config_json(config),
+  }
+  _atomic_write(os.path.join(workdir, "final.json"),
+                json.dumps(result, indent=2, sort_keys=True))
+  print(final_line(result), flush=True)
+  return result
+
+
+def load_final_params(workdir: str) -> dict[str, np.ndarray]:
+  """The arrays of ``final_params.npz`` keyed ``params/<path>``."""
+  with np.load(os.path.join(workdir, "final_params.npz")) as f:
+    return {k: f[k] for k in f.files}
+

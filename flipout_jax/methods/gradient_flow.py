@@ -1,0 +1,288 @@
+"""Gradient-flow pruning (Lubana & Dick, ICLR 2021) and GraSP at initialisation.
+
+Under gradient flow ``θ̇ = −g`` the weight norm evolves as
+
+    d‖θ‖²/dt = −2θᵀg,        d²‖θ‖²/dt² = 2‖g‖² + 2θᵀHg,
+
+and each importance measure keeps the weights that matter most to one of
+these terms (:func:`flipout_jax.scores.gradient_flow_importance`):
+
+* ``"magnitude"`` ``|θ|``;
+* ``"loss_preservation"`` ``|θ·g|`` (SNIP-like);
+* ``"loss_preservation_magnitude"`` ``|θ²·g|`` (the paper's proposal);
+* ``"gradient_norm"`` ``θ·Hg`` (GraSP-like: the most negative is pruned
+  first);
+* ``"gradient_norm_preservation"`` ``|θ·Hg|`` (the paper's proposal).
+
+Protocol (prune while training from scratch): ``rounds`` = n events, one
+after every ``steps_per_round`` steps (an epoch in the paper); event k
+removes ``r_k = p / (k·p + n·(1 − p))`` of what is left, which telescopes to
+exactly ``p`` after n events; the inner optimizer's moments are reset after
+every event. Then train on with the mask fixed (the transformation does
+that: after the last event masks never change).
+
+Structured mode prunes whole output filters (the last axis of a Flax kernel:
+Dense output neurons, Conv output channels). Its sparsity counts *filters*,
+as the authors' code does: event k keeps exactly ``F − round(s_k·F)`` of the
+``F`` prunable filters (per layer with ``distribution="uniform"`` or a
+mapping), and never empties a layer: each layer keeps its ``min_filters``
+best filters (the authors keep ``int(0.05·F_l) + 1``). A pruned filter's
+kernel is exactly zero; its bias and normalisation parameters are not
+masked, so the channel outputs a constant rather than disappearing.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flipout_jax import core
+from flipout_jax import distributions
+from flipout_jax import schedules
+from flipout_jax import scores
+from flipout_jax import selection
+from flipout_jax import trees
+
+MEASURES = scores.GRADIENT_FLOW_MEASURES
+
+
+def _num_filters(mask) -> int:
+  return int(mask.shape[-1]) if mask.ndim else 1
+
+
+def _as_filters(x):
+  """``(..., out) -> (rows, out)``: one column per filter."""
+  f = x.shape[-1] if x.ndim else 1
+  return jnp.reshape(x, (-1, f))
+
+
+@functools.lru_cache(maxsize=64)
+def _filter_table(distribution_key, paths, num_filters, sparsities, final):
+  distribution = (dict(distribution_key) if isinstance(distribution_key, tuple)
+                  else distribution_key)
+  # A layer of F filters is budgeted as a 1-D "tensor" of F entries, so that
+  # global / uniform / custom budgets count filters exactly.
+  shapes = [(f,) for f in num_filters]
+  budgets = [distributions.budget(distribution, paths, shapes, s, final)
+             for s in sparsities]
+  return budgets[0].groups, np.stack([b.keep for b in budgets]).astype(np.int32)
+
+
+def _check_structured_distribution(distribution) -> None:
+  distributions.validate_distribution(distribution)
+  if distribution == "erk":
+    raise ValueError(
+        "distribution: 'erk' is not defined for filter counts (structured="
+        "True); use 'global', 'uniform' or a mapping path -> sparsity.")
+
+
+def filter_mask_rule(schedule: schedules.Schedule, distribution="global",
+                     min_filters: int = 1) -> core.MaskRule:
+  """A mask rule for :func:`flipout_jax.core.prune` that removes whole filters.
+
+  On the event ``k`` of ``schedule`` (sparsity ``s_k``), each group keeps
+  exactly ``max(F_g − round(s_k·F_g), guarded_g)`` alive filters, ``F_g`` its
+  number of filters (last kernel axis) and ``guarded_g`` the filters the
+  per-layer guard protects: in every layer the ``min_filters`` best alive
+  filters are kept whatever the budget, so no layer is ever emptied. Filters
+  are ranked by their score (scores broadcast over the kernel, as from
+  :func:`flipout_jax.scores.gradient_flow_score` with ``structured=True``;
+  other scores are reduced by their maximum over the filter), ties broken by
+  position. Masks only shrink: dead filters stay dead.
+
+  The core's weight-count ``keep`` is ignored: counts are in filters, looked
+  up here from the event index of ``ctx.step``.
+
+  Args:
+    schedule: the same schedule given to ``core.prune``.
+    distribution: ``"global"`` (one filter ranking over all layers),
+      ``"uniform"`` (each layer keeps ``F_l − round(s·F_l)``) or a mapping
+      ``{path: sparsity}``.
+    min_filters: filters every layer keeps at least (>= 1).
+
+  Returns:
+    ``(ctx, scores, groups, keep) -> masks``.
+  """
+  schedule = schedules.as_schedule(schedule)
+  _check_structured_distribution(distribution)
+  if int(min_filters) != min_filters or min_filters < 1:
+    raise ValueError(f"min_filters: must be a positive int, got {min_filters!r}.")
+  min_filters = int(min_filters)
+  dist_key = (tuple(sorted(distribution.items()))
+              if isinstance(distribution, dict) else distribution)
+
+  def rule(ctx, scores_tree, groups, keep):
+    del groups, keep  # weight counts; this rule counts filters.
+    masks = ctx.masks
+    flat = trees.leaves_with_paths(masks)
+    paths = tuple(p for p, _ in flat)
+    num_filters = tuple(_num_filters(m) for _, m in flat)
+    fgroups, table = _filter_table(dist_key, paths, num_filters,
+                                   tuple(schedule.sparsities),
+                                   schedule.final_sparsity)
+    _, idx = schedule.event_index(ctx.step)
+    target = jnp.asarray(table)[jnp.maximum(idx, 0)]
+
+    mask_leaves = trees.prunable_leaves(masks, masks)
+    alive = [jnp.any(_as_filters(m), axis=0) for m in mask_leaves]
+    big = jnp.finfo(jnp.float32).max
+    fscores = []
+    for s in trees.prunable_leaves(masks, scores_tree):
+      s = jnp.max(_as_filters(jnp.asarray(s, jnp.float32)), axis=0)
+      # Finite scores only, so that +inf below marks the guarded filters
+      # strictly above every other one (NaN ranks lowest, as in selection).
+      fscores.append(jnp.nan_to_num(s, nan=-big, posinf=big, neginf=-big))
+    guarded = [selection.top_k_mask(s, min(min_filters, s.shape[0]), a) & a
+               for s, a in zip(fscores, alive)]
+    ranked = [jnp.where(gd, jnp.inf, s) for s, gd in zip(fscores, guarded)]
+    count = lambda xs, g: sum(jnp.sum(xs[i], dtype=jnp.int32) for i in g)
+    n_guarded = jnp.stack([count(guarded, g) for g in fgroups])
+    n_alive = jnp.stack([count(alive, g) for g in fgroups])
+    k = jnp.minimum(jnp.maximum(target, n_guarded), n_alive)
+    kept = selection.top_k_masks(ranked, fgroups, k, alive)
+    new_leaves = [m & jnp.reshape(jnp.broadcast_to(kf & a, _as_filters(m).shape),
+                                  m.shape)
+                  for m, kf, a in zip(mask_leaves, kept, alive)]
+    return trees.unflatten_prunable(masks, new_leaves)
+
+  return rule
+
+
+def _reset_mode(reset_moments) -> str:
+  if reset_moments is True:
+    return "all"
+  if reset_moments is False:
+    return "none"
+  if reset_moments in core.RESET_MOMENTS:
+    return reset_moments
+  raise ValueError(
+      f"reset_moments: expected True (reset all moments after each pruning "
+      f"event, the protocol), False, or one of {core.RESET_MOMENTS}; got "
+      f"{reset_moments!r}.")
+
+
+def _check_bool(value, name: str) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name}: expected a bool, got {value!r}.")
+  return bool(value)
+
+
+def _mask_rule(structured: bool, schedule, distribution, min_filters):
+  if structured:
+    return filter_mask_rule(schedule, distribution, min_filters)
+  return core.shrink_rule
+
+
+def gradient_flow(inner: optax.GradientTransformation, *, measure: str,
+                  sparsity: float, rounds: int, steps_per_round: int,
+                  structured: bool = False, reset_moments: bool | str = True,
+                  start_step: int = 0, distribution="global", filter_fn=None,
+                  min_filters: int = 1,
+                  seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Prune-while-training with a gradient-flow importance measure.
+
+  Event ``k = 1..rounds`` happens in the update whose step count is
+  ``start_step + k·steps_per_round`` (i.e. after ``steps_per_round`` more
+  training steps) and removes ``r_k = p/(k·p + n(1 − p))`` of the surviving
+  weights (filters, if ``structured``), ``n = rounds``: after round k the
+  sparsity is ``1 − n(1−p)/(k·p + n(1−p))``, exactly ``p`` after round n
+  (counts are exact integers: ``N − round(s_k·N)`` kept).
+
+  Measures are evaluated at the weights the event step's gradient was taken
+  at (see :func:`flipout_jax.scores.gradient_flow_score`). The two
+  gradient-norm measures need the loss: pass ``loss_fn`` to every update,
+
+      tx.update(grads, state, params, loss_fn=lambda p: loss(p, batch))
+
+  or ``loss_fn=lambda p, b: ...`` with ``hvp_batches=[b1, b2, ...]`` (or a
+  pytree of stacked batches) to average ``g`` and ``Hg`` over several
+  batches; it is evaluated only on pruning steps. Given ``loss_fn``, the
+  loss-preservation measures use its gradient too (otherwise the step's).
+  For ``"gradient_norm"`` the authors (and GraSP) divide the logits by a
+  temperature of 200 inside that loss (:data:`flipout_jax.hessian.
+  GRASP_TEMPERATURE`); they use 1 for ``"gradient_norm_preservation"``.
+
+  Args:
+    inner: the optimizer to wrap (paper: SGD, momentum 0.9).
+    measure: one of ``"magnitude"``, ``"loss_preservation"``,
+      ``"loss_preservation_magnitude"``, ``"gradient_norm"``,
+      ``"gradient_norm_preservation"``.
+    sparsity: final sparsity ``p`` in [0, 1): of prunable weights, or of
+      filters with ``structured``.
+    rounds: number of pruning rounds ``n`` >= 1 (paper example: 25).
+    steps_per_round: training steps between events (paper: one epoch).
+    structured: prune whole output filters / neurons (see
+      :func:`filter_mask_rule`) instead of single weights.
+    reset_moments: True (the protocol) zeroes all of the inner optimizer's
+      per-parameter buffers (e.g. momentum) after each event; False keeps
+      them; a string is passed to ``core.prune`` as is.
+    start_step: step from which the rounds are counted.
+    distribution: ``"global"`` (the paper), ``"uniform"``, ``"erk"``
+      (unstructured only) or ``{path: sparsity}``.
+    filter_fn: which leaves are prunable (default: float leaves, ndim >= 2).
+    min_filters: structured only: filters every layer keeps at least.
+    seed: seed of the PRNG key in the state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state holds the masks.
+
+  Raises:
+    ValueError: naming the argument: unknown ``measure``, ``sparsity``
+      outside [0, 1), ``rounds`` or ``steps_per_round`` <= 0, bad
+      ``distribution``, ``reset_moments``, ``structured`` or ``min_filters``.
+  """
+  measure = scores.check_gradient_flow_measure(measure)
+  structured = _check_bool(structured, "structured")
+  schedule = schedules.rounds(sparsity, rounds, steps_per_round, start_step)
+  return core.prune(
+      inner, score_fn=scores.gradient_flow_score(measure, structured=structured),
+      schedule=schedule,
+      mask_rule=_mask_rule(structured, schedule, distribution, min_filters),
+      distribution=distribution, reset_moments=_reset_mode(reset_moments),
+      filter_fn=filter_fn, seed=seed, name="gradient_flow")
+
+
+def grasp(inner: optax.GradientTransformation, *, sparsity: float,
+          step: int = 0, structured: bool = False, distribution="global",
+          filter_fn=None, min_filters: int = 1,
+          seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """GraSP (Wang, Zhang & Grosse 2020): one-shot pruning by ``θ·Hg``.
+
+  At update ``step`` (default the first, i.e. at initialisation), scores
+  every prunable weight by ``θ·Hg`` and removes the most negative ones —
+  those whose removal (``δ = −θ``) most increases, or least reduces, the
+  gradient norm ``‖g‖²`` (``Δ‖g‖² ≈ −2θ·Hg``) — keeping the top
+  ``N − round(sparsity·N)``; the mask is then fixed. Needs ``loss_fn`` in
+  ``update`` on that step (and, since the step is traced, in every call):
+  GraSP divides the logits by ``T = 200`` inside it, e.g.
+  ``hessian.softmax_cross_entropy_loss(apply_fn, temperature=200.0)`` with
+  ``hvp_batches``. ``g`` and ``Hg`` are taken over all parameters (GraSP's
+  code differentiates the kernels only).
+
+  Args:
+    inner: the optimizer to wrap.
+    sparsity: fraction of prunable weights (filters if ``structured``)
+      removed, in [0, 1).
+    step: the update at which to prune.
+    structured: remove whole output filters ranked by ``Σ_f θ·Hg``.
+    distribution: ``"global"`` (GraSP), ``"uniform"``, ``"erk"``
+      (unstructured only) or a mapping.
+    filter_fn: which leaves are prunable.
+    min_filters: structured only: filters every layer keeps at least.
+    seed: seed of the PRNG key in the state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  structured = _check_bool(structured, "structured")
+  schedule = schedules.one_shot(sparsity, step)
+  return core.prune(
+      inner,
+      score_fn=scores.gradient_flow_score("gradient_norm", structured=structured),
+      schedule=schedule,
+      mask_rule=_mask_rule(structured, schedule, distribution, min_filters),
+      distribution=distribution, filter_fn=filter_fn, seed=seed, name="grasp")
