@@ -1,4 +1,4 @@
-"""Train one config: `python -m experiments.main [--config path.py] [--config.key=value ...]`.
+r"""Train one config: `python -m experiments.main [--config path.py] [--config.key=value ...]`.
 
     python -m experiments.main                       # FlipOut, LeNet-300-100, mnist_5k
     python -m experiments.main --config.method=global_magnitude --config.seed=43
@@ -6,41 +6,99 @@
         --config.target=99.61 --workdir runs/vgg19_99.61
     python -m experiments.main --resume              # continue (or skip) a run
 
-Writes to --workdir (default runs/<config name>/seed<seed>): checkpoints/,
-metrics.jsonl, sparsity.md, curves.png, final_params.npz, final.json, and
-ends with the line `final test_accuracy=<float> sparsity=<float>`.
-Bad config values stop the run with a one-line `error: ...` (exit status 1).
+Flags: --config (default experiments/configs/flipout_lenet300100_mnist5k.py;
+`path.py:arg` passes `arg` to get_config), --config.<field>=<value>,
+--workdir (default runs/<config name>/seed<seed>), --resume, --overwrite,
+--[no]progress.
+
+Writes to the workdir: checkpoints/, config.json, metrics.jsonl, sparsity.md,
+curves.png, final_params.npz, final.json, and ends with the line
+`final test_accuracy=<float> sparsity=<float>`. A bad flag or config value
+stops with a one-line `error: ...` on stderr (exit status 1).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+from typing import Any, Callable, Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                               "configs", "flipout_lenet300100_mnist5k.py")
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Path to a config file (get_config()); override "
-    "fields with --config.<field>=<value>.", lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run directory (default runs/<config name>/seed<seed>).")
-_RESUME = flags.DEFINE_bool(
-    "resume", False, "Continue from the latest checkpoint in --workdir; skip "
-    "the run if it finished (final.json exists).")
-_OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Delete a previous run in --workdir and start over.")
-_PROGRESS = flags.DEFINE_bool(
-    "progress", True, "Show a progress bar (only when stderr is a terminal).")
+HELP = ("--help", "-h", "--helpfull", "--helpshort", "-?")
 
 
-def config_name(flag_name: str = "config") -> str:
-  path = config_flags.get_config_filename(flags.FLAGS[flag_name])
+def _one_line(text: str) -> str:
+  return " ".join(str(text).split())
+
+
+def _define_main_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "Run directory (default "
+                      "runs/<config name>/seed<seed>).", flag_values=fv)
+  flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in "
+                    "--workdir; skip the run if it finished (final.json).",
+                    flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "Delete a previous run in --workdir "
+                    "and start over.", flag_values=fv)
+  flags.DEFINE_bool("progress", True, "Show a progress bar (only when stderr "
+                    "is a terminal).", flag_values=fv)
+
+
+def _overridden_fields(argv: Sequence[str]) -> list[str]:
+  return [m.group(1) for a in argv
+          for m in [re.match(r"^--?(?:no)?config\.([^=.]+)", a)] if m]
+
+
+def parse_flags(argv: Sequence[str],
+                define: Callable[[flags.FlagValues], None] = _define_main_flags,
+                default_config: str = DEFAULT_CONFIG,
+                doc: str | None = None) -> flags.FlagValues:
+  """Parses ``argv`` (argv[0] is the program) into a fresh FlagValues.
+
+  A fresh FlagValues per call (rather than absl's global FLAGS) lets tests run
+  the CLI in-process several times with different ``--config.*`` overrides.
+
+  Raises:
+    SystemExit: with a one-line ``error: ...`` for a bad flag, an unknown
+      config field or an unreadable config file; with status 0 after --help.
+  """
+  argv = list(argv)
+  fv = flags.FlagValues()
+  try:
+    config_flags.DEFINE_config_file(
+        "config", default_config, "Config file (get_config()); override its "
+        "fields with --config.<field>=<value>.", flag_values=fv,
+        sys_argv=argv, lock_config=True)
+    define(fv)
+    if any(a in HELP for a in argv[1:]):
+      print((doc or __doc__).strip() + "\n\n" + fv.get_help())
+      raise SystemExit(0)
+    fv(argv)
+    fv["config"].value.keys()  # A config that failed to load raises here.
+  except (KeyError, AttributeError) as e:
+    # An override of a field the config does not have.
+    base = parse_flags([a for a in argv if not re.match(r"^--?(no)?config\.", a)],
+                       define, default_config, doc)
+    config = base["config"].value
+    unknown = [f for f in _overridden_fields(argv) if f not in config]
+    names = unknown or [_one_line(e).strip("\"'")]
+    raise SystemExit(
+        f"error: config: unknown field {', '.join(names)}; valid fields: "
+        f"{', '.join(sorted(config.keys()))}") from None
+  except flags.Error as e:
+    raise SystemExit(f"error: {_one_line(e)}") from None
+  except (OSError, ImportError, SyntaxError, TypeError, ValueError) as e:
+    raise SystemExit(f"error: config: {_one_line(e)}") from None
+  return fv
+
+
+def config_name(fv: flags.FlagValues) -> str:
+  path = config_flags.get_config_filename(fv["config"])
   return os.path.splitext(os.path.basename(path.split(":")[0]))[0]
 
 
@@ -48,26 +106,26 @@ def default_workdir(config, name: str) -> str:
   return os.path.join("runs", name, f"seed{config.seed}")
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  # Imported here so that --help and flag errors do not pay for JAX.
+def run_main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+  """The CLI: parses ``argv`` (default sys.argv), trains, returns the result.
+
+  Raises:
+    SystemExit: ``error: ...`` (one line) for bad flags or config values.
+  """
+  argv = list(sys.argv if argv is None else argv)
+  fv = parse_flags(argv)
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  # Imported after parsing so that --help and flag errors do not pay for JAX.
   from experiments import train  # pylint: disable=g-import-not-at-top
 
-  config = _CONFIG.value
-  workdir = _WORKDIR.value or default_workdir(config, config_name())
+  config = fv["config"].value
+  workdir = fv["workdir"].value or default_workdir(config, config_name(fv))
   try:
-    train.run(config, workdir, resume=_RESUME.value, overwrite=_OVERWRITE.value,
-              progress=_PROGRESS.value)
+    return train.run(config, workdir, resume=fv["resume"].value,
+                     overwrite=fv["overwrite"].value,
+                     progress=fv["progress"].value)
   except train.ConfigError as e:
-    raise SystemExit(f"error: {' '.join(str(e).split())}") from None
-
-
-def run_main(argv=None) -> None:
-  """Entry point; ``argv`` (with argv[0]) lets tests call it in-process."""
-  app.run(main, argv=argv if argv is not None else sys.argv)
+    raise SystemExit(f"error: {_one_line(e)}") from None
 
 
 if __name__ == "__main__":

@@ -242,8 +242,9 @@ def prune_schedule(config: ConfigDict, steps_per_epoch: int) -> PruneSchedule:
     if last >= total:
       raise ConfigError(
           f"sparsity: {sparsity:g} needs {n} events of prune_rate "
-          f"{config.prune_rate:g} every {every:g} epochs, the last at step "
-          f"{last} >= the run's {total} steps; lower sparsity or "
+          f"{config.prune_rate:g} every {every:g} epochs, the last at epoch "
+          f"{last / steps_per_epoch:g}, not before the end of the run "
+          f"(num_epochs={config.num_epochs}); lower sparsity or "
           "prune_every_epochs, or raise num_epochs")
     return PruneSchedule(sparsity, every_steps, None, start, n)
   if config.prune_end_epoch is None:

@@ -7,6 +7,7 @@
 """
 
 from flipout_jax import distributions
+from flipout_jax import hessian
 from flipout_jax import schedules
 from flipout_jax import scores
 from flipout_jax import selection
@@ -15,15 +16,31 @@ from flipout_jax.core import PruneState
 from flipout_jax.core import Tracker
 from flipout_jax.core import get_masks
 from flipout_jax.core import prune
+from flipout_jax.methods.dst import coverage_counter
+from flipout_jax.methods.dst import dst
+from flipout_jax.methods.dst import dst_ee
+from flipout_jax.methods.dst import rigl
+from flipout_jax.methods.dst import set_
+from flipout_jax.methods.dst import sparse_evolutionary_training
 from flipout_jax.methods.flipout import flip_counter
 from flipout_jax.methods.flipout import flipout
 from flipout_jax.methods.flipout import global_magnitude
 from flipout_jax.methods.flipout import random_pruning
+from flipout_jax.methods.gradient_flow import filter_mask_rule
+from flipout_jax.methods.gradient_flow import gradient_flow
+from flipout_jax.methods.gradient_flow import grasp
 from flipout_jax.methods.hoyer_square import hoyer_square
 from flipout_jax.methods.hoyer_square import hoyer_square_penalty
 from flipout_jax.methods.hoyer_square import threshold_prune
 from flipout_jax.methods.one_shot import fixed_mask
 from flipout_jax.methods.one_shot import snip
+from flipout_jax.methods.st3 import ST3State
+from flipout_jax.methods.st3 import get_raw_weights
+from flipout_jax.methods.st3 import st3
+from flipout_jax.methods.st3 import st3_effective
+from flipout_jax.methods.st3 import st3_raw_weights
+from flipout_jax.methods.st3 import st3_scales
+from flipout_jax.methods.st3 import st3_thresholds
 from flipout_jax.report import SparsityReport
 from flipout_jax.report import sparsity_report
 

@@ -302,17 +302,6 @@ def find_prune_states(state: optax.OptState) -> list[PruneState]:
   return found
 
 
-def _is_variable(x) -> bool:
-  # nnx.Optimizer keeps its state in Variable wrappers (OptVariable/OptArray).
-  return hasattr(x, "get_value") and callable(x.get_value)
-
-
-def _unwrap(tree: PyTree) -> PyTree:
-  """Replaces nnx Variable wrappers by the values they hold."""
-  return jax.tree.map(lambda x: x.get_value() if _is_variable(x) else x, tree,
-                      is_leaf=lambda x: x is None or _is_variable(x))
-
-
 def get_masks(state: optax.OptState) -> PyTree:
   """The masks (params-shaped; bool arrays at prunable leaves, None elsewhere).
 
@@ -328,9 +317,9 @@ def get_masks(state: optax.OptState) -> PyTree:
     raise ValueError(
         "state: holds no flipout_jax pruning state; pass the optimizer state "
         "returned by a flipout_jax transformation's init/update.")
-  masks = _unwrap(found[0].masks)
+  masks = trees.unwrap_variables(found[0].masks)
   for other in found[1:]:
     masks = jax.tree.map(
         lambda a, b: None if a is None else a & b,
-        masks, _unwrap(other.masks), is_leaf=lambda x: x is None)
+        masks, trees.unwrap_variables(other.masks), is_leaf=lambda x: x is None)
   return masks

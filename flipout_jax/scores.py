@@ -188,7 +188,9 @@ def _leaf_importance(measure, theta, g, hg, structured, broadcast):
   if not structured:
     return _weight_importance(measure, theta, g, hg)
   per_filter = _filter_importance(measure, theta, g, hg)
-  return jnp.broadcast_to(per_filter, jnp.shape(theta)) if broadcast else per_filter
+  if broadcast:
+    return jnp.broadcast_to(per_filter, jnp.shape(theta))
+  return per_filter
 
 
 _MISSING_LOSS = (
@@ -221,9 +223,11 @@ def gradient_flow_score(measure: str, *, structured: bool = False) -> ScoreFn:
     measures raise ValueError at trace time (see ``_MISSING_LOSS``).
 
   ``loss_fn(params) -> scalar``, or ``loss_fn(params, batch)`` with
-  ``hvp_batches`` a list of batches or a pytree of stacked batches. For
-  GraSP's temperature (logits / 200) build the loss with it, e.g.
-  :func:`flipout_jax.hessian.softmax_cross_entropy_loss`.
+  ``hvp_batches`` a list of batches or a pytree of stacked batches. It must
+  return the scalar only: with BatchNorm, close over the batch statistics
+  and use them in inference mode (the authors compute g and Hg with the
+  network in eval mode). For GraSP's temperature (logits / 200) build the
+  loss with it, e.g. :func:`flipout_jax.hessian.softmax_cross_entropy_loss`.
 
   Args:
     measure: one of :data:`GRADIENT_FLOW_MEASURES`.

@@ -82,8 +82,9 @@ def prunable_tree(params: PyTree, filter_fn: FilterFn | None = None) -> PyTree:
 
 def mask_like(params: PyTree, prunable: PyTree, fill: bool = True) -> PyTree:
   """A mask tree: ``bool[shape]`` filled with ``fill`` where prunable, else None."""
+  # full_like (not full) so that a sharded param gives an equally sharded mask.
   return jax.tree.map(
-      lambda p, s: jnp.full(p.shape, fill, jnp.bool_) if s else None,
+      lambda p, s: jnp.full_like(p, fill, dtype=jnp.bool_) if s else None,
       params, prunable)
 
 
@@ -188,3 +189,15 @@ def reset_params_like(state: PyTree, params: PyTree, reset: PyTree) -> PyTree:
         reset, x, is_leaf=_is_none)
 
   return jax.tree.map(zero, state, is_leaf=is_params_like)
+
+
+def _is_variable(x) -> bool:
+  # nnx.Optimizer keeps its state in Variable wrappers (OptVariable/OptArray).
+  return hasattr(x, "get_value") and callable(x.get_value)
+
+
+def unwrap_variables(tree: PyTree) -> PyTree:
+  """Replaces Flax NNX Variable wrappers (as in ``nnx.Optimizer.opt_state``)
+  by the values they hold; other trees are returned unchanged."""
+  return jax.tree.map(lambda x: x.get_value() if _is_variable(x) else x, tree,
+                      is_leaf=lambda x: x is None or _is_variable(x))

@@ -46,7 +46,8 @@ def prunable_size(params):
 
 
 def count_zeros(params):
-  return sum(int(jnp.sum(p == 0)) for p in jax.tree.leaves(params) if p.ndim >= 2)
+  return sum(int(np.sum(np.asarray(p) == 0))
+             for p in jax.tree.leaves(params) if p.ndim >= 2)
 
 
 INNERS = {
@@ -96,15 +97,16 @@ class PruneLoopTest(parameterized.TestCase):
     schedule_target = {0: 0}
 
     def check(i, params, state, old_masks):
-      masks = fj.get_masks(state)
+      # NumPy, not jnp: eager jnp ops would each compile.
+      masks = [np.asarray(m) for m in jax.tree.leaves(fj.get_masks(state))]
+      kernels = [np.asarray(params[k]["kernel"]) for k in sorted(params)]
       # Pruned weights are exactly 0.0 after every update.
-      for m, p in zip(jax.tree.leaves(masks), [
-          params[k]["kernel"] for k in sorted(params)]):
-        self.assertTrue(bool(jnp.all(jnp.where(m, True, p == 0.0))))
+      for m, p in zip(masks, kernels):
+        self.assertTrue(np.all(p[~m] == 0.0))
       # Masks never revive a weight.
-      for a, b in zip(jax.tree.leaves(old_masks), jax.tree.leaves(masks)):
-        self.assertFalse(bool(jnp.any(b & ~a)))
-      dead = sum(int(jnp.sum(~m)) for m in jax.tree.leaves(masks))
+      for a, b in zip(jax.tree.leaves(old_masks), masks):
+        self.assertFalse(np.any(b & ~np.asarray(a)))
+      dead = sum(int(np.sum(~m)) for m in masks)
       if method == "snip":
         expected = round(0.95 * n)
       else:
@@ -115,7 +117,7 @@ class PruneLoopTest(parameterized.TestCase):
 
     params, state, _ = run(tx, params, 24, check)
     self.assertEqual(schedule_target[0], round(0.95 * n))
-    self.assertEqual(count_zeros(params) >= round(0.95 * n), True)
+    self.assertGreaterEqual(count_zeros(params), round(0.95 * n))
 
   def test_kept_weights_move_by_exactly_the_inner_update(self):
     params = mlp_params()
@@ -123,8 +125,8 @@ class PruneLoopTest(parameterized.TestCase):
     tx = fj.global_magnitude(inner, sparsity=0.5, prune_every=1)
     state = tx.init(params)
     grads = jax.grad(mlp_loss)(params, *batch(0))
-    updates, state = tx.update(grads, state, params)
-    ref_updates, _ = inner.update(grads, inner.init(params), params)
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    ref_updates, _ = jax.jit(inner.update)(grads, inner.init(params), params)
     new = optax.apply_updates(params, updates)
     masks = fj.get_masks(state)
     for k in params:

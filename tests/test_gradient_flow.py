@@ -1,4 +1,4 @@
-"""Tests of the gradient-flow measures, the HVP, the rounds protocol and GraSP."""
+"""Tests of the gradient-flow measures, HVPs, the rounds protocol and GraSP."""
 
 import math
 
@@ -24,7 +24,8 @@ def mlp_params(seed=0, sizes=SIZES, dtype=jnp.float32):
   params = {}
   for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
     params[f"dense{i}"] = {
-        "kernel": (jax.random.normal(keys[i], (a, b)) / math.sqrt(a)).astype(dtype),
+        "kernel": (jax.random.normal(keys[i], (a, b))
+                   / math.sqrt(a)).astype(dtype),
         "bias": 0.1 * jnp.ones((b,), dtype),
     }
   return params
@@ -88,7 +89,7 @@ class HessianTest(chex.TestCase):
     self.x, self.y = data(dtype=jnp.float64)
     self.loss = lambda p: mlp_loss(p, self.x, self.y)
 
-  @chex.variants(with_jit=True, without_jit=True)
+  @chex.variants(with_jit=True)  # eager HVPs cost seconds and add nothing
   def test_hvp_matches_central_differences(self):
     v = jax.tree.map(lambda p, k: jax.random.normal(k, p.shape, jnp.float64),
                      self.params,
@@ -153,8 +154,9 @@ class HessianTest(chex.TestCase):
       chex.assert_trees_all_close(g, g_ref, rtol=1e-10)
       chex.assert_trees_all_close(hg, hg_ref, rtol=1e-10)
     # With masks the direction is the masked gradient m⊙g.
-    masks = jax.tree.map(lambda p: (jnp.arange(p.size).reshape(p.shape) % 2 == 0)
-                         if p.ndim == 2 else None, self.params)
+    masks = jax.tree.map(
+        lambda p: (jnp.arange(p.size).reshape(p.shape) % 2 == 0)
+        if p.ndim == 2 else None, self.params)
     _, hg_m = g_and_hg(batch_list, masks)
     v = jax.tree.map(lambda m, x: x if m is None else jnp.where(m, x, 0.0),
                      masks, g_ref, is_leaf=lambda x: x is None)
@@ -167,7 +169,8 @@ class HessianTest(chex.TestCase):
 # The five measures on a 2×2 linear layer with a quadratic loss.
 #
 # L(W) = ½‖xW − y‖², x = (1, 2), y = (−3, 1), W = [[1, −1], [−1, 2]]:
-#   r = xW − y = (−1, 3) − (−3, 1) = (2, 2),   g_ij = x_i r_j = [[2, 2], [4, 4]],
+#   r = xW − y = (−1, 3) − (−3, 1) = (2, 2),
+#   g_ij = x_i r_j = [[2, 2], [4, 4]],
 #   H_(ij),(kl) = x_i x_k δ_jl  ⇒  Hg = ‖x‖²·g = 5g = [[10, 10], [20, 20]].
 # ---------------------------------------------------------------------------
 
@@ -274,7 +277,8 @@ class MeasuresTest(chex.TestCase):
   def test_first_order_measures_use_step_gradient_without_loss_fn(self):
     ctx = quad_context(loss_fn=None)
     out = scores.gradient_flow_score("loss_preservation_magnitude")(ctx)
-    np.testing.assert_allclose(out["w"], PER_WEIGHT["loss_preservation_magnitude"])
+    np.testing.assert_allclose(out["w"],
+                               PER_WEIGHT["loss_preservation_magnitude"])
     # Dead weights contribute nothing to a filter's score.
     masks = {"w": jnp.array([[True, True], [False, True]])}
     out = scores.gradient_flow_score("loss_preservation", structured=True)(
@@ -292,6 +296,25 @@ class MeasuresTest(chex.TestCase):
     for measure in scores.HESSIAN_MEASURES:
       with pytest.raises(ValueError, match=r"^loss_fn:.*tx\.update\(grads"):
         scores.gradient_flow_score(measure)(quad_context(loss_fn=None))
+
+
+def test_structured_filters_are_the_last_axis_of_conv_kernels():
+  # Flax Conv kernels are (kh, kw, in, out): a filter is one output channel.
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(3), 3)
+  theta, g, hg = (jax.random.normal(k, (3, 3, 2, 4)) for k in (k1, k2, k3))
+  axes = (0, 1, 2)
+  expected = {
+      "magnitude": jnp.sqrt(jnp.sum(theta**2, axes)),
+      "loss_preservation": jnp.sum(jnp.abs(theta * g), axes),
+      "loss_preservation_magnitude": jnp.sum(jnp.abs(theta**2 * g), axes),
+      "gradient_norm": jnp.sum(theta * hg, axes),
+      "gradient_norm_preservation": jnp.abs(jnp.sum(theta * hg, axes)),
+  }
+  for measure, value in expected.items():
+    out = scores.gradient_flow_importance(measure, {"conv": theta}, {"conv": g},
+                                          {"conv": hg}, structured=True)
+    chex.assert_shape(out["conv"], (4,))
+    np.testing.assert_allclose(out["conv"], value, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------
@@ -415,7 +438,8 @@ def test_hvp_batches_through_update():
   _, state = jax.jit(lambda g, s, p, b: tx.update(
       g, s, p, loss_fn=loss_b, hvp_batches=b))(grads, state, params, batch_list)
   # Reference: θ·Hg of the mean loss; the top 30% are kept globally.
-  mean_loss = lambda p: (loss_b(p, batch_list[0]) + loss_b(p, batch_list[1])) / 2
+  mean_loss = lambda p: (loss_b(p, batch_list[0])
+                         + loss_b(p, batch_list[1])) / 2
   _, hg = jax.jit(lambda p: hessian.gradient_and_hessian_gradient(
       mean_loss, p))(params)
   ref = scores.gradient_flow_importance("gradient_norm", kernels(params),
@@ -529,3 +553,9 @@ def test_grasp_bad_arguments():
     gf.grasp(optax.sgd(0.1), sparsity=0.5, step=-1)
   with pytest.raises(ValueError, match="^temperature:"):
     hessian.softmax_cross_entropy_loss(lambda p, x: x, temperature=0.0)
+
+
+def test_float64_was_scoped_to_its_tests():
+  # The float64 tests above enter jax.enable_x64 per test; it must not leak.
+  assert not jax.config.jax_enable_x64
+  assert jnp.asarray(1.0).dtype == jnp.float32

@@ -84,7 +84,7 @@ def _make_step(tx, x, y):
 
 class EffectiveWeightsTest(chex.TestCase):
 
-  @chex.variants(with_jit=True, without_jit=True)
+  @chex.variants(with_jit=True)  # eager: see the straight-through test
   def test_masked_entries_are_exactly_positive_zero(self):
     params = _params()
     fn = self.variant(lambda p: st3_lib.st3_effective(p, 0.6))
@@ -295,69 +295,54 @@ class ST3TransformTest(chex.TestCase):
       prev = masks
     self.assertTrue(revived, "masks never revived a weight")  # not monotone
 
-  def test_freeze_fixes_the_mask_and_keeps_params_exactly_sparse(self):
-    x, y = _data()
-    params = _params()
-    tx = st3_lib.st3(optax.adam(3e-2), sparsity=0.7, start_step=0,
-                     end_step=5, freeze_step=8)
-    state = tx.init(params)
-    step = jax.jit(_make_step(tx, x, y))
-    history = []
-    for _ in range(14):
-      params, state = step(params, state)[:2]
-      history.append((params, core.get_masks(state),
-                      st3_lib.st3_raw_weights(state)))
-    frozen_masks = history[7][1]  # mask of the update with count 7
-    self.assertGreater(_num_masked(frozen_masks), 0)
-    for t in range(7, 14):
-      p, masks, raw = history[t]
-      chex.assert_trees_all_equal(masks, frozen_masks)
-      for pk, mk, rk in zip(_kernels(p), _kernels(masks), _kernels(raw)):
-        pk, mk, rk = map(np.asarray, (pk, mk, rk))
-        np.testing.assert_array_equal(pk[~mk], 0.0)
-        np.testing.assert_array_equal(rk[~mk], 0.0)
-        # After the freeze the params are the (sparse) raw weights.
-        np.testing.assert_allclose(pk, rk, rtol=1e-6, atol=0)
-    for thr in _kernels(st3_lib.st3_thresholds(state)):
-      self.assertEqual(float(thr), 0.0)
-    for s in _kernels(st3_lib.st3_scales(state)):
-      np.testing.assert_array_equal(s, 1.0)
-    # Fine-tuning still trains the kept weights.
-    before, after = _kernels(history[8][0]), _kernels(history[13][0])
-    m = _kernels(frozen_masks)
-    self.assertTrue(all(np.any(np.asarray(a)[np.asarray(k)] !=
-                               np.asarray(b)[np.asarray(k)])
-                        for a, b, k in zip(before, after, m)))
-
   @parameterized.named_parameters(
       ("sgd_momentum", lambda: optax.sgd(0.2, momentum=0.9)),
       ("adam", lambda: optax.adam(2e-2)),
       ("adamw", lambda: optax.adamw(2e-2, weight_decay=1e-2)),
   )
-  def test_trains_with_common_optimizers_and_jits_once(self, make_inner):
+  def test_optimizers_freeze_and_a_single_compile(self, make_inner):
+    # One run per inner optimizer: ST-3 ramp (counts 2..12), fine-tuning
+    # from count 20 on, inside a chain after gradient clipping.
     x, y = _data()
     params = _params()
     n = _num_prunable(params)
-    s_max = 0.6
+    s_max, freeze = 0.6, 20
     tx = optax.chain(
         optax.clip_by_global_norm(3.0),
         st3_lib.st3(make_inner(), sparsity=s_max, start_step=2, end_step=12,
-                    freeze_step=20))
+                    freeze_step=freeze))
     state = tx.init(params)
     step = jax.jit(_make_step(tx, x, y))
-    losses = []
+    losses, history = [], []
     for _ in range(26):  # crosses start, end and freeze
       params, state, loss = step(params, state)
       losses.append(float(loss))
+      history.append((params, core.get_masks(state),
+                      st3_lib.st3_raw_weights(state)))
     self.assertEqual(step._cache_size(), 1)
     self.assertTrue(np.all(np.isfinite(losses)))
     self.assertLess(losses[-1], losses[0])
-    masks = core.get_masks(state)
-    self.assertLessEqual(abs(_num_masked(masks) - math.floor(s_max * n)), 1)
-    raw = st3_lib.st3_raw_weights(state)
-    for p, m, r in zip(_kernels(params), _kernels(masks), _kernels(raw)):
-      np.testing.assert_array_equal(np.asarray(p)[~np.asarray(m)], 0.0)
-      np.testing.assert_allclose(p, r, rtol=1e-6)
+
+    frozen_masks = history[freeze - 1][1]  # computed by the last ST-3 update
+    self.assertLessEqual(abs(_num_masked(frozen_masks) - math.floor(s_max * n)), 1)
+    for t in range(freeze - 1, len(history)):
+      p, masks, raw = history[t]
+      chex.assert_trees_all_equal(masks, frozen_masks)  # the mask is frozen
+      for pk, mk, rk in zip(_kernels(p), _kernels(masks), _kernels(raw)):
+        pk, mk, rk = map(np.asarray, (pk, mk, rk))
+        np.testing.assert_array_equal(pk[~mk], 0.0)  # exactly sparse
+        np.testing.assert_array_equal(rk[~mk], 0.0)
+        # Raw weights := effective ones at the freeze; params follow them.
+        np.testing.assert_allclose(pk, rk, rtol=1e-6, atol=0)
+    for thr in _kernels(st3_lib.st3_thresholds(state)):
+      self.assertEqual(float(thr), 0.0)
+    for scale in _kernels(st3_lib.st3_scales(state)):
+      np.testing.assert_array_equal(scale, 1.0)
+    # Fine-tuning still trains every layer's kept weights.
+    before, after = _kernels(history[freeze][0]), _kernels(history[-1][0])
+    for a, b, k in zip(before, after, _kernels(frozen_masks)):
+      k = np.asarray(k)
+      self.assertTrue(np.any(np.asarray(a)[k] != np.asarray(b)[k]))
 
   def test_filter_fn_selects_what_is_thresholded(self):
     x, y = _data()
@@ -393,6 +378,44 @@ class ST3TransformTest(chex.TestCase):
                       (SIZES[1],))
     with pytest.raises(ValueError, match="st3 states"):
       st3_lib.st3_raw_weights(optax.sgd(0.1).init(params))
+
+  def test_nnx_optimizer(self):
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+
+    class MLP(nnx.Module):
+
+      def __init__(self, rngs):
+        self.l1 = nnx.Linear(8, 12, rngs=rngs)
+        self.l2 = nnx.Linear(12, 3, rngs=rngs)
+
+      def __call__(self, x):
+        return self.l2(jnp.tanh(self.l1(x)))
+
+    x, y = _data()
+    model = MLP(nnx.Rngs(0))
+    opt = nnx.Optimizer(model, st3_lib.st3(optax.adam(1e-2), sparsity=0.5,
+                                           start_step=0, end_step=2),
+                        wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt):
+      loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(
+          m(x), y).mean()
+      opt.update(model, nnx.grad(loss)(model))
+
+    for _ in range(3):
+      step(model, opt)
+    masks = core.get_masks(opt.opt_state)
+    raw = st3_lib.st3_raw_weights(opt.opt_state)
+    self.assertEqual(int(np.sum(~np.asarray(masks["l1"]["kernel"]))) +
+                     int(np.sum(~np.asarray(masks["l2"]["kernel"]))),
+                     math.floor(0.5 * (8 * 12 + 12 * 3)))
+    for layer, name in ((model.l1, "l1"), (model.l2, "l2")):
+      kernel = np.asarray(layer.kernel[...])
+      np.testing.assert_array_equal(kernel == 0.0,
+                                    ~np.asarray(masks[name]["kernel"]))
+      self.assertIsInstance(raw[name]["kernel"], jax.Array)
+      self.assertTrue(np.all(np.asarray(raw[name]["kernel"]) != 0.0))
 
   def test_update_errors(self):
     params = _params()

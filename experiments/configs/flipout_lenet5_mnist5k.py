@@ -18,7 +18,7 @@ def get_config():
   c.momentum = 0.9
   c.weight_decay = 5e-4
   c.lr_schedule = "piecewise"
-  c.lr_decay_epochs = (40, 60)
+  c.lr_decay_epochs = (74, 78)  # after the last event (epoch 72)
   c.prune_every_epochs = 9.0
   c.prune_rate = 0.5
   c.hoyer_lambda = 3e-5

@@ -89,7 +89,8 @@ def _check_positive_int(value, name: str) -> int:
 
 def _check_drop_fraction(value) -> float:
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise ValueError(f"drop_fraction: must be a number in (0, 1), got {value!r}.")
+    raise ValueError(
+        f"drop_fraction: must be a number in (0, 1), got {value!r}.")
   value = float(value)
   if not 0.0 < value < 1.0:
     raise ValueError(f"drop_fraction: {value} is outside (0, 1).")
@@ -137,7 +138,8 @@ def dst_schedule(sparsity: float, update_every: int,
   return schedules.Schedule(steps, (sparsity,) * len(steps))
 
 
-def cosine_drop_fraction(step, drop_fraction: float, end_step: int) -> jax.Array:
+def cosine_drop_fraction(step, drop_fraction: float,
+                         end_step: int) -> jax.Array:
   """``d_t = d_0/2·(1 + cos(π·min(t, T_end)/T_end))`` in float32.
 
   Args:

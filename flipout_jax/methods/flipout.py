@@ -32,7 +32,7 @@ def flip_counter() -> core.Tracker:
   """
 
   def init(params, masks):
-    return trees.map_prunable(lambda m, p: jnp.zeros(p.shape, jnp.int32),
+    return trees.map_prunable(lambda m, p: jnp.zeros_like(p, dtype=jnp.int32),
                               masks, params)
 
   def update(counts, old, new, masks):

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -110,7 +109,8 @@ def filter_mask_rule(schedule: schedules.Schedule, distribution="global",
   schedule = schedules.as_schedule(schedule)
   _check_structured_distribution(distribution)
   if int(min_filters) != min_filters or min_filters < 1:
-    raise ValueError(f"min_filters: must be a positive int, got {min_filters!r}.")
+    raise ValueError(
+        f"min_filters: must be a positive int, got {min_filters!r}.")
   min_filters = int(min_filters)
   dist_key = (tuple(sorted(distribution.items()))
               if isinstance(distribution, dict) else distribution)
@@ -144,9 +144,9 @@ def filter_mask_rule(schedule: schedules.Schedule, distribution="global",
     n_alive = jnp.stack([count(alive, g) for g in fgroups])
     k = jnp.minimum(jnp.maximum(target, n_guarded), n_alive)
     kept = selection.top_k_masks(ranked, fgroups, k, alive)
-    new_leaves = [m & jnp.reshape(jnp.broadcast_to(kf & a, _as_filters(m).shape),
-                                  m.shape)
-                  for m, kf, a in zip(mask_leaves, kept, alive)]
+    new_leaves = [
+        m & jnp.reshape(jnp.broadcast_to(kf & a, _as_filters(m).shape), m.shape)
+        for m, kf, a in zip(mask_leaves, kept, alive)]
     return trees.unflatten_prunable(masks, new_leaves)
 
   return rule
@@ -239,7 +239,8 @@ def gradient_flow(inner: optax.GradientTransformation, *, measure: str,
   structured = _check_bool(structured, "structured")
   schedule = schedules.rounds(sparsity, rounds, steps_per_round, start_step)
   return core.prune(
-      inner, score_fn=scores.gradient_flow_score(measure, structured=structured),
+      inner,
+      score_fn=scores.gradient_flow_score(measure, structured=structured),
       schedule=schedule,
       mask_rule=_mask_rule(structured, schedule, distribution, min_filters),
       distribution=distribution, reset_moments=_reset_mode(reset_moments),
@@ -282,7 +283,8 @@ def grasp(inner: optax.GradientTransformation, *, sparsity: float,
   schedule = schedules.one_shot(sparsity, step)
   return core.prune(
       inner,
-      score_fn=scores.gradient_flow_score("gradient_norm", structured=structured),
+      score_fn=scores.gradient_flow_score("gradient_norm",
+                                          structured=structured),
       schedule=schedule,
       mask_rule=_mask_rule(structured, schedule, distribution, min_filters),
       distribution=distribution, filter_fn=filter_fn, seed=seed, name="grasp")

@@ -1,4 +1,4 @@
-"""ST-3 and ST-3σ (Vanderschueren & De Vleeschouwer, WACV 2023) as one optax transformation.
+"""ST-3 and ST-3σ (Vanderschueren & De Vleeschouwer, WACV 2023) as an optax transform.
 
 ST-3 trains dense *raw* weights ``w`` while the model computes with their
 soft-thresholded, rescaled copy, the *effective* weights::
@@ -43,8 +43,9 @@ trained normally and are not copied into the state.
 
 **Starting from dense params.** ``init(params)`` stores ``raw = params``;
 masks start all True. The params become the effective weights with the first
-``update``. Before ``start_step`` nothing is masked, τ = 0 and every scale is
-exactly 1, so ``w_eff == w_raw`` exactly.
+``update``. Up to the update with count ``start_step`` (s = 0) nothing is
+masked, τ = 0 and every scale is exactly 1, so ``w_eff == w_raw`` exactly and
+ST-3 trains like its inner optimizer.
 
 **Step count.** The schedule is evaluated at ``state.count``, the number of
 updates applied before the current one (as for every schedule of this
@@ -444,11 +445,6 @@ def st3(inner: optax.GradientTransformation,
 # ------------------------------------------------------------------ accessors
 
 
-def _unwrap(x):
-  # nnx.Optimizer wraps state arrays in Variables; return the raw array.
-  return x.get_value() if hasattr(x, "get_value") else x
-
-
 def find_st3_state(state: optax.OptState) -> core.PruneState:
   """The one :func:`st3` ``PruneState`` inside ``state`` (e.g. a chain).
 
@@ -477,8 +473,7 @@ def st3_raw_weights(state: optax.OptState, params: PyTree | None = None) -> PyTr
     The raw weights in mask layout (None at non-prunable leaves), or a
     params-shaped tree if ``params`` is given.
   """
-  raw = jax.tree.map(_unwrap, find_st3_state(state).method_state.raw,
-                     is_leaf=lambda x: x is None)
+  raw = trees.unwrap_variables(find_st3_state(state).method_state.raw)
   if params is None:
     return raw
   return jax.tree.map(lambda r, p: p if r is None else r, raw, params,
@@ -490,14 +485,12 @@ get_raw_weights = st3_raw_weights
 
 def st3_thresholds(state: optax.OptState) -> PyTree:
   """The per-layer thresholds ``τ_l`` of the last update (mask layout)."""
-  return jax.tree.map(_unwrap, find_st3_state(state).method_state.thresholds,
-                      is_leaf=lambda x: x is None)
+  return trees.unwrap_variables(find_st3_state(state).method_state.thresholds)
 
 
 def st3_scales(state: optax.OptState) -> PyTree:
   """The per-output-channel scales of the last update (mask layout)."""
-  return jax.tree.map(_unwrap, find_st3_state(state).method_state.scales,
-                      is_leaf=lambda x: x is None)
+  return trees.unwrap_variables(find_st3_state(state).method_state.scales)
 
 
 def st3_sparsity(step, *, sparsity: float, start_step: int, end_step: int,

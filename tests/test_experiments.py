@@ -1,0 +1,350 @@
+"""Tests of experiments/: configs, the method registry, the CLI, resume, the sweep.
+
+Runs train a narrow LeNet-300-100 (width 0.25) on the embedded `digits` for a
+few epochs; the CLI is called in-process (``main.run_main``) except where a
+real process is needed (the SIGKILL test and one error check).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from experiments import main
+from experiments import methods
+from experiments import reproduce_flipout
+from experiments import train
+from experiments.configs import _base
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO, "experiments", "configs")
+MAIN_CONFIG = os.path.join(CONFIG_DIR, "flipout_lenet300100_mnist5k.py")
+CIFAR_CONFIGS = [os.path.join(CONFIG_DIR, f"flipout_{m}_cifar10.py")
+                 for m in ("vgg19", "resnet18")]
+
+# digits: 1,438 training images; batch 64 -> 22 steps per epoch.
+TINY = ["--config.dataset=digits", "--config.width=0.25",
+        "--config.batch_size=64", "--config.eval_batch_size=500",
+        "--config.num_epochs=2", "--config.prune_every_epochs=0.5",
+        "--config.lr=0.05", "--config.lr_decay_epochs=(1.5,)", "--noprogress"]
+
+
+def load_config(path=MAIN_CONFIG, *overrides):
+  return main.parse_flags(["prog", f"--config={path}", *overrides])["config"].value
+
+
+def cli(workdir, *args):
+  return main.run_main(["prog", f"--config={MAIN_CONFIG}", *TINY, *args,
+                        f"--workdir={workdir}"])
+
+
+def final_params(workdir):
+  return train.load_final_params(str(workdir))
+
+
+def assert_bit_identical(a, b):
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+    assert a[k].tobytes() == b[k].tobytes(), f"{k} differs"
+
+
+# --- Configs ---------------------------------------------------------------------
+
+
+def config_files():
+  return sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
+                if not os.path.basename(p).startswith("_"))
+
+
+def test_config_files_exist():
+  names = {os.path.basename(p) for p in config_files()}
+  assert {"flipout_lenet300100_mnist5k.py", "flipout_lenet5_mnist5k.py",
+          "flipout_vgg19_cifar10.py", "flipout_resnet18_cifar10.py"} <= names
+
+
+@pytest.mark.parametrize("path", config_files(), ids=os.path.basename)
+def test_every_config_loads_and_validates_with_every_method(path):
+  config = load_config(path)
+  train.validate(config)
+  for name in methods.METHODS:
+    c = config.copy_and_resolve_references()
+    c.unlock()
+    c.method = name
+    train.validate(c)
+
+
+def test_main_job_config_reaches_99_percent():
+  config = load_config()
+  assert config.method == "flipout" and config.model == "lenet300100"
+  assert config.dataset == "mnist_5k" and config.batch_size == 128
+  assert methods.events_in_run(config) == 8
+  assert methods.target_sparsity(config) == 1 - 0.5 ** 8 >= 0.99
+  # Every paper target fits the main job's schedule (used by the sweep).
+  for t in _base.PAPER_TARGETS:
+    train.validate(load_config(MAIN_CONFIG, f"--config.target={t}"))
+
+
+@pytest.mark.parametrize("path", CIFAR_CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize("target,every,events", [
+    (75, 117, 2), (93.75, 70, 4), (98.44, 50, 6), (99.61, 39, 8), (99.9, 32, 10)])
+def test_cifar_targets_give_the_papers_sparsities(path, target, every, events):
+  config = load_config(path, f"--config.target={target}")
+  assert config.num_epochs == 350 and config.lr == 0.1
+  assert config.momentum == 0.9 and config.weight_decay == 5e-4
+  assert config.batch_size == 128 and tuple(config.lr_decay_epochs) == (150, 250)
+  assert config.augment is True
+  assert methods.prune_every_epochs(config) == every
+  # Events at k * every < 350, never at the last epoch.
+  assert events * every < 350 <= (events + 1) * every
+  assert methods.events_in_run(config) == events
+  assert abs(100 * methods.target_sparsity(config) - target) < 5e-3
+  # The same via get_config's argument (path:target).
+  assert load_config(f"{path}:{target}").target == target
+  sched = methods.prune_schedule(config, 391)
+  assert sched.num_events == events and sched.prune_every == every * 391
+
+
+def test_explicit_sparsity_and_end_epoch():
+  c = load_config(MAIN_CONFIG, "--config.sparsity=0.99")
+  s = methods.prune_schedule(c, 31)
+  assert (s.sparsity, s.num_events, s.prune_every) == (0.99, 7, 9 * 31)
+  c = load_config(MAIN_CONFIG, "--config.sparsity=0.9", "--config.prune_end_epoch=40")
+  c.unlock()
+  c.prune_every_epochs = None
+  s = methods.prune_schedule(c, 31)
+  assert s.end_step == 40 * 31 and s.prune_every is None
+
+
+def test_registry_is_extensible():
+  assert set(reproduce_flipout.ALL_METHODS) | {"dense"} <= set(methods.METHODS)
+
+  @methods.register("_test_method", prunes_to_target=False)
+  def _build(config, steps_per_epoch, total_steps):
+    del total_steps
+    return methods.make_optimizer(config, steps_per_epoch)
+
+  try:
+    c = load_config()
+    c.unlock()
+    c.method = "_test_method"
+    phases = methods.phases(c, 31)
+    assert [p.name for p in phases] == ["train"] and phases[0].num_epochs == 80
+    with pytest.raises(ValueError, match="already registered"):
+      methods.register("_test_method")(_build)
+  finally:
+    del methods.METHODS["_test_method"]
+
+
+# --- Errors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,names", [
+    (["--config.method=magic"], ["method", "magic", "flipout", "snip"]),
+    (["--config.model=vgg99"], ["model", "vgg99", "lenet300100"]),
+    (["--config.dataset=imagenet"], ["imagenet", "mnist_5k"]),
+    (["--config.nosuchfield=1"], ["unknown field nosuchfield", "sparsity"]),
+    (["--config.num_epochs=abc"], ["num_epochs", "abc"]),
+    (["--config.sparsity=1.5"], ["sparsity", "1.5", "[0, 1)"]),
+    (["--config.sparsity=0.9999"], ["sparsity", "events"]),
+    (["--config.prune_rate=0"], ["prune_rate", "(0, 1)"]),
+    (["--config.lr=-0.1"], ["lr", "> 0"]),
+    (["--config.lr_schedule=linear"], ["lr_schedule", "cosine"]),
+    (["--config.target=50"], ["target", "99.61"]),
+    (["--config.width=0"], ["width"]),
+    (["--config.batch_size=0"], ["batch_size"]),
+    (["--config.noise_on=some"], ["noise_on", "prunable"]),
+    (["--config.method=hoyer_square", "--config.hoyer_threshold=0"],
+     ["hoyer_threshold"]),
+    (["--config=does_not_exist.py"], ["does_not_exist.py"]),
+    (["--nosuchflag"], ["nosuchflag"]),
+])
+def test_bad_names_and_values_give_one_line_errors(tmp_path, args, names):
+  with pytest.raises(SystemExit) as err:
+    main.run_main(["prog", *args, f"--workdir={tmp_path}"])
+  msg = str(err.value.code)
+  assert msg.startswith("error: ") and "\n" not in msg
+  for name in names:
+    assert name in msg
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_error_in_a_real_process_is_one_line_without_traceback(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.main", "--config.model=resnet99",
+       f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+      timeout=120, check=False)
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert lines[-1].startswith("error: model: unknown model 'resnet99'")
+  assert "final" not in proc.stdout
+
+
+# --- End to end, every method ---------------------------------------------------
+
+
+@pytest.mark.parametrize("method", sorted(reproduce_flipout.ALL_METHODS + ("dense",)))
+def test_cli_trains_every_method_to_its_target(tmp_path, capsys, method):
+  extra = [f"--config.method={method}"]
+  if method == "snip":
+    extra.append("--config.sparsity=0.9")
+  if method == "hoyer_square":
+    extra += ["--config.hoyer_lambda=1e-3", "--config.finetune_epochs=1"]
+  result = cli(tmp_path, *extra)
+  out = capsys.readouterr().out.strip().splitlines()
+  assert out[-1] == train.final_line(result)
+  assert out[-1].startswith("final test_accuracy=")
+  _, acc, sp = out[-1].split()
+  assert float(acc.split("=")[1]) == result["test_accuracy"]
+  assert float(sp.split("=")[1]) == result["sparsity"]
+  with open(tmp_path / "final.json") as f:
+    assert json.load(f)["sparsity"] == result["sparsity"]
+
+  config = load_config(MAIN_CONFIG, *[a for a in TINY + extra if a.startswith("--config")])
+  n = result["prunable_weights"]
+  params = final_params(tmp_path)
+  zeros = sum(int(np.sum(v == 0)) for k, v in params.items()
+              if k.startswith("params/") and v.ndim >= 2)
+  if methods.METHODS[method].prunes_to_target:
+    target = methods.target_sparsity(config)
+    assert result["pruned_weights"] == round(target * n)
+    assert abs(result["sparsity"] - target) <= 1 / n
+    assert zeros >= result["pruned_weights"]  # Pruned weights are exactly 0.0.
+  elif method == "dense":
+    assert result["sparsity"] == 0.0
+  else:  # Hoyer-Square: the threshold's mask, held through fine-tuning.
+    assert 0 < result["sparsity"] < 1 and zeros >= result["pruned_weights"]
+
+  rows = train.read_metrics(str(tmp_path))
+  epochs = config.num_epochs + (1 if method == "hoyer_square" else 0)
+  assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+  assert {"epoch", "step", "train_loss", "test_accuracy", "sparsity", "lr",
+          "time"} <= set(rows[0])
+  assert rows[-1]["step"] == epochs * 22
+  for f in ("sparsity.md", "curves.png", "config.json"):
+    assert os.path.getsize(tmp_path / f) > 0
+  assert "| **global** |" in (tmp_path / "sparsity.md").read_text()
+
+
+# --- Resume ----------------------------------------------------------------------
+
+# 16 epochs of 44 steps; FlipOut events at epochs 3, 6, 9, 12, 15.
+KILL_ARGS = ["--config.dataset=digits", "--config.width=0.25",
+             "--config.batch_size=32", "--config.eval_batch_size=500",
+             "--config.num_epochs=16", "--config.prune_every_epochs=3",
+             "--config.lr_decay_epochs=(12,14)", "--noprogress"]
+
+
+def _checkpoints(workdir):
+  d = os.path.join(workdir, train.CHECKPOINT_DIR)
+  return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
+
+
+def test_killed_run_resumes_bit_identical(tmp_path):
+  ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "experiments.main", f"--config={MAIN_CONFIG}",
+       *KILL_ARGS, f"--workdir={killed}"], cwd=REPO,
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  state = {}
+
+  def kill_after_two_checkpoints():
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+      if len(_checkpoints(killed)) >= 1 and _checkpoints(killed)[-1] >= 2:
+        proc.send_signal(signal.SIGKILL)
+        break
+      time.sleep(0.01)
+    state["rc"] = proc.wait()
+
+  killer = threading.Thread(target=kill_after_two_checkpoints)
+  killer.start()
+  # The uninterrupted reference, in-process, while the other one runs.
+  main.run_main(["prog", f"--config={MAIN_CONFIG}", *KILL_ARGS, f"--workdir={ref}"])
+  killer.join()
+  assert state["rc"] == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+  assert not os.path.exists(os.path.join(killed, "final.json"))
+  last = _checkpoints(killed)[-1]
+  assert 2 <= last < 16
+
+  result = main.run_main(["prog", f"--config={MAIN_CONFIG}", *KILL_ARGS,
+                          f"--workdir={killed}", "--resume"])
+  assert_bit_identical(final_params(ref), final_params(killed))
+  with open(os.path.join(ref, "final.json")) as f:
+    assert json.load(f)["test_accuracy"] == result["test_accuracy"]
+  strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]
+  assert strip(train.read_metrics(killed)) == strip(train.read_metrics(ref))
+  assert result["sparsity"] == 1 - 0.5 ** 5 or abs(result["sparsity"] - 0.96875) < 1e-3
+
+  # A finished run is skipped by --resume; without --resume it is refused;
+  # --resume with another config is refused.
+  t = time.time()
+  again = main.run_main(["prog", f"--config={MAIN_CONFIG}", *KILL_ARGS,
+                         f"--workdir={killed}", "--resume"])
+  assert again == result and time.time() - t < 5
+  with pytest.raises(SystemExit, match="already holds a run"):
+    main.run_main(["prog", f"--config={MAIN_CONFIG}", *KILL_ARGS, f"--workdir={ref}"])
+  os.remove(os.path.join(ref, "final.json"))
+  with pytest.raises(SystemExit, match="another config.*seed"):
+    main.run_main(["prog", f"--config={MAIN_CONFIG}", *KILL_ARGS,
+                   "--config.seed=7", f"--workdir={ref}", "--resume"])
+
+
+def test_resume_across_the_hoyer_finetune_phase_is_bit_identical(tmp_path):
+  config = load_config(MAIN_CONFIG, *[a for a in TINY if a.startswith("--config")],
+                       "--config.method=hoyer_square", "--config.hoyer_lambda=1e-3",
+                       "--config.finetune_epochs=2")
+  ref = train.run(config, str(tmp_path / "ref"), progress=False)
+  wd = str(tmp_path / "cut")
+  # Stop at the phase boundary (after epoch 2), then inside the fine-tuning.
+  assert train.run(config, wd, progress=False, stop_after_epochs=2) is None
+  assert train.run(config, wd, resume=True, progress=False, stop_after_epochs=3) is None
+  assert not os.path.exists(os.path.join(wd, "final.json"))
+  result = train.run(config, wd, resume=True, progress=False)
+  assert_bit_identical(final_params(tmp_path / "ref"), final_params(wd))
+  assert result["sparsity"] == ref["sparsity"] > 0
+  assert [r["phase"] for r in train.read_metrics(wd)] == ["train"] * 2 + ["finetune"] * 2
+
+
+# --- The reproduction sweep -------------------------------------------------------
+
+
+def test_sweep_plan_overrides_and_table(tmp_path):
+  runs = reproduce_flipout.plan(["flipout", "snip", "hoyer_square"], [75.0, 99.61],
+                                [42, 43], ["1e-4"], dense=True)
+  assert len(runs) == 2 * (1 + 2 + 2 + 1)
+  fl = [r for r in runs if r["method"] == "flipout" and r["target"] == 99.61][0]
+  assert "--config.target=99.61" in fl["overrides"]
+  assert f"--config.sparsity={1 - 0.5 ** 8!r}" in fl["overrides"]
+  fwd = reproduce_flipout.forwarded_overrides(
+      ["--config.num_epochs=2", "--config.method=x", "--workers=2",
+       "--config.seed", "5", "--config.width", "0.5"])
+  assert fwd == ["--config.num_epochs=2", "--config.width=0.5"]
+  # Every planned run's config validates against the main job's config.
+  for r in runs:
+    train.validate(load_config(MAIN_CONFIG, *r["overrides"]))
+
+  done = []
+  for i, r in enumerate(runs):
+    acc = 0.9 + 0.01 * (i % 3)
+    sp = {"dense": 0.0, "hoyer_square": 0.97}.get(r["method"], 1 - 0.5 ** (
+        reproduce_flipout.events_for_target(r["target"] or 75)))
+    done.append(dict(r, workdir=f"w{i}", result={"test_accuracy": acc, "sparsity": sp}))
+  done[-1]["result"] = None
+  text = reproduce_flipout.summarize(done, load_config(), "cfg", str(tmp_path))
+  assert "| FlipOut |" in text and "| SNIP |" in text and "99.61%" in text
+  assert "Hoyer-Square" in text and "| 0.0001 |" in text
+  assert "not comparable in absolute value" in text and "VGG19 99.90%" in text
+  assert "Failed runs" in text
+  reproduce_flipout.plot(done, str(tmp_path / "p.png"), "t")
+  assert os.path.getsize(tmp_path / "p.png") > 0
