@@ -217,12 +217,16 @@ def prune(inner: optax.GradientTransformation,
       trees.check_same_structure(params, given, what=f"{name} initial_masks")
       masks = trees.map_prunable(
           lambda m, g: jnp.asarray(g, jnp.bool_).reshape(m.shape), masks, given)
+    # Per-weight state (masks, tracker counts, inner moments) is sharded like
+    # the params under jax.sharding, also when built by jnp.zeros, by a
+    # jitted initial-mask function or under jit(tx.init); no-op on one device.
     return PruneState(
         count=jnp.zeros([], jnp.int32),
-        masks=masks,
-        method_state=tracker.init(params, masks),
+        masks=trees.shard_like_params(masks, params),
+        method_state=trees.shard_like_params(tracker.init(params, masks),
+                                             params),
         key=key,
-        inner_state=inner.init(params))
+        inner_state=trees.shard_like_params(inner.init(params), params))
 
   def update_fn(grads, state, params=None, **extra_args):
     if params is None:
@@ -247,16 +251,23 @@ def prune(inner: optax.GradientTransformation,
 
     updates, inner_state = inner.update(grads, state.inner_state, params,
                                         **extra_args)
-    new_params = trees.map_prunable(lambda m, p, u: jnp.where(m, p + u, 0),
-                                    masks, params, updates)
-    method_state = tracker.update(state.method_state, params, new_params, masks)
+    def proposed_params():
+      # The weights this step would leave, pruned entries at 0. Built where it
+      # is used: a value computed outside lax.cond and read inside becomes an
+      # operand and would be materialised on every step.
+      return trees.map_prunable(lambda m, p, u: jnp.where(m, p + u, 0),
+                                masks, params, updates)
+
+    method_state = tracker.update(state.method_state, params,
+                                  proposed_params(), masks)
 
     is_event, idx = schedule.event_index(state.count)
 
     def on_event(carry):
       masks, method_state, inner_state = carry
       ctx = scores_lib.ScoreContext(
-          step=state.count, masks=masks, params=new_params, old_params=params,
+          step=state.count, masks=masks, params=proposed_params(),
+          old_params=params,
           grads=clean_grads, dense_grads=dense_grads,
           method_state=method_state, key=event_key, extra_args=extra_args)
       new_masks = mask_rule(ctx, score_fn(ctx), groups,
