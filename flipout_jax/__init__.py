@@ -12,6 +12,7 @@ from flipout_jax import schedules
 from flipout_jax import scores
 from flipout_jax import selection
 from flipout_jax import trees
+from flipout_jax import unipts
 from flipout_jax.core import PruneState
 from flipout_jax.core import Tracker
 from flipout_jax.core import get_masks

@@ -1,0 +1,271 @@
+"""UniPTS's dynamic sparse training as an optax transformation (SPEC §4 (c)).
+
+Layer l (``n_l`` weights) has a fixed sparsity ``p_l`` (from the search) and
+so a fixed count ``k_l = ⌊p_l·n_l⌋`` of pruned weights. The optimizer state
+keeps the dense *raw* weights ``w``; the model computes with ``m⊙w``, ``m``
+the per-layer magnitude mask that zeroes exactly the ``k_l`` smallest ``|w|``
+of the layer (ties: the later position is pruned; :mod:`flipout_jax.
+selection`). Masks are recomputed from ``w`` after every step, so weights
+move in and out of the mask while every layer keeps exactly ``k_l`` zeros.
+
+One ``update(g, state, params)`` (``g = ∂L/∂(m⊙w)``, the gradient at the
+params, which are the effective weights ``m_t⊙w_t``)::
+
+    g̃      = g + λ·(1 − m_t)⊙w_t           straight-through + decay of pruned
+    u, s'  = inner.update(g̃, s, w_t)        inner sees the raw weights
+    w_t+1  = w_t + u
+    m_t+1  = magnitude mask of w_t+1 with exactly k_l zeros per layer
+    updates = m_t+1⊙w_t+1 − params
+
+``λ = 5e-5`` (SR-STE-like: pruned weights are pulled towards 0, so that
+kept weights have to beat a shrinking competitor to be swapped out). Since
+the straight-through estimator passes ``g`` to every weight, pruned weights
+keep learning and can come back. Non-prunable leaves (biases, norm scales)
+are trained normally by ``inner`` and are not copied into the state.
+
+This is the pattern of :func:`flipout_jax.st3` (raw weights in
+``PruneState.method_state``, ``updates = effective − params``, so a user's
+train step is the ordinary one), with magnitude masks instead of ST-3's
+soft-thresholding. As there: put weight decay *inside* ``inner`` (it then
+decays the raw weights, as in the reference), gradient clipping before this
+transformation, and this transformation last in a chain.
+
+**Starting.** ``init(params)`` takes the *dense* weights: they become the
+raw weights and ``get_masks(state)`` their magnitude masks. Train from the
+sparse params ``flipout_jax.trees.apply_masks(params, get_masks(state))``
+(:func:`initial_params`), so that the first gradient is the sparse model's.
+
+**Exactness.** The masks always have exactly ``k_l`` False entries.
+``optax.apply_updates`` lands every masked weight on exactly +0.0 (``p + (0
+− p)``) and a kept one on ``w`` up to one rounding of ``p + (w − p)``; the
+raw weights, not the params, are the source of truth, so this never
+accumulates, and :func:`effective_params` gives the exact sparse weights
+(what :func:`flipout_jax.unipts.prune` returns). Their layer l has more than
+``k_l`` zeros only if its raw weights hold more than ``k_l`` exact zeros
+(e.g. an already pruned checkpoint); the params could in addition show a
+kept weight as 0.0 if it shrank by a factor above 2^24 in one step.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flipout_jax import core
+from flipout_jax import selection
+from flipout_jax import trees
+
+PyTree = Any
+DEFAULT_DECAY = 5e-5
+
+
+class SparseTrainingState(NamedTuple):
+  """``PruneState.method_state`` of :func:`sparse_training`.
+
+  Attributes:
+    raw: the dense raw weights at the prunable leaves (mask layout; None at
+      the other leaves, which are trained in place).
+  """
+  raw: PyTree
+
+
+def layer_magnitude_masks(weights: Sequence[jax.Array],
+                          pruned) -> list[jax.Array]:
+  """Per-tensor masks pruning exactly ``pruned[i]`` smallest ``|w|`` of each.
+
+  Args:
+    weights: float arrays.
+    pruned: ints ``0 <= k_i <= size_i`` (a list, or an int array that may be
+      traced: one compiled function serves every sparsity).
+
+  Returns:
+    bool masks like ``weights`` with exactly ``k_i`` False entries each;
+    among equal magnitudes the earlier position is kept.
+  """
+  return _magnitude_masks(list(weights), jnp.asarray(pruned, jnp.int32))
+
+
+@jax.jit
+def _magnitude_masks(weights, pruned):
+  # Jitted (and cached per shapes) so that an eager ``init`` does not run
+  # the 32 selection passes op by op, which takes seconds on a CPU.
+  sizes = jnp.asarray([w.size for w in weights], jnp.int32)
+  return selection.top_k_masks(
+      [jnp.abs(w.astype(jnp.float32)) for w in weights],
+      [[i] for i in range(len(weights))], sizes - pruned)
+
+
+def pruned_counts(sparsities: Mapping[str, float],
+                  masks: PyTree) -> list[int]:
+  """``⌊p_l·n_l⌋`` (float64) for each prunable leaf of ``masks``, in order;
+  0 for prunable leaves ``sparsities`` does not name."""
+  return [math.floor(float(sparsities.get(path, 0.0)) * m.size)
+          for path, m in trees.leaves_with_paths(masks)]
+
+
+def straight_through_grads(grads: PyTree, raw: PyTree, masks: PyTree,
+                           decay: float = DEFAULT_DECAY) -> PyTree:
+  """The raw weights' gradient ``g + λ·(1 − m)⊙w`` (``g`` elsewhere).
+
+  Args:
+    grads: params-shaped gradient at the effective weights.
+    raw: the raw weights (params-shaped or mask layout).
+    masks: mask tree (None at non-prunable leaves).
+    decay: ``λ >= 0``.
+
+  Returns:
+    A params-shaped tree.
+  """
+  return jax.tree.map(
+      lambda m, g, w: g if m is None else
+      (g + decay * jnp.where(m, jnp.zeros_like(w), w)).astype(g.dtype),
+      masks, grads, raw, is_leaf=lambda x: x is None)
+
+
+def check_sparsities(sparsities) -> dict[str, float]:
+  """Validates ``{path: sparsity in [0, 1)}``; returns a plain dict."""
+  if not isinstance(sparsities, Mapping):
+    raise ValueError(
+        "sparsities: must be a mapping {param path: sparsity in [0, 1)}, got "
+        f"{type(sparsities).__name__}.")
+  out = {}
+  for path, s in sparsities.items():
+    if isinstance(s, bool) or not isinstance(s, numbers.Real) \
+        or not 0.0 <= float(s) < 1.0:
+      raise ValueError(f"sparsities: {s!r} for {path!r} is outside [0, 1).")
+    out[str(path)] = float(s)
+  return out
+
+
+def sparse_training(inner: optax.GradientTransformation,
+                    *,
+                    sparsities: Mapping[str, float],
+                    decay: float = DEFAULT_DECAY,
+                    filter_fn: trees.FilterFn | None = None
+                    ) -> optax.GradientTransformationExtraArgs:
+  """UniPTS dynamic sparse training (module docstring for the math).
+
+  Args:
+    inner: the raw weights' optimizer (UniPTS: ``optax.chain(
+      optax.add_decayed_weights(1e-4), optax.sgd(cosine_with_warmup,
+      momentum=0.9))``); it receives the raw weights as ``params``.
+    sparsities: ``{path: p_l}`` per prunable leaf (paths as
+      :func:`flipout_jax.trees.leaves_with_paths` renders them, e.g.
+      ``"fc1/kernel"``); unnamed prunable leaves stay dense.
+    decay: ``λ >= 0`` of the pruned weights' decay (paper: 5e-5).
+    filter_fn: ``(path, leaf) -> bool`` selecting the prunable leaves
+      (default: float leaves with ndim >= 2).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`flipout_jax.core.PruneState`: ``masks`` are the masks of the
+    current params (:func:`flipout_jax.get_masks`), ``method_state`` a
+    :class:`SparseTrainingState`. ``update`` needs ``params`` and passes
+    extra keyword arguments to ``inner``.
+
+  Raises:
+    ValueError: for sparsities outside [0, 1), a negative ``decay``, or (at
+      init) paths that are not prunable leaves or a filter selecting nothing.
+  """
+  sparsities = check_sparsities(sparsities)
+  if isinstance(decay, bool) or not isinstance(decay, numbers.Real) \
+      or not (math.isfinite(decay) and decay >= 0.0):
+    raise ValueError(f"decay: must be a finite number >= 0, got {decay!r}.")
+  decay = float(decay)
+  inner = optax.with_extra_args_support(inner)
+  is_none = lambda x: x is None  # pylint: disable=unnecessary-lambda-assignment
+
+  def init_fn(params):
+    prunable = trees.prunable_tree(params, filter_fn)
+    layout = trees.mask_like(params, prunable)
+    paths = [p for p, _ in trees.leaves_with_paths(layout)]
+    unknown = sorted(set(sparsities) - set(paths))
+    if unknown:
+      raise ValueError(
+          f"sparsities: {unknown} are not prunable leaves of params; the "
+          f"prunable paths are {paths}.")
+    raw = trees.map_prunable(lambda m, p: jnp.asarray(p), layout, params)
+    masks = trees.unflatten_prunable(layout, layer_magnitude_masks(
+        trees.prunable_leaves(layout, raw), pruned_counts(sparsities, layout)))
+    return core.PruneState(
+        count=jnp.zeros([], jnp.int32),
+        masks=masks,
+        method_state=SparseTrainingState(raw),
+        key=jax.random.PRNGKey(0),  # unused: the method is deterministic
+        inner_state=inner.init(params))
+
+  def update_fn(grads, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError("sparse_training: update needs params (call "
+                       "tx.update(grads, state, params)).")
+    masks = state.masks
+    trees.check_same_structure(params, masks, what="sparse_training")
+    raw = state.method_state.raw
+    grads = straight_through_grads(grads, raw, masks, decay)
+    inner_params = jax.tree.map(lambda m, p, r: p if m is None else r,
+                                masks, params, raw, is_leaf=is_none)
+    updates, inner_state = inner.update(grads, state.inner_state,
+                                        inner_params, **extra_args)
+    # Same arithmetic as optax.apply_updates, on the raw weights.
+    new_raw = trees.map_prunable(lambda m, r, u: (r + u).astype(r.dtype),
+                                 masks, raw, updates)
+    new_masks = trees.unflatten_prunable(masks, layer_magnitude_masks(
+        trees.prunable_leaves(masks, new_raw), pruned_counts(sparsities, masks)))
+    # where(m, w, 0) − p: masked entries get −p and land on exactly +0.0.
+    out = jax.tree.map(
+        lambda m, u, r, p: u if m is None else
+        (jnp.where(m, r, jnp.zeros_like(r)) - p).astype(p.dtype),
+        new_masks, updates, new_raw, params, is_leaf=is_none)
+    return out, core.PruneState(
+        count=optax.safe_increment(state.count),
+        masks=new_masks,
+        method_state=SparseTrainingState(new_raw),
+        key=state.key,
+        inner_state=inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def find_state(state: optax.OptState) -> core.PruneState:
+  """The one :func:`sparse_training` ``PruneState`` inside ``state``.
+
+  Raises:
+    ValueError: if ``state`` holds none, or more than one.
+  """
+  found = [s for s in core.find_prune_states(state)
+           if isinstance(s.method_state, SparseTrainingState)]
+  if len(found) != 1:
+    raise ValueError(
+        f"state: holds {len(found)} UniPTS sparse-training states; pass the "
+        "optimizer state of (a chain holding) exactly one sparse_training.")
+  return found[0]
+
+
+def raw_weights(state: optax.OptState, params: PyTree | None = None) -> PyTree:
+  """The dense raw weights (mask layout, or params-shaped if ``params`` given)."""
+  raw = trees.unwrap_variables(find_state(state).method_state.raw)
+  if params is None:
+    return raw
+  return jax.tree.map(lambda r, p: p if r is None else r, raw, params,
+                      is_leaf=lambda x: x is None)
+
+
+def effective_params(state: optax.OptState, params: PyTree) -> PyTree:
+  """The exact sparse weights ``m⊙w`` of the state (``params`` elsewhere)."""
+  found = find_state(state)
+  masks = trees.unwrap_variables(found.masks)
+  raw = trees.unwrap_variables(found.method_state.raw)
+  return jax.tree.map(
+      lambda m, r, p: p if m is None else jnp.where(m, r, jnp.zeros_like(r)),
+      masks, raw, params, is_leaf=lambda x: x is None)
+
+
+def initial_params(params: PyTree, state: optax.OptState) -> PyTree:
+  """The sparse params to start training from: ``params`` under the state's
+  initial masks (masked entries exactly 0.0)."""
+  return trees.apply_masks(params, core.get_masks(state))
