@@ -6,10 +6,14 @@ epochs, ``total_steps`` steps), and optionally ``extra_phases(config,
 steps_per_epoch)`` for multi-phase methods (Hoyer-Square: train with the
 regulariser, threshold, fine-tune under the fixed mask). Add one with::
 
-    @methods.register("rigl", help="RigL: drop by |θ|, grow by |g|")
+    @methods.register("rigl", validate=methods.validate_one_shot,
+                      help="RigL: drop by |θ|, grow by |g|")
     def _rigl(config, steps_per_epoch, total_steps):
       return fj.rigl(methods.make_optimizer(config, steps_per_epoch),
-                     sparsity=config.sparsity, ...)
+                     sparsity=methods.target_sparsity(config), ...)
+
+New config fields go in ``experiments/configs/_base.py`` (with a default, so
+every config has them); ``validate(config)`` checks the method's own fields.
 
 and, for a method with a later phase, ``register(name, extra_phases=fn)``
 where ``fn(config, steps_per_epoch) -> [Phase(...)]``. Each :class:`Phase`
@@ -83,24 +87,28 @@ class Method:
       (:func:`target_sparsity`); False for dense and for methods whose
       sparsity is set indirectly (Hoyer-Square's λ).
     help: one line for ``--help`` style listings.
+    validate: ``config -> None``, raises :class:`ConfigError` for a bad value
+      of the method's own fields (run before any data is loaded).
   """
   name: str
   build: Builder
   extra_phases: Callable[[ConfigDict, int], Sequence[Phase]] | None = None
   prunes_to_target: bool = True
   help: str = ""
+  validate: Callable[[ConfigDict], None] | None = None
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register(name: str, *, extra_phases=None, prunes_to_target: bool = True,
-             help: str = ""):  # pylint: disable=redefined-builtin
-  """Decorator: registers ``build`` under ``name``."""
+             help: str = "", validate=None):  # pylint: disable=redefined-builtin
+  """Decorator: registers ``build`` under ``name`` (see :class:`Method`)."""
   def wrap(build: Builder) -> Builder:
     if name in METHODS:
       raise ValueError(f"method {name!r} is already registered")
-    METHODS[name] = Method(name, build, extra_phases, prunes_to_target, help)
+    METHODS[name] = Method(name, build, extra_phases, prunes_to_target, help,
+                           validate)
     return build
   return wrap
 
@@ -151,6 +159,9 @@ def learning_rate_fn(lr: float, schedule: str, decay_epochs: Sequence[float],
 
 def sgd(config: ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
   """The paper's optimizer: coupled weight decay, then SGD with momentum.
+
+  The decay applies to every parameter (biases and BatchNorm included), as
+  PyTorch's ``SGD(weight_decay=...)`` in the reference code does.
 
   The decay sits inside the optimizer a pruning method wraps, so FlipOut's
   gradient noise is computed from the loss gradient, before weight decay.
@@ -307,33 +318,44 @@ def validate(config: ConfigDict) -> None:
          f"one of {', '.join(NOISE_ON)}")
   _check(_is_number(c.flipout_p) and c.flipout_p > 0, "flipout_p", c.flipout_p,
          "a number > 0")
-  if method.name in GRADUAL:
-    prune_schedule(c, 1000)  # Fits the run at any steps per epoch (rounding aside).
-  if method.name == "snip":
-    target_sparsity(c)
-  if method.name == "hoyer_square":
-    _check(_is_number(c.hoyer_lambda) and c.hoyer_lambda >= 0, "hoyer_lambda",
-           c.hoyer_lambda, "a number >= 0")
-    _check(_is_number(c.hoyer_threshold) and c.hoyer_threshold > 0,
-           "hoyer_threshold", c.hoyer_threshold, "a number > 0")
-    _check(isinstance(c.finetune_epochs, int) and c.finetune_epochs >= 0,
-           "finetune_epochs", c.finetune_epochs, "an int >= 0")
-    _check(_is_number(c.finetune_lr) and c.finetune_lr > 0, "finetune_lr",
-           c.finetune_lr, "a number > 0")
+  if method.validate is not None:
+    method.validate(c)
+
+
+def validate_gradual(config: ConfigDict) -> None:
+  """The schedule fits the run (checked again with the real steps per epoch)."""
+  prune_schedule(config, 1000)
+
+
+def validate_one_shot(config: ConfigDict) -> None:
+  target_sparsity(config)
+
+
+def validate_hoyer(c: ConfigDict) -> None:
+  _check(_is_number(c.hoyer_lambda) and c.hoyer_lambda >= 0, "hoyer_lambda",
+         c.hoyer_lambda, "a number >= 0")
+  _check(_is_number(c.hoyer_threshold) and c.hoyer_threshold > 0,
+         "hoyer_threshold", c.hoyer_threshold, "a number > 0")
+  _check(isinstance(c.finetune_epochs, int) and c.finetune_epochs >= 0,
+         "finetune_epochs", c.finetune_epochs, "an int >= 0")
+  _check(_is_number(c.finetune_lr) and c.finetune_lr > 0, "finetune_lr",
+         c.finetune_lr, "a number > 0")
+  _check(all(_is_number(e) and 0 < e for e in c.finetune_lr_decay_epochs),
+         "finetune_lr_decay_epochs", c.finetune_lr_decay_epochs,
+         "a tuple of epochs > 0")
 
 
 # --- The methods ----------------------------------------------------------------
 
-GRADUAL = ("flipout", "global_magnitude", "noisy_global_magnitude", "random")
-
-
-@register("dense", prunes_to_target=False, help="no pruning (the inner optimizer)")
+@register("dense", prunes_to_target=False,
+          help="no pruning (the inner optimizer)")
 def _dense(config, steps_per_epoch, total_steps):
   del total_steps
   return make_optimizer(config, steps_per_epoch)
 
 
-@register("flipout", help="FlipOut: |θ|^p/(flips+1), gradient noise, halving events")
+@register("flipout", validate=validate_gradual,
+          help="FlipOut: |θ|^p/(flips+1), gradient noise, halving events")
 def _flipout(config, steps_per_epoch, total_steps):
   del total_steps
   return fj.flipout(make_optimizer(config, steps_per_epoch),
@@ -343,7 +365,8 @@ def _flipout(config, steps_per_epoch, total_steps):
                     seed=config.seed)
 
 
-@register("global_magnitude", help="global magnitude |θ| on FlipOut's schedule")
+@register("global_magnitude", validate=validate_gradual,
+          help="global magnitude |θ| on FlipOut's schedule")
 def _global_magnitude(config, steps_per_epoch, total_steps):
   del total_steps
   return fj.global_magnitude(make_optimizer(config, steps_per_epoch),
@@ -352,7 +375,7 @@ def _global_magnitude(config, steps_per_epoch, total_steps):
                              seed=config.seed)
 
 
-@register("noisy_global_magnitude",
+@register("noisy_global_magnitude", validate=validate_gradual,
           help="global magnitude + FlipOut's gradient noise (the ablation)")
 def _noisy_global_magnitude(config, steps_per_epoch, total_steps):
   del total_steps
@@ -363,7 +386,8 @@ def _noisy_global_magnitude(config, steps_per_epoch, total_steps):
                              noise_on=config.noise_on, seed=config.seed)
 
 
-@register("random", help="uniform random among the survivors, FlipOut's schedule")
+@register("random", validate=validate_gradual,
+          help="uniform random among the survivors, FlipOut's schedule")
 def _random(config, steps_per_epoch, total_steps):
   del total_steps
   return fj.random_pruning(make_optimizer(config, steps_per_epoch),
@@ -371,7 +395,8 @@ def _random(config, steps_per_epoch, total_steps):
                            prune_rate=config.prune_rate, seed=config.seed)
 
 
-@register("snip", help="SNIP: one shot |θ·g| at the first step, then a fixed mask")
+@register("snip", validate=validate_one_shot,
+          help="SNIP: one shot |θ·g| at the first step, then a fixed mask")
 def _snip(config, steps_per_epoch, total_steps):
   del total_steps
   return fj.snip(make_optimizer(config, steps_per_epoch),
@@ -395,6 +420,7 @@ def _hoyer_finetune(config, steps_per_epoch):
 
 
 @register("hoyer_square", extra_phases=_hoyer_finetune, prunes_to_target=False,
+          validate=validate_hoyer,
           help="Hoyer-Square regulariser (λ=hoyer_lambda), threshold, fine-tune")
 def _hoyer_square(config, steps_per_epoch, total_steps):
   del total_steps

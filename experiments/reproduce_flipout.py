@@ -61,7 +61,7 @@ def _define_flags(fv: flags.FlagValues) -> None:
                     flag_values=fv)
   flags.DEFINE_list("targets", [f"{t:g}" for t in _base.PAPER_TARGETS],
                     "Sparsities in percent (the paper's).", flag_values=fv)
-  flags.DEFINE_list("hoyer_lambdas", ["3e-5", "1e-4", "3e-4", "1e-3", "3e-3"],
+  flags.DEFINE_list("hoyer_lambdas", ["1e-4", "1e-3", "3e-3", "1e-2", "3e-2"],
                     "λ values of Hoyer-Square (its sparsity follows from λ).",
                     flag_values=fv)
   flags.DEFINE_bool("dense", True, "Also run the dense baseline.", flag_values=fv)
@@ -146,7 +146,11 @@ def run_one(run: dict[str, Any], config_path: str, forwarded: list[str],
   final = os.path.join(workdir, "final.json")
   if os.path.exists(final):
     with open(final) as f:
-      return dict(run, workdir=workdir, result=json.load(f), skipped=True)
+      result = json.load(f)
+    # Skip only a run of the same config; otherwise experiments.main refuses
+    # to resume it, and the run is reported as failed.
+    if run.get("config") is None or result.get("config") == run["config"]:
+      return dict(run, workdir=workdir, result=result, skipped=True)
   os.makedirs(workdir, exist_ok=True)
   cmd = [sys.executable, "-m", "experiments.main", f"--config={config_path}",
          *forwarded, *run["overrides"], f"--workdir={workdir}", "--resume",
@@ -268,7 +272,8 @@ def plot(done: list[dict[str, Any]], path: str, title: str) -> None:
   ax.set_ylabel("test accuracy (%)")
   ax.set_title(title)
   ax.grid(alpha=0.3, which="both")
-  ax.legend(fontsize=8)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -304,9 +309,11 @@ def main(argv=None) -> None:
   from experiments import train  # pylint: disable=g-import-not-at-top
   for r in runs:
     try:
-      train.validate(main_lib.parse_flags(
+      run_config = main_lib.parse_flags(
           [argv[0], f"--config={config_path}", *forwarded, *r["overrides"]],
-          _define_flags, DEFAULT_CONFIG, __doc__)["config"].value)
+          _define_flags, DEFAULT_CONFIG, __doc__)["config"].value
+      train.validate(run_config)
+      r["config"] = train.config_json(run_config)
     except train.ConfigError as e:
       raise SystemExit(f"error: {r['method']} {r['tag']}: {e}") from None
   print(f"{len(runs)} runs, {workers} in parallel, into {out}", flush=True)
@@ -334,7 +341,8 @@ def main(argv=None) -> None:
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write(text)
   with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump([{k: v for k, v in d.items() if k != "overrides"} for d in done],
+    json.dump([{k: v for k, v in d.items() if k not in ("overrides", "config")}
+               for d in done],
               f, indent=1, default=str)
   plot(done, os.path.join(out, "accuracy_vs_sparsity.png"),
        f"{config.model} on {config.dataset} ({config.num_epochs} epochs)")

@@ -140,7 +140,11 @@ def _setup(config: ConfigDict) -> _Setup:
     phases = methods_lib.phases(config, spe)
     starts = list(np.cumsum([0] + [p.num_epochs for p in phases[:-1]]).tolist())
     dummy = jnp.zeros((1, *ds.train.image_shape), jnp.float32)
-    variables = model.init(jax.random.PRNGKey(config.seed), dummy, train=False)
+    # Jitted: eager init compiles every op of a deep model one by one.
+    key = ("init", config.model, config.width, config.dataset)
+    if key not in _STEP_CACHE:
+      _STEP_CACHE[key] = jax.jit(lambda rng, x: model.init(rng, x, train=False))
+    variables = _STEP_CACHE[key](jax.random.PRNGKey(config.seed), dummy)
     params0 = variables["params"]
     batch_stats0 = variables.get("batch_stats", {})
     setup = _Setup(config, ds, model, models_lib.uses_batchnorm(config.model),
@@ -182,6 +186,23 @@ def _make_train_step(model, tx, has_bn: bool):
             "opt_state": opt_state}, loss
 
   return jax.jit(train_step)
+
+
+# Jitted steps of phases whose transformation depends on the config only (no
+# ``enter``/aux), so that runs of the same config in one process (tests,
+# time-sliced jobs) compile once.
+_STEP_CACHE: dict[tuple[Any, ...], Any] = {}
+
+
+def _train_step_for(setup: _Setup, j: int, tx):
+  if setup.phases[j].enter is not None:
+    return _make_train_step(setup.model, tx, setup.has_bn)
+  key = (json.dumps(config_json(setup.config), sort_keys=True), j)
+  if key not in _STEP_CACHE:
+    if len(_STEP_CACHE) >= 16:
+      _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
+    _STEP_CACHE[key] = _make_train_step(setup.model, tx, setup.has_bn)
+  return _STEP_CACHE[key]
 
 
 def _make_eval_step(model, has_bn: bool):
@@ -235,7 +256,8 @@ def _checkpoint_item(state, aux, meta: dict[str, Any]) -> dict[str, Any]:
 def _manager(workdir: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
-      options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=True))
+      options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=True,
+                                           cleanup_tmp_directories=True))
 
 
 # --- Files --------------------------------------------------------------------------------
@@ -298,7 +320,7 @@ def final_line(result: dict[str, Any]) -> str:
           f"sparsity={result['sparsity']!r}")
 
 
-def _config_json(config: ConfigDict) -> dict[str, Any]:
+def config_json(config: ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
@@ -316,17 +338,24 @@ def _check_workdir(config: ConfigDict, workdir: str, resume: bool,
     raise ConfigError(
         f"workdir: {workdir} already holds a run; pass --resume to continue "
         "(or skip) it, --overwrite to start over, or another --workdir")
+  if resume:
+    check_same_config(config, workdir)
+
+
+def check_same_config(config: ConfigDict, workdir: str) -> None:
+  """Raises ConfigError if ``workdir`` holds a run of another config."""
   saved = os.path.join(workdir, "config.json")
-  if resume and os.path.exists(saved):
-    with open(saved) as f:
-      old = json.load(f)
-    new = _config_json(config)
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if diff:
-      raise ConfigError(
-          f"workdir: {workdir} holds a run of another config (differs in "
-          f"{', '.join(diff)}); resume with the same config or use another "
-          "--workdir")
+  if not os.path.exists(saved):
+    return
+  with open(saved) as f:
+    old = json.load(f)
+  new = config_json(config)
+  diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  if diff:
+    raise ConfigError(
+        f"workdir: {workdir} holds a run of another config (differs in "
+        f"{', '.join(diff)}); resume with the same config or use another "
+        "--workdir")
 
 
 # --- The loop ---------------------------------------------------------------------------
@@ -361,6 +390,7 @@ def run(config: ConfigDict, workdir: str, *, resume: bool = False,
   t_start = time.time()
   final_path = os.path.join(workdir, "final.json")
   if resume and os.path.exists(final_path):
+    check_same_config(config, workdir)
     with open(final_path) as f:
       result = json.load(f)
     print(f"{workdir}: finished before (final.json); skipped.", flush=True)
@@ -371,11 +401,14 @@ def run(config: ConfigDict, workdir: str, *, resume: bool = False,
   _check_workdir(config, workdir, resume, overwrite)
   os.makedirs(workdir, exist_ok=True)
   _atomic_write(os.path.join(workdir, "config.json"),
-                json.dumps(_config_json(config), indent=2, sort_keys=True))
+                json.dumps(config_json(config), indent=2, sort_keys=True))
 
   spe = setup.steps_per_epoch
   total_epochs = setup.total_epochs
-  eval_step = _make_eval_step(setup.model, setup.has_bn)
+  key = ("eval", config.model, config.width, config.dataset)
+  if key not in _STEP_CACHE:
+    _STEP_CACHE[key] = _make_eval_step(setup.model, setup.has_bn)
+  eval_step = _STEP_CACHE[key]
   mgr = _manager(workdir)
 
   # Restore, or start from the initial variables.
@@ -392,6 +425,10 @@ def run(config: ConfigDict, workdir: str, *, resume: bool = False,
     meta = {"epoch": 0, "step": 0, "elapsed": 0.0}
     restored = mgr.restore(latest, args=ocp.args.StandardRestore(
         _checkpoint_item(template, template_aux, meta)))
+    # Restored arrays come back committed to a device; fresh uncommitted
+    # copies keep the jitted steps' cache keys (same program either way).
+    restored = {k: jnp.asarray(np.asarray(v)) if isinstance(v, jax.Array) else v
+                for k, v in restored.items()}
     state = _unflat("s", template, restored)
     aux = _unflat("a", template_aux, restored)
     elapsed0 = float(restored["elapsed"])
@@ -419,7 +456,7 @@ def run(config: ConfigDict, workdir: str, *, resume: bool = False,
         state = dict(state, opt_state=tx.init(state["params"]))
       else:
         tx = phase.make_tx(aux)
-      train_step = _make_train_step(setup.model, tx, setup.has_bn)
+      train_step = _train_step_for(setup, j, tx)
       start, end = setup.starts[j], setup.starts[j] + phase.num_epochs
       for epoch in range(max(completed, start), end):
         loss_sum = jnp.float32(0.0)
@@ -502,7 +539,7 @@ def _finish(setup: _Setup, workdir: str, state, completed: int,
       "dataset": config.dataset,
       "seed": config.seed,
       "time": round(elapsed, 3),
-      "config": _config_json(config),
+      "config": config_json(config),
   }
   _atomic_write(os.path.join(workdir, "final.json"),
                 json.dumps(result, indent=2, sort_keys=True))

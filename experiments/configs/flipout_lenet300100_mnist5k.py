@@ -1,13 +1,18 @@
 """The README's main job: FlipOut on LeNet-300-100 on the embedded `mnist_5k`.
 
-4,000 training / 1,000 test images, 31 steps per epoch at batch 128. 80 epochs;
-a pruning event every 9 epochs halves the surviving weights; events at epochs
-9, 18, ..., 72 (8 halvings, none at the last epoch) give 1 - 0.5^8 = 99.61 %
-sparsity, followed by 8 epochs of recovery. Takes about a minute on 2 CPU cores.
+4,000 training / 1,000 test images, 31 steps per epoch at batch 128. 80
+epochs of SGD (lr 0.05, momentum 0.9, coupled weight decay 5e-4); a pruning
+event every 9 epochs halves the surviving weights: events at epochs 9, 18,
+..., 72 (8 halvings, none at the last epoch) give 1 - 0.5^8 = 99.61 %
+sparsity. The lr drops x0.1 at epochs 74 and 78, after the last event (also
+after the last event of every paper target, see --config.target), so the
+pruned network recovers at the full rate first. About a minute on 2 CPU
+cores; ~91 % test accuracy at 99.61 % (dense: ~95 %).
 
     python -m experiments.main
     python -m experiments.main --config.method=global_magnitude
-    python -m experiments.main --config.sparsity=0.99      # 7 events, exact 99 %
+    python -m experiments.main --config.sparsity=0.99      # 7 events, exactly 99 %
+    python -m experiments.main --config.target=99.9        # the paper's schedule, scaled
 """
 
 from experiments.configs import _base
