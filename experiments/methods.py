@@ -426,3 +426,8 @@ def _hoyer_square(config, steps_per_epoch, total_steps):
   del total_steps
   return optax.chain(fj.hoyer_square(config.hoyer_lambda),
                      make_optimizer(config, steps_per_epoch))
+
+
+# Methods registered in their own modules (importing them registers them).
+from experiments import methods_gradient_flow  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position
+from experiments import methods_sparse_training  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position

@@ -22,20 +22,16 @@ Fields of the config can be overridden as in experiments.main
 
 from __future__ import annotations
 
-import concurrent.futures
-import json
 import math
 import os
-import subprocess
 import sys
-import time
-from typing import Any
 
 from absl import flags
 from ml_collections import config_flags
 
 from experiments import main as main_lib
 from experiments import methods as methods_lib
+from experiments import sweep
 from experiments.configs import _base
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,80 +110,39 @@ def events_for_target(target: float) -> int:
 
 
 def plan(methods: list[str], targets: list[float], seeds: list[int],
-         lambdas: list[str], dense: bool) -> list[dict[str, Any]]:
+         lambdas: list[str], dense: bool, out: str) -> list[sweep.Run]:
   """The runs: method, tag (sparsity or λ), seed, and the config overrides."""
   runs = []
+
+  def add(method, tag, seed, overrides, **info):
+    workdir = os.path.join(out, "runs", method, tag, f"seed{seed}")
+    runs.append(sweep.Run(method=method, tag=tag, seed=seed,
+                          overrides=overrides, workdir=workdir,
+                          info=dict(dict(target=None), **info)))
+
   for seed in seeds:
     if dense:
-      runs.append(dict(method="dense", tag="dense", seed=seed, target=None,
-                       overrides=["--config.method=dense"]))
+      add("dense", "dense", seed, ["--config.method=dense"])
     for method in methods:
       if method == "hoyer_square":
         for lam in lambdas:
-          runs.append(dict(method=method, tag=f"lambda{lam}", seed=seed,
-                           target=None, hoyer_lambda=float(lam),
-                           overrides=[f"--config.method={method}",
-                                      f"--config.hoyer_lambda={lam}"]))
+          add(method, f"lambda{lam}", seed,
+              [f"--config.method={method}", f"--config.hoyer_lambda={lam}"],
+              hoyer_lambda=float(lam))
         continue
       for t in targets:
         sparsity = 1.0 - 0.5 ** events_for_target(t)
-        over = [f"--config.method={method}", f"--config.target={t:g}",
-                f"--config.sparsity={sparsity!r}"]
-        runs.append(dict(method=method, tag=f"s{t:g}", seed=seed, target=t,
-                         overrides=over))
-  for r in runs:
-    r["overrides"] = r["overrides"] + [f"--config.seed={r['seed']}"]
+        add(method, f"s{t:g}", seed,
+            [f"--config.method={method}", f"--config.target={t:g}",
+             f"--config.sparsity={sparsity!r}"], target=t)
   return runs
 
 
-def run_one(run: dict[str, Any], config_path: str, forwarded: list[str],
-            out: str) -> dict[str, Any]:
-  workdir = os.path.join(out, "runs", run["method"], run["tag"], f"seed{run['seed']}")
-  final = os.path.join(workdir, "final.json")
-  if os.path.exists(final):
-    with open(final) as f:
-      result = json.load(f)
-    # Skip only a run of the same config; otherwise experiments.main refuses
-    # to resume it, and the run is reported as failed.
-    if run.get("config") is None or result.get("config") == run["config"]:
-      return dict(run, workdir=workdir, result=result, skipped=True)
-  os.makedirs(workdir, exist_ok=True)
-  cmd = [sys.executable, "-m", "experiments.main", f"--config={config_path}",
-         *forwarded, *run["overrides"], f"--workdir={workdir}", "--resume",
-         "--noprogress"]
-  t0 = time.time()
-  with open(os.path.join(workdir, "run.log"), "a") as log:
-    log.write("$ " + " ".join(cmd) + "\n")
-    log.flush()
-    proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                          check=False)
-  result = None
-  if proc.returncode == 0 and os.path.exists(final):
-    with open(final) as f:
-      result = json.load(f)
-  return dict(run, workdir=workdir, result=result, returncode=proc.returncode,
-              seconds=round(time.time() - t0, 1))
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-  m = sum(values) / len(values)
-  if len(values) < 2:
-    return m, float("nan")
-  return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-
-
-def _cell(values: list[float]) -> str:
-  if not values:
-    return "–"
-  m, s = _mean_std([100 * v for v in values])
-  return f"{m:.2f}" if math.isnan(s) else f"{m:.2f} ± {s:.2f}"
-
-
-def summarize(done: list[dict[str, Any]], config, name: str, out: str) -> str:
-  ok = [d for d in done if d.get("result")]
-  failed = [d for d in done if not d.get("result")]
-  targets = sorted({d["target"] for d in done if d["target"] is not None})
-  seeds = sorted({d["seed"] for d in done})
+def summarize(done: list[sweep.Run], config, name: str) -> str:
+  ok = [d for d in done if d.result]
+  failed = [d for d in done if not d.result]
+  targets = sorted({d.info["target"] for d in done if d.info["target"] is not None})
+  seeds = sorted({d.seed for d in done})
   lines = [f"# FlipOut reproduction: {config.model} on {config.dataset}",
            "",
            f"Config `{name}` ({config.num_epochs} epochs, batch {config.batch_size}, "
@@ -197,37 +152,30 @@ def summarize(done: list[dict[str, Any]], config, name: str, out: str) -> str:
            "all seeds finished). Sparsity = 1 − 0.5^N after N halving events "
            "(SNIP: one shot at the first step).",
            ""]
-  dense = [d["result"]["test_accuracy"] for d in ok if d["method"] == "dense"]
+  dense = [d.result["test_accuracy"] for d in ok if d.method == "dense"]
   if dense:
-    lines += [f"Dense: {_cell(dense)}", ""]
-  lines += ["| method | " + " | ".join(f"{t:g}%" for t in targets) + " |",
-            "|---|" + "---:|" * len(targets)]
+    lines += [f"Dense: {sweep.cell(dense)}", ""]
   methods = [m for m in ALL_METHODS if m != "hoyer_square"
-             and any(d["method"] == m for d in done)]
-  for m in methods:
-    cells = []
-    for t in targets:
-      vals = [d["result"]["test_accuracy"] for d in ok
-              if d["method"] == m and d["target"] == t]
-      n_all = sum(1 for d in done if d["method"] == m and d["target"] == t)
-      c = _cell(vals)
-      if vals and len(vals) < n_all:
-        c += f" (n={len(vals)})"
-      cells.append(c)
-    lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
-  hoyer = [d for d in done if d["method"] == "hoyer_square"]
+             and any(d.method == m for d in done)]
+  table = sweep.table(done, methods, [f"s{t:g}" for t in targets])
+  for m in methods:  # readable row and column labels
+    table = table.replace(f"| {m} |", f"| {LABELS[m]} |", 1)
+  table = table.replace("| method | " + " | ".join(f"s{t:g}" for t in targets),
+                        "| method | " + " | ".join(f"{t:g}%" for t in targets), 1)
+  lines.append(table)
+  hoyer = [d for d in done if d.method == "hoyer_square"]
   if hoyer:
     lines += ["", "Hoyer-Square (sparsity set indirectly by λ; threshold "
               f"{config.hoyer_threshold:g}, {config.finetune_epochs} fine-tune "
               "epochs):", "", "| λ | sparsity reached (%) | test accuracy (%) |",
               "|---|---:|---:|"]
-    for lam in sorted({d["hoyer_lambda"] for d in hoyer}):
-      rs = [d["result"] for d in hoyer if d["hoyer_lambda"] == lam and d["result"]]
-      sp = _cell([r["sparsity"] for r in rs])
-      lines.append(f"| {lam:g} | {sp} | {_cell([r['test_accuracy'] for r in rs])} |")
+    for lam in sorted({d.info["hoyer_lambda"] for d in hoyer}):
+      rs = [d.result for d in hoyer if d.info["hoyer_lambda"] == lam and d.result]
+      sp = sweep.cell([r["sparsity"] for r in rs])
+      lines.append(f"| {lam:g} | {sp} | {sweep.cell([r['test_accuracy'] for r in rs])} |")
   if failed:
     lines += ["", "Failed runs (see run.log in the workdir):", ""]
-    lines += [f"* {d['workdir']} (exit {d.get('returncode')})" for d in failed]
+    lines += [f"* {d.workdir} (exit {d.returncode})" for d in failed]
   lines += ["", "## The paper's numbers: CIFAR-10, VGG19 / ResNet18, 350 epochs",
             "",
             "For the ranking of the methods only: another data set and other "
@@ -236,34 +184,34 @@ def summarize(done: list[dict[str, Any]], config, name: str, out: str) -> str:
   return "\n".join(lines)
 
 
-def plot(done: list[dict[str, Any]], path: str, title: str) -> None:
+def plot(done: list[sweep.Run], path: str, title: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  ok = [d for d in done if d.get("result")]
+  ok = [d for d in done if d.result]
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for i, m in enumerate(m for m in ALL_METHODS if m != "hoyer_square"):
     pts = {}
     for d in ok:
-      if d["method"] == m:
-        pts.setdefault(d["target"], []).append(d["result"])
+      if d.method == m:
+        pts.setdefault(d.info["target"], []).append(d.result)
     if not pts:
       continue
     xs, ys, es = [], [], []
     for t in sorted(pts):
       sp = sum(r["sparsity"] for r in pts[t]) / len(pts[t])
-      mean, std = _mean_std([100 * r["test_accuracy"] for r in pts[t]])
+      mean, std = sweep.mean_std([100 * r["test_accuracy"] for r in pts[t]])
       xs.append(1 - sp)
       ys.append(mean)
       es.append(0 if math.isnan(std) else std)
     ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=LABELS[m], color=f"C{i}")
-  hoyer = [d["result"] for d in ok if d["method"] == "hoyer_square"]
+  hoyer = [d.result for d in ok if d.method == "hoyer_square"]
   if hoyer:
     ax.scatter([max(1 - r["sparsity"], 1e-5) for r in hoyer],
                [100 * r["test_accuracy"] for r in hoyer], marker="x",
                color="k", label="Hoyer-Square (λ sweep)")
-  dense = [100 * d["result"]["test_accuracy"] for d in ok if d["method"] == "dense"]
+  dense = [100 * d.result["test_accuracy"] for d in ok if d.method == "dense"]
   if dense:
     ax.axhline(sum(dense) / len(dense), color="gray", ls=":", label="dense")
   ax.set_xscale("log")
@@ -303,51 +251,26 @@ def main(argv=None) -> None:
   if bad:
     raise SystemExit(f"error: targets: {bad} are not the paper's; valid: "
                      f"{', '.join(f'{t:g}' for t in _base.PAPER_TARGETS)}")
-  runs = plan(fv["methods"].value, targets, seeds, lambdas, fv["dense"].value)
+  runs = plan(fv["methods"].value, targets, seeds, lambdas, fv["dense"].value,
+              out)
   forwarded = forwarded_overrides(argv[1:])
-  # Fail fast, in this process, on a config a run would reject.
-  from experiments import train  # pylint: disable=g-import-not-at-top
-  for r in runs:
-    try:
-      run_config = main_lib.parse_flags(
-          [argv[0], f"--config={config_path}", *forwarded, *r["overrides"]],
-          _define_flags, DEFAULT_CONFIG, __doc__)["config"].value
-      train.validate(run_config)
-      r["config"] = train.config_json(run_config)
-    except train.ConfigError as e:
-      raise SystemExit(f"error: {r['method']} {r['tag']}: {e}") from None
+  sweep.validate_runs(runs, config_path, forwarded)  # fail fast, here
   print(f"{len(runs)} runs, {workers} in parallel, into {out}", flush=True)
   if fv["dry_run"].value:
     for r in runs:
-      print(" ".join(r["overrides"] + forwarded))
+      print(" ".join(r.overrides + forwarded), f"--config.seed={r.seed}")
     return
   os.makedirs(out, exist_ok=True)
-  done = []
-  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-    futures = [pool.submit(run_one, r, config_path, forwarded, out) for r in runs]
-    for i, fut in enumerate(concurrent.futures.as_completed(futures)):
-      d = fut.result()
-      done.append(d)
-      res = d.get("result")
-      status = ("skipped (finished before)" if d.get("skipped") else
-                f"{d.get('seconds')}s" if res else f"FAILED (exit {d.get('returncode')})")
-      acc = f"test_accuracy={res['test_accuracy']:.4f} sparsity={res['sparsity']:.4f}" if res else ""
-      print(f"[{i + 1}/{len(runs)}] {d['method']} {d['tag']} seed{d['seed']}: "
-            f"{acc} {status}", flush=True)
+  done = sweep.run_all(runs, config_path, forwarded, workers)
   # Keep the planned order for the tables.
-  order = {(r["method"], r["tag"], r["seed"]): i for i, r in enumerate(runs)}
-  done.sort(key=lambda d: order[(d["method"], d["tag"], d["seed"])])
-  text = summarize(done, config, name, out)
+  text = summarize(done, config, name)
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write(text)
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump([{k: v for k, v in d.items() if k not in ("overrides", "config")}
-               for d in done],
-              f, indent=1, default=str)
+  sweep.write_json(done, os.path.join(out, "results.json"))
   plot(done, os.path.join(out, "accuracy_vs_sparsity.png"),
        f"{config.model} on {config.dataset} ({config.num_epochs} epochs)")
   print(text)
-  failed = sum(1 for d in done if not d.get("result"))
+  failed = sum(1 for d in done if not d.result)
   if failed:
     raise SystemExit(f"error: {failed} of {len(runs)} runs failed; see results.md")
 
