@@ -33,12 +33,31 @@ def noise_std(grad: jax.Array, scale: float) -> jax.Array:
 
 
 def normal16(key: jax.Array, shape) -> jax.Array:
-  """Standard normals, two per 32-bit random word (16-bit inverse CDF)."""
-  size = int(np.prod(shape))
-  words = jax.random.bits(key, ((size + 1) // 2,), jnp.uint32)
-  k = jnp.concatenate([words >> 16, words & 0xFFFF])[:size]
+  """Standard normals, two per 32-bit random word (16-bit inverse CDF).
+
+  The words are drawn in the tensor's own shape with one axis halved (the
+  first axis of even length, else the first axis), and the two 16-bit halves
+  of word ``[..., j, ...]`` fill entries ``2j`` and ``2j + 1`` of that axis.
+  Under ``jax.sharding`` every device therefore draws only the words of its
+  own shard (``jax.random`` is partitionable and sharding-invariant with
+  ``jax_threefry_partitionable``, JAX's default), where one flat draw split
+  in halves would make every device draw all the words of the tensor. On one
+  device it costs the same as the flat draw.
+  """
+  shape = tuple(int(d) for d in shape)
+  if not shape:
+    return normal16(key, (1,)).reshape(())
+  even = [a for a, d in enumerate(shape) if d % 2 == 0]
+  axis = even[0] if even else 0
+  half = (shape[axis] + 1) // 2
+  words = jax.random.bits(key, shape[:axis] + (half,) + shape[axis + 1:],
+                          jnp.uint32)
+  k = jnp.stack([words >> 16, words & 0xFFFF], axis=axis + 1)
+  k = k.reshape(shape[:axis] + (2 * half,) + shape[axis + 1:])
+  if 2 * half != shape[axis]:
+    k = jax.lax.slice_in_dim(k, 0, shape[axis], axis=axis)
   u = (k.astype(jnp.float32) + 0.5) * (2.0 / 65536.0) - 1.0
-  return (np.sqrt(2.0) * jax.lax.erf_inv(u)).reshape(shape)
+  return np.sqrt(2.0) * jax.lax.erf_inv(u)
 
 
 def add_gradient_noise(grads: PyTree, key: jax.Array, scale: float,

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
+from jax.experimental.shard_alike import shard_alike
 import jax.numpy as jnp
 import numpy as np
 
@@ -189,6 +190,75 @@ def reset_params_like(state: PyTree, params: PyTree, reset: PyTree) -> PyTree:
         reset, x, is_leaf=_is_none)
 
   return jax.tree.map(zero, state, is_leaf=is_params_like)
+
+
+def _shard_like(x: Any, ref: Any) -> Any:
+  """``x`` placed with the sharding of the parameter ``ref`` (same shape).
+
+  Eagerly, ``x`` is moved (``device_put``) to ``ref.sharding`` unless it is
+  already equivalent (a no-op in single-device use). Under ``jit`` with an
+  explicit-axes mesh (``jax.make_mesh``'s default; ``jax.set_mesh``) the
+  sharding is part of ``ref``'s type and ``x`` is ``reshard``-ed to it; with
+  auto axes (classic GSPMD) it is not known while tracing, so ``shard_alike``
+  asks the partitioner to give ``x`` whatever sharding ``ref`` gets.
+  """
+  if (x is None or not hasattr(x, "shape")
+      or tuple(np.shape(x)) != tuple(np.shape(ref))):
+    return x
+  if isinstance(ref, jax.core.Tracer):
+    ref_sharding = jax.typeof(ref).sharding
+    mesh = ref_sharding.mesh
+    if not mesh.empty and mesh.explicit_axes:
+      if jax.typeof(x).sharding.spec != ref_sharding.spec:
+        x = jax.sharding.reshard(x, ref_sharding)
+      return x
+    return shard_alike(x, ref)[0]
+  sharding = getattr(ref, "sharding", None)
+  if (isinstance(ref, jax.Array) and isinstance(x, jax.Array)
+      and not x.sharding.is_equivalent_to(sharding, x.ndim)):
+    return jax.device_put(x, sharding)
+  return x
+
+
+def shard_like_params(tree: PyTree, params: PyTree) -> PyTree:
+  """Gives every per-parameter buffer in ``tree`` its parameter's sharding.
+
+  A per-parameter buffer is a subtree with the params' structure and leaf
+  shapes (optimizer moments) or in mask layout (masks, flip counts, coverage
+  counts: ``None`` at non-prunable leaves). Other leaves (step counts, keys)
+  are left as they are. Under ``jax.sharding`` this keeps per-weight state
+  sharded like the weights instead of replicated on every device, whether
+  ``init`` runs eagerly or under ``jit`` (see :func:`_shard_like`); on a
+  single device it changes nothing.
+  """
+  treedef = jax.tree.structure(params)
+  refs = jax.tree.leaves(params)
+  shapes = [tuple(np.shape(p)) for p in refs]
+  params_is_leaf = treedef.num_nodes == 1 and treedef.num_leaves == 1
+
+  def is_buffer(x):
+    if x is None:
+      return False
+    if isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "aval"):
+      return params_is_leaf and tuple(np.shape(x)) == shapes[0]
+    try:
+      if jax.tree.structure(x, is_leaf=_is_none) != treedef:
+        return False
+    except Exception:  # pylint: disable=broad-except
+      return False
+    leaves = jax.tree.leaves(x, is_leaf=_is_none)
+    return all(l is None or tuple(np.shape(l)) == s
+               for l, s in zip(leaves, shapes))
+
+  def place(x):
+    if not is_buffer(x):
+      return x
+    if params_is_leaf:
+      return _shard_like(x, refs[0])
+    return jax.tree.map(lambda b, p: None if b is None else _shard_like(b, p),
+                        x, params, is_leaf=_is_none)
+
+  return jax.tree.map(place, tree, is_leaf=is_buffer)
 
 
 def _is_variable(x) -> bool:
