@@ -85,6 +85,7 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from flipout_jax import core
@@ -94,7 +95,9 @@ from flipout_jax import trees
 
 PyTree = Any
 
-_SIGN = jnp.uint32(0x80000000)
+# NumPy, not jnp: a jnp constant at import would start the XLA backend and
+# block a later jax.distributed.initialize().
+_SIGN = np.uint32(0x80000000)
 _EPS = 1e-6  # The reference's epsilon in r_c.
 _SCALE_OFFSET = 0.01  # scale_c = (1 + offset)/(r_c + offset).
 
@@ -355,12 +358,14 @@ def st3(inner: optax.GradientTransformation,
     scales = trees.map_prunable(
         lambda m: jnp.ones(m.shape[-1:] if m.ndim >= 2 else (), jnp.float32),
         masks)
+    # Per-weight buffers take their param's sharding (see core.prune's init).
     return core.PruneState(
         count=jnp.zeros([], jnp.int32),
-        masks=masks,
-        method_state=ST3State(raw, thresholds, scales),
+        masks=trees.shard_like_params(masks, params),
+        method_state=ST3State(trees.shard_like_params(raw, params), thresholds,
+                              scales),
         key=jax.random.PRNGKey(0),
-        inner_state=inner.init(params))
+        inner_state=trees.shard_like_params(inner.init(params), params))
 
   def update_fn(grads, state, params=None, **extra_args):
     if params is None:
