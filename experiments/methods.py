@@ -67,12 +67,17 @@ class Phase:
     learning_rate: ``step within the phase -> lr`` (for the metrics).
     enter: ``(params, opt_state of the previous phase) -> (params, aux)``,
       run once at the start of the phase; None: params pass through.
+    needs_loss_fn: the train step calls ``tx.update(grads, state, params,
+      loss_fn=f)``, ``f(params, *, temperature=1.0)`` the mean cross-entropy
+      of the current batch (BatchNorm in inference mode, logits divided by
+      ``temperature``).
   """
   name: str
   num_epochs: int
   make_tx: Callable[[Any], optax.GradientTransformation]
   learning_rate: Callable[[int], float]
   enter: Callable[[Any, Any], tuple[Any, Any]] | None = None
+  needs_loss_fn: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +94,9 @@ class Method:
     help: one line for ``--help`` style listings.
     validate: ``config -> None``, raises :class:`ConfigError` for a bad value
       of the method's own fields (run before any data is loaded).
+    needs_loss_fn: the main phase's ``tx.update`` gets ``loss_fn=`` (see
+      :class:`Phase` and ``experiments.train``), e.g. for Hessian-gradient
+      scores.
   """
   name: str
   build: Builder
@@ -96,19 +104,21 @@ class Method:
   prunes_to_target: bool = True
   help: str = ""
   validate: Callable[[ConfigDict], None] | None = None
+  needs_loss_fn: bool = False
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register(name: str, *, extra_phases=None, prunes_to_target: bool = True,
-             help: str = "", validate=None):  # pylint: disable=redefined-builtin
+             help: str = "", validate=None,  # pylint: disable=redefined-builtin
+             needs_loss_fn: bool = False):
   """Decorator: registers ``build`` under ``name`` (see :class:`Method`)."""
   def wrap(build: Builder) -> Builder:
     if name in METHODS:
       raise ValueError(f"method {name!r} is already registered")
     METHODS[name] = Method(name, build, extra_phases, prunes_to_target, help,
-                           validate)
+                           validate, needs_loss_fn)
     return build
   return wrap
 
@@ -130,7 +140,8 @@ def phases(config: ConfigDict, steps_per_epoch: int) -> list[Phase]:
       learning_rate=learning_rate_fn(config.lr, config.lr_schedule,
                                      config.lr_decay_epochs,
                                      config.lr_decay_factor, config.num_epochs,
-                                     steps_per_epoch))
+                                     steps_per_epoch),
+      needs_loss_fn=method.needs_loss_fn)
   extra = list(method.extra_phases(config, steps_per_epoch)
                if method.extra_phases else [])
   return [main] + extra

@@ -163,7 +163,7 @@ def _setup(config: ConfigDict) -> _Setup:
 # --- Steps ----------------------------------------------------------------------------
 
 
-def _make_train_step(model, tx, has_bn: bool):
+def _make_train_step(model, tx, has_bn: bool, needs_loss_fn: bool = False):
   def train_step(state, images, labels):
     def loss_fn(params):
       variables = {"params": params}
@@ -180,7 +180,18 @@ def _make_train_step(model, tx, has_bn: bool):
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    extra = {}
+    if needs_loss_fn:  # The phase's tx scores with the loss (Phase docs).
+      def eval_loss(params, *, temperature=1.0):
+        variables = {"params": params}
+        if has_bn:
+          variables["batch_stats"] = state["batch_stats"]
+        logits = model.apply(variables, images, train=False) / temperature
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits, labels).mean()
+      extra["loss_fn"] = eval_loss
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"],
+                                   **extra)
     params = optax.apply_updates(state["params"], updates)
     return {"params": params, "batch_stats": batch_stats,
             "opt_state": opt_state}, loss
@@ -195,13 +206,15 @@ _STEP_CACHE: dict[tuple[Any, ...], Any] = {}
 
 
 def _train_step_for(setup: _Setup, j: int, tx):
+  needs_loss_fn = setup.phases[j].needs_loss_fn
   if setup.phases[j].enter is not None:
-    return _make_train_step(setup.model, tx, setup.has_bn)
+    return _make_train_step(setup.model, tx, setup.has_bn, needs_loss_fn)
   key = (json.dumps(config_json(setup.config), sort_keys=True), j)
   if key not in _STEP_CACHE:
     if len(_STEP_CACHE) >= 16:
       _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
-    _STEP_CACHE[key] = _make_train_step(setup.model, tx, setup.has_bn)
+    _STEP_CACHE[key] = _make_train_step(setup.model, tx, setup.has_bn,
+                                        needs_loss_fn)
   return _STEP_CACHE[key]
 
 

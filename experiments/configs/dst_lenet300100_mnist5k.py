@@ -1,0 +1,44 @@
+"""DST (DST-EE, RigL, SET) and a static random sparse mask: LeNet-300-100, mnist_5k.
+
+CPU scale (issue 5). 4,000 training / 1,000 test images, 31 steps per epoch
+at batch 128; 30 epochs of SGD (lr 0.05, momentum 0.9, coupled weight decay
+5e-4, the FlipOut main job's optimizer) with a cosine learning rate to 0.
+Sparse from the first step: a random mask at ERK densities; the DST methods
+move ⌊d_t·a_l⌋ weights per layer every epoch (ΔT = 31 steps) until epoch
+22.5 (3/4 of the run, RigL's T_end), d_0 = 0.5 (DST-EE, RigL) or 0.3 (SET)
+cosine-decayed to 0. DST-EE's exploration weight c = 1e-3 (the library
+default). See `experiments/configs/_sparse_training.py` for the fields.
+
+    python -m experiments.main --config experiments/configs/dst_lenet300100_mnist5k.py
+    python -m experiments.main --config experiments/configs/dst_lenet300100_mnist5k.py \
+        --config.method=rigl --config.sparsity=0.98
+    python -m experiments.sweep --config experiments/configs/dst_lenet300100_mnist5k.py \
+        --grid method=dst_ee,rigl,set,static_random --grid sparsity=0.9,0.95,0.98 \
+        --seeds 42,43,44 --workers 1 --out experiments/results/dst_lenet300100
+"""
+
+from experiments.configs import _base
+from experiments.configs import _sparse_training
+
+
+def get_config():
+  c = _base.base_config()
+  c.method = "dst_ee"
+  c.model = "lenet300100"
+  c.dataset = "mnist_5k"
+  c.batch_size = 128
+  c.num_epochs = 30
+  c.lr = 0.05
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.lr_schedule = "cosine"
+  c.sparsity = 0.9
+  # For the gradual pruning methods on this config (not used by DST): reach
+  # `sparsity` by 3/4 of the run.
+  c.prune_end_epoch = 22.5
+  _sparse_training.add_dst_fields(c)
+  c.dst_update_every_epochs = 1.0
+  c.dst_end_epoch = None  # 3/4 of num_epochs: 22.5
+  c.dst_exploration = 1e-3
+  c.dst_distribution = "erk"
+  return c

@@ -1,0 +1,36 @@
+"""DST (DST-EE, RigL, SET) and a static random sparse mask: LeNet-5, mnist_5k.
+
+CPU scale (issue 5); as `dst_lenet300100_mnist5k.py` but LeNet-5 (60,850
+prunable weights) for 12 epochs (a LeNet-5 step costs ~10x a LeNet-300-100
+step): SGD lr 0.05, momentum 0.9, weight decay 5e-4, cosine lr; ERK random
+start; a mask update every half epoch (ΔT = 15 steps) until epoch 9 (3/4 of
+the run); c = 1e-3.
+
+    python -m experiments.sweep --config experiments/configs/dst_lenet5_mnist5k.py \
+        --grid method=dst_ee,rigl,set,static_random --grid sparsity=0.9,0.95,0.98 \
+        --seeds 42,43,44 --workers 1 --out experiments/results/dst_lenet5
+"""
+
+from experiments.configs import _base
+from experiments.configs import _sparse_training
+
+
+def get_config():
+  c = _base.base_config()
+  c.method = "dst_ee"
+  c.model = "lenet5"
+  c.dataset = "mnist_5k"
+  c.batch_size = 128
+  c.num_epochs = 12
+  c.lr = 0.05
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.lr_schedule = "cosine"
+  c.sparsity = 0.9
+  c.prune_end_epoch = 9.0  # for gradual pruning methods on this config
+  _sparse_training.add_dst_fields(c)
+  c.dst_update_every_epochs = 0.5
+  c.dst_end_epoch = None  # 3/4 of num_epochs: 9
+  c.dst_exploration = 1e-3
+  c.dst_distribution = "erk"
+  return c

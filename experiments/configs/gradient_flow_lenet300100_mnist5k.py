@@ -1,0 +1,46 @@
+"""Gradient-flow pruning (Lubana & Dick 2021) of LeNet-300-100 on `mnist_5k`.
+
+CPU-scale protocol: prune while training from scratch in 10 rounds of one
+epoch (31 steps at batch 128), round k removing p/(k·p + n(1−p)) of what is
+left (exactly `sparsity` after round 10, at the first step of epoch 11), the
+momentum reset after each event; then train on to 30 epochs with the mask
+fixed. SGD lr 0.05, momentum 0.9, coupled weight decay 5e-4, lr ×0.1 at
+epochs 22 and 27.
+
+    python -m experiments.main --config experiments/configs/gradient_flow_lenet300100_mnist5k.py \
+        --config.measure=gradient_norm_preservation --config.sparsity=0.98
+    python -m experiments.main --config ... --config.method=grasp   # one shot at init
+
+Fields: see `experiments/methods_gradient_flow.py` (measure, rounds,
+round_epochs, structured, reset_moments, hvp_temperature).
+"""
+
+from ml_collections import config_dict
+
+from experiments.configs import _base
+
+
+def get_config():
+  c = _base.base_config()
+  c.method = "gradient_flow"
+  c.model = "lenet300100"
+  c.dataset = "mnist_5k"
+  c.batch_size = 128
+  c.num_epochs = 30
+  c.lr = 0.05
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.lr_schedule = "piecewise"
+  c.lr_decay_epochs = (22, 27)
+  c.sparsity = 0.9
+  # Gradient-flow fields (experiments/methods_gradient_flow.py).
+  c.measure = "loss_preservation_magnitude"
+  c.rounds = 10
+  c.round_epochs = 1.0
+  c.structured = False
+  c.reset_moments = True
+  c.hvp_temperature = config_dict.placeholder(float)  # None: the authors' T
+  # For the FlipOut-family methods on this config (--config.method=flipout):
+  # halving events every 5 epochs.
+  c.prune_every_epochs = 5.0
+  return c

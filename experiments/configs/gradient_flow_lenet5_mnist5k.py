@@ -1,0 +1,44 @@
+"""Gradient-flow pruning (Lubana & Dick 2021) of LeNet-5 on `mnist_5k`.
+
+CPU-scale protocol (a LeNet-5 step costs ~10x a LeNet-300-100 one): prune
+while training from scratch in 3 rounds of one epoch (31 steps at batch
+128), round k removing p/(k·p + n(1−p)) of what is left (exactly `sparsity`
+after round 3, at the first step of epoch 4), the momentum reset after each
+event; then train on to 6 epochs with the mask fixed. SGD lr 0.05,
+momentum 0.9, coupled weight decay 5e-4, lr ×0.1 at epoch 5. (Chosen for a
+shared 2-core CPU: ~1.3 s of compute per epoch, ~8 s start-up per run.)
+
+    python -m experiments.main --config experiments/configs/gradient_flow_lenet5_mnist5k.py \
+        --config.measure=gradient_norm_preservation --config.sparsity=0.98
+
+Fields: see `experiments/methods_gradient_flow.py`.
+"""
+
+from ml_collections import config_dict
+
+from experiments.configs import _base
+
+
+def get_config():
+  c = _base.base_config()
+  c.method = "gradient_flow"
+  c.model = "lenet5"
+  c.dataset = "mnist_5k"
+  c.batch_size = 128
+  c.num_epochs = 6
+  c.lr = 0.05
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.lr_schedule = "piecewise"
+  c.lr_decay_epochs = (5,)
+  c.sparsity = 0.9
+  # Gradient-flow fields (experiments/methods_gradient_flow.py).
+  c.measure = "loss_preservation_magnitude"
+  c.rounds = 3
+  c.round_epochs = 1.0
+  c.structured = False
+  c.reset_moments = True
+  c.hvp_temperature = config_dict.placeholder(float)  # None: the authors' T
+  # For the FlipOut-family methods on this config: halving every epoch.
+  c.prune_every_epochs = 1.0
+  return c

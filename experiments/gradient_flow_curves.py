@@ -1,0 +1,211 @@
+r"""Training-loss curves right after a one-shot prune, per gradient-flow measure.
+
+Lubana & Dick (ICLR 2021) argue from the gradient flow that magnitude-based
+pruning removes the weights that contribute least to the loss's decrease,
+so magnitude-pruned models converge faster after pruning than models pruned
+by loss preservation (|θg|, SNIP-like). This script checks that on the CPU
+scale: train the dense model for ``--prune_epochs`` epochs (0: prune at
+initialisation), prune once to each sparsity by each measure (momentum
+reset), train ``--epochs_after`` more epochs, and record the full
+training-set loss (on a fixed subset of ``--eval_examples`` training images,
+eval mode) after every step from the prune on, averaged over seeds.
+
+    python -m experiments.gradient_flow_curves \
+        --config experiments/configs/gradient_flow_lenet300100_mnist5k.py \
+        --sparsities 0.9,0.98 --prune_epochs 0,1 --epochs_after 3 \
+        --out experiments/results/gradient_flow_curves
+
+Writes ``<out>.png`` (one panel per prune time × sparsity) and ``<out>.json``
+(the curves and a summary: the loss right after the prune and 1 and
+``epochs_after`` epochs later). The config gives the model, data set,
+optimizer and ``hvp_temperature``; its schedule fields are not used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import flags
+
+import flipout_jax as fj
+from flipout_jax import data as data_lib
+from flipout_jax import models as models_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO, "experiments", "configs",
+                              "gradient_flow_lenet300100_mnist5k.py")
+COLORS = {"magnitude": "C0", "loss_preservation": "C1",
+          "loss_preservation_magnitude": "C2", "gradient_norm": "C3",
+          "gradient_norm_preservation": "C4"}
+LABELS = {"magnitude": "|θ| (magnitude)", "loss_preservation": "|θg| (SNIP-like)",
+          "loss_preservation_magnitude": "|θ²g|",
+          "gradient_norm": "θHg (GraSP-like)",
+          "gradient_norm_preservation": "|θHg|"}
+
+
+def _define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_list("measures", list(COLORS), "Measures.", flag_values=fv)
+  flags.DEFINE_list("sparsities", ["0.9", "0.98"], "Sparsities.",
+                    flag_values=fv)
+  flags.DEFINE_list("prune_epochs", ["0", "1"], "Dense epochs before the "
+                    "one-shot prune (0: at initialisation).", flag_values=fv)
+  flags.DEFINE_integer("epochs_after", 3, "Epochs trained after the prune.",
+                       flag_values=fv)
+  flags.DEFINE_list("seeds", ["42", "43", "44"], "Seeds.", flag_values=fv)
+  flags.DEFINE_integer("eval_examples", 1000, "Training images (a fixed "
+                       "evenly spaced subset) the loss is measured on.",
+                       flag_values=fv)
+  flags.DEFINE_string("out", os.path.join(REPO, "experiments", "results",
+                                          "gradient_flow_curves"),
+                      "Output path without extension.", flag_values=fv)
+
+
+def one_shot(inner, measure: str, sparsity: float, step: int):
+  """Prune once at ``step`` by ``measure``, then fix the mask; reset moments."""
+  return fj.core.prune(
+      inner, score_fn=fj.scores.gradient_flow_score(measure),
+      schedule=fj.schedules.one_shot(sparsity, step),
+      reset_moments="all", name="one_shot_" + measure)
+
+
+def make_step(loss_of, tx, t: float):
+  """The train step; ``loss_fn`` (logits / t) for the measures that need it."""
+  @jax.jit
+  def step(params, opt_state, images, labels):
+    loss, grads = jax.value_and_grad(loss_of)(params, images, labels)
+    updates, opt_state = tx.update(
+        grads, opt_state, params,
+        loss_fn=lambda q: loss_of(q, images, labels, t))
+    return optax.apply_updates(params, updates), opt_state, loss
+  return step
+
+
+def curves(config, measures, sparsities, prune_epochs, epochs_after, seeds,
+           eval_examples=1000):
+  """``{(prune_epoch, sparsity, measure): [seeds, steps_after + 1]}`` losses."""
+  from experiments import methods  # pylint: disable=g-import-not-at-top
+  from experiments import methods_gradient_flow as gf  # pylint: disable=g-import-not-at-top
+
+  ds = data_lib.load(config.dataset, data_dir=config.data_dir)
+  spe = data_lib.steps_per_epoch(ds, config.batch_size)
+  model = models_lib.get_model(config.model, num_classes=ds.train.num_classes,
+                               width=config.width)
+  assert not models_lib.uses_batchnorm(config.model), "BatchNorm: not handled"
+  n = ds.train.num_examples
+  x_all, y_all = ds.train.read(
+      np.linspace(0, n - 1, min(eval_examples, n)).round().astype(np.int64))
+
+  def loss_of(params, images, labels, temperature=1.0):
+    logits = model.apply({"params": params}, images, train=False) / temperature
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  train_loss = jax.jit(lambda p: loss_of(p, x_all, y_all))
+  init = jax.jit(lambda k: model.init(
+      k, jnp.zeros((1, *ds.train.image_shape)), train=False)["params"])
+  out = {}
+  for e0 in prune_epochs:
+    step0 = e0 * spe
+    total_epochs = e0 + epochs_after
+    for p in sparsities:
+      for m in measures:
+        tx = one_shot(methods.make_optimizer(config, spe), m, p, step0)
+        t = gf.temperature(config, m)
+
+        step = make_step(loss_of, tx, t)
+
+        runs = []
+        for seed in seeds:
+          params = init(jax.random.PRNGKey(seed))
+          opt_state = tx.init(params)
+          losses, k = [], 0
+          for epoch in range(total_epochs):
+            for images, labels in data_lib.train_batches(
+                ds, config.batch_size, seed=seed, epoch=epoch):
+              if k == step0:
+                losses.append(train_loss(params))  # just before the prune
+              params, opt_state, _ = step(params, opt_state, images, labels)
+              k += 1
+              if k > step0:
+                losses.append(train_loss(params))
+          runs.append(np.asarray(jax.device_get(losses), np.float64))
+        out[(e0, p, m)] = np.stack(runs)
+        r = out[(e0, p, m)].mean(0)
+        print(f"prune at epoch {e0}, sparsity {p:g}, {m}: loss before "
+              f"{r[0]:.3f}, after {r[1]:.3f}, +1 epoch {r[spe]:.3f}, "
+              f"+{epochs_after} epochs {r[-1]:.3f}", flush=True)
+  return out, spe
+
+
+def plot(out, spe, path, title):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  prune_epochs = sorted({k[0] for k in out})
+  sparsities = sorted({k[1] for k in out})
+  fig, axes = plt.subplots(len(prune_epochs), len(sparsities), squeeze=False,
+                           figsize=(5.5 * len(sparsities),
+                                    3.8 * len(prune_epochs)))
+  for i, e0 in enumerate(prune_epochs):
+    for j, p in enumerate(sparsities):
+      ax = axes[i][j]
+      for (e, s, m), runs in out.items():
+        if (e, s) != (e0, p):
+          continue
+        x = np.arange(runs.shape[1]) / spe  # epochs since the prune
+        mean = runs.mean(0)
+        ax.plot(x, mean, color=COLORS.get(m), label=LABELS.get(m, m))
+        ax.fill_between(x, runs.min(0), runs.max(0), color=COLORS.get(m),
+                        alpha=0.15, lw=0)
+      ax.set_yscale("log")
+      ax.set_title(f"prune {100 * p:g}% " + ("at init" if e0 == 0 else
+                                             f"after {e0} epoch(s)"))
+      ax.set_xlabel("epochs after the prune")
+      ax.set_ylabel("training-set loss")
+      ax.grid(alpha=0.3, which="both")
+  axes[0][0].legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv=None) -> None:
+  from experiments import main as main_lib  # pylint: disable=g-import-not-at-top
+  argv = list(sys.argv if argv is None else argv)
+  fv = main_lib.parse_flags(argv, _define_flags, DEFAULT_CONFIG, __doc__)
+  config = fv["config"].value
+  seeds = [int(s) for s in fv["seeds"].value]
+  sparsities = [float(s) for s in fv["sparsities"].value]
+  prune_epochs = [int(e) for e in fv["prune_epochs"].value]
+  out, spe = curves(config, fv["measures"].value, sparsities, prune_epochs,
+                    fv["epochs_after"].value, seeds,
+                    fv["eval_examples"].value)
+  path = fv["out"].value
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  plot(out, spe, path + ".png",
+       f"{config.model} on {config.dataset}: one-shot prune; mean over seeds "
+       f"{', '.join(map(str, seeds))} (band: min–max)")
+  summary = []
+  for (e0, p, m), runs in out.items():
+    r = runs.mean(0)
+    summary.append({"prune_epoch": e0, "sparsity": p, "measure": m,
+                    "before": r[0], "after": r[1], "after_1_epoch": r[spe],
+                    "after_all": r[-1],
+                    "mean_first_epoch": float(r[1:spe + 1].mean())})
+  command = "python -m experiments.gradient_flow_curves " + " ".join(argv[1:])
+  with open(path + ".json", "w") as f:
+    json.dump({"command": command, "steps_per_epoch": spe, "summary": summary,
+               "curves": {f"{e0}/{p}/{m}": runs.mean(0).round(5).tolist()
+                          for (e0, p, m), runs in out.items()}}, f, indent=1)
+  print(f"wrote {path}.png and {path}.json")
+
+
+if __name__ == "__main__":
+  main()

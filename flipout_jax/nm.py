@@ -1,0 +1,660 @@
+"""N:M structured sparsity along the contraction dimension.
+
+**Pattern.** A kernel is N:M sparse when every *group* of M consecutive
+entries along its contraction (input) axis holds at most N nonzeros. Flax
+kernels are ``Dense: (in, out)`` and ``Conv: (kh, kw, in, out)``, so the
+groups run along axis -2 (``in``), one group per ``in/M`` block and per
+output (and spatial) position: the kernel is viewed as
+``(..., in/M, M, out)`` and the constraint holds along the ``M`` axis. This
+is the layout sparse tensor cores use for ``y = x @ W`` (2:4 on NVIDIA
+Ampere+): each output sums, per block of M inputs, at most N products.
+
+**Selection.** :func:`nm_masks` keeps the N highest scores of every group,
+exactly, ties broken by position (the lower input index first), NaN ranked
+as ``-inf`` and ``-0.0`` below ``+0.0`` (the order of
+:func:`flipout_jax.selection.sortable_key`). It is elementwise: M compares
+per entry, no sort and no reduction.
+
+**Gradual schedule.** Pruning goes dense → N:M through intermediate
+``n_t:M`` patterns. The rule reads the schedule's sparsity ``s`` from the
+keep-count the core hands it (``s = 1 − keep_g/size_g`` of the group) and
+keeps ``n_t = clip(round((1 − s)·M), N, M)`` entries per group (half to
+even). So *any* :class:`flipout_jax.schedules.Schedule` drives it: events
+that do not change ``n_t`` keep the masks, ``s >= 1 − N/M`` gives exactly
+N:M and a higher ``s`` is clipped to N:M (never sparser).
+:func:`nm_schedule` gives the natural one: one event per ``n_t = M−1, …,
+N``, evenly spaced from ``start_step`` to ``end_step``. Masks only shrink:
+an entry pruned earlier is never revived by a later event.
+
+**Indivisible layers.** A prunable leaf whose axis -2 is not a multiple of M
+(or whose ndim < 2) cannot be N:M. By default that is a ``ValueError``
+naming the layer (at ``init`` for the constructors here, at the first
+traced update for :func:`nm_mask_rule` used directly). With
+``skip_incompatible=True`` such layers are *skipped*: their masks are left
+unchanged (dense from a dense start) and :func:`check_nm` ignores them.
+
+**Methods.** :func:`nm_magnitude` (gradual magnitude pruning),
+:func:`nm_flipout` (FlipOut's saliency and noise) and :func:`nm_dst`
+(drop-and-grow inside each group, RigL / DST-EE / SET growth) are
+:func:`flipout_jax.core.prune` with :func:`nm_mask_rule` or
+:func:`nm_drop_and_grow`. For ST-3, :func:`nm_soft_threshold` is ST-3's
+soft-threshold-and-rescale with the threshold taken per group (the largest
+pruned magnitude of the group) instead of globally, as a pure function
+(e.g. for a custom ST-3 loop or to export raw ST-3 weights as N:M);
+``flipout_jax.st3`` itself ranks globally and has no selection hook yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flipout_jax import core
+from flipout_jax import schedules as schedules_lib
+from flipout_jax import scores as scores_lib
+from flipout_jax import selection
+from flipout_jax import trees
+from flipout_jax.methods import dst as dst_lib
+from flipout_jax.methods import flipout as flipout_lib
+from flipout_jax.methods import st3 as st3_lib
+
+PyTree = Any
+
+# Largest M: the compact export stores positions within a group as uint8,
+# with the value M marking an empty slot.
+MAX_M = 255
+
+
+# ----------------------------------------------------------------------------
+# Arguments and shapes.
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_nm_args(n, m) -> tuple[int, int]:
+  """Validates ``n`` and ``m``: ints with ``1 <= m <= 255`` and ``0 <= n <= m``.
+
+  Raises:
+    ValueError: naming ``n`` or ``m``.
+  """
+  if not _is_int(m) or not 1 <= m <= MAX_M:
+    raise ValueError(f"m: must be an int in [1, {MAX_M}] (the group size), "
+                     f"got {m!r}.")
+  if not _is_int(n) or not 0 <= n <= m:
+    raise ValueError(f"n: must be an int in [0, m={m}] (entries kept per "
+                     f"group), got {n!r}.")
+  return int(n), int(m)
+
+
+def _check_axis(axis: int, ndim: int, name: str = "axis") -> int:
+  if not _is_int(axis) or not -ndim <= axis < ndim:
+    raise ValueError(f"{name}: {axis!r} is not an axis of a {ndim}-d array.")
+  return axis % ndim
+
+
+def nm_compatible(shape, m: int, axis: int = -2) -> bool:
+  """Whether a kernel of ``shape`` can be N:M along ``axis`` (default -2).
+
+  True iff ``len(shape) >= 2`` and ``shape[axis]`` is a positive multiple
+  of ``m``.
+  """
+  shape = tuple(shape)
+  if len(shape) < 2 or not -len(shape) <= axis < len(shape):
+    return False
+  size = shape[axis]
+  return size > 0 and size % m == 0
+
+
+def _grouped_shape(shape, m: int, axis: int) -> tuple[int, ...]:
+  """``(..., in, ...)`` → ``(..., in/m, m, ...)`` with the group axis at
+  ``axis + 1`` (``axis`` non-negative)."""
+  return shape[:axis] + (shape[axis] // m, m) + shape[axis + 1:]
+
+
+def _incompatible_error(path: str, shape, m: int, axis: int) -> ValueError:
+  return ValueError(
+      f"params: layer {path!r} with shape {tuple(shape)} cannot be N:M with "
+      f"m={m}: its contraction axis {axis} must have a size divisible by m "
+      "(and the leaf ndim >= 2). Pass skip_incompatible=True to leave such "
+      "layers unchanged, or a filter_fn that excludes them.")
+
+
+# ----------------------------------------------------------------------------
+# Selection within groups.
+
+
+def _select_in_groups(keys: jax.Array, count: jax.Array, m: int,
+                      axis: int) -> jax.Array:
+  """Keeps the ``count`` largest keys of each group of ``m`` along ``axis``.
+
+  Args:
+    keys: uint32 keys, ``keys.shape[axis] % m == 0``; ``axis`` >= 0.
+    count: int32, broadcastable to the grouped shape ``(..., in/m, 1, ...)``
+      (a scalar, or one count per group).
+    m: the group size.
+    axis: the contraction axis (non-negative).
+
+  Returns:
+    bool, shaped like ``keys``. Entry i of a group is kept iff its rank
+    ``#{j: key_j > key_i} + #{j < i: key_j == key_i}`` is below ``count``.
+  """
+  shape = keys.shape
+  grouped = keys.reshape(_grouped_shape(shape, m, axis))
+  g_axis = axis + 1
+  position = jax.lax.broadcasted_iota(jnp.int32, grouped.shape, g_axis)
+  rank = jnp.zeros(grouped.shape, jnp.int32)
+  # M elementwise compares (fused by XLA), no sort and no reduction: for
+  # M <= 16 this is a handful of vector ops per entry.
+  for j in range(m):
+    other = jax.lax.slice_in_dim(grouped, j, j + 1, axis=g_axis)
+    beats = (other > grouped) | ((other == grouped) & (j < position))
+    rank = rank + beats.astype(jnp.int32)
+  return (rank < count).reshape(shape)
+
+
+def nm_masks(scores: jax.Array, n, m: int, *,
+             eligible: jax.Array | None = None, axis: int = -2) -> jax.Array:
+  """Keeps the ``n`` highest scores of every group of ``m`` along ``axis``.
+
+  Math: view ``scores`` as ``(..., in/m, m, ...)``; in each group keep the
+  entries of rank ``< n``, rank = number of entries with a higher score
+  plus those with an equal score at a lower position.
+
+  Args:
+    scores: float array, ``ndim >= 2``, ``shape[axis] % m == 0``.
+    n: entries kept per group; a Python int in ``[0, m]`` or a traced int32
+      (e.g. the current ``n_t`` of a gradual schedule), or an int array
+      broadcastable to the grouped shape with a size-1 group axis (one count
+      per group).
+    m: the group size, an int in ``[1, 255]``.
+    eligible: optional bool like ``scores``; ineligible entries (e.g.
+      already pruned) are never kept, so a group with fewer than ``n``
+      eligible entries keeps just those.
+    axis: the contraction axis (default -2, Flax's ``in``).
+
+  Returns:
+    bool array like ``scores``: each group holds exactly
+    ``min(n, #eligible)`` True entries.
+
+  Raises:
+    ValueError: for bad ``n``/``m``/``axis`` or an indivisible axis.
+  """
+  scores = jnp.asarray(scores)
+  if _is_int(n):
+    n, m = check_nm_args(n, m)
+  else:
+    check_nm_args(0, m)
+  if scores.ndim < 2:
+    raise ValueError(f"scores: N:M needs ndim >= 2 (a kernel), got shape "
+                     f"{scores.shape}.")
+  axis = _check_axis(axis, scores.ndim)
+  if scores.shape[axis] % m:
+    raise ValueError(
+        f"scores: axis {axis} has size {scores.shape[axis]}, not divisible by "
+        f"m={m}.")
+  if eligible is not None and jnp.shape(eligible) != scores.shape:
+    raise ValueError(f"eligible: shape {jnp.shape(eligible)} differs from "
+                     f"scores {scores.shape}.")
+  return _nm_masks(scores, jnp.asarray(n, jnp.int32), eligible, m, axis)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _nm_masks(scores, n, eligible, m, axis):
+  # Jitted so that eager calls (export, checks, tests) run as one program
+  # instead of ~4·M dispatched ops.
+  keys = selection.sortable_key(scores)
+  if eligible is None:
+    return _select_in_groups(keys, n, m, axis)
+  # Ineligible entries get key 0, below every real key (>= 0x007FFFFF), so
+  # they rank last; the final `& eligible` drops those a group with fewer
+  # than n eligible entries would otherwise keep.
+  keys = jnp.where(eligible, keys, jnp.uint32(0))
+  return _select_in_groups(keys, n, m, axis) & eligible
+
+
+def nm_group_counts(x: jax.Array, m: int, axis: int = -2) -> jax.Array:
+  """Nonzeros (or True entries) of every group: int32 ``(..., in/m, ...)``."""
+  x = jnp.asarray(x)
+  axis = _check_axis(axis, x.ndim)
+  nonzero = x if x.dtype == jnp.bool_ else x != 0
+  return jnp.sum(nonzero.reshape(_grouped_shape(x.shape, m, axis)),
+                 axis=axis + 1, dtype=jnp.int32)
+
+
+# ----------------------------------------------------------------------------
+# Verification.
+
+
+def _nm_filter(path: str, leaf) -> bool:
+  """Default leaves checked: float or bool arrays with ndim >= 2."""
+  del path
+  if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+    return False
+  return len(leaf.shape) >= 2 and (jnp.issubdtype(leaf.dtype, jnp.floating)
+                                   or leaf.dtype == jnp.bool_)
+
+
+def nm_violations(tree: PyTree, n: int, m: int, *,
+                  skip_incompatible: bool = False,
+                  filter_fn: trees.FilterFn | None = None,
+                  axis: int = -2) -> dict[str, int]:
+  """Number of groups with more than ``n`` nonzeros, per checked leaf.
+
+  Args:
+    tree: params (nonzero = value != 0) or a mask tree (nonzero = True;
+      ``None`` leaves are skipped).
+    n, m: the pattern.
+    skip_incompatible: ignore leaves whose ``axis`` is not divisible by
+      ``m``; otherwise they raise.
+    filter_fn: ``(path, leaf) -> bool``, which leaves to check (default:
+      float or bool leaves with ndim >= 2).
+    axis: the contraction axis.
+
+  Returns:
+    ``{path: violating groups}`` for every checked leaf (0 = N:M holds).
+
+  Raises:
+    ValueError: for bad ``n``/``m`` or, without ``skip_incompatible``, an
+      indivisible leaf (named).
+  """
+  n, m = check_nm_args(n, m)
+  filter_fn = _nm_filter if filter_fn is None else filter_fn
+  out = {}
+  for path, leaf in trees.leaves_with_paths(tree):
+    if not filter_fn(path, leaf):
+      continue
+    if not nm_compatible(leaf.shape, m, axis):
+      if skip_incompatible:
+        continue
+      raise _incompatible_error(path, leaf.shape, m, axis)
+    counts = np.asarray(nm_group_counts(leaf, m, axis))
+    out[path] = int(np.sum(counts > n))
+  return out
+
+
+def check_nm(tree: PyTree, n: int, m: int, *, skip_incompatible: bool = False,
+             filter_fn: trees.FilterFn | None = None, axis: int = -2) -> bool:
+  """True iff every group of M along ``axis`` holds at most N nonzeros.
+
+  Checks the leaves :func:`nm_violations` checks (arguments as there; host
+  side, not jittable).
+  """
+  return all(v == 0 for v in nm_violations(
+      tree, n, m, skip_incompatible=skip_incompatible, filter_fn=filter_fn,
+      axis=axis).values())
+
+
+# ----------------------------------------------------------------------------
+# Schedule and mask rule.
+
+
+def nm_schedule(n: int, m: int, *, start_step: int = 0,
+                end_step: int | None = None) -> schedules_lib.Schedule:
+  """Dense → N:M in ``M − N`` events, one per ``n_t = M−1, M−2, …, N``.
+
+  Event i (of ``c = M − N``) is at ``start_step + round(i·(end_step −
+  start_step)/(c − 1))`` with sparsity ``1 − n_t/M`` (with one event, or
+  ``end_step=None``, a single event at ``end_step`` or ``start_step``).
+
+  Raises:
+    ValueError: for bad ``n``/``m``, ``n == m`` (nothing to prune),
+      ``start_step < 0`` or ``end_step`` too close to ``start_step`` for
+      distinct event steps.
+  """
+  n, m = check_nm_args(n, m)
+  if n == m:
+    raise ValueError(f"n: n == m == {m} prunes nothing; use n < m.")
+  if not _is_int(start_step) or start_step < 0:
+    raise ValueError(f"start_step: must be an int >= 0, got {start_step!r}.")
+  values = list(range(m - 1, n - 1, -1))
+  if end_step is None:  # one-shot, straight to N:M
+    return schedules_lib.Schedule((int(start_step),), (1.0 - n / m,))
+  if not _is_int(end_step) or end_step < start_step + len(values) - 1:
+    raise ValueError(
+        f"end_step: must be an int >= start_step + {len(values) - 1} "
+        f"({len(values)} events n_t = {m - 1}..{n}), got {end_step!r}.")
+  if len(values) == 1:
+    return schedules_lib.Schedule((int(end_step),), (1.0 - n / m,))
+  span = end_step - start_step
+  steps = tuple(int(start_step + round(i * span / (len(values) - 1)))
+                for i in range(len(values)))
+  return schedules_lib.Schedule(steps, tuple(1.0 - v / m for v in values))
+
+
+def n_for_density(density: jax.Array, n: int, m: int) -> jax.Array:
+  """``clip(round(density·M), N, M)`` as int32: entries kept per group."""
+  t = jnp.round(jnp.asarray(density, jnp.float32) * jnp.float32(m))
+  return jnp.clip(t, n, m).astype(jnp.int32)
+
+
+def _prunable_info(masks: PyTree, m: int, axis: int, skip_incompatible: bool):
+  """Paths, shapes and N:M eligibility of the prunable leaves (static)."""
+  flat = trees.leaves_with_paths(masks)
+  info = []
+  for path, leaf in flat:
+    ok = nm_compatible(leaf.shape, m, axis)
+    if not ok and not skip_incompatible:
+      raise _incompatible_error(path, leaf.shape, m, axis)
+    info.append((path, tuple(leaf.shape), ok))
+  return info
+
+
+def nm_mask_rule(n: int, m: int, *, skip_incompatible: bool = False,
+                 axis: int = -2) -> core.MaskRule:
+  """A :data:`flipout_jax.core.MaskRule` that prunes to ``n_t:M`` per event.
+
+  On an event, group g of the core's budget keeps ``keep[g]`` of its
+  ``size_g`` weights; the rule turns that density into
+  ``n_t = clip(round(M·keep[g]/size_g), N, M)`` and, in every N:M-compatible
+  tensor of the group, keeps the ``n_t`` highest-scoring *alive* weights of
+  each group of M along ``axis`` (:func:`nm_masks` with ``eligible =`` the
+  current mask: masks only shrink). Use ``distribution="uniform"`` or
+  ``"global"`` in ``core.prune`` so every layer sees the schedule's density.
+
+  Args:
+    n, m: the final pattern (e.g. 2, 4).
+    skip_incompatible: leave layers whose ``axis`` is not divisible by ``m``
+      unchanged instead of raising.
+    axis: the contraction axis (default -2).
+
+  Returns:
+    ``rule(ctx, scores, groups, keep) -> masks``.
+
+  Raises:
+    ValueError: for bad ``n``/``m`` here; at trace time, naming the layer,
+      for an indivisible prunable layer without ``skip_incompatible``.
+  """
+  n, m = check_nm_args(n, m)
+
+  def rule(ctx: scores_lib.ScoreContext, scores: PyTree, groups, keep):
+    masks = ctx.masks
+    info = _prunable_info(masks, m, axis, skip_incompatible)
+    mask_l = trees.prunable_leaves(masks, masks)
+    score_l = trees.prunable_leaves(masks, scores)
+    new = list(mask_l)
+    for g, members in enumerate(groups):
+      size = sum(math.prod(info[i][1]) for i in members)
+      density = keep[g].astype(jnp.float32) / jnp.float32(max(size, 1))
+      n_t = n_for_density(density, n, m)
+      for i in members:
+        if info[i][2]:
+          new[i] = nm_masks(jnp.asarray(score_l[i], jnp.float32), n_t, m,
+                            eligible=mask_l[i], axis=axis)
+    return trees.unflatten_prunable(masks, new)
+
+  return rule
+
+
+def _validating(tx: optax.GradientTransformationExtraArgs, m: int, axis: int,
+                skip_incompatible: bool, filter_fn) -> optax.GradientTransformationExtraArgs:
+  """Checks the layers' N:M compatibility at ``init`` (not first update)."""
+
+  def init_fn(params):
+    prunable = trees.prunable_tree(params, filter_fn)
+    _prunable_info(trees.mask_like(params, prunable), m, axis,
+                   skip_incompatible)
+    return tx.init(params)
+
+  return optax.GradientTransformationExtraArgs(init_fn, tx.update)
+
+
+def _nm_schedule_arg(n, m, schedule, start_step, end_step):
+  if schedule is not None:
+    if end_step is not None:
+      raise ValueError("schedule: give either schedule or start_step/end_step.")
+    return schedules_lib.as_schedule(schedule)
+  return nm_schedule(n, m, start_step=start_step, end_step=end_step)
+
+
+# ----------------------------------------------------------------------------
+# Constructors.
+
+
+def nm_magnitude(inner: optax.GradientTransformation, *, n: int, m: int,
+                 start_step: int = 0, end_step: int | None = None,
+                 schedule: schedules_lib.Schedule | None = None,
+                 skip_incompatible: bool = False,
+                 filter_fn: trees.FilterFn | None = None, axis: int = -2,
+                 seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Gradual N:M magnitude pruning (e.g. 2:4) as an optax transformation.
+
+  :func:`flipout_jax.core.prune` with score ``|θ|`` and
+  :func:`nm_mask_rule`: on each event, every group of M weights along the
+  contraction axis keeps its ``n_t`` largest-magnitude alive weights; pruned
+  weights land on exactly 0.0 and get no gradient.
+
+  Args:
+    inner: the optimizer to wrap.
+    n, m: the final pattern, ``0 <= n < m <= 255``.
+    start_step, end_step: the default schedule, :func:`nm_schedule` (one
+      event per ``n_t = M−1..N`` from ``start_step`` to ``end_step``; with
+      ``end_step=None`` one-shot N:M at ``start_step``).
+    schedule: any schedule instead (its sparsity s maps to
+      ``n_t = clip(round((1−s)·M), N, M)``); excludes ``end_step``.
+    skip_incompatible: leave layers with indivisible contraction axis dense
+      instead of raising at ``init``.
+    filter_fn: which leaves are prunable (default: float leaves, ndim >= 2).
+    axis: the contraction axis (default -2: Flax Dense/Conv ``in``).
+    seed: PRNG seed kept in the state (unused by magnitude pruning).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (state: a ``PruneState``;
+    ``flipout_jax.get_masks`` gives the masks).
+
+  Raises:
+    ValueError: for bad arguments, or at ``init`` for an indivisible layer
+      (named) without ``skip_incompatible``.
+  """
+  n, m = check_nm_args(n, m)
+  tx = core.prune(
+      inner, score_fn=scores_lib.magnitude,
+      schedule=_nm_schedule_arg(n, m, schedule, start_step, end_step),
+      mask_rule=nm_mask_rule(n, m, skip_incompatible=skip_incompatible,
+                             axis=axis),
+      distribution="uniform", filter_fn=filter_fn, seed=seed,
+      name="nm_magnitude")
+  return _validating(tx, m, axis, skip_incompatible, filter_fn)
+
+
+def nm_flipout(inner: optax.GradientTransformation, *, n: int, m: int,
+               start_step: int = 0, end_step: int | None = None,
+               schedule: schedules_lib.Schedule | None = None, p: float = 2.0,
+               noise_scale: float = 1.0, noise_on: str = "all",
+               skip_incompatible: bool = False,
+               filter_fn: trees.FilterFn | None = None, axis: int = -2,
+               seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """FlipOut's saliency ``|θ|^p/(flips + 1)`` and gradient noise, pruning
+  to N:M (schedule and arguments as :func:`nm_magnitude`; ``p``,
+  ``noise_scale``, ``noise_on`` as :func:`flipout_jax.flipout`)."""
+  n, m = check_nm_args(n, m)
+  p = float(p)
+  if not p > 0:
+    raise ValueError(f"p: {p} must be > 0.")
+  tx = core.prune(
+      inner, score_fn=scores_lib.flipout_saliency(p),
+      schedule=_nm_schedule_arg(n, m, schedule, start_step, end_step),
+      mask_rule=nm_mask_rule(n, m, skip_incompatible=skip_incompatible,
+                             axis=axis),
+      distribution="uniform", noise_scale=noise_scale, noise_on=noise_on,
+      tracker=flipout_lib.flip_counter(), filter_fn=filter_fn, seed=seed,
+      name="nm_flipout")
+  return _validating(tx, m, axis, skip_incompatible, filter_fn)
+
+
+def random_nm_masks(n: int, m: int, *, skip_incompatible: bool = False,
+                    axis: int = -2) -> Callable:
+  """An ``initial_masks`` function: a uniformly random N:M mask per layer.
+
+  Every group of every compatible prunable layer keeps N entries chosen
+  uniformly at random; skipped layers stay dense.
+  """
+  n, m = check_nm_args(n, m)
+
+  def init(params, dense_masks, key):
+    del params
+    info = _prunable_info(dense_masks, m, axis, skip_incompatible)
+    leaves = trees.prunable_leaves(dense_masks, dense_masks)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    out = []
+    for (path, shape, ok), leaf, k in zip(info, leaves, keys):
+      del path
+      out.append(nm_masks(jax.random.uniform(k, shape), n, m, axis=axis)
+                 if ok else leaf)
+    return trees.unflatten_prunable(dense_masks, out)
+
+  return init
+
+
+def nm_drop_and_grow(n: int, m: int, drop_fraction: float, end_step: int, *,
+                     skip_incompatible: bool = False,
+                     axis: int = -2) -> core.MaskRule:
+  """DST's drop-and-grow that keeps every group at exactly N of M.
+
+  Per N:M layer with ``a`` active weights: drop the ``⌊d_t·a⌋`` active
+  weights of smallest ``|θ|`` in the layer (exact, ties by position), with
+  DST's cosine fraction ``d_t``; then every group of M regrows as many
+  weights as it lost, those of highest grow score among its weights
+  inactive after the drop (just-dropped ones included). Skipped layers keep
+  their masks. Assumes every group starts with N active weights (e.g.
+  :func:`random_nm_masks`).
+  """
+  n, m = check_nm_args(n, m)
+
+  def rule(ctx: scores_lib.ScoreContext, grow_scores, groups, keep):
+    del groups, keep  # N:M fixes the count of every group
+    masks = ctx.masks
+    info = _prunable_info(masks, m, axis, skip_incompatible)
+    alive = trees.prunable_leaves(masks, masks)
+    params = trees.prunable_leaves(masks, ctx.params)
+    grow = trees.prunable_leaves(masks, grow_scores)
+    fraction = dst_lib.cosine_drop_fraction(ctx.step, drop_fraction, end_step)
+    layers = [i for i, (_, _, ok) in enumerate(info) if ok]
+    new = list(alive)
+    if not layers:
+      return masks
+    active = jnp.stack([jnp.sum(alive[i], dtype=jnp.int32) for i in layers])
+    drop = dst_lib.num_to_drop(active, fraction)
+    # One exact top-k call for all layers (one group each): keep the
+    # active − drop largest |θ| among the active weights of every layer.
+    kept = selection.top_k_masks(
+        [jnp.abs(params[i].astype(jnp.float32)) for i in layers],
+        [[j] for j in range(len(layers))], active - drop,
+        [alive[i] for i in layers])
+    for i, kept_i in zip(layers, kept):
+      ax = axis % len(info[i][1])
+      lost = n - jnp.expand_dims(nm_group_counts(kept_i, m, ax), ax + 1)
+      # Kept entries get key 0, below every real key (sortable_key >=
+      # 0x007FFFFF), so the `lost` best of each group are all inactive ones.
+      keys = jnp.where(kept_i, jnp.uint32(0), selection.sortable_key(
+          jnp.asarray(grow[i], jnp.float32)))
+      grown = _select_in_groups(keys, jnp.maximum(lost, 0), m, ax) & ~kept_i
+      new[i] = kept_i | grown
+    return trees.unflatten_prunable(masks, new)
+
+  return rule
+
+
+def nm_dst(inner: optax.GradientTransformation, *, n: int, m: int,
+           update_every: int, end_step: int, grow: str = "rigl",
+           drop_fraction: float | None = None,
+           exploration: float = dst_lib.DEFAULT_EXPLORATION,
+           epsilon: float = 1.0, skip_incompatible: bool = False,
+           filter_fn: trees.FilterFn | None = None, axis: int = -2,
+           seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Dynamic sparse training at a constant N:M pattern.
+
+  A random N:M start (:func:`random_nm_masks`), then every ``update_every``
+  steps before ``end_step`` :func:`nm_drop_and_grow` with the grow score of
+  ``grow`` (``"rigl"`` |g|, ``"dst_ee"`` |g| + c·ln(t+1)/(N_i + ε),
+  ``"random"`` SET); grown weights start at 0.0 with zeroed moments.
+  Arguments as :func:`flipout_jax.dst` plus ``n, m, skip_incompatible,
+  axis``.
+  """
+  n, m = check_nm_args(n, m)
+  if n == m:
+    raise ValueError(f"n: n == m == {m} is dense; use n < m.")
+  grow = dst_lib._check_grow(grow)  # pylint: disable=protected-access
+  if drop_fraction is None:
+    drop_fraction = dst_lib.DEFAULT_DROP_FRACTION[grow]
+  drop_fraction = dst_lib._check_drop_fraction(drop_fraction)  # pylint: disable=protected-access
+  if grow == "dst_ee":
+    score_fn = dst_lib.dst_ee_score(exploration, epsilon)
+    tracker = dst_lib.coverage_counter()
+  elif grow == "rigl":
+    score_fn, tracker = dst_lib.rigl_score, None
+  else:
+    score_fn, tracker = scores_lib.random, None
+  tx = core.prune(
+      inner, score_fn=score_fn,
+      schedule=dst_lib.dst_schedule(1.0 - n / m, update_every, end_step),
+      mask_rule=nm_drop_and_grow(n, m, drop_fraction, end_step,
+                                 skip_incompatible=skip_incompatible,
+                                 axis=axis),
+      distribution="uniform", tracker=tracker, reset_moments="grown",
+      filter_fn=filter_fn,
+      initial_masks=random_nm_masks(n, m, skip_incompatible=skip_incompatible,
+                                    axis=axis),
+      seed=seed, name=f"nm_{grow}")
+  return _validating(tx, m, axis, skip_incompatible, filter_fn)
+
+
+# ----------------------------------------------------------------------------
+# ST-3 with a per-group threshold.
+
+
+def nm_soft_threshold(w: jax.Array, n, m: int, *, rescale: bool = True,
+                      axis: int = -2):
+  """ST-3's effective weights with an N:M mask and per-group thresholds.
+
+  With ``mask`` = :func:`nm_masks` of ``|w|`` and, per group of M,
+  ``τ_g`` = the largest pruned magnitude (0 if ``n == M``)::
+
+      w_soft = sign(w)·max(|w| − τ_g, 0)·mask
+      w_eff  = scale_c·w_soft   (ST-3's per-output-channel rescale)
+
+  i.e. :func:`flipout_jax.methods.st3.soft_threshold_leaves` with the
+  global τ replaced by the group's, so ``w_eff`` is continuous in ``w``
+  and exactly 0 where pruned.
+
+  Args:
+    w: a kernel (ndim >= 2, ``shape[axis] % m == 0``).
+    n: entries kept per group (int or traced int32).
+    m: group size.
+    rescale: apply ``scale_c = 1.01/(r_c + 0.01)``, ``r_c`` the kept share
+      of channel c's mean magnitude (1 where a channel lost nothing).
+    axis: the contraction axis.
+
+  Returns:
+    ``(effective, mask, tau, scale)``: effective weights (``w.dtype``), the
+    bool mask, float32 ``τ_g`` broadcast to ``w.shape`` and float32 scales
+    ``[out]``.
+  """
+  w = jnp.asarray(w)
+  a = jnp.abs(w).astype(jnp.float32)
+  mask = nm_masks(a, n, m, axis=axis)
+  ax = _check_axis(axis, w.ndim)
+  grouped = jnp.where(mask, -jnp.inf, a).reshape(_grouped_shape(w.shape, m, ax))
+  tau = jnp.max(grouped, axis=ax + 1, keepdims=True)
+  tau = jnp.broadcast_to(jnp.maximum(tau, 0.0), grouped.shape).reshape(w.shape)
+  soft = jnp.where(mask, jnp.maximum(a - tau, 0.0), 0.0)
+  axes = tuple(range(w.ndim - 1))
+  if rescale:
+    kept = jnp.mean(jnp.where(mask, a, 0.0), axis=axes)
+    ratio = (kept + st3_lib._EPS) / (jnp.mean(a, axis=axes) + st3_lib._EPS)  # pylint: disable=protected-access
+    offset = st3_lib._SCALE_OFFSET  # pylint: disable=protected-access
+    scale = (1.0 + offset) / (ratio + offset)
+    scale = jnp.where(jnp.all(mask, axis=axes), jnp.float32(1.0), scale)
+  else:
+    scale = jnp.ones(w.shape[-1:], jnp.float32)
+  eff = scale * jnp.sign(w).astype(jnp.float32) * soft
+  return (jnp.where(mask, eff, 0.0).astype(w.dtype), mask, tau,
+          jax.lax.stop_gradient(scale))
