@@ -6,11 +6,48 @@ ranking is one group per tensor. Selection is exact in count: it keeps exactly
 ``k`` entries of each group, breaking ties by position (earlier tensors first,
 then row-major order), so the same scores always give the same mask.
 
-The k-th largest score is found by bisection on the bits of the scores mapped
-to order-preserving unsigned integers: 32 counting passes over the data, each
-an elementwise compare and a sum. This costs O(32·n) with O(n) memory and no
-sort, and the passes are plain reductions, so under ``jax.sharding`` each
-device counts its own shard and only scalars cross devices.
+**Algorithm: radix select on order-preserving keys.** Scores are mapped to
+``uint32`` keys with the same order (:func:`sortable_key`). The k-th largest
+key ``t`` of a group is found one *digit* at a time, most significant first:
+a histogram of the digit over the entries whose higher digits equal the
+prefix found so far, then a suffix sum over the histogram picks the digit
+value where the count of larger entries crosses ``k``. Each digit is one
+streaming pass over the data (a scatter-add): 2 passes of 16 bits when the
+histograms (``G·2^16`` int32 for G groups) fit in a quarter of the scores'
+bytes (or 1 MiB), else 4 of 8 bits (or 8 of 4), instead of the 32
+compare-and-count passes of a bit-by-bit bisection.
+
+The last key pass also yields ``above = #{key > t}`` and ``ties = #{key ==
+t}``. The mask is ``key > t`` plus the first ``k − above`` entries with
+``key == t`` in group order. When every tie is kept (``k − above = ties``,
+the usual case for continuous scores) that is ``key >= t``. Otherwise the
+same loop runs on: the radix select continues over *position digits*, i.e.
+it ranks the composite key ``(key, 2^b − 2 − p)`` (``p`` the entry's flat
+index in its group, ``2^b >= size + 2``) among the entries with ``key ==
+t``, which takes ``ceil(b/w)`` more passes (1 or 2) and only runs when some
+group must cut its ties. No cumulative sum over the entries is ever formed.
+
+All groups share the passes: each pass fills one ``[G, 2^w]`` histogram
+(every tensor scatters into its group's row) and one batched suffix sum
+picks every group's digit; the passes are one ``while_loop`` over one traced
+body, so the compiled program holds one scatter per tensor, whatever the
+number of groups and passes.
+
+**Memory.** Keys are never stored: each pass recomputes them from the scores
+block by block (``lax.fori_loop`` over blocks of about 2^16 entries, cut
+along leading axes), so the temporaries are one block's keys and digits and
+the histograms (at most ``max(n/4, 2^18)`` int32 words), whatever n is.
+Peak memory is the scores plus the boolean masks (n bytes) plus O(2^16)
+words, not the O(n) keys, ranks and cumulative sums of a sort or of a
+cumsum-based tie break.
+
+**Sharding.** Nothing is flattened or gathered by this module: blocks are
+cut along leading axes and the masks are elementwise in the tensors' own
+shapes, so under GSPMD a kernel sharded along its last axis (the ``out``
+axis of model-parallel layers) is streamed from each device's shard, each
+pass scatters into a local histogram combined by an all-reduce of
+``G·2^w`` ints, and the masks come out sharded like the scores. (A sharded
+*leading* axis is gathered block by block.)
 
 Ineligible entries (e.g. weights already pruned, which must never be revived)
 are ranked strictly below every eligible one, whatever their score.
@@ -18,12 +55,24 @@ are ranked strictly below every eligible one, whatever their score.
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-_SIGN = jnp.uint32(0x80000000)
+# NumPy, not jnp: a jnp constant at import would start the XLA backend and
+# block a later jax.distributed.initialize().
+_SIGN = np.uint32(0x80000000)
+
+# Entries per streamed chunk. Each chunk's keys and digits are the only
+# per-entry temporaries. On XLA:CPU 2^15..2^17 measured alike; 2^14 pays the
+# loop overhead, and one unchunked scatter over 10^6 entries is ~3x slower
+# (its index and update operands, 2x the scores, leave the cache).
+_CHUNK = 1 << 16
+# Histogram words always allowed (1 MiB), however small the scores.
+_HIST_FLOOR_WORDS = 1 << 18
 
 
 def sortable_key(scores: jax.Array) -> jax.Array:
@@ -31,7 +80,7 @@ def sortable_key(scores: jax.Array) -> jax.Array:
 
   NaN is treated as ``-inf``. The smallest key a score can map to is that of
   ``-inf`` (0x007FFFFF), so keys 0 .. 0x007FFFFE are free to mark ineligible
-  entries.
+  entries; the largest is that of ``+inf`` (0xFF800000).
 
   Args:
     scores: a float array (any float dtype; computed in float32).
@@ -53,34 +102,347 @@ def _keys(scores, eligible):
   return jnp.where(eligible, key, jnp.uint32(0))
 
 
+# ----------------------------------------------------------------------------
+# Streaming: a source is a flat view of one tensor plus how to key a chunk.
+
+
+class _Source:
+  """One tensor: its arrays and ``key_fn(index, *blocks) -> uint32 keys``.
+
+  ``index`` holds the int32 row-major flat index (within the tensor) of
+  every entry of the blocks; XLA drops it when ``key_fn`` ignores it.
+  """
+
+  def __init__(self, arrays, key_fn: Callable[..., jax.Array], shape,
+               chunk: int):
+    self.shape = tuple(shape)
+    self.arrays = [jnp.reshape(a, (1,)) if not self.shape else a
+                   for a in arrays]
+    self.key_fn = key_fn
+    self.size = int(np.prod(self.shape, dtype=np.int64))
+    self.chunk = chunk
+
+  @property
+  def block_shape(self):
+    return self.shape or (1,)
+
+  def keys(self) -> jax.Array:
+    """All keys, in the tensor's shape (elementwise, so sharding-preserving)."""
+    shape = self.block_shape
+    index = _flat_index(shape, (0,) * len(shape), shape, self.arrays[0])
+    return jnp.reshape(self.key_fn(index, *self.arrays), self.shape)
+
+
+def _flat_index(shape, starts, sizes, like: jax.Array) -> jax.Array:
+  """Row-major flat indices (int32) of the block ``starts``/``sizes``.
+
+  ``like`` is a block of the data: starting from ``zeros_like(like)`` gives
+  the indices its sharding, which explicit-axes meshes require of operands
+  combined with it (XLA folds the zeros away).
+  """
+  strides = [int(np.prod(shape[d + 1:], dtype=np.int64))
+             for d in range(len(shape))]
+  index = jnp.zeros_like(like, dtype=jnp.int32)
+  for d, (start, stride) in enumerate(zip(starts, strides)):
+    coord = jax.lax.broadcasted_iota(jnp.int32, sizes, d) + start
+    index = index + coord * stride
+  return index
+
+
+def _replicated_if_explicit(x: jax.Array):
+  """``P()`` if ``x`` is sharded over explicit mesh axes, else None.
+
+  On explicit-axes meshes a scatter of sharded indices into the replicated
+  histogram must name its output sharding (the partial histograms are then
+  summed across devices); elsewhere GSPMD infers it.
+  """
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  if spec is not None and any(axis is not None for axis in spec):
+    return jax.sharding.PartitionSpec()
+  return None
+
+
+def _stream(src: _Source, fn, carry):
+  """Folds ``carry = fn(carry, index, parts)`` over blocks of ``src``.
+
+  ``parts`` are the blocks of ``src.arrays`` (about ``src.chunk`` entries)
+  and ``index`` their entries' flat indices in the tensor.
+
+  Tensors of at most ``chunk`` entries are one block. Larger ones are cut
+  along their *leading* axes, never by flattening: axis ``a`` is the first
+  whose trailing block ``shape[a+1:]`` holds at most ``chunk`` entries, and
+  a block is ``r = chunk // prod(shape[a+1:])`` slices of axis ``a`` at one
+  index of each axis before it. Blocks are ``dynamic_slice``s in a
+  ``fori_loop`` (one traced body, O(chunk) temporaries). Cutting leading
+  axes only keeps the last axis whole, so a kernel sharded along it (the
+  ``out`` axis of model-parallel Dense/Conv layers) is streamed from each
+  device's own shard by GSPMD; a sharded leading axis would be gathered.
+  """
+  shape = src.block_shape
+  if src.size <= src.chunk:
+    whole = _flat_index(shape, (0,) * len(shape), shape, src.arrays[0])
+    return fn(carry, whole, src.arrays)
+  a = next(d for d in range(len(shape))
+           if np.prod(shape[d + 1:], dtype=np.int64) <= src.chunk)
+  inner = int(np.prod(shape[a + 1:], dtype=np.int64))
+  r = max(1, min(shape[a], src.chunk // inner))
+  lead = shape[:a]
+  num_lead = int(np.prod(lead, dtype=np.int64))
+  full, rest = divmod(shape[a], r)
+
+  def block(j_lead, start_a, size_a):
+    starts, rem = [], j_lead
+    for d in reversed(lead):  # unravel j_lead over the leading axes
+      starts.append(rem % d)
+      rem = rem // d
+    starts = starts[::-1] + [start_a] + [0] * (len(shape) - a - 1)
+    starts = [jnp.asarray(x, jnp.int32) for x in starts]
+    sizes = (1,) * a + (size_a,) + shape[a + 1:]
+    parts = [jax.lax.dynamic_slice(x, starts, sizes) for x in src.arrays]
+    return _flat_index(shape, starts, sizes, parts[0]), parts
+
+  def loop(count, body, carry):
+    if count == 1:
+      return body(jnp.int32(0), carry)
+    return jax.lax.fori_loop(0, count, body, carry)
+
+  if full:
+    carry = loop(num_lead * full,
+                 lambda j, c: fn(c, *block(j // full, (j % full) * r, r)),
+                 carry)
+  if rest:
+    carry = loop(num_lead,
+                 lambda j, c: fn(c, *block(j, full * r, rest)), carry)
+  return carry
+
+
+def _digit_width(n: int, num_groups: int, bits: int) -> int:
+  """Bits per digit (16, 8 or 4) for ``num_groups`` groups of ``n`` entries.
+
+  The widest whose histograms (``num_groups·2^w`` int32) fit in
+  ``max(n/4, 2^18)`` words: at most a quarter of float32 scores' bytes, or
+  1 MiB for small models. Never wider than ``bits`` needs.
+  """
+  budget = max(n // 4, _HIST_FLOOR_WORDS)
+  for width in (16, 8):
+    if num_groups << width <= budget and width // 2 < bits:
+      return width
+  return 4
+
+
+def _suffix_sum(x: jax.Array) -> jax.Array:
+  """``s[..., i] = sum_{j >= i} x[..., j]`` for short int32 rows.
+
+  A masked [m, m] sum, not ``cumsum``: XLA:CPU lowers cumsum to
+  reduce-windows that cost ~0.5 ms for 2^16 entries; at m <= 256 this is a
+  few microseconds.
+  """
+  i = jnp.arange(x.shape[-1])
+  upper = i[None, :] >= i[:, None]
+  return jnp.sum(jnp.where(upper, x[..., None, :], 0), axis=-1,
+                 dtype=jnp.int32)
+
+
+def _select_digit(hist: jax.Array, k: jax.Array, above: jax.Array):
+  """Per group, the digit where the count of larger entries crosses ``k``.
+
+  Args:
+    hist: int32 ``[G, 2^w]``, counts of each digit value among the entries
+      whose higher digits equal the group's prefix.
+    k: int32 ``[G]``.
+    above: int32 ``[G]``, entries whose higher digits exceed the prefix.
+
+  Returns:
+    ``(d, above_d, ties_d)``, each ``[G]``: ``d`` the largest digit with
+    ``above + #{digit >= d} >= k`` (0 if none), ``above_d = above +
+    #{digit > d}`` and ``ties_d = hist[d]``.
+  """
+  num_groups, bins = hist.shape
+  w = bins.bit_length() - 1
+  cols = 1 << (w // 2)
+  # Two levels (rows of `cols` bins) so the suffix sums stay short.
+  table = hist.reshape(num_groups, bins // cols, cols)
+  row_total = jnp.sum(table, axis=2, dtype=jnp.int32)
+  ge_row = above[:, None] + _suffix_sum(row_total)  # non-increasing
+  r = jnp.maximum(jnp.sum(ge_row >= k[:, None], axis=1, dtype=jnp.int32) - 1, 0)
+  take = lambda x, i: jnp.take_along_axis(x, i[:, None], axis=1)[:, 0]
+  row = jnp.take_along_axis(table, r[:, None, None], axis=1)[:, 0]
+  ge = (take(ge_row, r) - take(row_total, r))[:, None] + _suffix_sum(row)
+  c = jnp.maximum(jnp.sum(ge >= k[:, None], axis=1, dtype=jnp.int32) - 1, 0)
+  ties = take(row, c)
+  return (r * cols + c).astype(jnp.uint32), take(ge, c) - ties, ties
+
+
+def _radix_select(sources: Sequence[_Source], groups, k: jax.Array, *,
+                  key_bits: int = 32, position_bits: int = 0):
+  """Per group, the k-th largest key and, if needed, the tie cut.
+
+  Ranks entries by the composite key ``(key, q)`` with ``q = 2^b − 2 − p``
+  (``p`` the entry's flat index in its group, ``b = position_bits``), i.e.
+  by key, ties by position, and finds the k-th largest composite key one
+  digit at a time (most significant first): per pass, a histogram of the
+  digit over the entries matching the prefix found so far, then a suffix sum
+  picks the digit where the count of larger entries crosses ``k``.
+
+  The key's digits take ``ceil(key_bits/w)`` passes. The position digits
+  run only if some group must cut its ties (``k − #{key > t} < #{key ==
+  t}``); otherwise every tie is kept and ``q_t = 0``. All groups share the
+  passes: each fills one ``[G, 2^w]`` histogram (every tensor scatters into
+  its group's row) and one batched suffix sum picks every group's digit. The
+  passes are one ``while_loop`` over one traced body, so the program holds
+  one scatter per tensor however many passes run.
+
+  Args:
+    sources: the tensors; keys below ``2^key_bits``.
+    groups: tensor indices per group.
+    k: int32 ``[G]``.
+    key_bits: bits of the keys.
+    position_bits: ``b`` with ``2^b >= size + 2`` of every group, or 0 for
+      no tie cut (then ``q_t`` is always 0).
+
+  Returns:
+    ``(t, q_t)``, each uint32 ``[G]``: ``t`` the largest key with
+    ``#{key >= t} >= k`` (all-ones for ``k <= 0``, 0 if ``k`` exceeds the
+    group's size), and ``q_t`` such that the entries with ``key > t`` or
+    ``key == t and q >= q_t`` are exactly the ``clip(k, 0, size)`` best
+    (``q_t = 0``: every tie).
+  """
+  num_groups = len(groups)
+  n = sum(s.size for s in sources)
+  width = _digit_width(n, num_groups, max(key_bits, position_bits))
+  bins = 1 << width
+  key_passes = -(-key_bits // width)
+  pos_passes = -(-position_bits // width)
+  key_top, pos_top = key_passes * width, pos_passes * width
+  offsets = {}
+  for members in groups:
+    offset = 0
+    for i in members:
+      offsets[i] = offset
+      offset += sources[i].size
+
+  def one_pass(carry):
+    p, prefix, q_prefix, above, _, partial = carry
+    on_key = p < key_passes
+    # Shifts of this pass (int32, clipped to [0, 32]: a uint32 shifted by
+    # >= 32 is 0 in XLA, which is the empty prefix of a first pass).
+    shift = jnp.clip(key_top - width - width * p, 0, 32).astype(jnp.uint32)
+    q_shift = jnp.clip(pos_top - width - width * (p - key_passes), 0,
+                       32).astype(jnp.uint32)
+    hist = jnp.zeros((num_groups * bins,), jnp.int32)
+    for g, members in enumerate(groups):
+      for i in members:
+        src = sources[i]
+        q_base = jnp.uint32((1 << position_bits) - 2 - offsets[i]
+                            if position_bits else 0)
+
+        def add_block(h, index, parts, g=g, src=src, q_base=q_base):
+          key = src.key_fn(index, *parts)
+          mask = jnp.uint32(bins - 1)
+          if position_bits:
+            q = q_base - index.astype(jnp.uint32)
+            digit = jnp.where(on_key, (key >> shift) & mask,
+                              (q >> q_shift) & mask)
+            match = jnp.where(
+                on_key, (key >> (shift + width)) == prefix[g],
+                (key == prefix[g]) & ((q >> (q_shift + width)) == q_prefix[g]))
+          else:
+            digit = (key >> shift) & mask
+            match = (key >> (shift + width)) == prefix[g]
+          # Entries outside the group's prefix go past the end, which
+          # mode="drop" discards: one scatter filters and counts.
+          index = jnp.where(match, digit.astype(jnp.int32) + g * bins,
+                            num_groups * bins)
+          return h.at[index].add(1, mode="drop",
+                                 out_sharding=_replicated_if_explicit(index))
+
+        hist = _stream(src, add_block, hist)
+    digit, new_above, new_ties = _select_digit(
+        hist.reshape(num_groups, bins), k, above)
+    prefix = jnp.where(on_key, (prefix << width) | digit, prefix)
+    q_prefix = jnp.where(on_key, q_prefix, (q_prefix << width) | digit)
+    # After the last key digit: does any group keep only some of its ties?
+    partial = jnp.where(p == key_passes - 1,
+                        jnp.any(k - new_above < new_ties), partial)
+    return p + 1, prefix, q_prefix, new_above, new_ties, partial
+
+  def more(carry):
+    p, partial = carry[0], carry[-1]
+    return (p < key_passes) | ((p < key_passes + pos_passes) & partial)
+
+  zeros = jnp.zeros((num_groups,), jnp.int32)
+  uzeros = jnp.zeros((num_groups,), jnp.uint32)
+  carry = (jnp.int32(0), uzeros, uzeros, zeros, zeros, jnp.bool_(False))
+  _, t, q_t, _, _, _ = jax.lax.while_loop(more, one_pass, carry)
+  return t, q_t
+
+
+# ----------------------------------------------------------------------------
+# Argument checks.
+
+
+def _freeze_groups(groups, num_tensors: int) -> tuple[tuple[int, ...], ...]:
+  try:
+    frozen = tuple(tuple(int(i) for i in g) for g in groups)
+  except TypeError:
+    raise ValueError(
+        f"groups: must be a sequence of sequences of tensor indices, got "
+        f"{groups!r}.") from None
+  for g in frozen:
+    for i in g:
+      if not 0 <= i < num_tensors:
+        raise ValueError(
+            f"groups: index {i} is out of range for {num_tensors} tensors.")
+  return frozen
+
+
+def _check_k(k, num_groups: int) -> jax.Array:
+  k = jnp.asarray(k)
+  if not jnp.issubdtype(k.dtype, jnp.integer):
+    raise ValueError(f"k: must hold integers, got dtype {k.dtype}.")
+  if k.size != num_groups:
+    raise ValueError(
+        f"k: needs one count per group ({num_groups}), got shape {k.shape}.")
+  return jnp.reshape(k.astype(jnp.int32), (num_groups,))
+
+
+# ----------------------------------------------------------------------------
+# Public API.
+
+
 def kth_largest_keys(keys: Sequence[jax.Array],
                      groups: Sequence[Sequence[int]],
                      k: jax.Array) -> jax.Array:
   """Per group, the largest key ``t`` with ``#{key >= t} >= k``.
 
   Args:
-    keys: uint32 key arrays.
+    keys: uint32 key arrays (e.g. from :func:`sortable_key`).
     groups: for each group, the indices into ``keys`` of its tensors.
     k: int32 ``[num_groups]``, how many entries each group keeps.
 
   Returns:
     uint32 ``[num_groups]``: the k-th largest key of each group (for
-    ``k == 0`` the all-ones key, above every entry).
+    ``k <= 0`` the all-ones key, above every entry; for ``k`` above the
+    group's size, key 0).
+
+  Raises:
+    ValueError: if a key array is not uint32, ``groups`` indexes past
+      ``keys``, or ``k`` does not hold one integer per group.
   """
-  k = jnp.asarray(k, jnp.int32)
+  keys = list(keys)
+  for i, key in enumerate(keys):
+    if jnp.asarray(key).dtype != jnp.uint32:
+      raise ValueError(
+          f"keys: entry {i} has dtype {jnp.asarray(key).dtype}; pass uint32 "
+          "keys, e.g. from sortable_key.")
+  groups = _freeze_groups(groups, len(keys))
+  return _kth_largest_keys(keys, groups, _check_k(k, len(groups)), _CHUNK)
 
-  def count_at_least(cand):
-    return jnp.stack([
-        sum(jnp.sum(keys[i] >= cand[g], dtype=jnp.int32) for i in members)
-        for g, members in enumerate(groups)
-    ])
 
-  def body(bit, prefix):
-    cand = prefix | jnp.left_shift(jnp.uint32(1), (31 - bit).astype(jnp.uint32))
-    return jnp.where(count_at_least(cand) >= k, cand, prefix)
-
-  prefix = jnp.zeros((len(groups),), jnp.uint32)
-  return jax.lax.fori_loop(0, 32, body, prefix)
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _kth_largest_keys(keys, groups, k, chunk):
+  sources = [_Source([x], lambda index, x: x, x.shape, chunk) for x in keys]
+  return _radix_select(sources, groups, k)[0]
 
 
 def top_k_masks(scores: Sequence[jax.Array],
@@ -94,38 +456,74 @@ def top_k_masks(scores: Sequence[jax.Array],
     groups: a partition of ``range(len(scores))``; each group is ranked on its
       own. ``[[0, 1, ..., n-1]]`` is a global ranking, ``[[0], [1], ...]`` a
       per-tensor one.
-    k: int ``[num_groups]``: entries to keep per group, ``0 <= k[g] <= size``.
+    k: int ``[num_groups]``: entries to keep per group, ``0 <= k[g] <= size``
+      (``k[g] <= 0`` keeps nothing, ``k[g] >= size`` everything).
     eligible: optional bool arrays like ``scores``; ineligible entries rank
       below all eligible ones (kept only if ``k`` exceeds the eligible count).
 
   Returns:
     A list of bool arrays shaped like ``scores``, True where kept. Each group
-    holds exactly ``k[g]`` True entries; among equal scores the earlier ones
-    (by tensor order in the group, then row-major) are kept.
+    holds exactly ``clip(k[g], 0, size)`` True entries: the same entries as
+    a stable descending sort of the group's scores (concatenated in group
+    order, each tensor row-major) with NaN ranked as ``-inf`` and ``-0.0``
+    below ``+0.0``; among equal scores the earlier ones are kept.
+
+  Raises:
+    ValueError: if ``groups`` indexes past ``scores``, ``eligible`` does not
+      match ``scores``, or ``k`` does not hold one integer per group.
   """
+  scores = list(scores)
+  groups = _freeze_groups(groups, len(scores))
+  if eligible is not None:
+    eligible = list(eligible)
+    if len(eligible) != len(scores):
+      raise ValueError(
+          f"eligible: {len(eligible)} arrays for {len(scores)} score arrays.")
+    for i, (s, e) in enumerate(zip(scores, eligible)):
+      if jnp.shape(s) != jnp.shape(e):
+        raise ValueError(
+            f"eligible: entry {i} has shape {jnp.shape(e)}, scores "
+            f"{jnp.shape(s)}.")
+  return _top_k_masks(scores, groups, _check_k(k, len(groups)), eligible,
+                      _CHUNK)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _top_k_masks(scores, groups, k, eligible, chunk):
   if eligible is None:
-    keys = [sortable_key(s) for s in scores]
+    sources = [_Source([s], lambda index, s: sortable_key(s), jnp.shape(s),
+                       chunk) for s in scores]
   else:
-    keys = [_keys(s, e) for s, e in zip(scores, eligible)]
-  k = jnp.asarray(k, jnp.int32)
-  threshold = kth_largest_keys(keys, groups, k)
-  masks = [None] * len(keys)
-  for g, members in enumerate(groups):
-    t = threshold[g]
-    above = sum(jnp.sum(keys[i] > t, dtype=jnp.int32) for i in members)
-    ties_to_keep = k[g] - above
-    ties_before = jnp.int32(0)
+    sources = [_Source([s, e], lambda index, s, e: _keys(s, e), jnp.shape(s),
+                       chunk) for s, e in zip(scores, eligible)]
+  group_of = {i: g for g, members in enumerate(groups) for i in members}
+  largest = max((sum(sources[i].size for i in g) for g in groups), default=0)
+  bits = int(largest + 1).bit_length()  # 2^bits >= size + 2
+  t, q_t = _radix_select(sources, groups, k, position_bits=bits)
+
+  masks, offset = [None] * len(sources), {}
+  for members in groups:
+    start = 0
     for i in members:
-      tie = keys[i] == t
-      rank = jnp.cumsum(tie.ravel(), dtype=jnp.int32).reshape(tie.shape)
-      rank = rank + ties_before  # 1-based rank of each tie within the group
-      masks[i] = (keys[i] > t) | (tie & (rank <= ties_to_keep))
-      ties_before = ties_before + jnp.sum(tie, dtype=jnp.int32)
+      offset[i], start = start, start + sources[i].size
+  for i, src in enumerate(sources):
+    if i not in group_of:
+      masks[i] = jnp.zeros(src.shape, jnp.bool_)
+      continue
+    g = group_of[i]
+    # Elementwise in the tensor's own shape (fused; keys recomputed, never
+    # stored), so the mask keeps the scores' sharding.
+    key = src.keys()
+    shape = src.block_shape
+    index = jnp.reshape(
+        _flat_index(shape, (0,) * len(shape), shape, src.arrays[0]), src.shape)
+    q = jnp.uint32((1 << bits) - 2 - offset[i]) - index.astype(jnp.uint32)
+    masks[i] = (key > t[g]) | ((key == t[g]) & (q >= q_t[g]))
   return masks
 
 
 def top_k_mask(scores: jax.Array, k: jax.Array,
                eligible: jax.Array | None = None) -> jax.Array:
   """Single-tensor :func:`top_k_masks`: keeps exactly ``k`` entries."""
-  return top_k_masks([scores], [[0]], jnp.reshape(k, (1,)),
+  return top_k_masks([scores], [[0]], jnp.reshape(jnp.asarray(k), (1,)),
                      None if eligible is None else [eligible])[0]

@@ -259,10 +259,6 @@ _SELECTION_FLATTENS = (
     "that reshape needs the whole tensor")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    _SELECTION_FLATTENS + ", so GSPMD all-gathers full bool tensors (e.g. "
-    "pred[32,24] over 'model') on every event. Routed to the selection "
-    "owner; strict: turns into a failure (XPASS) once fixed."))
 @pytest.mark.parametrize("method", st.METHODS)
 def test_step_gathers_no_full_size_tensor_at_all(worker, method):
   collectives = worker[0][f"mlp/{method}"]["collectives"]
