@@ -1,7 +1,7 @@
 """Sparse (BCOO) vs dense inference of exported pruned Dense layers on CPU.
 
 Two models, each pruned by global magnitude to 90, 99 and 99.9 % sparsity
-(masks from flipout_jax.selection), exported with flipout_jax.export and run
+(masks from flipout_jax.selection), exported with flipout_jax.sparse_export and run
 at batch 128 and batch 1:
 
 * LeNet-300-100: a 784-300-100-10 MLP (ReLU), whole forward pass;
@@ -11,7 +11,7 @@ at batch 128 and batch 1:
 
 For each case: the best-of-``--reps`` time of the jitted dense forward
 (masked dense kernels, ``x @ W + b``) and of the jitted sparse one
-(:func:`flipout_jax.export.sparse_dense_apply`), their ratio (``> 1``: sparse
+(:func:`flipout_jax.sparse_export.sparse_dense_apply`), their ratio (``> 1``: sparse
 is faster), the max abs difference of the outputs, and the bytes of the
 prunable kernels dense vs exported.
 
@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from flipout_jax import export as export_lib  # pylint: disable=g-import-not-at-top
+from flipout_jax import sparse_export as export_lib  # pylint: disable=g-import-not-at-top
 from flipout_jax import nm as nm_lib  # pylint: disable=g-import-not-at-top
 from flipout_jax import selection  # pylint: disable=g-import-not-at-top
 

@@ -8,6 +8,7 @@
 
 from flipout_jax import distributions
 from flipout_jax import hessian
+from flipout_jax import nm
 from flipout_jax import schedules
 from flipout_jax import scores
 from flipout_jax import selection
@@ -42,7 +43,15 @@ from flipout_jax.methods.st3 import st3_effective
 from flipout_jax.methods.st3 import st3_raw_weights
 from flipout_jax.methods.st3 import st3_scales
 from flipout_jax.methods.st3 import st3_thresholds
+from flipout_jax.nm import check_nm
+from flipout_jax.nm import nm_magnitude
 from flipout_jax.report import SparsityReport
 from flipout_jax.report import sparsity_report
+
+# fj.export is the function (fj.export(params, masks)); the module stays
+# importable as flipout_jax.sparse_export.
+from flipout_jax.sparse_export import export
+from flipout_jax.sparse_export import export_report
+from flipout_jax.sparse_export import to_dense
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Tests for exporting pruned models (flipout_jax.export)."""
+"""Tests for exporting pruned models (flipout_jax.sparse_export)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.experimental import sparse
 
-from flipout_jax import export as ex
+from flipout_jax import sparse_export as ex
 from flipout_jax import nm
 
 
