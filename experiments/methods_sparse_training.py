@@ -17,6 +17,11 @@ Methods (the final sparsity of each is :func:`methods.target_sparsity`, i.e.
   :func:`flipout_jax.methods.dst.random_sparse_masks` as the initial masks
   and no events.
 
+With ``dst_sparse_init`` (an optional field, off unless a config sets it;
+e.g. ``configs/dst_lenet5_mnist5k_sparse_init.py``) the DST methods and
+``static_random`` also rescale the kept weights at the first update
+(:func:`sparse_init`).
+
 The fields and their defaults are in ``experiments/configs/_sparse_training.py``;
 a config without them (e.g. the FlipOut configs) gets those defaults.
 """
