@@ -15,26 +15,4 @@ from experiments.configs import _base
 
 
 def get_config(target=None):
-  c = _base.base_config()
-  c.method = "flipout"
-  c.model = "resnet18"
-  c.dataset = "cifar10"
-  c.augment = True
-  c.batch_size = 128
-  c.eval_batch_size = 1000
-  c.num_epochs = _base.PAPER_NUM_EPOCHS
-  c.lr = 0.1
-  c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.lr_schedule = "piecewise"
-  c.lr_decay_epochs = (150, 250)
-  c.lr_decay_factor = 0.1
-  c.target = float(target) if target else 99.9
-  c.prune_rate = 0.5
-  c.noise_scale = 1.0
-  # Hoyer-Square (--config.method=hoyer_square): the paper's lambda, 350 epochs
-  # + 150 fine-tune epochs under the fixed mask.
-  c.hoyer_lambda = 1e-4
-  c.finetune_epochs = 150
-  c.finetune_lr = 0.01
-  return c
+  return _base.paper_cifar10_config("resnet18", hoyer_lambda=1e-4, target=target)
