@@ -107,6 +107,13 @@ def param_spec(leaf):
   return P(None, "model") if np.ndim(leaf) == 2 else P("model")
 
 
+def fsdp_param_spec(leaf):
+  """FSDP + tensor parallelism: kernels split on ``in`` over "data" (each
+  data-parallel replica holds a slice of every weight) and on ``out`` over
+  "model"; biases on "model"."""
+  return P("data", "model") if np.ndim(leaf) == 2 else P("model")
+
+
 def make_mesh(data: int, model: int, explicit: bool = False):
   """A ("data", "model") mesh over all devices of all processes."""
   axis_type = (jax.sharding.AxisType.Explicit if explicit
@@ -151,8 +158,11 @@ def host_batch(global_batch, mesh):
   return jax.tree.map(put, global_batch)
 
 
-def train(method: str, mesh=None, steps: int = STEPS, jit_init: bool = False):
+def train(method: str, mesh=None, steps: int = STEPS, jit_init: bool = False,
+          spec_fn=param_spec):
   """Runs ``steps`` steps; sharded over ``mesh`` if given, else one device.
+
+  ``spec_fn(leaf) -> PartitionSpec`` places the params on ``mesh``.
 
   Returns:
     ``(params, state, losses, step_fn, args)`` with ``step_fn`` the jitted
@@ -164,7 +174,7 @@ def train(method: str, mesh=None, steps: int = STEPS, jit_init: bool = False):
     params = jax.tree.map(jnp.asarray, init_params())
     shard_batch = lambda b: jax.tree.map(jnp.asarray, b)
   else:
-    params = to_global(init_params(), mesh, param_spec)
+    params = to_global(init_params(), mesh, spec_fn)
     shard_batch = lambda b: host_batch(b, mesh)
   # On sharded params, init gives every per-weight buffer (masks, counts,
   # moments) the sharding of its weight, eagerly or under jit.

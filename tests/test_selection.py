@@ -14,11 +14,14 @@ import pytest
 from flipout_jax import selection
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
-  """Chunks of 256 entries (the chunk size is a static argument of the jitted
-  implementation, so these tests get their own compiled programs)."""
-  monkeypatch.setattr(selection, "_CHUNK", 256)
+@pytest.fixture(params=[False, True], ids=["contiguous", "strided"])
+def small_chunks(monkeypatch, request):
+  """Blocks of about 256 entries, contiguous (one device) or strided
+  (several devices), whatever this process's device count (the blocking
+  is a static argument of the jitted implementation, so these tests get
+  their own compiled programs)."""
+  monkeypatch.setattr(selection, "_blocking",
+                      lambda: selection._Blocking(256, request.param))
 
 
 def _ref_keys(scores, eligible=None):
@@ -60,8 +63,11 @@ def _assert_matches(scores, groups, k, eligible=None):
     np.testing.assert_array_equal(np.asarray(a), b)
 
 
-# Shapes crossing the small chunk size (256).
-SHAPES = [(700,), (3, 100), (1,), (256,)]
+# Shapes crossing the small chunk size (256): 1-D and 4-D views, a whole
+# tensor of exactly one chunk, and (4, 263) without divisors that fill a
+# block (the contiguous fallback with a remainder).
+SHAPES = [(700,), (3, 100), (1,), (256,), (4, 263), (2, 3, 8, 10)]
+ALL = list(range(len(SHAPES)))
 
 
 def _draw(kind, rng, shape):
@@ -85,7 +91,7 @@ def test_global_group_matches_stable_sort(kind):
   scores = [_draw(kind, rng, s) for s in SHAPES]
   total = sum(np.size(s) for s in scores)
   for k in (0, 1, 17, total // 3, total // 2 + 1, total - 1, total):
-    _assert_matches(scores, [[0, 1, 2, 3]], [k])
+    _assert_matches(scores, [ALL], [k])
 
 
 @pytest.mark.usefixtures("small_chunks")
@@ -93,8 +99,8 @@ def test_global_group_matches_stable_sort(kind):
 def test_per_tensor_and_mixed_groups(kind):
   rng = np.random.default_rng(1)
   scores = [_draw(kind, rng, s) for s in SHAPES]
-  _assert_matches(scores, [[0], [1], [2], [3]], [350, 0, 1, 255])
-  _assert_matches(scores, [[2, 0], [3, 1]], [300, 200])
+  _assert_matches(scores, [[i] for i in ALL], [350, 0, 1, 255, 600, 77])
+  _assert_matches(scores, [[2, 0, 5], [3, 1, 4]], [300, 900])
 
 
 @pytest.mark.usefixtures("small_chunks")
@@ -104,7 +110,7 @@ def test_eligible_ranked_last_and_never_preferred():
   eligible = [rng.random(s) < 0.6 for s in SHAPES]
   n_eligible = sum(int(e.sum()) for e in eligible)
   for k in (10, n_eligible - 3, n_eligible, n_eligible + 5):
-    _assert_matches(scores, [[0, 1, 2, 3]], [k], eligible)
+    _assert_matches(scores, [ALL], [k], eligible)
 
 
 @pytest.mark.usefixtures("small_chunks")
@@ -123,6 +129,27 @@ def test_real_chunk_size_with_tie_cut_across_tensors():
   total = a.size + b.size
   _assert_matches([a, b], [[0, 1]], [total // 2])
   _assert_matches([a, b], [[1, 0]], [total // 8 + 3])
+
+
+@pytest.mark.parametrize("shape", [(700,), (4096, 4096), (3, 3, 512, 512),
+                                   (784, 300), (6000,), (8, 8, 16, 12)])
+@pytest.mark.parametrize("chunk", [256, 65536, 8 * 65536])
+def test_block_views_tile_the_tensor(shape, chunk):
+  size = int(np.prod(shape))
+  for view_fn in (selection._strided_view, selection._contiguous_view):
+    view = view_fn(shape, chunk)
+    if view is None:
+      continue
+    assert tuple(r * q * l for r, q, l in view) == shape
+    block = int(np.prod([r * l for r, _, l in view]))
+    assert chunk // selection._MIN_FILL <= block <= chunk or size <= chunk
+    if view_fn is selection._contiguous_view:
+      assert all(r == 1 for r, _, _ in view)
+  # Strided blocks keep the power of two of big axes (shard counts), e.g.
+  # 4096 x 4096 over 8 devices: >= 256 evenly spaced rows and columns.
+  if shape == (4096, 4096) and chunk == 8 * 65536:
+    (r0, _, _), (r1, _, _) = selection._strided_view(shape, chunk)
+    assert r0 % 256 == 0 and r1 % 256 == 0
 
 
 def test_nan_ranks_as_minus_inf_and_signed_zero_order():
