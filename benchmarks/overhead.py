@@ -41,6 +41,74 @@ def methods(inner):
   }
 
 
+def every_method(inner, params):
+  """Every transformation of the library, at typical arguments (for memory)."""
+  dense = {path: 0.9 for path, _ in fj.trees.leaves_with_paths(
+      fj.trees.mask_like(params, fj.trees.prunable_tree(params)))}
+  common = dict(sparsity=0.9, prune_every=EVENT)
+  dst = dict(sparsity=0.9, update_every=100, end_step=EVENT)
+  return {
+      "global_magnitude": fj.global_magnitude(inner, **common),
+      "random_pruning": fj.random_pruning(inner, **common),
+      "noisy global_magnitude": fj.global_magnitude(inner, noise_scale=1.0, **common),
+      "flipout": fj.flipout(inner, **common),
+      "snip": fj.snip(inner, sparsity=0.9),
+      "fixed_mask": fj.fixed_mask(inner, jax.tree.map(
+          lambda p: jnp.ones(p.shape, bool) if p.ndim >= 2 else None, params)),
+      "hoyer_square (regulariser)": optax.chain(fj.hoyer_square(1e-4), inner),
+      "gradient_flow (abs θHg)": fj.gradient_flow(
+          inner, measure="gradient_norm_preservation", sparsity=0.9, rounds=3,
+          steps_per_round=100),
+      "grasp": fj.grasp(inner, sparsity=0.9),
+      "st3": fj.st3(inner, sparsity=0.9, start_step=0, end_step=EVENT),
+      "dst_ee": fj.dst_ee(inner, **dst),
+      "rigl": fj.rigl(inner, **dst),
+      "set": fj.set_(inner, **dst),
+      "nm_magnitude 2:4": fj.nm_magnitude(inner, n=2, m=4, skip_incompatible=True),
+      "nm_flipout 2:4": fj.nm_flipout(inner, n=2, m=4, skip_incompatible=True),
+      "nm_st3 2:4": fj.nm_st3(inner, n=2, m=4, start_step=0, end_step=EVENT,
+                              skip_incompatible=True),
+      "nm_dst 2:4": fj.nm_dst(inner, n=2, m=4, update_every=100,
+                              end_step=EVENT, skip_incompatible=True),
+      "unipts sparse_training": fj.unipts.sparse_training(inner, sparsities=dense),
+  }
+
+
+def state_memory(name):
+  """Extra optimizer-state bytes of every method over the inner optimizer."""
+  model = models.get_model(name)
+  x = jnp.zeros((1, 28, 28, 1))
+  params = model.init(jax.random.PRNGKey(2), x)["params"]
+  n_params = sum(p.size for p in jax.tree.leaves(params))
+  n_prunable = sum(m.size for m in jax.tree.leaves(
+      fj.trees.mask_like(params, fj.trees.prunable_tree(params))))
+  inner = optax.sgd(0.01, momentum=0.9)
+  inner_bytes = state_bytes(inner.init(params))
+  print(f"\n### optimizer-state memory, {name} ({n_params:,} params, "
+        f"{n_prunable:,} prunable), inner sgd+momentum = "
+        f"{inner_bytes / n_params:.2f} bytes/param\n")
+  print("| method | extra bytes / param | extra bytes / prunable weight | "
+        "by dtype (bytes / prunable weight) |")
+  print("|---|---:|---:|---|")
+  inner_by_dtype = bytes_by_dtype(inner.init(params))
+  for label, tx in every_method(inner, params).items():
+    by_dtype = bytes_by_dtype(jax.eval_shape(tx.init, params))
+    extra = {k: v - inner_by_dtype.get(k, 0) for k, v in by_dtype.items()}
+    total = sum(extra.values())
+    parts = ", ".join(f"{k} {v / n_prunable:.2f}" for k, v in sorted(extra.items())
+                      if v / n_prunable >= 0.005)
+    print(f"| {label} | {total / n_params:.2f} | {total / n_prunable:.2f} | "
+          f"{parts or '-'} |")
+
+
+def bytes_by_dtype(state) -> dict[str, int]:
+  out = {}
+  for leaf in jax.tree.leaves(state):
+    key = str(np.dtype(leaf.dtype))
+    out[key] = out.get(key, 0) + leaf.size * np.dtype(leaf.dtype).itemsize
+  return out
+
+
 def make_step(model, tx):
   def loss_fn(params, x, y):
     logits = model.apply({"params": params}, x)
@@ -113,9 +181,15 @@ def main():
   parser.add_argument("--repeats", type=int, default=200)
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--models", default="lenet300100,lenet5")
+  parser.add_argument("--memory_only", action="store_true",
+                      help="only the optimizer-state memory of every method")
   args = parser.parse_args()
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
         f"{jax.device_count()} device(s)")
+  for name in args.models.split(","):
+    state_memory(name)
+  if args.memory_only:
+    return
   for name in args.models.split(","):
     bench_model(name, args.repeats if name == "lenet300100" else max(20, args.repeats // 5),
                 args.batch)

@@ -55,9 +55,12 @@ def run_one(run: Run, config_path: str, forwarded: Sequence[str]) -> Run:
   if os.path.exists(final):
     with open(final) as f:
       result = json.load(f)
-    # Skip only a run of the same config; otherwise experiments.main refuses
-    # to resume it, and the run is reported as failed.
-    if run.config is None or result.get("config") == run.config:
+    # Skip only a run of the same config (fields added since, at their
+    # defaults, do not count); otherwise experiments.main refuses to resume
+    # it, and the run is reported as failed.
+    from experiments import train  # pylint: disable=g-import-not-at-top
+    if run.config is None or not train.config_diff(result.get("config", {}),
+                                                   run.config):
       run.result, run.skipped = result, True
       return run
   os.makedirs(run.workdir, exist_ok=True)

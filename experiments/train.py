@@ -42,6 +42,7 @@ import flipout_jax as fj
 from flipout_jax import data as data_lib
 from flipout_jax import models as models_lib
 from experiments import methods as methods_lib
+from experiments.configs import _base
 
 ConfigError = methods_lib.ConfigError
 ConfigDict = config_dict.ConfigDict
@@ -355,6 +356,19 @@ def _check_workdir(config: ConfigDict, workdir: str, resume: bool,
     check_same_config(config, workdir)
 
 
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """The fields in which two configs (as :func:`config_json`) differ.
+
+  A field missing from ``old`` that holds its default in ``new`` is not a
+  difference: it was added to the configs after ``old`` ran, and defaults
+  are chosen so that they keep the behaviour of runs that predate them.
+  """
+  defaults = config_json(_base.base_config())
+  return sorted(
+      k for k in set(old) | set(new) if old.get(k) != new.get(k)
+      and not (k not in old and k in defaults and new.get(k) == defaults[k]))
+
+
 def check_same_config(config: ConfigDict, workdir: str) -> None:
   """Raises ConfigError if ``workdir`` holds a run of another config."""
   saved = os.path.join(workdir, "config.json")
@@ -362,8 +376,7 @@ def check_same_config(config: ConfigDict, workdir: str) -> None:
     return
   with open(saved) as f:
     old = json.load(f)
-  new = config_json(config)
-  diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  diff = config_diff(old, config_json(config))
   if diff:
     raise ConfigError(
         f"workdir: {workdir} holds a run of another config (differs in "

@@ -379,6 +379,22 @@ def test_generic_sweep_plan_and_table(tmp_path):
     sweep.parse_grid(["method"])
 
 
+def test_config_diff_ignores_fields_added_later_at_their_default(tmp_path):
+  new = train.config_json(load_config())
+  defaults = train.config_json(_base.base_config())
+  field = next(k for k in sorted(defaults) if new.get(k) == defaults[k])
+  old = {k: v for k, v in new.items() if k != field}
+  assert train.config_diff(old, new) == []  # added since, at its default
+  changed = dict(new, **{field: "not the default"})
+  assert train.config_diff(old, changed) == [field]
+  assert train.config_diff(dict(new, seed=new["seed"] + 1), new) == ["seed"]
+  # The sweep skips such a finished run instead of re-running (and failing).
+  run = sweep.Run("m", "t", 0, [], workdir=str(tmp_path), config=new)
+  with open(tmp_path / "final.json", "w") as f:
+    json.dump({"config": old, "test_accuracy": 0.5, "sparsity": 0.9}, f)
+  assert sweep.run_one(run, MAIN_CONFIG, []).skipped
+
+
 class TinyBNNet(nn.Module):
   """Conv -> BatchNorm -> relu -> pool -> Dense: the BatchNorm path of the loop
   at a fraction of ResNet-20's compile time (its random init alone takes
