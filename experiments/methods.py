@@ -442,3 +442,4 @@ def _hoyer_square(config, steps_per_epoch, total_steps):
 # Methods registered in their own modules (importing them registers them).
 from experiments import methods_gradient_flow  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position
 from experiments import methods_sparse_training  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position
+from experiments import methods_nm  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position

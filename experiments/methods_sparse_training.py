@@ -20,7 +20,7 @@ Methods (the final sparsity of each is :func:`methods.target_sparsity`, i.e.
 With ``dst_sparse_init`` (an optional field, off unless a config sets it;
 e.g. ``configs/dst_lenet5_mnist5k_sparse_init.py``) the DST methods and
 ``static_random`` also rescale the kept weights at the first update
-(:func:`sparse_init`).
+(:func:`flipout_jax.sparse_init`).
 
 The fields and their defaults are in ``experiments/configs/_sparse_training.py``;
 a config without them (e.g. the FlipOut configs) gets those defaults.
@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import math
 
-import jax
-import jax.numpy as jnp
 import optax
 
 import flipout_jax as fj
@@ -110,6 +108,11 @@ def st3_steps(config, steps_per_epoch: int) -> tuple[int, int, int | None]:
 def validate_st3(c) -> None:
   s = methods.target_sparsity(c)
   _check(0 <= s < 1, "sparsity", s, "in [0, 1)")
+  validate_st3_schedule(c)
+
+
+def validate_st3_schedule(c) -> None:
+  """The st3_* fields (ramp, power, rescale, fine-tuning, clip); not sparsity."""
   for name in ("st3_start_epoch", "st3_end_epoch"):
     v = field(c, name)
     _check(v is None or (_is_number(v) and v >= 0), name, v,
@@ -197,6 +200,11 @@ def validate_static_random(c) -> None:
 
 def validate_dst(c) -> None:
   validate_static_random(c)
+  validate_dst_schedule(c)
+
+
+def validate_dst_schedule(c) -> None:
+  """The drop-and-grow fields (period, end, d_0, c, ε); not sparsity."""
   every = field(c, "dst_update_every_epochs")
   _check(_is_number(every) and every > 0, "dst_update_every_epochs", every,
          "a number > 0")
@@ -214,41 +222,8 @@ def validate_dst(c) -> None:
   dst_steps(c, 1000)
 
 
-def sparse_init(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-  """``tx`` (a flipout_jax pruning transformation) with a sparse-aware start.
-
-  The update with count 0 also rescales every kept weight of output unit c
-  (the last axis) by ``sqrt(fan_in / kept_c)``, fan_in the product of the
-  other axes and kept_c the unit's number of kept weights under the masks
-  of that update: a dense init of variance ``v/fan_in`` becomes ``v/kept_c``
-  on the kept weights. Pruned weights land on 0.0 as before; the state is
-  ``tx``'s (the count is its PruneState's), so checkpoints are unchanged.
-  """
-
-  def update(grads, state, params=None, **extra):
-    updates, new_state = tx.update(grads, state, params, **extra)
-    first = fj.core.find_prune_states(state)[0].count == 0
-    masks = fj.get_masks(new_state)
-
-    def fix(m, u, p):
-      if m is None:
-        return u
-      axes = tuple(range(p.ndim - 1))
-      fan_in = math.prod(p.shape[:-1])
-      kept = jnp.sum(m, axis=axes, dtype=jnp.int32)
-      scale = jnp.sqrt(fan_in / jnp.maximum(kept, 1).astype(jnp.float32))
-      extra_u = jnp.where(m & first, (scale - 1.0) * p, 0.0)
-      return (u + extra_u).astype(u.dtype)
-
-    updates = jax.tree.map(fix, masks, updates, params,
-                           is_leaf=lambda x: x is None)
-    return updates, new_state
-
-  return optax.GradientTransformationExtraArgs(tx.init, update)
-
-
 def _maybe_sparse_init(config, tx):
-  return sparse_init(tx) if field(config, "dst_sparse_init") else tx
+  return fj.sparse_init(tx) if field(config, "dst_sparse_init") else tx
 
 
 def _dst_builder(grow: str):

@@ -44,9 +44,13 @@ from flipout_jax.methods.st3 import st3_raw_weights
 from flipout_jax.methods.st3 import st3_scales
 from flipout_jax.methods.st3 import st3_thresholds
 from flipout_jax.nm import check_nm
+from flipout_jax.nm import nm_dst
+from flipout_jax.nm import nm_flipout
 from flipout_jax.nm import nm_magnitude
+from flipout_jax.nm import nm_st3
 from flipout_jax.report import SparsityReport
 from flipout_jax.report import sparsity_report
+from flipout_jax.sparse_init import sparse_init
 
 # fj.export is the function (fj.export(params, masks)); the module stays
 # importable as flipout_jax.sparse_export.

@@ -37,11 +37,13 @@ unchanged (dense from a dense start) and :func:`check_nm` ignores them.
 :func:`nm_flipout` (FlipOut's saliency and noise) and :func:`nm_dst`
 (drop-and-grow inside each group, RigL / DST-EE / SET growth) are
 :func:`flipout_jax.core.prune` with :func:`nm_mask_rule` or
-:func:`nm_drop_and_grow`. For ST-3, :func:`nm_soft_threshold` is ST-3's
-soft-threshold-and-rescale with the threshold taken per group (the largest
-pruned magnitude of the group) instead of globally, as a pure function
-(e.g. for a custom ST-3 loop or to export raw ST-3 weights as N:M);
-``flipout_jax.st3`` itself ranks globally and has no selection hook yet.
+:func:`nm_drop_and_grow`. :func:`nm_st3` is :func:`flipout_jax.st3` with
+:func:`nm_threshold_rule` as its selection hook: ST-3's soft threshold and
+rescale (:func:`flipout_jax.methods.st3.soft_threshold_rescale`) with the
+threshold taken per group (the largest pruned magnitude of the group)
+instead of globally, and ``n_t`` from ST-3's cubic schedule;
+:func:`nm_soft_threshold` is the same computation on one kernel as a pure
+function (e.g. to export raw ST-3 weights as N:M).
 """
 
 from __future__ import annotations
@@ -611,6 +613,161 @@ def nm_dst(inner: optax.GradientTransformation, *, n: int, m: int,
 # ST-3 with a per-group threshold.
 
 
+def _compact_group_shape(shape, m: int, axis: int) -> tuple[int, ...]:
+  """``(..., in, ...)`` → ``(..., in/m, ...)``: one entry per group."""
+  return shape[:axis] + (shape[axis] // m,) + shape[axis + 1:]
+
+
+def _nm_group_threshold(w: jax.Array, n, m: int, axis: int):
+  """N:M selection of one kernel for ST-3 (``axis`` non-negative).
+
+  Returns:
+    ``(mask, tau, tau_groups)``: :func:`nm_masks` of ``|w|`` with ``n``
+    kept per group; float32 ``τ_g`` (the group's largest pruned magnitude,
+    0 if it prunes nothing) broadcast to ``w.shape``; and ``τ_g`` per group,
+    float32 ``(..., in/m, ...)``.
+  """
+  a = jax.lax.stop_gradient(jnp.abs(w).astype(jnp.float32))
+  mask = nm_masks(a, n, m, axis=axis)
+  grouped = jnp.where(mask, -jnp.inf, a).reshape(
+      _grouped_shape(w.shape, m, axis))
+  tau = jnp.maximum(jnp.max(grouped, axis=axis + 1, keepdims=True), 0.0)
+  full = jnp.broadcast_to(tau, grouped.shape).reshape(w.shape)
+  return mask, full, jnp.squeeze(tau, axis + 1)
+
+
+def nm_threshold_rule(n: int, m: int, *, skip_incompatible: bool = False,
+                      axis: int = -2):
+  """ST-3's selection rule for N:M (a :class:`flipout_jax.methods.st3.ThresholdRule`).
+
+  At sparsity ``s`` every group of M along ``axis`` keeps
+  ``n_t = clip(round((1 − s)·M), N, M)`` entries (:func:`n_for_density`),
+  those of largest ``|w|`` (:func:`nm_masks`: exact, ties by position), and
+  is soft-thresholded by ``τ_g``, its largest pruned magnitude (0 when
+  ``n_t = M``). The masks are recomputed from the raw weights at each call
+  (not monotone). Skipped (indivisible) layers keep everything with τ = 0,
+  i.e. stay dense and unscaled.
+
+  A kept entry can tie with its group's largest pruned magnitude; it is then
+  kept by the mask and soft-thresholded to exactly 0 (the pattern holds
+  either way). With continuous weights this does not happen in practice.
+
+  Thresholds stored (``ST3State.thresholds``): float32 ``τ_g`` per group,
+  shape ``(..., in/M, ...)`` (the kernel's shape with ``axis`` divided by
+  M), and float32 ``[]`` (always 0) for a skipped layer.
+
+  Raises:
+    ValueError: for bad ``n``/``m``/``axis`` here; at ``init``, naming the
+      layer, for an indivisible prunable layer without ``skip_incompatible``.
+  """
+  n, m = check_nm_args(n, m)
+  if not _is_int(axis):
+    raise ValueError(f"axis: must be an int (the contraction axis), got "
+                     f"{axis!r}.")
+  if not isinstance(skip_incompatible, bool):
+    raise ValueError(f"skip_incompatible: must be True or False, got "
+                     f"{skip_incompatible!r}.")
+
+  def leaf_axis(shape):
+    """The non-negative axis of a compatible leaf, else None (skipped)."""
+    if len(shape) >= 2:
+      ax = _check_axis(axis, len(shape))
+      if nm_compatible(shape, m, ax):
+        return ax
+    return None
+
+  def init(leaves):
+    out = []
+    for path, leaf in leaves:
+      shape = tuple(leaf.shape)
+      ax = leaf_axis(shape)
+      if ax is None:
+        if not skip_incompatible:
+          raise _incompatible_error(path, shape, m, axis)
+        out.append(jnp.zeros([], jnp.float32))
+      else:
+        out.append(jnp.zeros(_compact_group_shape(shape, m, ax), jnp.float32))
+    return out
+
+  def select(raw, sparsity):
+    n_t = n_for_density(1.0 - jnp.asarray(sparsity, jnp.float32), n, m)
+    masks, taus, thresholds = [], [], []
+    for w in raw:
+      ax = leaf_axis(tuple(w.shape))
+      if ax is None:
+        if not skip_incompatible:  # init raised already; direct calls
+          raise _incompatible_error("?", w.shape, m, axis)
+        masks.append(jnp.ones(w.shape, jnp.bool_))
+        taus.append(jnp.zeros([], jnp.float32))
+        thresholds.append(jnp.zeros([], jnp.float32))
+        continue
+      mask, tau, tau_g = _nm_group_threshold(w, n_t, m, ax)
+      masks.append(mask)
+      taus.append(tau)
+      thresholds.append(tau_g)
+    return st3_lib.ThresholdSelection(masks, taus, thresholds)
+
+  return st3_lib.ThresholdRule(init, select)
+
+
+def nm_st3(inner: optax.GradientTransformation, *, n: int, m: int,
+           start_step: int, end_step: int, power: float = 3.0,
+           rescale: bool = True, freeze_step: int | None = None,
+           skip_incompatible: bool = False,
+           filter_fn: trees.FilterFn | None = None,
+           axis: int = -2) -> optax.GradientTransformationExtraArgs:
+  """ST-3 (soft threshold + straight-through) ending at an exact N:M pattern.
+
+  :func:`flipout_jax.st3` with :func:`nm_threshold_rule`: the cubic schedule
+  ``s_t`` ramps from 0 (update count ``start_step``) to ``1 − N/M`` (count
+  ``end_step``); each update keeps ``n_t = clip(round((1 − s_t)·M), N, M)``
+  raw weights of largest magnitude per group of M along ``axis``, soft-
+  thresholds them by the group's largest pruned magnitude ``τ_g``, applies
+  ST-3's per-output-channel rescale, and hands the model these effective
+  weights (pruned entries exactly 0.0). Masks are recomputed from the raw
+  weights every update (pruned weights get the straight-through gradient and
+  can come back), so the pattern moves during training but every update
+  from count ``end_step`` on is exactly N:M (every group holds N kept
+  entries: :func:`check_nm` holds on the params and on the masks).
+
+  Args:
+    inner: the optimizer of the raw weights (weight decay inside it).
+    n, m: the final pattern, ``1 <= n < m <= 255`` (e.g. 2, 4).
+    start_step, end_step: the ramp, ``0 <= start_step < end_step``.
+    power: exponent of the ramp (3: cubic).
+    rescale: ST-3's per-output-channel rescale.
+    freeze_step: None or an int ``> end_step``: from this update count on,
+      fine-tune under the N:M masks of update ``freeze_step − 1`` (see
+      :func:`flipout_jax.st3`).
+    skip_incompatible: leave layers whose ``axis`` is not divisible by ``m``
+      (or ``ndim < 2``) dense instead of raising at ``init``.
+    filter_fn: which leaves are prunable (default: float leaves, ndim >= 2).
+    axis: the contraction axis (default -2: Flax Dense/Conv ``in``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is
+    :func:`flipout_jax.st3`'s (``ST3State.thresholds``: float32 ``τ_g`` per
+    group, shape ``(..., in/M, ...)``; ``[]`` for skipped layers). Must be
+    the last transformation of a chain, as :func:`flipout_jax.st3`.
+
+  Raises:
+    ValueError: naming the argument, for bad ``n``/``m`` (``n`` must be in
+      ``[1, m)``), steps, ``power`` or ``freeze_step``; at ``init``, naming
+      the layer, for an indivisible layer without ``skip_incompatible``.
+  """
+  n, m = check_nm_args(n, m)
+  if n == 0:
+    raise ValueError("n: n == 0 prunes every weight; ST-3 needs n >= 1.")
+  if n == m:
+    raise ValueError(f"n: n == m == {m} prunes nothing; use n < m.")
+  rule = nm_threshold_rule(n, m, skip_incompatible=skip_incompatible,
+                           axis=axis)
+  return st3_lib.st3(inner, sparsity=1.0 - n / m, start_step=start_step,
+                     end_step=end_step, power=power, rescale=rescale,
+                     freeze_step=freeze_step, filter_fn=filter_fn,
+                     threshold_rule=rule)
+
+
 def nm_soft_threshold(w: jax.Array, n, m: int, *, rescale: bool = True,
                       axis: int = -2):
   """ST-3's effective weights with an N:M mask and per-group thresholds.
@@ -621,9 +778,10 @@ def nm_soft_threshold(w: jax.Array, n, m: int, *, rescale: bool = True,
       w_soft = sign(w)·max(|w| − τ_g, 0)·mask
       w_eff  = scale_c·w_soft   (ST-3's per-output-channel rescale)
 
-  i.e. :func:`flipout_jax.methods.st3.soft_threshold_leaves` with the
-  global τ replaced by the group's, so ``w_eff`` is continuous in ``w``
-  and exactly 0 where pruned.
+  The selection of one :func:`nm_st3` update (:func:`nm_threshold_rule`)
+  followed by :func:`flipout_jax.methods.st3.soft_threshold_rescale`, the
+  same math as ST-3's global rule with the global τ replaced by the
+  group's: ``w_eff`` is continuous in ``w`` and exactly 0 where pruned.
 
   Args:
     w: a kernel (ndim >= 2, ``shape[axis] % m == 0``).
@@ -637,24 +795,22 @@ def nm_soft_threshold(w: jax.Array, n, m: int, *, rescale: bool = True,
     ``(effective, mask, tau, scale)``: effective weights (``w.dtype``), the
     bool mask, float32 ``τ_g`` broadcast to ``w.shape`` and float32 scales
     ``[out]``.
+
+  Raises:
+    ValueError: for bad ``n``/``m``/``axis`` or an indivisible axis.
   """
   w = jnp.asarray(w)
-  a = jnp.abs(w).astype(jnp.float32)
-  mask = nm_masks(a, n, m, axis=axis)
-  ax = _check_axis(axis, w.ndim)
-  grouped = jnp.where(mask, -jnp.inf, a).reshape(_grouped_shape(w.shape, m, ax))
-  tau = jnp.max(grouped, axis=ax + 1, keepdims=True)
-  tau = jnp.broadcast_to(jnp.maximum(tau, 0.0), grouped.shape).reshape(w.shape)
-  soft = jnp.where(mask, jnp.maximum(a - tau, 0.0), 0.0)
-  axes = tuple(range(w.ndim - 1))
-  if rescale:
-    kept = jnp.mean(jnp.where(mask, a, 0.0), axis=axes)
-    ratio = (kept + st3_lib._EPS) / (jnp.mean(a, axis=axes) + st3_lib._EPS)  # pylint: disable=protected-access
-    offset = st3_lib._SCALE_OFFSET  # pylint: disable=protected-access
-    scale = (1.0 + offset) / (ratio + offset)
-    scale = jnp.where(jnp.all(mask, axis=axes), jnp.float32(1.0), scale)
+  if _is_int(n):
+    n, m = check_nm_args(n, m)
   else:
-    scale = jnp.ones(w.shape[-1:], jnp.float32)
-  eff = scale * jnp.sign(w).astype(jnp.float32) * soft
-  return (jnp.where(mask, eff, 0.0).astype(w.dtype), mask, tau,
-          jax.lax.stop_gradient(scale))
+    check_nm_args(0, m)
+  if w.ndim < 2:
+    raise ValueError(f"w: N:M needs ndim >= 2 (a kernel), got shape "
+                     f"{w.shape}.")
+  ax = _check_axis(axis, w.ndim)
+  if w.shape[ax] % m:
+    raise ValueError(f"w: axis {ax} has size {w.shape[ax]}, not divisible by "
+                     f"m={m}.")
+  mask, tau, _ = _nm_group_threshold(w, n, m, ax)
+  eff, scale = st3_lib.soft_threshold_rescale(w, mask, tau, rescale=rescale)
+  return eff, mask, tau, scale

@@ -132,8 +132,8 @@ def test_sparse_init_rescales_kept_weights_once():
 
   params = {"dense": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (50, 8)),
                       "bias": jnp.ones((8,))}}
-  tx = mst.sparse_init(fj.rigl(optax.sgd(0.0), sparsity=0.9, update_every=5,
-                               end_step=10, seed=1))
+  tx = fj.sparse_init(fj.rigl(optax.sgd(0.0), sparsity=0.9, update_every=5,
+                              end_step=10, seed=1))
   state = tx.init(params)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, state = tx.update(zeros, state, params)

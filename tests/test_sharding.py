@@ -307,6 +307,38 @@ def test_fsdp_explicit_axes_streamed_update_is_bitwise_identical(worker):
                    _run(arrays, "fsdp_explicit/dst_ee/sharded"), exact=True)
 
 
+EVERY_METHOD = ("global_magnitude", "random_pruning", "snip", "gradient_flow",
+                "st3", "st3_sigma", "rigl", "set", "nm_magnitude",
+                "nm_flipout", "nm_st3", "nm_dst", "unipts")
+
+
+# ST-3's rescale is a mean over each output channel's inputs, i.e. a float sum
+# across the FSDP shards of `in`: a few ulp apart, masks still identical.
+CHANNEL_SUMS = ("st3", "st3_sigma", "nm_st3")
+
+
+@pytest.mark.parametrize("name", EVERY_METHOD)
+def test_every_method_sharded_fsdp_matches_the_single_device_run(worker, name):
+  info = worker[0]["every_method"][name]
+  assert info["masks_equal"], name
+  if name in CHANNEL_SUMS:
+    assert info["max_abs_diff"] < 1e-5, info["max_abs_diff"]
+  else:
+    assert info["bit_equal"], (name, info["max_abs_diff"])
+  assert info["sparsity"] > 0.4, info["sparsity"]  # events happened
+  # Every per-weight leaf (masks, raw weights, counts, moments, N:M group
+  # thresholds) carries its kernel's sharding; per-channel vectors (ST-3's
+  # scales) the `out` axis's, scalars none.
+  specs = {path: spec for path, spec in info["shardings"].items()
+           if path.endswith("['kernel']")}
+  per_weight = [spec for spec in specs.values() if spec.count(",") == 1
+                and spec != "('model',)"]
+  assert len(per_weight) >= 3 * len(KERNELS)
+  assert all(spec == "('data', 'model')" for spec in per_weight), specs
+  assert all(spec in ("('data', 'model')", "('model',)", "()")
+             for spec in specs.values()), specs
+
+
 def test_explicit_axes_mesh_update_is_bitwise_identical(worker):
   report, arrays = worker
   assert report["explicit"]["update_error"] is None, report["explicit"]

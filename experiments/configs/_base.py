@@ -32,6 +32,27 @@ Pruning schedule (flipout, global_magnitude, noisy_global_magnitude, random)
 Hoyer-Square (method "hoyer_square")
   hoyer_lambda, hoyer_threshold; then finetune_epochs under the fixed mask with
   finetune_lr / finetune_lr_schedule / finetune_lr_decay_epochs.
+N:M structured sparsity (methods "nm_magnitude", "nm_flipout", "nm_st3",
+"nm_dst"; see experiments/methods_nm.py). NM_FIELDS below, added by
+add_nm_fields() (e.g. configs/nm_lenet300100_mnist5k.py), not by base_config():
+adding fields to every config would change every config's JSON and the
+existing sweeps could no longer skip or resume their finished runs. A config
+without them runs the N:M methods with these defaults.
+  nm_n, nm_m        the pattern: at most nm_n nonzeros in every group of nm_m
+                    consecutive weights along the contraction (input) axis;
+                    1 <= nm_n < nm_m <= 255 (default 2:4).
+  nm_skip_incompatible  True: layers whose input axis is not divisible by nm_m
+                    stay dense; False: such a layer is an error naming it.
+                    None (default): True for the conv nets (their first conv
+                    has 1 (MNIST) or 3 (CIFAR) input channels), False for
+                    lenet300100 (784/300/100 inputs, divisible by 2 and 4).
+  nm_dst_grow       nm_dst's growth: "rigl" (|g|, default), "dst_ee" or
+                    "random" (SET).
+The schedules are the families': nm_magnitude/nm_flipout prune dense -> nm_m-1
+-> ... -> nm_n per group in events evenly spaced from prune_start_epoch to
+prune_end_epoch (None: half of num_epochs); nm_st3 uses the st3_* fields (cubic ramp of s_t to
+1 - nm_n/nm_m, fine-tuning, clip); nm_dst the dst_* fields (drop fraction,
+period, end; dst_distribution unused: every layer is nm_n:nm_m).
 """
 
 from ml_collections import config_dict
@@ -41,6 +62,14 @@ from ml_collections import config_dict
 # 2, 4, 6, 8, 10 halvings.
 PAPER_NUM_EPOCHS = 350
 PAPER_TARGETS = {75.0: 117, 93.75: 70, 98.44: 50, 99.61: 39, 99.9: 32}
+
+# N:M fields: name -> (type, default); a None default is a placeholder.
+NM_FIELDS = {
+    "nm_n": (int, 2),
+    "nm_m": (int, 4),
+    "nm_skip_incompatible": (bool, None),
+    "nm_dst_grow": (str, "rigl"),
+}
 
 
 def base_config() -> config_dict.ConfigDict:
@@ -83,6 +112,28 @@ def base_config() -> config_dict.ConfigDict:
   return c
 
 
+def mnist5k_config(model: str, method: str) -> config_dict.ConfigDict:
+  """The CPU-scale recipe shared by the mnist_5k tables of every method.
+
+  4,000 training / 1,000 test images of the embedded MNIST subset, batch 128
+  (31 steps per epoch), 80 epochs of SGD lr 0.05 with momentum 0.9 and
+  coupled weight decay 5e-4, lr ×0.1 at epochs 74 and 78 (after FlipOut's
+  last event, at epoch 72). The method configs add their own fields.
+  """
+  c = base_config()
+  c.method = method
+  c.model = model
+  c.dataset = "mnist_5k"
+  c.batch_size = 128
+  c.num_epochs = 80
+  c.lr = 0.05
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.lr_schedule = "piecewise"
+  c.lr_decay_epochs = (74, 78)
+  return c
+
+
 def paper_cifar10_config(model: str, hoyer_lambda: float,
                          target=None) -> config_dict.ConfigDict:
   """The FlipOut paper's CIFAR-10 recipe for ``model`` (VGG19, ResNet18)."""
@@ -108,4 +159,12 @@ def paper_cifar10_config(model: str, hoyer_lambda: float,
   c.hoyer_lambda = hoyer_lambda
   c.finetune_epochs = 150
   c.finetune_lr = 0.01
+  return c
+
+
+def add_nm_fields(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+  """Adds the N:M fields (``NM_FIELDS``) with their defaults to ``c``."""
+  for name, (kind, default) in NM_FIELDS.items():
+    setattr(c, name,
+            config_dict.placeholder(kind) if default is None else default)
   return c

@@ -8,17 +8,7 @@ from experiments.configs import _base
 
 
 def get_config():
-  c = _base.base_config()
-  c.method = "flipout"
-  c.model = "lenet5"
-  c.dataset = "mnist_5k"
-  c.batch_size = 128
-  c.num_epochs = 80
-  c.lr = 0.05
-  c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.lr_schedule = "piecewise"
-  c.lr_decay_epochs = (74, 78)  # after the last event (epoch 72)
+  c = _base.mnist5k_config("lenet5", method="flipout")
   c.prune_every_epochs = 9.0
   c.prune_rate = 0.5
   c.hoyer_lambda = 3e-5

@@ -22,17 +22,7 @@ from experiments.configs import _sparse_training
 
 
 def get_config():
-  c = _base.base_config()
-  c.method = "st3"
-  c.model = "lenet300100"
-  c.dataset = "mnist_5k"
-  c.batch_size = 128
-  c.num_epochs = 80
-  c.lr = 0.05
-  c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.lr_schedule = "piecewise"
-  c.lr_decay_epochs = (74, 78)
+  c = _base.mnist5k_config("lenet300100", method="st3")
   c.target = 99.61  # 1 - 0.5^8, the FlipOut main job's sparsity
   _sparse_training.add_st3_fields(c)
   c.st3_start_epoch = None  # 80 * 5/160 = 2.5

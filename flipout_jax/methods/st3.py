@@ -66,6 +66,16 @@ ones stay exactly 0.0. The raw weights remain the source of truth in this
 phase too, so the params equal them up to the one rounding above (in
 practice bitwise for almost every weight) and never drift away from them.
 
+**Selection hook.** Which weights are pruned and by how much the kept ones
+are thresholded is a :class:`ThresholdRule` (``threshold_rule=``): from the
+raw weights and ``s_t`` it returns the masks and per-entry thresholds
+``τ``; the soft threshold and the rescale above are then always
+:func:`soft_threshold_rescale`. The default, :func:`global_threshold_rule`,
+is the global ranking above (ST-3, or ST-3σ with ``sigma_normalized``);
+:func:`flipout_jax.nm.nm_st3` plugs in an N:M rule (per group of M along
+the contraction axis, ``n_t`` kept, ``τ_g`` the group's largest pruned
+magnitude).
+
 **Placement.** ``st3`` must be the *last* transformation of a chain, because
 its updates are ``w_eff' − params``, not a gradient step that could be
 rescaled. Put gradient clipping before it (``optax.chain(
@@ -108,8 +118,14 @@ class ST3State(NamedTuple):
   Attributes:
     raw: the raw dense weights, param dtype, at the prunable leaves (None
       elsewhere: non-prunable params are trained in place, not copied).
-    thresholds: float32 ``[]`` per prunable leaf: ``τ_l`` of the last update
-      (``τ·σ_l``; ``τ`` for plain ST-3; 0 before start and after the freeze).
+    thresholds: float32 per prunable leaf, the ``thresholds`` of the
+      :class:`ThresholdRule` at the last update (0 before start and after
+      the freeze). Global rule (ST-3 / ST-3σ): shape ``[]``, ``τ_l`` (``τ·σ_l``;
+      ``τ`` for plain ST-3). N:M rule (:func:`flipout_jax.nm.nm_st3`): one
+      ``τ_g`` per group of M, the kernel's shape with the contraction axis
+      divided by M (``(in/M, out)`` for a Dense kernel, ``(kh, kw, in/M,
+      out)`` for a Conv kernel), and ``[]`` (always 0) for a layer skipped
+      as N:M-incompatible.
     scales: float32 per prunable leaf, shape ``[out]`` (the last axis) for
       ``ndim >= 2`` and ``[]`` otherwise: ``scale_c`` of the last update (all
       1 with ``rescale=False``, before start, and after the freeze).
@@ -125,8 +141,9 @@ class ST3Weights(NamedTuple):
   Attributes:
     effective: params-shaped: the effective weights at the prunable leaves,
       the input leaves elsewhere.
-    masks: mask layout: ``score > τ``.
-    thresholds: mask layout, float32 ``[]``: ``τ_l``.
+    masks: mask layout: ``score > τ`` (global rule) or the rule's masks.
+    thresholds: mask layout, float32: ``τ_l`` (``[]``, global rule) or the
+      rule's thresholds (see :class:`ST3State`).
     scales: mask layout, float32 ``[out]`` or ``[]``: ``scale_c``.
   """
   effective: PyTree
@@ -200,10 +217,158 @@ def _channel_axes(ndim: int) -> tuple[int, ...]:
   return tuple(range(ndim - 1)) if ndim >= 2 else tuple(range(ndim))
 
 
+class ThresholdSelection(NamedTuple):
+  """What a :class:`ThresholdRule` selects from the raw weights at ``s_t``.
+
+  Attributes (lists matching the raw-weight list):
+    masks: bool, shaped like the raw weight: the kept entries.
+    taus: float32, broadcastable to the raw weight: the threshold ``τ`` each
+      entry is soft-thresholded by (``[]`` for one τ per tensor).
+    thresholds: float32, what :class:`ST3State` stores (and
+      :func:`st3_thresholds` returns): the compact form of ``taus``.
+  """
+  masks: list
+  taus: list
+  thresholds: list
+
+
+class ThresholdRule(NamedTuple):
+  """The pluggable selection of :func:`st3`: which weights ST-3 prunes, and by
+  how much it soft-thresholds the kept ones.
+
+  Attributes:
+    init: ``[(path, leaf), ...] -> [threshold, ...]``: the initial (all 0)
+      ``thresholds`` of the prunable leaves (only the leaves' shapes are
+      read). Runs once, at ``init``; raises ValueError (naming the layer)
+      for a leaf the rule cannot handle.
+    select: ``(raw, s) -> ThresholdSelection``: the masks and thresholds of
+      the raw weights (a list of arrays) at sparsity ``s`` (a traced float32
+      scalar); traced inside the update, so it must be jittable. The
+      thresholds must be float32 and of the shapes ``init`` returned.
+
+  :func:`global_threshold_rule` is ST-3's / ST-3σ's;
+  :func:`flipout_jax.nm.nm_threshold_rule` the N:M one (used by
+  :func:`flipout_jax.nm.nm_st3`). Both hand their selection to
+  :func:`soft_threshold_rescale`, the one place of the soft-threshold and
+  rescale math.
+  """
+  init: Any
+  select: Any
+
+
+def soft_threshold_rescale(w: jax.Array, mask: jax.Array, tau, *,
+                           rescale: bool = True):
+  """ST-3's effective weight of one tensor from its mask and thresholds.
+
+  ::
+
+      w_soft  = sign(w)·max(|w| − τ, 0)·m
+      r_c     = (mean_k(|w_ck|·m_ck) + 1e-6) / (mean_k |w_ck| + 1e-6)
+      scale_c = 1.01/(r_c + 0.01)      (exactly 1 if channel c keeps all)
+      w_eff   = scale_c·w_soft         (rescale=True; else w_soft)
+
+  ``c`` is the last axis (the output channel of Flax kernels); the means run
+  over the other axes (a leaf with ``ndim < 2`` is one channel).
+
+  Args:
+    w: the raw weights.
+    mask: bool like ``w``: the kept entries (the rule decides; where it
+      disagrees with ``|w| > τ`` by a rounding, the ``max`` keeps
+      ``sign(w_soft) = sign(w)``).
+    tau: float32 broadcastable to ``w``: a scalar (ST-3) or per-entry
+      thresholds (N:M). Not differentiated through.
+    rescale: apply ``scale_c``.
+
+  Returns:
+    ``(effective, scale)``: the effective weights (``w.dtype``, +0.0
+    exactly where ``mask`` is False) and float32 scales (``[out]`` for
+    ``ndim >= 2``, else ``[]``; all 1 with ``rescale=False``). Only
+    ``effective`` is differentiable w.r.t. ``w``, with derivative
+    ``scale_c·m`` (where ``|w| > τ``).
+  """
+  a = jnp.abs(w).astype(jnp.float32)
+  tau = jax.lax.stop_gradient(jnp.asarray(tau, jnp.float32))
+  # maximum(): with σ ≠ 1, `score > τ` and `|w| − τσ > 0` can disagree by
+  # one rounding; the mask decides, the max keeps sign(w_soft) = sign(w).
+  soft = jnp.where(mask, jnp.maximum(a - tau, 0.0), 0.0)
+  axes = _channel_axes(w.ndim)
+  if rescale:
+    kept = jnp.mean(jnp.where(mask, a, 0.0), axis=axes)
+    ratio = (kept + _EPS) / (jnp.mean(a, axis=axes) + _EPS)
+    scale = (1.0 + _SCALE_OFFSET) / (ratio + _SCALE_OFFSET)
+    # Exactly 1 for a channel without pruned weights, whatever the rounding
+    # of the two means, so that w_eff == w_raw before the schedule starts.
+    scale = jnp.where(jnp.all(mask, axis=axes), jnp.float32(1.0), scale)
+    scale = jax.lax.stop_gradient(scale)
+  else:
+    scale = jnp.ones(w.shape[-1:] if w.ndim >= 2 else (), jnp.float32)
+  eff = scale * jnp.sign(w).astype(jnp.float32) * soft
+  # The outer where turns −0.0 (sign(w) < 0 times 0) into +0.0.
+  return jnp.where(mask, eff, 0.0).astype(w.dtype), scale.astype(jnp.float32)
+
+
+def global_threshold_rule(*, sigma_normalized: bool = False) -> ThresholdRule:
+  """ST-3's selection: one global threshold ``τ`` over all prunable weights.
+
+  ``τ`` is the ``⌊s·N⌋``-th smallest score (``|w|``, or ``|w|/σ_l`` for
+  ST-3σ) of the ``N`` prunable weights, ``m = score > τ`` (strict), and
+  layer ``l`` is soft-thresholded by ``τ_l = τ·σ_l``. Thresholds: float32
+  ``[]`` per leaf.
+  """
+
+  def init(leaves):
+    return [jnp.zeros([], jnp.float32) for _ in leaves]
+
+  def select(raw, sparsity):
+    n = sum(math.prod(w.shape) for w in raw)
+    sigmas = [_sigma(w.shape) if sigma_normalized else 1.0 for w in raw]
+    mags = [jnp.abs(w).astype(jnp.float32) for w in raw]
+    scores = [a if s == 1.0 else a / jnp.float32(s)
+              for a, s in zip(mags, sigmas)]
+    keys = [selection.sortable_key(jax.lax.stop_gradient(x)) for x in scores]
+    k_pruned = _num_pruned(sparsity, n)
+    # The ⌊sN⌋-th smallest key is the (N − ⌊sN⌋ + 1)-th largest. For ⌊sN⌋ = 0
+    # that count is N + 1, which no candidate reaches, so the bisection
+    # returns key 0, below every real key (sortable_key never yields 0):
+    # nothing is masked, and τ is set to 0 instead of decoding key 0.
+    t = selection.kth_largest_keys(keys, [list(range(len(raw)))],
+                                   jnp.reshape(n - k_pruned + 1, (1,)))[0]
+    tau = jnp.where(k_pruned == 0, jnp.float32(0.0), key_to_float(t))
+    # key > t == score > τ, in key space so mask and τ can never disagree.
+    masks = [key > t for key in keys]
+    taus = [jax.lax.stop_gradient(tau * jnp.float32(s)) for s in sigmas]
+    return ThresholdSelection(masks, taus, taus)
+
+  return ThresholdRule(init, select)
+
+
+def threshold_leaves(rule: ThresholdRule, raw: list[jax.Array], sparsity, *,
+                     rescale: bool = True):
+  """ST-3 on a list of prunable tensors with the selection of ``rule``.
+
+  Returns:
+    ``(effective, masks, thresholds, scales)``, lists matching ``raw``
+    (see :func:`soft_threshold_leaves`; ``thresholds`` as the rule stores
+    them).
+  """
+  sel = rule.select(raw, sparsity)
+  effective, scales = [], []
+  for w, m, tau in zip(raw, sel.masks, sel.taus):
+    eff, scale = soft_threshold_rescale(w, m, tau, rescale=rescale)
+    effective.append(eff)
+    scales.append(scale)
+  thresholds = [jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+                for x in sel.thresholds]
+  return effective, list(sel.masks), thresholds, scales
+
+
 def soft_threshold_leaves(raw: list[jax.Array], sparsity: jax.Array, *,
                           sigma_normalized: bool = False,
                           rescale: bool = True):
   """ST-3 on a list of prunable tensors ranked globally.
+
+  :func:`global_threshold_rule` then :func:`soft_threshold_rescale` per
+  tensor.
 
   Args:
     raw: the raw weights (float arrays, any shapes).
@@ -218,49 +383,37 @@ def soft_threshold_leaves(raw: list[jax.Array], sparsity: jax.Array, *,
     ``[]``). Nothing is differentiable but ``effective`` w.r.t. ``raw``,
     whose derivative is ``scale_c·m`` (τ and scale are stop_gradient'ed).
   """
-  n = sum(math.prod(w.shape) for w in raw)
-  sigmas = [_sigma(w.shape) if sigma_normalized else 1.0 for w in raw]
-  mags = [jnp.abs(w).astype(jnp.float32) for w in raw]
-  scores = [a if s == 1.0 else a / jnp.float32(s) for a, s in zip(mags, sigmas)]
-  keys = [selection.sortable_key(jax.lax.stop_gradient(x)) for x in scores]
-  k_pruned = _num_pruned(sparsity, n)
-  # The ⌊sN⌋-th smallest key is the (N − ⌊sN⌋ + 1)-th largest. For ⌊sN⌋ = 0
-  # that count is N + 1, which no candidate reaches, so the bisection returns
-  # key 0, below every real key (sortable_key never yields 0): nothing is
-  # masked, and τ is set to 0 instead of decoding key 0.
-  t = selection.kth_largest_keys(keys, [list(range(len(raw)))],
-                                 jnp.reshape(n - k_pruned + 1, (1,)))[0]
-  tau = jnp.where(k_pruned == 0, jnp.float32(0.0), key_to_float(t))
-  effective, masks, thresholds, scales = [], [], [], []
-  for w, a, key, s in zip(raw, mags, keys, sigmas):
-    m = key > t  # == score > τ, in key space so mask and τ can never disagree
-    tau_l = tau * jnp.float32(s)
-    # maximum(): with σ ≠ 1, `score > τ` and `|w| − τσ > 0` can disagree by
-    # one rounding; the mask decides, the max keeps sign(w_soft) = sign(w).
-    soft = jnp.where(m, jnp.maximum(a - tau_l, 0.0), 0.0)
-    axes = _channel_axes(w.ndim)
-    if rescale:
-      kept = jnp.mean(jnp.where(m, a, 0.0), axis=axes)
-      ratio = (kept + _EPS) / (jnp.mean(a, axis=axes) + _EPS)
-      scale = (1.0 + _SCALE_OFFSET) / (ratio + _SCALE_OFFSET)
-      # Exactly 1 for a channel without pruned weights, whatever the rounding
-      # of the two means, so that w_eff == w_raw before the schedule starts.
-      scale = jnp.where(jnp.all(m, axis=axes), jnp.float32(1.0), scale)
-      scale = jax.lax.stop_gradient(scale)
-    else:
-      scale = jnp.ones(w.shape[-1:] if w.ndim >= 2 else (), jnp.float32)
-    eff = scale * jnp.sign(w).astype(jnp.float32) * soft
-    # The outer where turns −0.0 (sign(w) < 0 times 0) into +0.0.
-    effective.append(jnp.where(m, eff, 0.0).astype(w.dtype))
-    masks.append(m)
-    thresholds.append(jax.lax.stop_gradient(tau_l))
-    scales.append(scale.astype(jnp.float32))
-  return effective, masks, thresholds, scales
+  return threshold_leaves(
+      global_threshold_rule(sigma_normalized=sigma_normalized), raw, sparsity,
+      rescale=rescale)
+
+
+def _rule_arg(threshold_rule, sigma_normalized) -> ThresholdRule:
+  if threshold_rule is None:
+    return global_threshold_rule(sigma_normalized=bool(sigma_normalized))
+  if sigma_normalized:
+    raise ValueError(
+        "sigma_normalized: ST-3σ is a ranking of the global rule; with a "
+        "threshold_rule pass global_threshold_rule(sigma_normalized=True) or "
+        "leave sigma_normalized False.")
+  if not (isinstance(threshold_rule, ThresholdRule)
+          or (callable(getattr(threshold_rule, "init", None))
+              and callable(getattr(threshold_rule, "select", None)))):
+    raise ValueError(
+        f"threshold_rule: must be None or a ThresholdRule(init, select), got "
+        f"{threshold_rule!r}.")
+  return threshold_rule
+
+
+def _prunable_paths(layout: PyTree) -> list[tuple[str, Any]]:
+  """``[(path, mask leaf)]`` of the prunable leaves, in prunable order."""
+  return [(p, x) for p, x in trees.leaves_with_paths(layout) if x is not None]
 
 
 def st3_effective(raw_params: PyTree, sparsity, *,
                   sigma_normalized: bool = False, rescale: bool = True,
-                  filter_fn: trees.FilterFn | None = None) -> ST3Weights:
+                  filter_fn: trees.FilterFn | None = None,
+                  threshold_rule: ThresholdRule | None = None) -> ST3Weights:
   """The effective weights of raw weights at sparsity ``s`` (no optimizer).
 
   The same computation as one :func:`st3` update, as a pure function: e.g.
@@ -273,15 +426,23 @@ def st3_effective(raw_params: PyTree, sparsity, *,
     rescale: apply the per-output-channel rescaling.
     filter_fn: ``(path, leaf) -> bool`` selecting the prunable leaves
       (default :func:`flipout_jax.trees.default_filter`).
+    threshold_rule: the selection (default: :func:`global_threshold_rule`
+      with ``sigma_normalized``); e.g.
+      :func:`flipout_jax.nm.nm_threshold_rule` for N:M.
 
   Returns:
     An :class:`ST3Weights`.
+
+  Raises:
+    ValueError: from the rule's ``init`` for a layer it cannot handle.
   """
+  rule = _rule_arg(threshold_rule, sigma_normalized)
   prunable = trees.prunable_tree(raw_params, filter_fn)
   layout = trees.mask_like(raw_params, prunable)
-  eff, masks, thr, scales = soft_threshold_leaves(
-      trees.prunable_leaves(layout, raw_params), sparsity,
-      sigma_normalized=sigma_normalized, rescale=rescale)
+  rule.init(_prunable_paths(layout))  # validates the layers
+  eff, masks, thr, scales = threshold_leaves(
+      rule, trees.prunable_leaves(layout, raw_params), sparsity,
+      rescale=rescale)
   eff_tree = trees.unflatten_prunable(layout, eff)
   effective = jax.tree.map(lambda e, p: p if e is None else e, eff_tree,
                            raw_params, is_leaf=lambda x: x is None)
@@ -302,7 +463,8 @@ def st3(inner: optax.GradientTransformation,
         rescale: bool = True,
         sigma_normalized: bool = False,
         freeze_step: int | None = None,
-        filter_fn: trees.FilterFn | None = None
+        filter_fn: trees.FilterFn | None = None,
+        threshold_rule: ThresholdRule | None = None
         ) -> optax.GradientTransformationExtraArgs:
   """ST-3 (or ST-3σ) sparse training: raw weights in the state, effective params.
 
@@ -326,6 +488,13 @@ def st3(inner: optax.GradientTransformation,
       ``freeze_step − 1`` under its fixed mask (see the module docstring).
     filter_fn: ``(path, leaf) -> bool`` selecting the prunable leaves
       (default :func:`flipout_jax.trees.default_filter`: ndim >= 2 floats).
+    threshold_rule: the selection hook, a :class:`ThresholdRule`: from the
+      raw weights and ``s_t``, the masks and the thresholds ``τ`` (default
+      None: :func:`global_threshold_rule`, ST-3 / ST-3σ by
+      ``sigma_normalized``). :func:`flipout_jax.nm.nm_st3` passes
+      :func:`flipout_jax.nm.nm_threshold_rule` (one τ per group of M).
+      Whatever the rule, the soft threshold and rescale are
+      :func:`soft_threshold_rescale`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its state is a
@@ -340,10 +509,12 @@ def st3(inner: optax.GradientTransformation,
   Raises:
     ValueError: for ``sparsity`` outside [0, 1), ``start_step < 0``,
       ``end_step <= start_step``, ``power <= 0``, ``freeze_step <=
-      end_step``, or (at init) a filter selecting nothing.
+      end_step``, ``sigma_normalized`` with a ``threshold_rule``, or (at
+      init) a filter selecting nothing or a layer the rule rejects.
   """
   sparsity, start_step, end_step, power, freeze_step = _check_args(
       sparsity, start_step, end_step, power, freeze_step)
+  rule = _rule_arg(threshold_rule, sigma_normalized)
   inner = optax.with_extra_args_support(inner)
   is_none = lambda x: x is None  # pylint: disable=unnecessary-lambda-assignment
 
@@ -354,7 +525,9 @@ def st3(inner: optax.GradientTransformation,
     if n >= 2**31 - 1:
       raise ValueError("params: 2**31 - 1 or more prunable weights; counts are int32.")
     raw = trees.map_prunable(lambda m, p: jnp.asarray(p), masks, params)
-    thresholds = trees.map_prunable(lambda m: jnp.zeros([], jnp.float32), masks)
+    thresholds = trees.unflatten_prunable(
+        masks, [jnp.asarray(x, jnp.float32)
+                for x in rule.init(_prunable_paths(masks))])
     scales = trees.map_prunable(
         lambda m: jnp.ones(m.shape[-1:] if m.ndim >= 2 else (), jnp.float32),
         masks)
@@ -400,8 +573,8 @@ def st3(inner: optax.GradientTransformation,
     def st3_step(_):
       s = schedules.polynomial_sparsity(count, sparsity, start_step,
                                         end_step, power)
-      eff, new_masks, thr, scl = soft_threshold_leaves(
-          new_raw_l, s, sigma_normalized=sigma_normalized, rescale=rescale)
+      eff, new_masks, thr, scl = threshold_leaves(rule, new_raw_l, s,
+                                                  rescale=rescale)
       # eff is +0.0 where masked, so those updates are −p and land on 0.0.
       out = [(e - p).astype(p.dtype) for e, p in zip(eff, param_l)]
       raw_out = new_raw_l
@@ -489,7 +662,8 @@ get_raw_weights = st3_raw_weights
 
 
 def st3_thresholds(state: optax.OptState) -> PyTree:
-  """The per-layer thresholds ``τ_l`` of the last update (mask layout)."""
+  """The thresholds of the last update (mask layout): ``τ_l`` per layer, or
+  per group for :func:`flipout_jax.nm.nm_st3` (see :class:`ST3State`)."""
   return trees.unwrap_variables(find_st3_state(state).method_state.thresholds)
 
 
