@@ -22,16 +22,8 @@ from experiments.configs import _sparse_training
 
 
 def get_config():
-  c = _base.base_config()
-  c.method = "dst_ee"
-  c.model = "lenet300100"
-  c.dataset = "mnist_5k"
-  c.batch_size = 128
-  c.num_epochs = 30
-  c.lr = 0.05
-  c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.lr_schedule = "cosine"
+  c = _base.mnist5k_config("lenet300100", method="dst_ee", num_epochs=30,
+                           lr_schedule="cosine", lr_decay_epochs=None)
   c.sparsity = 0.9
   # For the gradual pruning methods on this config (not used by DST): reach
   # `sparsity` by 3/4 of the run.

@@ -16,16 +16,8 @@ from experiments.configs import _sparse_training
 
 
 def get_config():
-  c = _base.base_config()
-  c.method = "dst_ee"
-  c.model = "lenet5"
-  c.dataset = "mnist_5k"
-  c.batch_size = 128
-  c.num_epochs = 12
-  c.lr = 0.05
-  c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.lr_schedule = "cosine"
+  c = _base.mnist5k_config("lenet5", method="dst_ee", num_epochs=12,
+                           lr_schedule="cosine", lr_decay_epochs=None)
   c.sparsity = 0.9
   c.prune_end_epoch = 9.0  # for gradual pruning methods on this config
   _sparse_training.add_dst_fields(c)

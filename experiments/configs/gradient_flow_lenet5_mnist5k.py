@@ -20,17 +20,8 @@ from experiments.configs import _base
 
 
 def get_config():
-  c = _base.base_config()
-  c.method = "gradient_flow"
-  c.model = "lenet5"
-  c.dataset = "mnist_5k"
-  c.batch_size = 128
-  c.num_epochs = 6
-  c.lr = 0.05
-  c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.lr_schedule = "piecewise"
-  c.lr_decay_epochs = (5,)
+  c = _base.mnist5k_config("lenet5", method="gradient_flow", num_epochs=6,
+                           lr_decay_epochs=(5,))
   c.sparsity = 0.9
   # Gradient-flow fields (experiments/methods_gradient_flow.py).
   c.measure = "loss_preservation_magnitude"

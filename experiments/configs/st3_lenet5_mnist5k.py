@@ -16,16 +16,8 @@ from experiments.configs import _sparse_training
 
 
 def get_config():
-  c = _base.base_config()
-  c.method = "st3"
-  c.model = "lenet5"
-  c.dataset = "mnist_5k"
-  c.batch_size = 128
-  c.num_epochs = 12
-  c.lr = 0.05
-  c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.lr_schedule = "cosine"
+  c = _base.mnist5k_config("lenet5", method="st3", num_epochs=12,
+                           lr_schedule="cosine", lr_decay_epochs=None)
   c.target = 99.61
   _sparse_training.add_st3_fields(c)
   c.st3_start_epoch = None  # 12 * 5/160 = 0.375

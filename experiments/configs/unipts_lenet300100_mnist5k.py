@@ -16,17 +16,10 @@ from experiments.configs import unipts_lenet5_mnist5k
 
 
 def get_config():
-  c = _base.base_config()
-  c.method = "dense"
-  c.model = "lenet300100"
-  c.dataset = "mnist_5k"
-  c.batch_size = 128
-  c.num_epochs = 30
-  c.lr = 0.05
-  c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.lr_schedule = "cosine"
-  c.lr_decay_epochs = (20, 25)  # only for --config.lr_schedule=piecewise
+  c = _base.mnist5k_config("lenet300100", method="dense", num_epochs=30,
+                           lr_schedule="cosine",
+                           # lr_decay_epochs: only for --config.lr_schedule=piecewise
+                           lr_decay_epochs=(20, 25))
   c.prune_every_epochs = 5.0  # unused by "dense" (see the LeNet-5 file)
   c.hoyer_lambda = 3e-5
   return unipts_lenet5_mnist5k.add_unipts_fields(c)

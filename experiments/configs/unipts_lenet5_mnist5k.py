@@ -80,18 +80,11 @@ def add_unipts_fields(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
 
 
 def get_config():
-  c = _base.base_config()
   # The teacher recipe (experiments.main).
-  c.method = "dense"
-  c.model = "lenet5"
-  c.dataset = "mnist_5k"
-  c.batch_size = 128
-  c.num_epochs = 30
-  c.lr = 0.05
-  c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.lr_schedule = "cosine"
-  c.lr_decay_epochs = (20, 25)  # only for --config.lr_schedule=piecewise
+  c = _base.mnist5k_config("lenet5", method="dense", num_epochs=30,
+                           lr_schedule="cosine",
+                           # lr_decay_epochs: only for --config.lr_schedule=piecewise
+                           lr_decay_epochs=(20, 25))
   # Unused by "dense"; set so that the file also validates with the pruning
   # methods at sparsity <= 0.96875 (events at epochs 5, 10, ..., 25).
   c.prune_every_epochs = 5.0
