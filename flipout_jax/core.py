@@ -22,7 +22,7 @@ A method is a score function (:mod:`flipout_jax.scores`), a schedule
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import chex
 import jax
@@ -303,6 +303,53 @@ def _reset_selection(mode: str, params, old: PyTree, new: PyTree) -> PyTree:
           "grown": lambda a, b: b & ~a,
           "changed": lambda a, b: a != b}[mode]
   return trees.map_prunable(lambda m, a, b: rule(a, b), old, old, new)
+
+
+# ---------------------------------------------------------------------------
+# Raw weights in the state (ST-3, UniPTS's sparse training): the optimizer
+# steps dense raw weights kept in ``method_state`` and the params are always
+# a function of them (the "effective" weights).
+
+
+def step_raw_weights(inner: optax.GradientTransformationExtraArgs,
+                     grads: PyTree, inner_state: optax.OptState,
+                     params: PyTree, masks: PyTree, raw: PyTree,
+                     **extra_args):
+  """One step of ``inner`` on the raw weights at the prunable leaves.
+
+  ``inner`` sees the raw weights as its ``params`` where ``masks`` has a
+  leaf (so weight decay inside it decays the raw weights) and ``params``
+  elsewhere; ``grads`` is the gradient at the params (straight-through).
+
+  Returns:
+    ``(updates, inner_state, new_raw)``: ``inner``'s params-shaped updates
+    (final at the non-prunable leaves), its new state, and the stepped raw
+    weights ``raw + u`` (``optax.apply_updates``' arithmetic) as a list over
+    the prunable leaves.
+  """
+  inner_params = jax.tree.map(lambda m, p, r: p if m is None else r,
+                              masks, params, raw,
+                              is_leaf=lambda x: x is None)
+  updates, inner_state = inner.update(grads, inner_state, inner_params,
+                                      **extra_args)
+  new_raw = [(r + u).astype(r.dtype) for r, u in zip(
+      trees.prunable_leaves(masks, raw), trees.prunable_leaves(masks, updates))]
+  return updates, inner_state, new_raw
+
+
+def updates_to(targets: Sequence[jax.Array], updates: PyTree, params: PyTree,
+               masks: PyTree) -> PyTree:
+  """Updates that land the prunable params on ``targets`` (a list over the
+  prunable leaves): ``target − p`` there, ``updates`` elsewhere.
+
+  ``optax.apply_updates`` then gives ``p + (t − p)``: exactly +0.0 where
+  ``t`` is +0.0 (pruned weights), ``t`` up to one rounding elsewhere.
+  """
+  out = [(t - p).astype(p.dtype)
+         for t, p in zip(targets, trees.prunable_leaves(masks, params))]
+  return jax.tree.map(lambda o, u: u if o is None else o,
+                      trees.unflatten_prunable(masks, out), updates,
+                      is_leaf=lambda x: x is None)
 
 
 def find_prune_states(state: optax.OptState) -> list[PruneState]:

@@ -549,10 +549,6 @@ def st3(inner: optax.GradientTransformation,
     mstate = state.method_state
     count = state.count
 
-    # The inner optimizer steps the raw weights, so it gets them as params
-    # (weight decay then acts on raw weights, as in the reference).
-    inner_params = jax.tree.map(lambda m, p, r: p if m is None else r,
-                                masks, params, mstate.raw, is_leaf=is_none)
     frozen = None if freeze_step is None else count >= freeze_step
     if frozen is not None:
       # Fine-tuning: pruned weights get no gradient (they are pinned to 0
@@ -560,23 +556,19 @@ def st3(inner: optax.GradientTransformation,
       grads = jax.tree.map(
           lambda m, g: g if m is None else jnp.where(m | ~frozen, g, 0),
           masks, grads, is_leaf=is_none)
-    updates, inner_state = inner.update(grads, state.inner_state,
-                                        inner_params, **extra_args)
-
+    # The inner optimizer steps the raw weights, so it gets them as params
+    # (weight decay then acts on raw weights, as in the reference).
+    updates, inner_state, new_raw_l = core.step_raw_weights(
+        inner, grads, state.inner_state, params, masks, mstate.raw,
+        **extra_args)
     mask_l = trees.prunable_leaves(masks, masks)
-    param_l = trees.prunable_leaves(masks, params)
-    raw_l = trees.prunable_leaves(masks, mstate.raw)
-    upd_l = trees.prunable_leaves(masks, updates)
-    # Same arithmetic as optax.apply_updates on the raw weights.
-    new_raw_l = [(r + u).astype(r.dtype) for r, u in zip(raw_l, upd_l)]
 
     def st3_step(_):
       s = schedules.polynomial_sparsity(count, sparsity, start_step,
                                         end_step, power)
       eff, new_masks, thr, scl = threshold_leaves(rule, new_raw_l, s,
                                                   rescale=rescale)
-      # eff is +0.0 where masked, so those updates are −p and land on 0.0.
-      out = [(e - p).astype(p.dtype) for e, p in zip(eff, param_l)]
+      # eff is +0.0 where masked, so the params land on 0.0 there.
       raw_out = new_raw_l
       if freeze_step is not None:
         # The last ST-3 update: from now on the raw weights are the effective
@@ -585,28 +577,25 @@ def st3(inner: optax.GradientTransformation,
         raw_out = [jnp.where(last, e, r) for e, r in zip(eff, raw_out)]
         thr = [jnp.where(last, jnp.zeros_like(x), x) for x in thr]
         scl = [jnp.where(last, jnp.ones_like(x), x) for x in scl]
-      return out, new_masks, raw_out, thr, scl
+      return eff, new_masks, raw_out, thr, scl
 
     def fine_tune_step(_):
       # Pruned raw weights are pinned to +0.0 (the inner moments of the ST-3
       # phase would move them otherwise); updates as in the ST-3 phase.
       raw_out = [jnp.where(m, r, jnp.zeros_like(r))
                  for m, r in zip(mask_l, new_raw_l)]
-      out = [(r - p).astype(p.dtype) for r, p in zip(raw_out, param_l)]
-      return (out, mask_l, raw_out,
+      return (raw_out, mask_l, raw_out,
               trees.prunable_leaves(masks, mstate.thresholds),
               trees.prunable_leaves(masks, mstate.scales))
 
     if frozen is None:
-      out_l, new_mask_l, raw_out_l, thr_l, scl_l = st3_step(None)
+      eff_l, new_mask_l, raw_out_l, thr_l, scl_l = st3_step(None)
     else:
       # cond, not where: the fine-tuning phase skips the 32-pass selection.
-      out_l, new_mask_l, raw_out_l, thr_l, scl_l = jax.lax.cond(
+      eff_l, new_mask_l, raw_out_l, thr_l, scl_l = jax.lax.cond(
           frozen, fine_tune_step, st3_step, None)
 
-    out_tree = trees.unflatten_prunable(masks, out_l)
-    updates = jax.tree.map(lambda o, u: u if o is None else o,
-                           out_tree, updates, is_leaf=is_none)
+    updates = core.updates_to(eff_l, updates, params, masks)
     new_state = ST3State(trees.unflatten_prunable(masks, raw_out_l),
                          trees.unflatten_prunable(masks, thr_l),
                          trees.unflatten_prunable(masks, scl_l))

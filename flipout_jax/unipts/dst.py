@@ -178,7 +178,6 @@ def sparse_training(inner: optax.GradientTransformation,
     raise ValueError(f"decay: must be a finite number >= 0, got {decay!r}.")
   decay = float(decay)
   inner = optax.with_extra_args_support(inner)
-  is_none = lambda x: x is None  # pylint: disable=unnecessary-lambda-assignment
 
   def init_fn(params):
     prunable = trees.prunable_tree(params, filter_fn)
@@ -207,24 +206,19 @@ def sparse_training(inner: optax.GradientTransformation,
     trees.check_same_structure(params, masks, what="sparse_training")
     raw = state.method_state.raw
     grads = straight_through_grads(grads, raw, masks, decay)
-    inner_params = jax.tree.map(lambda m, p, r: p if m is None else r,
-                                masks, params, raw, is_leaf=is_none)
-    updates, inner_state = inner.update(grads, state.inner_state,
-                                        inner_params, **extra_args)
-    # Same arithmetic as optax.apply_updates, on the raw weights.
-    new_raw = trees.map_prunable(lambda m, r, u: (r + u).astype(r.dtype),
-                                 masks, raw, updates)
-    new_masks = trees.unflatten_prunable(masks, layer_magnitude_masks(
-        trees.prunable_leaves(masks, new_raw), pruned_counts(sparsities, masks)))
-    # where(m, w, 0) − p: masked entries get −p and land on exactly +0.0.
-    out = jax.tree.map(
-        lambda m, u, r, p: u if m is None else
-        (jnp.where(m, r, jnp.zeros_like(r)) - p).astype(p.dtype),
-        new_masks, updates, new_raw, params, is_leaf=is_none)
+    updates, inner_state, new_raw = core.step_raw_weights(
+        inner, grads, state.inner_state, params, masks, raw, **extra_args)
+    new_mask_l = layer_magnitude_masks(new_raw,
+                                       pruned_counts(sparsities, masks))
+    # where(m, w, 0): masked params land on exactly +0.0.
+    out = core.updates_to(
+        [jnp.where(m, r, jnp.zeros_like(r)) for m, r in zip(new_mask_l, new_raw)],
+        updates, params, masks)
     return out, core.PruneState(
         count=optax.safe_increment(state.count),
-        masks=new_masks,
-        method_state=SparseTrainingState(new_raw),
+        masks=trees.unflatten_prunable(masks, new_mask_l),
+        method_state=SparseTrainingState(
+            trees.unflatten_prunable(masks, new_raw)),
         key=state.key,
         inner_state=inner_state)
 
