@@ -113,6 +113,31 @@ def budget_table(distribution, masks: PyTree,
 MaskRule = Callable[[scores_lib.ScoreContext, PyTree, Any, jax.Array], PyTree]
 
 
+class MaskUpdate(NamedTuple):
+  """What a :func:`restarting` mask rule returns.
+
+  Attributes:
+    masks: the new masks.
+    restart: mask layout, bool: weights alive in ``masks`` that restart as
+      if newly grown although they were alive before the event (dropped and
+      regrown within it): they land on exactly 0.0 and count as grown for
+      ``reset_moments``.
+  """
+  masks: PyTree
+  restart: PyTree
+
+
+def restarting(rule: MaskRule) -> MaskRule:
+  """Marks ``rule`` as returning a :class:`MaskUpdate` instead of masks.
+
+  A drop-and-grow rule needs it: the net mask change does not show a weight
+  dropped and grown back in the same event, which must restart at 0.0 with
+  fresh moments like every grown weight.
+  """
+  rule.returns_restart = True
+  return rule
+
+
 def shrink_masks(masks: PyTree, scores: PyTree, groups, keep) -> PyTree:
   """Keeps the ``keep[g]`` highest-scoring *alive* weights of each group.
 
@@ -135,16 +160,24 @@ def shrink_rule(ctx: scores_lib.ScoreContext, scores: PyTree, groups,
 
 
 def masked_updates(updates: PyTree, old_masks: PyTree, new_masks: PyTree,
-                   params: PyTree) -> PyTree:
-  """``where(old & new, update, −param)``.
+                   params: PyTree, restart: PyTree | None = None) -> PyTree:
+  """``where(old & new & ~restart, update, −param)``.
 
   Weights pruned now or before land on exactly 0.0; weights grown on this
-  step (dead before, so exactly 0.0) stay at 0.0; every weight alive before
-  and after moves by exactly the inner update.
+  step (dead before, so exactly 0.0) stay at 0.0, and so do restarted ones
+  (:class:`MaskUpdate`); every other weight alive before and after moves by
+  exactly the inner update.
   """
+  if restart is None:
+    keep = lambda m0, m1, r: m0 & m1  # pylint: disable=unnecessary-lambda-assignment
+  else:
+    keep = lambda m0, m1, r: m0 & m1 & ~r  # pylint: disable=unnecessary-lambda-assignment
+  restart = old_masks if restart is None else restart
   return jax.tree.map(
-      lambda m0, m1, u, p: u if m0 is None else jnp.where(m0 & m1, u, -p),
-      old_masks, new_masks, updates, params, is_leaf=lambda x: x is None)
+      lambda m0, m1, r, u, p: u if m0 is None else jnp.where(
+          keep(m0, m1, r), u, -p),
+      old_masks, new_masks, restart, updates, params,
+      is_leaf=lambda x: x is None)
 
 
 def prune(inner: optax.GradientTransformation,
@@ -171,7 +204,8 @@ def prune(inner: optax.GradientTransformation,
     schedule: the pruning events (step, target sparsity).
     mask_rule: ``(ctx, scores, groups, keep) -> new masks`` on events; the
       default :func:`shrink_rule` keeps the ``keep[g]`` best alive weights of
-      each group. Sparse-training methods (DST) pass a drop-and-grow rule.
+      each group. Sparse-training methods (DST) pass a drop-and-grow rule,
+      marked :func:`restarting`, that returns a :class:`MaskUpdate`.
     distribution: ``"global"``, ``"uniform"``, ``"erk"`` or ``{path: s}``.
     noise_scale: λ of FlipOut's gradient noise ``N(0, (λ‖g‖/√n)²)``; 0 = off.
     noise_on: ``"all"`` float leaves or ``"prunable"`` leaves only.
@@ -196,6 +230,7 @@ def prune(inner: optax.GradientTransformation,
     ``update`` are passed to the inner optimizer and to ``score_fn``.
   """
   noise_scale = _check_nonnegative(noise_scale, "noise_scale")
+  restarts = getattr(mask_rule, "returns_restart", False)
   _check_choice(noise_on, "noise_on", NOISE_ON)
   _check_choice(reset_moments, "reset_moments", RESET_MOMENTS)
   distributions_lib.validate_distribution(distribution)
@@ -272,19 +307,28 @@ def prune(inner: optax.GradientTransformation,
           method_state=method_state, key=event_key, extra_args=extra_args)
       new_masks = mask_rule(ctx, score_fn(ctx), groups,
                             jnp.asarray(table)[jnp.maximum(idx, 0)])
+      restart = None
+      if restarts:
+        new_masks, restart = new_masks
       method_state = tracker.prune(method_state, new_masks)
       if reset_moments != "none":
-        reset = _reset_selection(reset_moments, params, masks, new_masks)
+        reset = _reset_selection(reset_moments, params, masks, new_masks,
+                                 restart)
         inner_state = trees.reset_params_like(inner_state, params, reset)
-      return new_masks, method_state, inner_state
+      return new_masks, method_state, inner_state, restart
 
     old_masks = masks
-    carry = (masks, method_state, inner_state)
+    # Nothing restarts off events (and None: no restart tree at all for the
+    # rules that never restart).
+    no_restart = (trees.map_prunable(lambda m: jnp.zeros(m.shape, jnp.bool_),
+                                     masks) if restarts else None)
+    carry = (masks, method_state, inner_state, no_restart)
     if schedule.steps:
-      carry = jax.lax.cond(is_event, on_event, lambda c: c, carry)
-    masks, method_state, inner_state = carry
+      carry = jax.lax.cond(is_event, lambda c: on_event(c[:3]), lambda c: c,
+                           carry)
+    masks, method_state, inner_state, restart = carry
 
-    updates = masked_updates(updates, old_masks, masks, params)
+    updates = masked_updates(updates, old_masks, masks, params, restart)
     return updates, PruneState(
         count=optax.safe_increment(state.count),
         masks=masks,
@@ -295,14 +339,19 @@ def prune(inner: optax.GradientTransformation,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _reset_selection(mode: str, params, old: PyTree, new: PyTree) -> PyTree:
-  """Which entries ``reset_moments=mode`` zeroes (mask layout)."""
+def _reset_selection(mode: str, params, old: PyTree, new: PyTree,
+                     restart: PyTree | None = None) -> PyTree:
+  """Which entries ``reset_moments=mode`` zeroes (mask layout); restarted
+  weights count as grown."""
   if mode == "all":
     return trees.mask_like(params, jax.tree.map(lambda p: True, params))
-  rule = {"pruned": lambda a, b: a & ~b,
-          "grown": lambda a, b: b & ~a,
-          "changed": lambda a, b: a != b}[mode]
-  return trees.map_prunable(lambda m, a, b: rule(a, b), old, old, new)
+  rule = {"pruned": lambda a, b, r: a & ~b,
+          "grown": lambda a, b, r: (b & ~a) | r,
+          "changed": lambda a, b, r: (a != b) | r}[mode]
+  if restart is None:
+    restart = trees.map_prunable(lambda m: jnp.zeros(m.shape, jnp.bool_), old)
+  return trees.map_prunable(lambda m, a, b, r: rule(a, b, r), old, old, new,
+                            restart)
 
 
 # ---------------------------------------------------------------------------

@@ -541,8 +541,9 @@ def nm_drop_and_grow(n: int, m: int, drop_fraction: float, end_step: int, *,
     fraction = dst_lib.cosine_drop_fraction(ctx.step, drop_fraction, end_step)
     layers = [i for i, (_, _, ok) in enumerate(info) if ok]
     new = list(alive)
+    restart = [jnp.zeros(a.shape, jnp.bool_) for a in alive]
     if not layers:
-      return masks
+      return core.MaskUpdate(masks, trees.unflatten_prunable(masks, restart))
     active = jnp.stack([jnp.sum(alive[i], dtype=jnp.int32) for i in layers])
     drop = dst_lib.num_to_drop(active, fraction)
     # One exact top-k call for all layers (one group each): keep the
@@ -560,9 +561,11 @@ def nm_drop_and_grow(n: int, m: int, drop_fraction: float, end_step: int, *,
           jnp.asarray(grow[i], jnp.float32)))
       grown = _select_in_groups(keys, jnp.maximum(lost, 0), m, ax) & ~kept_i
       new[i] = kept_i | grown
-    return trees.unflatten_prunable(masks, new)
+      restart[i] = grown & alive[i]  # dropped and grown back: restart at 0
+    return core.MaskUpdate(trees.unflatten_prunable(masks, new),
+                           trees.unflatten_prunable(masks, restart))
 
-  return rule
+  return core.restarting(rule)
 
 
 def nm_dst(inner: optax.GradientTransformation, *, n: int, m: int,

@@ -214,17 +214,20 @@ def test_rule_drops_smallest_magnitude_and_grows_best_score():
   # At t = 0, d_t = d_0 = 0.5: drop ⌊0.5·4⌋ = 2 (0.1 and 3.0), then grow 2 by
   # |g| among all inactive weights, the just-dropped 0.1 (|g| = 9) included.
   ctx = _ctx(masks, params, grads, step=0)
-  new = rule(ctx, dst.rigl_score(ctx), ((0,),), jnp.array([4]))
+  new, restart = rule(ctx, dst.rigl_score(ctx), ((0,),), jnp.array([4]))
   np.testing.assert_array_equal(new["w"], [[1, 1, 1, 0], [0, 1, 0, 0]])
+  # 0.1 was dropped and grown back: it restarts (at 0.0, fresh moments).
+  np.testing.assert_array_equal(restart["w"], [[0, 0, 1, 0], [0, 0, 0, 0]])
   # DST-EE with a big c prefers the never-active row (N = 0) over the
   # just-dropped weights (N = 5), then ranks those by |g|.
   coverage = {"w": jnp.array([[5, 5, 5, 5], [0, 0, 0, 0]], jnp.int32)}
   ctx = _ctx(masks, params, grads, step=10, coverage=coverage)
   score = dst.dst_ee_score(exploration=100.0, epsilon=1.0)(ctx)
   rule = dst.drop_and_grow(drop_fraction=0.6, end_step=10**6)
-  new = rule(ctx, score, ((0,),), jnp.array([4]))
+  new, restart = rule(ctx, score, ((0,),), jnp.array([4]))
   # d_10 ≈ 0.6: ⌊0.6·4⌋ = 2 dropped (0.1 and 3.0) and grown.
   np.testing.assert_array_equal(new["w"], [[1, 1, 0, 0], [1, 1, 0, 0]])
+  assert not np.any(restart["w"])
   # The score itself: |g| + c·ln(t + 1)/(N + ε).
   expected = np.abs(grads["w"]) + 100.0 * np.log(11.0) / (
       np.asarray(coverage["w"]) + 1.0)
@@ -237,7 +240,7 @@ def test_rule_with_global_group_keeps_the_total():
   grads = {"a": jnp.array([0., 0., 0., 1.]), "b": jnp.array([0., 7., 3.])}
   ctx = _ctx(masks, params, grads, step=0)
   rule = dst.drop_and_grow(drop_fraction=0.6, end_step=10)
-  new = rule(ctx, dst.rigl_score(ctx), ((0, 1),), jnp.array([4]))
+  new, _ = rule(ctx, dst.rigl_score(ctx), ((0, 1),), jnp.array([4]))
   # ⌊0.6·4⌋ = 2 dropped globally (0.05 and 0.1); grown: |g| = 7 and 3.
   np.testing.assert_array_equal(new["a"], [0, 1, 1, 0])
   np.testing.assert_array_equal(new["b"], [0, 1, 1])
@@ -257,7 +260,8 @@ def test_dst_ee_with_zero_exploration_is_rigl_rule():
   def both(step):
     ctx = _ctx(masks, params, grads, step, coverage)
     ee, rl = dst.dst_ee_score(exploration=0.0)(ctx), dst.rigl_score(ctx)
-    return ee, rl, rule(ctx, ee, ((0,),), None), rule(ctx, rl, ((0,),), None)
+    return (ee, rl, rule(ctx, ee, ((0,),), None).masks,
+            rule(ctx, rl, ((0,),), None).masks)
 
   for step in (1, 100, 700):
     ee, rl, ee_masks, rl_masks = both(step)
@@ -412,6 +416,44 @@ def test_grown_weights_start_at_zero_with_zero_moments(inner):
     assert any(np.any(p[m & ~o] != 0.0)
                for p, m, o in zip(next_params, new, old))
   assert grown_total > 0
+
+
+@pytest.mark.parametrize("inner", [
+    optax.sgd(1e-3, momentum=0.9),
+    optax.adam(1e-3),
+], ids=["sgd_momentum", "adam"])
+def test_weight_dropped_and_regrown_in_one_event_restarts_at_zero(inner):
+  # One 2 x 4 kernel, 4 alive. Its smallest alive weight (0.1) gets by far
+  # the largest gradient, so RigL drops it (smallest |θ|) and grows it back
+  # (largest |g|) in the event at step 2 (small steps keep it the
+  # smallest): it must restart like any grown weight, at exactly 0.0 with
+  # zeroed moments.
+  params = {"w": jnp.array([[5., -4., .1, 3.], [0., 0., 0., 0.]])}
+  masks = {"w": jnp.array([[1, 1, 1, 1], [0, 0, 0, 0]], bool)}
+  grads = {"w": jnp.array([[.01, .01, -9., .01], [1., -2., .5, 0.]])}
+  tx = dst.rigl(inner, sparsity=0.5, update_every=2, end_step=100,
+                filter_fn=lambda path, leaf: True)
+  state = tx.init(params)
+  state = state._replace(masks=masks)
+  step = jax.jit(tx.update)
+  for t in range(3):  # updates with count 0, 1 (no event) and 2 (event)
+    updates, state = step(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    if t < 2:
+      assert params["w"][0, 2] != 0.0  # trained normally before the event
+  # d_2 = 0.5·(1 + cos(2π/100))/2 < 0.5: ⌊d_2·4⌋ = 1 dropped (0.1) and the
+  # same weight grown back: the masks do not change at all ...
+  new = np.asarray(fj.get_masks(state)["w"])
+  np.testing.assert_array_equal(new, np.asarray(masks["w"]))
+  # ... but the weight restarts at exactly 0.0 with zeroed moments, while
+  # the other alive weights keep training with their moments.
+  assert params["w"][0, 2] == 0.0
+  assert np.all(np.asarray(params["w"])[0, [0, 1, 3]] != 0.0)
+  buffers = _param_buffers(state.inner_state, params)
+  assert buffers
+  for buf in buffers:
+    assert buf["w"][0, 2] == 0.0
+    assert np.all(np.asarray(buf["w"])[0, [0, 1, 3]] != 0.0)
 
 
 def test_dst_ee_with_zero_exploration_equals_rigl_in_training():

@@ -31,12 +31,12 @@ All three are :func:`flipout_jax.core.prune` with
   (momentum, Adam's μ and ν, ... of any optax optimizer or chain) are zeroed
   for grown weights, which start at exactly 0.0.
 
-Mask semantics of an event: a weight is *grown* if it is active after the
-event and was not before (``new & ~old``) and *dropped* if the reverse. A
-weight dropped and grown back in the same event is active before and after,
-so it keeps its value and its moments (RigL's code re-zeroes it; here the
-net mask change is what counts, which is what the core's ``masked_updates``
-and ``reset_moments`` act on). Per group, #dropped = #grown always.
+Mask semantics of an event: the drop step removes ``n`` active weights and
+the grow step activates ``n`` of the inactive ones, just-dropped weights
+included. Every grown weight, also one dropped and grown back in the same
+event (active before and after, so invisible in the net mask change; the
+rule reports it in a :class:`flipout_jax.core.MaskUpdate`), starts at
+exactly 0.0 with zeroed moments. Per group, #dropped = #grown always.
 """
 
 from __future__ import annotations
@@ -251,10 +251,13 @@ def drop_and_grow(drop_fraction: float, end_step: int) -> core.MaskRule:
     kept = selection.top_k_masks(magnitude, groups, active - n, alive)
     grown = selection.top_k_masks(trees.prunable_leaves(masks, grow_scores),
                                   groups, n, [~k for k in kept])
-    return trees.unflatten_prunable(
-        masks, [k | g for k, g in zip(kept, grown)])
+    # Grown back right after being dropped: restart at 0.0 with zeroed
+    # moments like every grown weight (the net mask change hides them).
+    return core.MaskUpdate(
+        trees.unflatten_prunable(masks, [k | g for k, g in zip(kept, grown)]),
+        trees.unflatten_prunable(masks, [g & a for g, a in zip(grown, alive)]))
 
-  return rule
+  return core.restarting(rule)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
