@@ -320,8 +320,10 @@ def prune(inner: optax.GradientTransformation,
     old_masks = masks
     # Nothing restarts off events (and None: no restart tree at all for the
     # rules that never restart).
-    no_restart = (trees.map_prunable(lambda m: jnp.zeros(m.shape, jnp.bool_),
-                                     masks) if restarts else None)
+    no_restart = None
+    if restarts:
+      no_restart = trees.map_prunable(
+          lambda m: jnp.zeros_like(m, dtype=jnp.bool_), masks)
     carry = (masks, method_state, inner_state, no_restart)
     if schedule.steps:
       carry = jax.lax.cond(is_event, lambda c: on_event(c[:3]), lambda c: c,
@@ -349,7 +351,8 @@ def _reset_selection(mode: str, params, old: PyTree, new: PyTree,
           "grown": lambda a, b, r: (b & ~a) | r,
           "changed": lambda a, b, r: (a != b) | r}[mode]
   if restart is None:
-    restart = trees.map_prunable(lambda m: jnp.zeros(m.shape, jnp.bool_), old)
+    restart = trees.map_prunable(
+        lambda m: jnp.zeros_like(m, dtype=jnp.bool_), old)
   return trees.map_prunable(lambda m, a, b, r: rule(a, b, r), old, old, new,
                             restart)
 

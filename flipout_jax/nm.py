@@ -541,7 +541,7 @@ def nm_drop_and_grow(n: int, m: int, drop_fraction: float, end_step: int, *,
     fraction = dst_lib.cosine_drop_fraction(ctx.step, drop_fraction, end_step)
     layers = [i for i, (_, _, ok) in enumerate(info) if ok]
     new = list(alive)
-    restart = [jnp.zeros(a.shape, jnp.bool_) for a in alive]
+    restart = [jnp.zeros_like(a, dtype=jnp.bool_) for a in alive]
     if not layers:
       return core.MaskUpdate(masks, trees.unflatten_prunable(masks, restart))
     active = jnp.stack([jnp.sum(alive[i], dtype=jnp.int32) for i in layers])
