@@ -150,9 +150,7 @@ def _incompatible_as_config_error(
   def init(params):
     try:
       return tx.init(params)
-    except ValueError as e:
-      if "cannot be N:M" not in str(e):
-        raise
+    except fj.nm.IncompatibleLayerError as e:
       raise ConfigError(
           f"nm_skip_incompatible: {' '.join(str(e).split())} (in the CLI: "
           "--config.nm_skip_incompatible=True, or another nm_m)") from None

@@ -122,8 +122,13 @@ def _grouped_shape(shape, m: int, axis: int) -> tuple[int, ...]:
   return shape[:axis] + (shape[axis] // m, m) + shape[axis + 1:]
 
 
-def _incompatible_error(path: str, shape, m: int, axis: int) -> ValueError:
-  return ValueError(
+class IncompatibleLayerError(ValueError):
+  """A prunable layer whose contraction axis is not divisible by M."""
+
+
+def _incompatible_error(path: str, shape, m: int,
+                        axis: int) -> IncompatibleLayerError:
+  return IncompatibleLayerError(
       f"params: layer {path!r} with shape {tuple(shape)} cannot be N:M with "
       f"m={m}: its contraction axis {axis} must have a size divisible by m "
       "(and the leaf ndim >= 2). Pass skip_incompatible=True to leave such "
