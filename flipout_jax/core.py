@@ -412,6 +412,23 @@ def find_prune_states(state: optax.OptState) -> list[PruneState]:
   return found
 
 
+def find_prune_state(state: optax.OptState, method_state_type: type,
+                     what: str) -> PruneState:
+  """The one :class:`PruneState` in ``state`` whose ``method_state`` is a
+  ``method_state_type`` (e.g. ST-3's raw weights inside a chain).
+
+  Raises:
+    ValueError: if ``state`` holds none or several, naming ``what``.
+  """
+  found = [s for s in find_prune_states(state)
+           if isinstance(s.method_state, method_state_type)]
+  if len(found) != 1:
+    raise ValueError(
+        f"state: holds {len(found)} {what} states; pass the optimizer state "
+        f"of (a chain holding) exactly one {what} transformation.")
+  return found[0]
+
+
 def get_masks(state: optax.OptState) -> PyTree:
   """The masks (params-shaped; bool arrays at prunable leaves, None elsewhere).
 

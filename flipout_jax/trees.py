@@ -89,6 +89,13 @@ def mask_like(params: PyTree, prunable: PyTree, fill: bool = True) -> PyTree:
       params, prunable)
 
 
+def fill_from(partial: PyTree, params: PyTree) -> PyTree:
+  """``partial``'s leaves where it has them (mask layout), ``params``' at
+  its None leaves: e.g. raw prunable weights completed to a whole model."""
+  return jax.tree.map(lambda x, p: p if x is None else x, partial, params,
+                      is_leaf=lambda x: x is None)
+
+
 def map_prunable(fn: Callable[..., Any], masks: PyTree, *trees: PyTree) -> PyTree:
   """Maps ``fn(mask, *leaves)`` over the prunable leaves; None elsewhere.
 

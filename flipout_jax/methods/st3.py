@@ -444,8 +444,7 @@ def st3_effective(raw_params: PyTree, sparsity, *,
       rule, trees.prunable_leaves(layout, raw_params), sparsity,
       rescale=rescale)
   eff_tree = trees.unflatten_prunable(layout, eff)
-  effective = jax.tree.map(lambda e, p: p if e is None else e, eff_tree,
-                           raw_params, is_leaf=lambda x: x is None)
+  effective = trees.fill_from(eff_tree, raw_params)
   return ST3Weights(effective, trees.unflatten_prunable(layout, masks),
                     trees.unflatten_prunable(layout, thr),
                     trees.unflatten_prunable(layout, scales))
@@ -618,13 +617,7 @@ def find_st3_state(state: optax.OptState) -> core.PruneState:
   Raises:
     ValueError: if ``state`` holds no ST-3 state, or more than one.
   """
-  found = [s for s in core.find_prune_states(state)
-           if isinstance(s.method_state, ST3State)]
-  if len(found) != 1:
-    raise ValueError(
-        f"state: holds {len(found)} st3 states; pass the optimizer state of "
-        "(a chain holding) exactly one flipout_jax.st3 transformation.")
-  return found[0]
+  return core.find_prune_state(state, ST3State, "flipout_jax.st3")
 
 
 def st3_raw_weights(state: optax.OptState, params: PyTree | None = None) -> PyTree:
@@ -643,8 +636,7 @@ def st3_raw_weights(state: optax.OptState, params: PyTree | None = None) -> PyTr
   raw = trees.unwrap_variables(find_st3_state(state).method_state.raw)
   if params is None:
     return raw
-  return jax.tree.map(lambda r, p: p if r is None else r, raw, params,
-                      is_leaf=lambda x: x is None)
+  return trees.fill_from(raw, params)
 
 
 get_raw_weights = st3_raw_weights

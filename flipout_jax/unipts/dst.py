@@ -231,13 +231,8 @@ def find_state(state: optax.OptState) -> core.PruneState:
   Raises:
     ValueError: if ``state`` holds none, or more than one.
   """
-  found = [s for s in core.find_prune_states(state)
-           if isinstance(s.method_state, SparseTrainingState)]
-  if len(found) != 1:
-    raise ValueError(
-        f"state: holds {len(found)} UniPTS sparse-training states; pass the "
-        "optimizer state of (a chain holding) exactly one sparse_training.")
-  return found[0]
+  return core.find_prune_state(state, SparseTrainingState,
+                               "flipout_jax.unipts.sparse_training")
 
 
 def raw_weights(state: optax.OptState, params: PyTree | None = None) -> PyTree:
@@ -245,8 +240,7 @@ def raw_weights(state: optax.OptState, params: PyTree | None = None) -> PyTree:
   raw = trees.unwrap_variables(find_state(state).method_state.raw)
   if params is None:
     return raw
-  return jax.tree.map(lambda r, p: p if r is None else r, raw, params,
-                      is_leaf=lambda x: x is None)
+  return trees.fill_from(raw, params)
 
 
 def effective_params(state: optax.OptState, params: PyTree) -> PyTree:
