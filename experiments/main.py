@@ -33,7 +33,8 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
 HELP = ("--help", "-h", "--helpfull", "--helpshort", "-?")
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
+  """``text`` (e.g. an exception) on one line, for one-line CLI errors."""
   return " ".join(str(text).split())
 
 
@@ -86,14 +87,14 @@ def parse_flags(argv: Sequence[str],
                        define, default_config, doc)
     config = base["config"].value
     unknown = [f for f in _overridden_fields(argv) if f not in config]
-    names = unknown or [_one_line(e).strip("\"'")]
+    names = unknown or [one_line(e).strip("\"'")]
     raise SystemExit(
         f"error: config: unknown field {', '.join(names)}; valid fields: "
         f"{', '.join(sorted(config.keys()))}") from None
   except flags.Error as e:
-    raise SystemExit(f"error: {_one_line(e)}") from None
+    raise SystemExit(f"error: {one_line(e)}") from None
   except (OSError, ImportError, SyntaxError, TypeError, ValueError) as e:
-    raise SystemExit(f"error: config: {_one_line(e)}") from None
+    raise SystemExit(f"error: config: {one_line(e)}") from None
   return fv
 
 
@@ -125,7 +126,7 @@ def run_main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                      overwrite=fv["overwrite"].value,
                      progress=fv["progress"].value)
   except train.ConfigError as e:
-    raise SystemExit(f"error: {_one_line(e)}") from None
+    raise SystemExit(f"error: {one_line(e)}") from None
 
 
 if __name__ == "__main__":

@@ -80,10 +80,6 @@ class UniPTSError(ValueError):
   """A bad flag, config value or workdir; the message is one line."""
 
 
-def _one_line(text: str) -> str:
-  return " ".join(str(text).split())
-
-
 def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("dense_workdir", None, "Workdir of a finished "
                       "experiments.main run: the dense model.", flag_values=fv)
@@ -137,7 +133,7 @@ def validate(config):
   try:
     return unipts.UniPTSConfig(**config.unipts.to_dict())
   except (TypeError, ValueError) as e:
-    raise UniPTSError(f"unipts.{_one_line(e)}") from None
+    raise UniPTSError(f"unipts.{main_lib.one_line(e)}") from None
 
 
 def check_fields(config) -> None:
@@ -214,7 +210,7 @@ def check_dense_workdir(dense_workdir: str | None) -> dict[str, Any]:
       final = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise UniPTSError(f"dense_workdir: {d}: unreadable run files "
-                      f"({_one_line(e)})") from None
+                      f"({main_lib.one_line(e)})") from None
   for k in ("model", "width", "dataset"):
     if k not in config:
       raise UniPTSError(f"dense_workdir: {d}/config.json has no {k!r}")
@@ -244,7 +240,8 @@ def load_dense(dense_workdir: str, dense_config: dict[str, Any],
     model = models_lib.get_model(c["model"], num_classes=ds.train.num_classes,
                                  width=c["width"])
   except (ValueError, data_lib.DatasetNotPreparedError) as e:
-    raise UniPTSError(f"dense_workdir: {dense_workdir}: {_one_line(e)}") from None
+    raise UniPTSError(
+        f"dense_workdir: {dense_workdir}: {main_lib.one_line(e)}") from None
   dummy = jnp.zeros((1, *ds.train.image_shape), jnp.float32)
   template = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x,
                                           train=False))(dummy)
@@ -485,7 +482,7 @@ def run(config, dense_workdir: str | None, workdir: str, *,
         calibration_y=calib_y if config.calibration_labels == "true" else None,
         config=ucfg, log_fn=log)
   except ValueError as e:
-    raise UniPTSError(_one_line(e)) from None
+    raise UniPTSError(main_lib.one_line(e)) from None
   sparse = jax.device_get(result.variables)
   accuracy = test_accuracy(model, sparse, ds, config.eval_batch_size)
   summary = mask_summary(result.masks)
@@ -586,7 +583,8 @@ def sweep_main(fv, argv: list[str]) -> None:
     seeds = [int(s) for s in fv["seeds"].value]
     sparsities = [float(s) for s in fv["sparsities"].value]
   except ValueError as e:
-    raise UniPTSError(f"--seeds/--sparsities: {_one_line(e)}") from None
+    raise UniPTSError(
+        f"--seeds/--sparsities: {main_lib.one_line(e)}") from None
   if not seeds or not sparsities:
     raise UniPTSError("--seeds/--sparsities: give at least one value each")
   forwarded = _forwarded(argv, ("seed", "sparsity", "search"))
@@ -602,7 +600,7 @@ def sweep_main(fv, argv: list[str]) -> None:
     try:
       train.validate(c)
     except train.ConfigError as e:
-      raise UniPTSError(f"teacher recipe: {_one_line(e)}") from None
+      raise UniPTSError(f"teacher recipe: {main_lib.one_line(e)}") from None
     teacher = {k: v for k, v in train.config_json(c).items()
                if k not in UNIPTS_FIELDS or k == "seed"}
     r = sweep.Run(method="dense", tag="dense", seed=seed, overrides=[],
@@ -824,7 +822,7 @@ def run_main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     return run(config, fv["dense_workdir"].value, workdir,
                overwrite=fv["overwrite"].value)
   except UniPTSError as e:
-    raise SystemExit(f"error: {_one_line(e)}") from None
+    raise SystemExit(f"error: {main_lib.one_line(e)}") from None
 
 
 if __name__ == "__main__":

@@ -103,6 +103,30 @@ def _check_axis(axis: int, ndim: int, name: str = "axis") -> int:
   return axis % ndim
 
 
+def _check_kernel_args(x: jax.Array, n, m: int, axis: int, name: str):
+  """Validates an N:M call on the kernel ``x`` (argument ``name``).
+
+  ``n`` is an int in ``[0, m]`` or a traced count; ``x`` needs ndim >= 2
+  and ``x.shape[axis]`` divisible by ``m``. Returns ``(n, axis)`` with the
+  axis made non-negative.
+
+  Raises:
+    ValueError: naming ``n``, ``m``, ``axis`` or ``name``.
+  """
+  if _is_int(n):
+    n, m = check_nm_args(n, m)
+  else:
+    check_nm_args(0, m)
+  if x.ndim < 2:
+    raise ValueError(f"{name}: N:M needs ndim >= 2 (a kernel), got shape "
+                     f"{x.shape}.")
+  axis = _check_axis(axis, x.ndim)
+  if x.shape[axis] % m:
+    raise ValueError(f"{name}: axis {axis} has size {x.shape[axis]}, not "
+                     f"divisible by m={m}.")
+  return n, axis
+
+
 def nm_compatible(shape, m: int, axis: int = -2) -> bool:
   """Whether a kernel of ``shape`` can be N:M along ``axis`` (default -2).
 
@@ -196,18 +220,7 @@ def nm_masks(scores: jax.Array, n, m: int, *,
     ValueError: for bad ``n``/``m``/``axis`` or an indivisible axis.
   """
   scores = jnp.asarray(scores)
-  if _is_int(n):
-    n, m = check_nm_args(n, m)
-  else:
-    check_nm_args(0, m)
-  if scores.ndim < 2:
-    raise ValueError(f"scores: N:M needs ndim >= 2 (a kernel), got shape "
-                     f"{scores.shape}.")
-  axis = _check_axis(axis, scores.ndim)
-  if scores.shape[axis] % m:
-    raise ValueError(
-        f"scores: axis {axis} has size {scores.shape[axis]}, not divisible by "
-        f"m={m}.")
+  n, axis = _check_kernel_args(scores, n, m, axis, "scores")
   if eligible is not None and jnp.shape(eligible) != scores.shape:
     raise ValueError(f"eligible: shape {jnp.shape(eligible)} differs from "
                      f"scores {scores.shape}.")
@@ -808,17 +821,7 @@ def nm_soft_threshold(w: jax.Array, n, m: int, *, rescale: bool = True,
     ValueError: for bad ``n``/``m``/``axis`` or an indivisible axis.
   """
   w = jnp.asarray(w)
-  if _is_int(n):
-    n, m = check_nm_args(n, m)
-  else:
-    check_nm_args(0, m)
-  if w.ndim < 2:
-    raise ValueError(f"w: N:M needs ndim >= 2 (a kernel), got shape "
-                     f"{w.shape}.")
-  ax = _check_axis(axis, w.ndim)
-  if w.shape[ax] % m:
-    raise ValueError(f"w: axis {ax} has size {w.shape[ax]}, not divisible by "
-                     f"m={m}.")
+  n, ax = _check_kernel_args(w, n, m, axis, "w")
   mask, tau, _ = _nm_group_threshold(w, n, m, ax)
   eff, scale = st3_lib.soft_threshold_rescale(w, mask, tau, rescale=rescale)
   return eff, mask, tau, scale
