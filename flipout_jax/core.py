@@ -168,16 +168,21 @@ def masked_updates(updates: PyTree, old_masks: PyTree, new_masks: PyTree,
   (:class:`MaskUpdate`); every other weight alive before and after moves by
   exactly the inner update.
   """
-  if restart is None:
-    keep = lambda m0, m1, r: m0 & m1  # pylint: disable=unnecessary-lambda-assignment
-  else:
-    keep = lambda m0, m1, r: m0 & m1 & ~r  # pylint: disable=unnecessary-lambda-assignment
-  restart = old_masks if restart is None else restart
-  return jax.tree.map(
-      lambda m0, m1, r, u, p: u if m0 is None else jnp.where(
-          keep(m0, m1, r), u, -p),
-      old_masks, new_masks, restart, updates, params,
-      is_leaf=lambda x: x is None)
+  def one(m0, m1, r, u, p):
+    if m0 is None:
+      return u
+    keep = m0 & m1 if r is None else m0 & m1 & ~r
+    return jnp.where(keep, u, -p)
+
+  return jax.tree.map(one, old_masks, new_masks, _or_nones(restart, old_masks),
+                      updates, params, is_leaf=lambda x: x is None)
+
+
+def _or_nones(tree: PyTree | None, masks: PyTree) -> PyTree:
+  """``tree``, or ``masks``' structure with None at every leaf."""
+  if tree is not None:
+    return tree
+  return jax.tree.map(lambda m: None, masks, is_leaf=lambda x: x is None)
 
 
 def prune(inner: optax.GradientTransformation,
@@ -347,14 +352,16 @@ def _reset_selection(mode: str, params, old: PyTree, new: PyTree,
   weights count as grown."""
   if mode == "all":
     return trees.mask_like(params, jax.tree.map(lambda p: True, params))
-  rule = {"pruned": lambda a, b, r: a & ~b,
-          "grown": lambda a, b, r: (b & ~a) | r,
-          "changed": lambda a, b, r: (a != b) | r}[mode]
-  if restart is None:
-    restart = trees.map_prunable(
-        lambda m: jnp.zeros_like(m, dtype=jnp.bool_), old)
-  return trees.map_prunable(lambda m, a, b, r: rule(a, b, r), old, old, new,
-                            restart)
+  rule = {"pruned": lambda a, b: a & ~b,
+          "grown": lambda a, b: b & ~a,
+          "changed": lambda a, b: a != b}[mode]
+
+  def one(m, a, b, r):
+    if r is None or mode == "pruned":
+      return rule(a, b)
+    return rule(a, b) | r
+
+  return trees.map_prunable(one, old, old, new, _or_nones(restart, old))
 
 
 # ---------------------------------------------------------------------------
