@@ -346,7 +346,8 @@ def test_realised_counts_follow_rounds_and_moments_reset(structured):
   sps = schedules.rounds_sparsities(p, n)
   tx = gf.gradient_flow(optax.sgd(0.05, momentum=0.9),
                         measure="loss_preservation_magnitude", sparsity=p,
-                        rounds=n, steps_per_round=spr, structured=structured)
+                        rounds=n, steps_per_round=spr, structured=structured,
+                        output_layer=None)  # every layer's filters count
   seen = []
 
   def check(i, params, state):
@@ -478,7 +479,8 @@ def test_structured_removes_whole_filters_and_never_empties_a_layer(
   filters = [k.shape[-1] for k in kernels(params)]
   tx = gf.gradient_flow(optax.sgd(0.01), measure="magnitude",
                         sparsity=sparsity, rounds=2, steps_per_round=1,
-                        structured=True, distribution=distribution)
+                        structured=True, distribution=distribution,
+                        output_layer=None)  # dense2 is ranked too
   params, state = train(tx, params, 4, extra=False)
   masks = kernels(core.get_masks(state))
   alive = _filter_alive(masks)
@@ -506,18 +508,66 @@ def test_filter_mask_rule_guard_and_exact_counts():
       (1, 0.5, ([1, 1, 0, 0], [1, 0, 0])),   # keep 7 − round(3.5) = 3
       (2, 0.5, ([1, 1, 0, 0], [1, 0, 1]))]:  # guard keeps 2 of b: 4 kept
     rule = gf.filter_mask_rule(schedules.one_shot(sparsity), "global",
-                               min_filters)
+                               min_filters, output_layer=None)
     out = jax.jit(lambda c, s: rule(c, s, None, None))(ctx, {"a": sa, "b": sb})
     for key, exp in zip("ab", expected):
       np.testing.assert_array_equal(
           out[key], np.broadcast_to(np.array(exp, bool), masks[key].shape))
   # Masks only shrink: a dead filter is never revived.
   masks2 = {"a": masks["a"].at[:, 0].set(False), "b": masks["b"]}
-  rule = gf.filter_mask_rule(schedules.one_shot(0.0))
+  rule = gf.filter_mask_rule(schedules.one_shot(0.0), output_layer=None)
   out = jax.jit(lambda c, s: rule(c, s, None, None))(
       ctx._replace(masks=masks2), {"a": sa, "b": sb})
   np.testing.assert_array_equal(_filter_alive([out["a"]])[0],
                                 [False, True, True, True])
+
+
+def _lenet300100_params(output_scale):
+  from flipout_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.get_model("lenet300100", num_classes=10, width=0.1)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  # Tiny classifier weights: by magnitude its columns rank below every other
+  # filter, so a global filter ranking that includes them prunes classes.
+  params["fc3"]["kernel"] = params["fc3"]["kernel"] * output_scale
+  return params
+
+
+@pytest.mark.parametrize("output_layer", ["auto", "fc3", None])
+def test_structured_leaves_the_classifier_whole_by_default(output_layer):
+  params = _lenet300100_params(1e-3)
+  kwargs = {} if output_layer == "auto" else dict(output_layer=output_layer)
+  tx = gf.gradient_flow(optax.sgd(0.0), measure="magnitude", sparsity=0.9,
+                        rounds=1, steps_per_round=1, structured=True, **kwargs)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  for _ in range(2):  # the event is the update with count 1
+    _, state = jax.jit(tx.update)(grads, state, params)
+  masks = core.get_masks(state)
+  out_alive = int(np.sum(np.any(np.asarray(masks["fc3"]["kernel"]), axis=0)))
+  hidden = [np.any(np.asarray(masks[k]["kernel"]), axis=0) for k in ("fc1", "fc2")]
+  if output_layer is None:  # the old behaviour: 9 of 10 logits constant
+    assert out_alive == 1
+    return
+  assert out_alive == 10  # every class logit still depends on the input
+  # 90 % of the hidden filters (30 + 10) are removed; fc3 is not counted.
+  total = sum(h.size for h in hidden)
+  assert sum(int(h.sum()) for h in hidden) == total - round(0.9 * total)
+
+
+def test_output_layer_paths():
+  paths = ["Dense_10/kernel", "Dense_2/kernel", "Dense_9/kernel", "conv/kernel"]
+  ndims = [2, 2, 2, 4]
+  assert gf.output_layer_paths(paths, ndims) == ("Dense_10/kernel",)
+  assert gf.output_layer_paths(paths, ndims, None) == ()
+  assert gf.output_layer_paths(paths, ndims, "Dense_2") == ("Dense_2/kernel",)
+  assert gf.output_layer_paths(["conv/kernel"], [4]) == ()  # no 2-D kernel
+  assert gf.output_layer_paths(["fc/kernel"], [2]) == ()  # the only layer
+  with pytest.raises(ValueError, match="^output_layer:.*Dense_3"):
+    gf.output_layer_paths(paths, ndims, "Dense_3")
+  with pytest.raises(ValueError, match="^output_layer:"):
+    gf.gradient_flow(optax.sgd(0.1), measure="magnitude", sparsity=0.5,
+                     rounds=1, steps_per_round=1, structured=True,
+                     output_layer=3)
 
 
 # ---------------------------------------------------------------------------

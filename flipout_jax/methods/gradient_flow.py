@@ -29,11 +29,20 @@ mapping), and never empties a layer: each layer keeps its ``min_filters``
 best filters (the authors keep ``int(0.05·F_l) + 1``). A pruned filter's
 kernel is exactly zero; its bias and normalisation parameters are not
 masked, so the channel outputs a constant rather than disappearing.
+
+The classifier's output units are not filters: structured mode leaves the
+output layer whole by default (``output_layer="auto"``: the last 2-D
+prunable kernel, e.g. ``fc3/kernel`` of the LeNets, ``head/kernel`` of VGG
+and ResNet), and its units do not count among the filters, as in the
+authors' code, which never scores the classifier. Pruning a class's column
+would make that logit a constant (its bias). ``output_layer=None`` prunes it
+like any other layer.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -79,8 +88,57 @@ def _check_structured_distribution(distribution) -> None:
         "True); use 'global', 'uniform' or a mapping path -> sparsity.")
 
 
+def _natural_key(path: str):
+  """Sort key in which ``Dense_10`` comes after ``Dense_9``."""
+  return [(0, int(t), "") if t.isdigit() else (1, 0, t)
+          for t in re.split(r"(\d+)", path)]
+
+
+def _check_output_layer(output_layer):
+  if output_layer is None or output_layer == "auto":
+    return output_layer
+  if not isinstance(output_layer, str) or not output_layer:
+    raise ValueError(
+        "output_layer: expected 'auto', None or the path of a prunable leaf "
+        f"(or of its layer, e.g. 'fc3'), got {output_layer!r}.")
+  return output_layer
+
+
+def output_layer_paths(paths, ndims, output_layer="auto") -> tuple[str, ...]:
+  """The prunable paths whose units structured pruning leaves whole.
+
+  Args:
+    paths: the prunable leaves' paths (``trees.leaves_with_paths`` order).
+    ndims: their numbers of dimensions.
+    output_layer: ``"auto"``: the 2-D kernel whose path sorts last (numbers
+      compared as numbers), unless it is the only prunable leaf; ``None``:
+      none; a path: the leaves equal to it or below it (``"fc3"`` matches
+      ``"fc3/kernel"``).
+
+  Raises:
+    ValueError: naming ``output_layer`` if a path matches no prunable leaf,
+      or matches all of them.
+  """
+  output_layer = _check_output_layer(output_layer)
+  if output_layer is None:
+    return ()
+  if output_layer == "auto":
+    dense = [p for p, n in zip(paths, ndims) if n == 2]
+    if not dense or len(paths) < 2:
+      return ()
+    return (max(dense, key=_natural_key),)
+  out = tuple(p for p in paths
+              if p == output_layer or p.startswith(output_layer + "/"))
+  if not out or len(out) == len(paths):
+    raise ValueError(
+        f"output_layer: {output_layer!r} must match some but not all of the "
+        f"prunable leaves {list(paths)}.")
+  return out
+
+
 def filter_mask_rule(schedule: schedules.Schedule, distribution="global",
-                     min_filters: int = 1) -> core.MaskRule:
+                     min_filters: int = 1,
+                     output_layer="auto") -> core.MaskRule:
   """A mask rule for :func:`flipout_jax.core.prune` that removes whole filters.
 
   On the event ``k`` of ``schedule`` (sparsity ``s_k``), each group keeps
@@ -96,12 +154,19 @@ def filter_mask_rule(schedule: schedules.Schedule, distribution="global",
   The core's weight-count ``keep`` is ignored: counts are in filters, looked
   up here from the event index of ``ctx.step``.
 
+  The output layer (:func:`output_layer_paths`) is left whole and is not
+  counted: ``F`` and the budgets are over the other layers' filters.
+
   Args:
     schedule: the same schedule given to ``core.prune``.
     distribution: ``"global"`` (one filter ranking over all layers),
       ``"uniform"`` (each layer keeps ``F_l − round(s·F_l)``) or a mapping
       ``{path: sparsity}``.
     min_filters: filters every layer keeps at least (>= 1).
+    output_layer: the classifier whose units are never pruned: ``"auto"``
+      (the last 2-D kernel), ``None`` (prune every layer's units) or a
+      prunable path / layer name such as ``"fc3"``; checked against the
+      masks when the rule is traced (the first update).
 
   Returns:
     ``(ctx, scores, groups, keep) -> masks``.
@@ -112,6 +177,7 @@ def filter_mask_rule(schedule: schedules.Schedule, distribution="global",
     raise ValueError(
         f"min_filters: must be a positive int, got {min_filters!r}.")
   min_filters = int(min_filters)
+  output_layer = _check_output_layer(output_layer)
   dist_key = (tuple(sorted(distribution.items()))
               if isinstance(distribution, dict) else distribution)
 
@@ -119,19 +185,24 @@ def filter_mask_rule(schedule: schedules.Schedule, distribution="global",
     del groups, keep  # weight counts; this rule counts filters.
     masks = ctx.masks
     flat = trees.leaves_with_paths(masks)
-    paths = tuple(p for p, _ in flat)
-    num_filters = tuple(_num_filters(m) for _, m in flat)
+    whole = output_layer_paths([p for p, _ in flat], [m.ndim for _, m in flat],
+                               output_layer)
+    ranked_idx = [i for i, (p, _) in enumerate(flat) if p not in whole]
+    paths = tuple(flat[i][0] for i in ranked_idx)
+    num_filters = tuple(_num_filters(flat[i][1]) for i in ranked_idx)
     fgroups, table = _filter_table(dist_key, paths, num_filters,
                                    tuple(schedule.sparsities),
                                    schedule.final_sparsity)
     _, idx = schedule.event_index(ctx.step)
     target = jnp.asarray(table)[jnp.maximum(idx, 0)]
 
-    mask_leaves = trees.prunable_leaves(masks, masks)
+    all_masks = trees.prunable_leaves(masks, masks)
+    all_scores = trees.prunable_leaves(masks, scores_tree)
+    mask_leaves = [all_masks[i] for i in ranked_idx]
     alive = [jnp.any(_as_filters(m), axis=0) for m in mask_leaves]
     big = jnp.finfo(jnp.float32).max
     fscores = []
-    for s in trees.prunable_leaves(masks, scores_tree):
+    for s in [all_scores[i] for i in ranked_idx]:
       s = jnp.max(_as_filters(jnp.asarray(s, jnp.float32)), axis=0)
       # Finite scores only, so that +inf below marks the guarded filters
       # strictly above every other one (NaN ranks lowest, as in selection).
@@ -144,9 +215,10 @@ def filter_mask_rule(schedule: schedules.Schedule, distribution="global",
     n_alive = jnp.stack([count(alive, g) for g in fgroups])
     k = jnp.minimum(jnp.maximum(target, n_guarded), n_alive)
     kept = selection.top_k_masks(ranked, fgroups, k, alive)
-    new_leaves = [
-        m & jnp.reshape(jnp.broadcast_to(kf & a, _as_filters(m).shape), m.shape)
-        for m, kf, a in zip(mask_leaves, kept, alive)]
+    new_leaves = list(all_masks)  # the output layer's masks stay as they are
+    for i, m, kf, a in zip(ranked_idx, mask_leaves, kept, alive):
+      new_leaves[i] = m & jnp.reshape(
+          jnp.broadcast_to(kf & a, _as_filters(m).shape), m.shape)
     return trees.unflatten_prunable(masks, new_leaves)
 
   return rule
@@ -171,9 +243,11 @@ def _check_bool(value, name: str) -> bool:
   return bool(value)
 
 
-def _mask_rule(structured: bool, schedule, distribution, min_filters):
+def _mask_rule(structured: bool, schedule, distribution, min_filters,
+               output_layer):
+  _check_output_layer(output_layer)
   if structured:
-    return filter_mask_rule(schedule, distribution, min_filters)
+    return filter_mask_rule(schedule, distribution, min_filters, output_layer)
   return core.shrink_rule
 
 
@@ -181,7 +255,7 @@ def gradient_flow(inner: optax.GradientTransformation, *, measure: str,
                   sparsity: float, rounds: int, steps_per_round: int,
                   structured: bool = False, reset_moments: bool | str = True,
                   start_step: int = 0, distribution="global", filter_fn=None,
-                  min_filters: int = 1,
+                  min_filters: int = 1, output_layer="auto",
                   seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Prune-while-training with a gradient-flow importance measure.
 
@@ -225,6 +299,11 @@ def gradient_flow(inner: optax.GradientTransformation, *, measure: str,
       (unstructured only) or ``{path: sparsity}``.
     filter_fn: which leaves are prunable (default: float leaves, ndim >= 2).
     min_filters: structured only: filters every layer keeps at least.
+    output_layer: structured only: the classifier, whose units (class
+      logits) are never pruned nor counted among the filters: ``"auto"``
+      (default: the last 2-D prunable kernel, e.g. ``fc3/kernel``), a path
+      or layer name, or ``None`` to prune its units too (see
+      :func:`output_layer_paths`).
     seed: seed of the PRNG key in the state.
 
   Returns:
@@ -233,7 +312,8 @@ def gradient_flow(inner: optax.GradientTransformation, *, measure: str,
   Raises:
     ValueError: naming the argument: unknown ``measure``, ``sparsity``
       outside [0, 1), ``rounds`` or ``steps_per_round`` <= 0, bad
-      ``distribution``, ``reset_moments``, ``structured`` or ``min_filters``.
+      ``distribution``, ``reset_moments``, ``structured``, ``min_filters``
+      or ``output_layer``.
   """
   measure = scores.check_gradient_flow_measure(measure)
   structured = _check_bool(structured, "structured")
@@ -242,14 +322,15 @@ def gradient_flow(inner: optax.GradientTransformation, *, measure: str,
       inner,
       score_fn=scores.gradient_flow_score(measure, structured=structured),
       schedule=schedule,
-      mask_rule=_mask_rule(structured, schedule, distribution, min_filters),
+      mask_rule=_mask_rule(structured, schedule, distribution, min_filters,
+                           output_layer),
       distribution=distribution, reset_moments=_reset_mode(reset_moments),
       filter_fn=filter_fn, seed=seed, name="gradient_flow")
 
 
 def grasp(inner: optax.GradientTransformation, *, sparsity: float,
           step: int = 0, structured: bool = False, distribution="global",
-          filter_fn=None, min_filters: int = 1,
+          filter_fn=None, min_filters: int = 1, output_layer="auto",
           seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """GraSP (Wang, Zhang & Grosse 2020): one-shot pruning by ``θ·Hg``.
 
@@ -274,6 +355,8 @@ def grasp(inner: optax.GradientTransformation, *, sparsity: float,
       (unstructured only) or a mapping.
     filter_fn: which leaves are prunable.
     min_filters: structured only: filters every layer keeps at least.
+    output_layer: structured only: the classifier left whole (as in
+      :func:`gradient_flow`).
     seed: seed of the PRNG key in the state.
 
   Returns:
@@ -286,5 +369,6 @@ def grasp(inner: optax.GradientTransformation, *, sparsity: float,
       score_fn=scores.gradient_flow_score("gradient_norm",
                                           structured=structured),
       schedule=schedule,
-      mask_rule=_mask_rule(structured, schedule, distribution, min_filters),
+      mask_rule=_mask_rule(structured, schedule, distribution, min_filters,
+                           output_layer),
       distribution=distribution, filter_fn=filter_fn, seed=seed, name="grasp")
