@@ -133,6 +133,8 @@ _GOOD = dict(sparsity=0.9, update_every=10, end_step=100)
     (dict(exploration=-1.0), r"exploration: .*>= 0"),
     (dict(epsilon=0.0), r"epsilon: .*> 0"),
     (dict(distribution="erdos"), r"distribution: "),
+    (dict(restart_regrown="yes"), r"restart_regrown: .*True or False"),
+    (dict(restart_regrown=None), r"restart_regrown: .*True or False"),
 ])
 def test_bad_arguments_raise_naming_the_argument(bad, match):
   with pytest.raises(ValueError, match=match):
@@ -218,6 +220,11 @@ def test_rule_drops_smallest_magnitude_and_grows_best_score():
   np.testing.assert_array_equal(new["w"], [[1, 1, 1, 0], [0, 1, 0, 0]])
   # 0.1 was dropped and grown back: it restarts (at 0.0, fresh moments).
   np.testing.assert_array_equal(restart["w"], [[0, 0, 1, 0], [0, 0, 0, 0]])
+  # Without restarts the rule is a plain one: the same masks, nothing else.
+  plain = dst.drop_and_grow(0.5, 100, restart_regrown=False)
+  assert not getattr(plain, "returns_restart", False)
+  np.testing.assert_array_equal(
+      plain(ctx, dst.rigl_score(ctx), ((0,),), jnp.array([4]))["w"], new["w"])
   # DST-EE with a big c prefers the never-active row (N = 0) over the
   # just-dropped weights (N = 5), then ranks those by |g|.
   coverage = {"w": jnp.array([[5, 5, 5, 5], [0, 0, 0, 0]], jnp.int32)}
@@ -422,17 +429,18 @@ def test_grown_weights_start_at_zero_with_zero_moments(inner):
     optax.sgd(1e-3, momentum=0.9),
     optax.adam(1e-3),
 ], ids=["sgd_momentum", "adam"])
-def test_weight_dropped_and_regrown_in_one_event_restarts_at_zero(inner):
-  # One 2 x 4 kernel, 4 alive. Its smallest alive weight (0.1) gets by far
-  # the largest gradient, so RigL drops it (smallest |θ|) and grows it back
-  # (largest |g|) in the event at step 2 (small steps keep it the
-  # smallest): it must restart like any grown weight, at exactly 0.0 with
-  # zeroed moments.
+def _regrown_run(inner, **kwargs):
+  """Three RigL updates on one 2 x 4 kernel whose event regrows a weight.
+
+  4 weights alive. The smallest alive weight (0.1) gets by far the largest
+  gradient, so RigL drops it (smallest |θ|) and grows it back (largest |g|)
+  in the event at step 2 (small steps keep it the smallest).
+  """
   params = {"w": jnp.array([[5., -4., .1, 3.], [0., 0., 0., 0.]])}
   masks = {"w": jnp.array([[1, 1, 1, 1], [0, 0, 0, 0]], bool)}
   grads = {"w": jnp.array([[.01, .01, -9., .01], [1., -2., .5, 0.]])}
-  tx = dst.rigl(inner, sparsity=0.5, update_every=2, end_step=100,
-                filter_fn=lambda path, leaf: True)
+  tx = dst.rigl(inner, sparsity=0.5, update_every=2,
+                filter_fn=lambda path, leaf: True, **kwargs)
   state = tx.init(params)
   state = state._replace(masks=masks)
   step = jax.jit(tx.update)
@@ -442,11 +450,44 @@ def test_weight_dropped_and_regrown_in_one_event_restarts_at_zero(inner):
     if t < 2:
       assert params["w"][0, 2] != 0.0  # trained normally before the event
   # d_2 = 0.5·(1 + cos(2π/100))/2 < 0.5: ⌊d_2·4⌋ = 1 dropped (0.1) and the
-  # same weight grown back: the masks do not change at all ...
-  new = np.asarray(fj.get_masks(state)["w"])
-  np.testing.assert_array_equal(new, np.asarray(masks["w"]))
-  # ... but the weight restarts at exactly 0.0 with zeroed moments, while
-  # the other alive weights keep training with their moments.
+  # same weight grown back: the masks do not change at all.
+  np.testing.assert_array_equal(np.asarray(fj.get_masks(state)["w"]),
+                                np.asarray(masks["w"]))
+  return params, state
+
+
+@pytest.mark.parametrize("inner", [
+    optax.sgd(1e-3, momentum=0.9),
+    optax.adam(1e-3),
+], ids=["sgd_momentum", "adam"])
+def test_weight_dropped_and_regrown_keeps_its_value_without_restart(inner):
+  # restart_regrown=False (RigL's reference, reinit_when_same=False): the
+  # event changes nothing, so the run equals one without any event
+  # (end_step=2: no event), value and moments of the regrown weight included.
+  params, state = _regrown_run(inner, end_step=100, restart_regrown=False)
+  ref_params, ref_state = _regrown_run(inner, end_step=2)
+  assert params["w"][0, 2] != 0.0
+  np.testing.assert_allclose(params["w"], ref_params["w"], rtol=1e-6)
+  buffers = _param_buffers(state.inner_state, params)
+  assert buffers
+  for buf, ref in zip(buffers, _param_buffers(ref_state.inner_state, params)):
+    assert buf["w"][0, 2] != 0.0
+    np.testing.assert_allclose(buf["w"], ref["w"], rtol=1e-6)
+  # dst_ee and set_ take the option too.
+  for make in (dst.dst_ee, dst.set_):
+    make(inner, sparsity=0.5, update_every=2, end_step=10,
+         restart_regrown=False)
+
+
+@pytest.mark.parametrize("inner", [
+    optax.sgd(1e-3, momentum=0.9),
+    optax.adam(1e-3),
+], ids=["sgd_momentum", "adam"])
+def test_weight_dropped_and_regrown_in_one_event_restarts_at_zero(inner):
+  # The default (restart_regrown=True): the weight must restart like any
+  # grown weight, at exactly 0.0 with zeroed moments, while the other alive
+  # weights keep training with their moments.
+  params, state = _regrown_run(inner, end_step=100)
   assert params["w"][0, 2] == 0.0
   assert np.all(np.asarray(params["w"])[0, [0, 1, 3]] != 0.0)
   buffers = _param_buffers(state.inner_state, params)

@@ -37,6 +37,13 @@ included. Every grown weight, also one dropped and grown back in the same
 event (active before and after, so invisible in the net mask change; the
 rule reports it in a :class:`flipout_jax.core.MaskUpdate`), starts at
 exactly 0.0 with zeroed moments. Per group, #dropped = #grown always.
+
+That restart of a dropped-and-regrown weight is a deliberate deviation from
+RigL's reference code, whose default ``reinit_when_same=False`` keeps such a
+weight's value (and its moments): here it is treated like every other grown
+weight, so that "grown" means the same for every weight of an event.
+``restart_regrown=False`` gives the reference behaviour. The results tables
+in ``experiments/results`` use the default (``True``).
 """
 
 from __future__ import annotations
@@ -215,7 +222,14 @@ def dst_ee_score(exploration: float = DEFAULT_EXPLORATION,
   return score
 
 
-def drop_and_grow(drop_fraction: float, end_step: int) -> core.MaskRule:
+def _check_bool(value, name: str) -> bool:
+  if not isinstance(value, bool):
+    raise ValueError(f"{name}: must be True or False, got {value!r}.")
+  return value
+
+
+def drop_and_grow(drop_fraction: float, end_step: int,
+                  restart_regrown: bool = True) -> core.MaskRule:
   """The DST mask rule: drop ``⌊d_t·a_g⌋`` by ``|θ|``, grow as many by score.
 
   For each group g (a layer, or all layers for ``"global"``) with ``a_g``
@@ -233,10 +247,17 @@ def drop_and_grow(drop_fraction: float, end_step: int) -> core.MaskRule:
   Args:
     drop_fraction: ``d_0``.
     end_step: ``T_end`` of the cosine decay.
+    restart_regrown: a weight dropped and grown back in the same event
+      restarts at 0.0 with zeroed moments (True: the rule is
+      :func:`flipout_jax.core.restarting` and returns a
+      :class:`flipout_jax.core.MaskUpdate`) or keeps its value and moments
+      (False, RigL's reference ``reinit_when_same=False``: the rule returns
+      the masks only).
 
   Returns:
     A :data:`flipout_jax.core.MaskRule`.
   """
+  restart_regrown = _check_bool(restart_regrown, "restart_regrown")
 
   def rule(ctx: scores_lib.ScoreContext, grow_scores, groups, keep):
     del keep
@@ -251,13 +272,17 @@ def drop_and_grow(drop_fraction: float, end_step: int) -> core.MaskRule:
     kept = selection.top_k_masks(magnitude, groups, active - n, alive)
     grown = selection.top_k_masks(trees.prunable_leaves(masks, grow_scores),
                                   groups, n, [~k for k in kept])
+    new_masks = trees.unflatten_prunable(
+        masks, [k | g for k, g in zip(kept, grown)])
+    if not restart_regrown:
+      return new_masks
     # Grown back right after being dropped: restart at 0.0 with zeroed
     # moments like every grown weight (the net mask change hides them).
     return core.MaskUpdate(
-        trees.unflatten_prunable(masks, [k | g for k, g in zip(kept, grown)]),
+        new_masks,
         trees.unflatten_prunable(masks, [g & a for g, a in zip(grown, alive)]))
 
-  return core.restarting(rule)
+  return core.restarting(rule) if restart_regrown else rule
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -308,6 +333,7 @@ def dst(inner: optax.GradientTransformation,
         epsilon: float = 1.0,
         distribution: distributions_lib.Distribution = "erk",
         filter_fn: trees.FilterFn | None = None,
+        restart_regrown: bool = True,
         seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Dynamic sparse training (DST-EE, RigL or SET) wrapped around ``inner``.
 
@@ -324,7 +350,9 @@ def dst(inner: optax.GradientTransformation,
 
   g is the dense gradient of the step, t its 0-based count, N_i the number
   of updates (this one included) during which weight i was active. Grown
-  weights start at exactly 0.0 with zeroed inner-optimizer moments.
+  weights start at exactly 0.0 with zeroed inner-optimizer moments; by
+  default also a weight dropped and grown back in the same event, a
+  deliberate deviation from RigL's reference code (see ``restart_regrown``).
 
   Args:
     inner: any optax optimizer (e.g. ``optax.sgd(0.1, momentum=0.9)``); it
@@ -356,6 +384,11 @@ def dst(inner: optax.GradientTransformation,
       constant and weights may move between layers).
     filter_fn: ``(path, leaf) -> bool``, which leaves are sparse (default:
       float leaves with ndim >= 2).
+    restart_regrown: a bool. True (default; the tables in
+      ``experiments/results`` use it): a weight dropped and grown back in
+      the same event restarts at exactly 0.0 with zeroed moments, like every
+      grown weight. False: it keeps its value and moments, as RigL's
+      reference code does (``reinit_when_same=False``).
     seed: seed of the random start and of SET's growth.
 
   Returns:
@@ -377,6 +410,7 @@ def dst(inner: optax.GradientTransformation,
   exploration = _check_finite(exploration, "exploration", positive=False)
   epsilon = _check_finite(epsilon, "epsilon", positive=True)
   distributions_lib.validate_distribution(distribution)
+  restart_regrown = _check_bool(restart_regrown, "restart_regrown")
 
   if grow == "dst_ee":
     score_fn, tracker = dst_ee_score(exploration, epsilon), coverage_counter()
@@ -388,7 +422,7 @@ def dst(inner: optax.GradientTransformation,
       inner,
       score_fn=score_fn,
       schedule=dst_schedule(sparsity, update_every, end_step),
-      mask_rule=drop_and_grow(drop_fraction, end_step),
+      mask_rule=drop_and_grow(drop_fraction, end_step, restart_regrown),
       distribution=distribution,
       tracker=tracker,
       reset_moments="grown",
@@ -401,7 +435,7 @@ def dst(inner: optax.GradientTransformation,
 def dst_ee(inner: optax.GradientTransformation, *, sparsity: float,
            update_every: int, end_step: int, drop_fraction: float = 0.5,
            exploration: float = DEFAULT_EXPLORATION, epsilon: float = 1.0,
-           distribution="erk", filter_fn=None,
+           distribution="erk", filter_fn=None, restart_regrown: bool = True,
            seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """DST-EE (Huang et al. 2023): grow by ``|g| + c·ln(t+1)/(N + ε)``.
 
@@ -410,12 +444,13 @@ def dst_ee(inner: optax.GradientTransformation, *, sparsity: float,
   return dst(inner, sparsity=sparsity, update_every=update_every,
              end_step=end_step, drop_fraction=drop_fraction, grow="dst_ee",
              exploration=exploration, epsilon=epsilon,
-             distribution=distribution, filter_fn=filter_fn, seed=seed)
+             distribution=distribution, filter_fn=filter_fn,
+             restart_regrown=restart_regrown, seed=seed)
 
 
 def rigl(inner: optax.GradientTransformation, *, sparsity: float,
          update_every: int, end_step: int, drop_fraction: float = 0.5,
-         distribution="erk", filter_fn=None,
+         distribution="erk", filter_fn=None, restart_regrown: bool = True,
          seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """RigL (Evci et al. 2020): drop by ``|θ|``, grow by ``|g|``.
 
@@ -423,12 +458,13 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float,
   """
   return dst(inner, sparsity=sparsity, update_every=update_every,
              end_step=end_step, drop_fraction=drop_fraction, grow="rigl",
-             distribution=distribution, filter_fn=filter_fn, seed=seed)
+             distribution=distribution, filter_fn=filter_fn,
+             restart_regrown=restart_regrown, seed=seed)
 
 
 def set_(inner: optax.GradientTransformation, *, sparsity: float,
          update_every: int, end_step: int, drop_fraction: float = 0.3,
-         distribution="erk", filter_fn=None,
+         distribution="erk", filter_fn=None, restart_regrown: bool = True,
          seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """SET (Mocanu et al. 2018): drop by ``|θ|``, grow uniformly at random.
 
@@ -437,7 +473,8 @@ def set_(inner: optax.GradientTransformation, *, sparsity: float,
   """
   return dst(inner, sparsity=sparsity, update_every=update_every,
              end_step=end_step, drop_fraction=drop_fraction, grow="random",
-             distribution=distribution, filter_fn=filter_fn, seed=seed)
+             distribution=distribution, filter_fn=filter_fn,
+             restart_regrown=restart_regrown, seed=seed)
 
 
 sparse_evolutionary_training = set_
