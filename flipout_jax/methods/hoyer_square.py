@@ -4,6 +4,11 @@
 scale-invariant, almost-everywhere differentiable proxy of the L0 norm. Train
 with its gradient added, prune every weight below a small threshold, then
 fine-tune under the fixed mask (:func:`flipout_jax.fixed_mask`).
+
+Deviation from the reference code: the penalty and the threshold apply to
+the prunable kernels only (``filter_fn``; by default the float leaves with
+``ndim >= 2``, i.e. Dense and Conv kernels); biases and normalisation
+parameters are neither regularised nor pruned.
 """
 
 from __future__ import annotations

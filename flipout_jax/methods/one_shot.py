@@ -20,6 +20,12 @@ def snip(inner: optax.GradientTransformation, *, sparsity: float,
   ``|θ·g|`` with the gradient of that step taken at the weights ``θ`` it was
   computed at, keeps the top ``N − round(sparsity·N)`` globally, and never
   changes the mask again.
+
+  Deviations from the reference code: the kept weights are not
+  re-initialised after the mask is chosen (they train on from the values
+  they were scored at), and ``g`` is the gradient of whatever loss the
+  training step differentiates (softmax cross-entropy in ``experiments/``),
+  not a loss of the pruning code's own.
   """
   return core.prune(
       inner, score_fn=scores.snip, schedule=schedules.one_shot(sparsity, step),
