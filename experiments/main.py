@@ -13,8 +13,12 @@ Flags: --config (default experiments/configs/flipout_lenet300100_mnist5k.py;
 
 Writes to the workdir: checkpoints/, config.json, metrics.jsonl, sparsity.md,
 curves.png, final_params.npz, final.json, and ends with the line
-`final test_accuracy=<float> sparsity=<float>`. A bad flag or config value
-stops with a one-line `error: ...` on stderr (exit status 1).
+`final test_accuracy=<float> sparsity=<float>`. Run again on a finished
+workdir (with or without --resume), it prints that line from final.json at
+once; an unfinished one needs --resume (or --overwrite, not both). A bad flag
+or config value, an unwritable or busy workdir (another live run holds its
+lock, .lock), a non-finite training loss or a full disk stops with a one-line
+`error: ...` on stderr (exit status 1).
 """
 
 from __future__ import annotations
@@ -41,9 +45,9 @@ def one_line(text: str) -> str:
 def _define_main_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("workdir", None, "Run directory (default "
                       "runs/<config name>/seed<seed>).", flag_values=fv)
-  flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in "
-                    "--workdir; skip the run if it finished (final.json).",
-                    flag_values=fv)
+  flags.DEFINE_bool("resume", False, "Continue from the newest checkpoint in "
+                    "--workdir that restores (or start fresh if there is "
+                    "none).", flag_values=fv)
   flags.DEFINE_bool("overwrite", False, "Delete a previous run in --workdir "
                     "and start over.", flag_values=fv)
   flags.DEFINE_bool("progress", True, "Show a progress bar (only when stderr "
@@ -125,7 +129,7 @@ def run_main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     return train.run(config, workdir, resume=fv["resume"].value,
                      overwrite=fv["overwrite"].value,
                      progress=fv["progress"].value)
-  except train.ConfigError as e:
+  except (train.ConfigError, train.RunError) as e:
     raise SystemExit(f"error: {one_line(e)}") from None
 
 

@@ -12,16 +12,23 @@ missing. The first grid key gives the rows of the Markdown table written to
 ``<out>/results.md`` (test accuracy, mean ± std over seeds), the second key
 its columns; ``<out>/results.json`` keeps every run's result. Other
 ``--config.<field>=<value>`` arguments are passed on to every run.
+
+On Linux the runs die with the sweep (``PR_SET_PDEATHSIG``): a sweep killed
+and launched again never finds its previous runs still training (and each
+workdir's lock would refuse a second writer anyway).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
+import ctypes.util
 import dataclasses
 import itertools
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -49,6 +56,46 @@ class Run:
   info: dict = dataclasses.field(default_factory=dict)  # e.g. target, λ
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _libc_prctl():
+  """libc's ``prctl`` on Linux, else None (looked up here, not in the child)."""
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6",
+                       use_errno=True).prctl
+  except (OSError, AttributeError):
+    return None
+
+
+_PRCTL = _libc_prctl()
+
+
+def _die_with_parent(parent: int):
+  """A ``preexec_fn``: the child gets SIGTERM when its parent dies.
+
+  Checks ``getppid`` after ``prctl``: a parent that died between fork and
+  ``prctl`` would not signal it.
+  """
+  def preexec():
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+      os._exit(1)  # pylint: disable=protected-access
+  return preexec
+
+
+def spawn(cmd: Sequence[str], **kwargs) -> subprocess.Popen:
+  """``subprocess.Popen(cmd, **kwargs)`` that dies with this process (Linux).
+
+  Elsewhere a plain Popen: the child outlives a killed sweep.
+  """
+  if _PRCTL is not None:
+    kwargs["preexec_fn"] = _die_with_parent(os.getpid())
+  return subprocess.Popen(cmd, **kwargs)  # pylint: disable=consider-using-with
+
+
 def run_one(run: Run, config_path: str, forwarded: Sequence[str]) -> Run:
   """Runs (or skips, when finished with the same config) one run."""
   final = os.path.join(run.workdir, "final.json")
@@ -71,8 +118,8 @@ def run_one(run: Run, config_path: str, forwarded: Sequence[str]) -> Run:
   with open(os.path.join(run.workdir, "run.log"), "a") as log:
     log.write("$ " + " ".join(cmd) + "\n")
     log.flush()
-    proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                          check=False)
+    proc = spawn(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    proc.wait()
   run.returncode = proc.returncode
   run.seconds = round(time.time() - t0, 1)
   if proc.returncode == 0 and os.path.exists(final):

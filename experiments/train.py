@@ -12,6 +12,17 @@
   ``final_params.npz``, ``final.json`` and the line
   ``final test_accuracy=<float> sparsity=<float>``.
 
+Faults end the run with a one-line error (:class:`RunError` or
+:class:`ConfigError`) rather than a traceback: a non-finite training loss
+(checked once per epoch on the losses fetched then, naming its step; nothing
+of that epoch is saved), a full disk ("no space left on <workdir>"; the
+checkpoints committed before stay intact), an unwritable workdir (before any
+setup) and a workdir another live process trains in: each run holds an
+exclusive ``flock`` on ``<workdir>/.lock``, which holds its pid (the kernel
+drops the lock when the process dies, so a dead run's file does not block).
+A latest checkpoint that does not restore is moved to ``checkpoints.bad/``
+with a warning and the run resumes from the newest one that does.
+
 Resume: the latest checkpoint holds everything that changes during training;
 the optimizer state (masks, flip counts, momentum, the PRNG key of the
 pruning noise) is restored into the structure of ``tx.init(params)``, and the
@@ -24,10 +35,15 @@ epoch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
+import logging
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -41,13 +57,21 @@ from ml_collections import config_dict
 import flipout_jax as fj
 from flipout_jax import data as data_lib
 from flipout_jax import models as models_lib
+from experiments import main as main_lib
 from experiments import methods as methods_lib
 from experiments.configs import _base
 
 ConfigError = methods_lib.ConfigError
 ConfigDict = config_dict.ConfigDict
 
+
+class RunError(RuntimeError):
+  """A run that cannot go on (non-finite loss, full disk); one-line message."""
+
+
 CHECKPOINT_DIR = "checkpoints"
+BAD_CHECKPOINT_DIR = "checkpoints.bad"
+LOCK_FILE = ".lock"
 RUN_FILES = ("metrics.jsonl", "final.json", "sparsity.md", "curves.png",
              "final_params.npz", "config.json")
 MAX_TO_KEEP = 2
@@ -284,6 +308,78 @@ def _atomic_write(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def lock_workdir(workdir: str):
+  """Creates ``workdir`` and takes its lock: the first write of a run.
+
+  The lock is an exclusive ``fcntl.flock`` on ``<workdir>/.lock``, which then
+  holds this process's pid. The kernel releases it when the process ends,
+  however it ends, so the file a dead run left does not block. Close the
+  returned file to release it.
+
+  Raises:
+    ConfigError: ``workdir`` cannot be created or written (one line, before
+      any expensive setup), or a live process holds its lock (naming its
+      pid).
+  """
+  path = os.path.join(workdir, LOCK_FILE)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    f = open(path, "a+")  # pylint: disable=consider-using-with
+  except OSError as e:
+    raise ConfigError(f"workdir: cannot write to {workdir}: "
+                      f"{e.strerror or e}") from None
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.seek(0)
+    holder = f.read().strip() or "unknown"
+    f.close()
+    raise ConfigError(
+        f"workdir: {workdir} is in use by another run (pid {holder}); wait "
+        "for it to end, stop it, or use another --workdir") from None
+  try:
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+  except OSError as e:
+    f.close()
+    raise ConfigError(f"workdir: cannot write to {workdir}: "
+                      f"{e.strerror or e}") from None
+  return f
+
+
+def is_no_space(e: BaseException) -> bool:
+  """Whether ``e`` or an exception it came from is a full disk (ENOSPC).
+
+  Checkpoint libraries re-raise I/O errors as their own types; the chain or
+  the message still shows it.
+  """
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      return True
+    if os.strerror(errno.ENOSPC) in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+class _QuietNoSpace(logging.Filter):
+  """Drops logged tracebacks of a full disk (Orbax's background saves log
+  theirs); :func:`run` reports it in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and is_no_space(record.exc_info[1]))
+
+
+def first_non_finite(losses: np.ndarray) -> int | None:
+  """The index of the first non-finite entry of ``losses``, or None."""
+  bad = np.flatnonzero(~np.isfinite(losses))
+  return int(bad[0]) if bad.size else None
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The parseable lines of ``metrics.jsonl`` (a killed run may leave half a line)."""
   path = os.path.join(workdir, "metrics.jsonl")
@@ -350,8 +446,8 @@ def _check_workdir(config: ConfigDict, workdir: str, resume: bool,
     return
   if has_run and not resume:
     raise ConfigError(
-        f"workdir: {workdir} already holds a run; pass --resume to continue "
-        "(or skip) it, --overwrite to start over, or another --workdir")
+        f"workdir: {workdir} holds an unfinished run; pass --resume to "
+        "continue it, --overwrite to start over, or another --workdir")
   if resume:
     check_same_config(config, workdir)
 
@@ -394,16 +490,34 @@ def _say(bar, text: str) -> None:
     print(text, flush=True)
 
 
+def _warn(text: str) -> None:
+  print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def _report_finished(config: ConfigDict, workdir: str) -> dict[str, Any]:
+  """The result of a finished run of ``config`` in ``workdir``, printed."""
+  check_same_config(config, workdir)
+  with open(os.path.join(workdir, "final.json")) as f:
+    result = json.load(f)
+  print(f"{workdir}: finished before (final.json); skipped.", flush=True)
+  print(final_line(result), flush=True)
+  return result
+
+
 def run(config: ConfigDict, workdir: str, *, resume: bool = False,
         overwrite: bool = False, progress: bool = True,
         stop_after_epochs: int | None = None) -> dict[str, Any] | None:
   """Trains ``config`` in ``workdir``; returns the final result.
 
+  A finished run (``final.json`` of the same config) is reported at once:
+  its final line is printed and its result returned, with or without
+  ``resume``, unless ``overwrite``.
+
   Args:
     config: the experiment config (see ``experiments/configs/_base.py``).
     workdir: where checkpoints, metrics and results go.
-    resume: continue from the latest checkpoint; if ``final.json`` exists,
-      return it without training.
+    resume: continue from the newest checkpoint that restores (from scratch,
+      saying so, if there is none).
     overwrite: delete a previous run in ``workdir`` first.
     progress: show a tqdm bar (only on a terminal).
     stop_after_epochs: stop (without final results, returning None) once this
@@ -411,21 +525,92 @@ def run(config: ConfigDict, workdir: str, *, resume: bool = False,
       checkpoint; for tests and time-sliced jobs.
 
   Raises:
-    ConfigError: a bad config or workdir (one-line message).
+    ConfigError: a bad config or workdir, or ``resume`` with ``overwrite``
+      (one-line message).
+    RunError: a non-finite training loss, or no space left on the device of
+      ``workdir`` (one-line message).
   """
   t_start = time.time()
-  final_path = os.path.join(workdir, "final.json")
-  if resume and os.path.exists(final_path):
-    check_same_config(config, workdir)
-    with open(final_path) as f:
-      result = json.load(f)
-    print(f"{workdir}: finished before (final.json); skipped.", flush=True)
-    print(final_line(result), flush=True)
-    return result
+  if resume and overwrite:
+    raise ConfigError("--resume and --overwrite: give at most one (--resume "
+                      "continues the run in the workdir, --overwrite deletes "
+                      "it and starts over)")
+  validate(config)
+  if not overwrite and os.path.exists(os.path.join(workdir, "final.json")):
+    return _report_finished(config, workdir)
+  lock = lock_workdir(workdir)
+  quiet = _QuietNoSpace()
+  logging.getLogger().addFilter(quiet)
+  logging.getLogger("absl").addFilter(quiet)
+  try:
+    _check_workdir(config, workdir, resume, overwrite)
+    setup = _setup(config)
+    return _train(setup, workdir, resume, progress, stop_after_epochs, t_start)
+  except (ConfigError, RunError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    if is_no_space(e):
+      raise RunError(
+          f"no space left on {workdir}; the checkpoints committed before are "
+          "intact: free space, then rerun with --resume") from None
+    raise
+  finally:
+    logging.getLogger("absl").removeFilter(quiet)
+    logging.getLogger().removeFilter(quiet)
+    lock.close()
 
-  setup = _setup(config)
-  _check_workdir(config, workdir, resume, overwrite)
-  os.makedirs(workdir, exist_ok=True)
+
+def _restore(setup: _Setup, mgr, step: int):
+  """``(phase index, state, aux, elapsed)`` of checkpoint ``step``."""
+  ckpt_phase = setup.phase_of_epoch(step - 1)
+  phase = setup.phases[ckpt_phase]
+  template_aux = setup.template_aux(ckpt_phase)
+  state = {"params": setup.params0, "batch_stats": setup.batch_stats0}
+  template = dict(state, opt_state=phase.make_tx(template_aux).init(setup.params0))
+  meta = {"epoch": 0, "step": 0, "elapsed": 0.0}
+  restored = mgr.restore(step, args=ocp.args.StandardRestore(
+      _checkpoint_item(template, template_aux, meta)))
+  # Restored arrays come back committed to a device; fresh uncommitted
+  # copies keep the jitted steps' cache keys (same program either way).
+  restored = {k: jnp.asarray(np.asarray(v)) if isinstance(v, jax.Array) else v
+              for k, v in restored.items()}
+  return (ckpt_phase, _unflat("s", template, restored),
+          _unflat("a", template_aux, restored), float(restored["elapsed"]))
+
+
+def _restore_newest(setup: _Setup, workdir: str):
+  """``(manager, step, restored)`` from the newest checkpoint that restores.
+
+  Checkpoints that do not restore (truncated, corrupt) are moved to
+  ``checkpoints.bad/`` with a warning naming each, so that training saves
+  their steps again; ``step`` is None (and ``restored`` too) if none is left.
+  """
+  mgr = _manager(workdir)
+  bad = []
+  found = None, None
+  for step in sorted(mgr.all_steps(), reverse=True):
+    try:
+      found = step, _restore(setup, mgr, step)
+      break
+    except Exception as e:  # pylint: disable=broad-except
+      path = os.path.join(workdir, CHECKPOINT_DIR, str(step))
+      _warn(f"checkpoint {path} does not restore ({main_lib.one_line(e)[:300]}); "
+            f"moved to {BAD_CHECKPOINT_DIR}/, trying an older one")
+      bad.append(step)
+  if bad:
+    mgr.close()
+    os.makedirs(os.path.join(workdir, BAD_CHECKPOINT_DIR), exist_ok=True)
+    for step in bad:
+      target = os.path.join(workdir, BAD_CHECKPOINT_DIR, str(step))
+      shutil.rmtree(target, ignore_errors=True)
+      os.replace(os.path.join(workdir, CHECKPOINT_DIR, str(step)), target)
+    mgr = _manager(workdir)
+  return (mgr, *found)
+
+
+def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
+           stop_after_epochs: int | None, t_start: float):
+  config = setup.config
   _atomic_write(os.path.join(workdir, "config.json"),
                 json.dumps(config_json(config), indent=2, sort_keys=True))
 
@@ -435,40 +620,34 @@ def run(config: ConfigDict, workdir: str, *, resume: bool = False,
   if key not in _STEP_CACHE:
     _STEP_CACHE[key] = _make_eval_step(setup.model, setup.has_bn)
   eval_step = _STEP_CACHE[key]
-  mgr = _manager(workdir)
 
   # Restore, or start from the initial variables.
   state = {"params": setup.params0, "batch_stats": setup.batch_stats0,
            "opt_state": None}
   completed, elapsed0, ckpt_phase, aux = 0, 0.0, -1, None
-  latest = mgr.latest_step() if resume else None
+  if resume:
+    mgr, latest, restored = _restore_newest(setup, workdir)
+  else:
+    mgr, latest = _manager(workdir), None
   if latest is not None:
     completed = int(latest)
-    ckpt_phase = setup.phase_of_epoch(completed - 1)
-    phase = setup.phases[ckpt_phase]
-    template_aux = setup.template_aux(ckpt_phase)
-    template = dict(state, opt_state=phase.make_tx(template_aux).init(setup.params0))
-    meta = {"epoch": 0, "step": 0, "elapsed": 0.0}
-    restored = mgr.restore(latest, args=ocp.args.StandardRestore(
-        _checkpoint_item(template, template_aux, meta)))
-    # Restored arrays come back committed to a device; fresh uncommitted
-    # copies keep the jitted steps' cache keys (same program either way).
-    restored = {k: jnp.asarray(np.asarray(v)) if isinstance(v, jax.Array) else v
-                for k, v in restored.items()}
-    state = _unflat("s", template, restored)
-    aux = _unflat("a", template_aux, restored)
-    elapsed0 = float(restored["elapsed"])
+    ckpt_phase, state, aux, elapsed0 = restored
     _truncate_metrics(workdir, completed)
     print(f"{workdir}: resumed after epoch {completed}/{total_epochs} "
-          f"(phase {phase.name}).", flush=True)
-  elif os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    _truncate_metrics(workdir, 0)
+          f"(phase {setup.phases[ckpt_phase].name}).", flush=True)
+  else:
+    if resume:
+      print(f"{workdir}: nothing to resume (no checkpoint); starting fresh.",
+            flush=True)
+    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+      _truncate_metrics(workdir, 0)
 
   from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm.tqdm(total=total_epochs * spe, initial=completed * spe, unit="step",
                   disable=True if not progress else None, dynamic_ncols=True,
                   desc=config.method)
   metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+  failed = True
   try:
     for j, phase in enumerate(setup.phases):
       if j < ckpt_phase:
@@ -485,20 +664,30 @@ def run(config: ConfigDict, workdir: str, *, resume: bool = False,
       train_step = _train_step_for(setup, j, tx)
       start, end = setup.starts[j], setup.starts[j] + phase.num_epochs
       for epoch in range(max(completed, start), end):
-        loss_sum = jnp.float32(0.0)
+        losses = []
         for images, labels in data_lib.train_batches(
             setup.ds, config.batch_size, seed=config.seed, epoch=epoch,
             augment=config.augment):
           state, loss = train_step(state, images, labels)
-          loss_sum = loss_sum + loss
+          losses.append(loss)
           bar.update(1)
+        # One fetch per epoch, no sync per step.
+        losses = np.asarray(jax.device_get(losses), np.float32)
+        bad = first_non_finite(losses)
+        if bad is not None:
+          raise RunError(
+              f"non-finite training loss ({losses[bad]}) at step "
+              f"{epoch * spe + bad + 1} (epoch {epoch + 1}/{total_epochs}); "
+              f"stopped without saving that epoch: lower lr (now "
+              f"{config.lr}) or guard the optimizer (optax.apply_if_finite)")
         completed = epoch + 1
         accuracy = evaluate(setup, eval_step, state["params"], state["batch_stats"])
         row = {
             "epoch": completed,
             "step": completed * spe,
             "phase": phase.name,
-            "train_loss": float(loss_sum) / spe,
+            # The float32 running sum, in step order.
+            "train_loss": float(np.cumsum(losses, dtype=np.float32)[-1]) / spe,
             "test_accuracy": accuracy,
             "sparsity": sparsity_of(state["params"], state["opt_state"]),
             "lr": float(phase.learning_rate((completed - start) * spe - 1)),
@@ -518,13 +707,18 @@ def run(config: ConfigDict, workdir: str, *, resume: bool = False,
                f"({row['time']:.1f}s)")
         if stop_after_epochs is not None and completed >= stop_after_epochs:
           mgr.wait_until_finished()
+          failed = False
           return None
       ckpt_phase = j
     mgr.wait_until_finished()
+    failed = False
   finally:
     bar.close()
     metrics_file.close()
-    mgr.close()
+    # After a failure (e.g. a full disk) closing may fail the same way; the
+    # first error is the one to report.
+    with contextlib.suppress(Exception) if failed else contextlib.nullcontext():
+      mgr.close()
 
   return _finish(setup, workdir, state, completed,
                  elapsed0 + time.time() - t_start, eval_step)

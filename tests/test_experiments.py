@@ -298,15 +298,17 @@ def test_killed_run_resumes_bit_identical(tmp_path):
   assert strip(train.read_metrics(killed)) == strip(train.read_metrics(ref))
   assert abs(result["sparsity"] - (1 - 0.5 ** 4)) <= 1 / result["prunable_weights"]
 
-  # A finished run is skipped by --resume; without --resume it is refused;
-  # --resume with another config is refused.
+  # A finished run is skipped, with or without --resume; an unfinished one
+  # is refused without --resume; --resume with another config is refused.
   t = time.time()
   again = main.run_main(["prog", f"--config={MAIN_CONFIG}", *KILL_ARGS,
                          f"--workdir={killed}", "--resume"])
   assert again == result and time.time() - t < 5
-  with pytest.raises(SystemExit, match="already holds a run"):
-    main.run_main(["prog", f"--config={MAIN_CONFIG}", *KILL_ARGS, f"--workdir={ref}"])
+  assert main.run_main(["prog", f"--config={MAIN_CONFIG}", *KILL_ARGS,
+                        f"--workdir={killed}"]) == result
   os.remove(os.path.join(ref, "final.json"))
+  with pytest.raises(SystemExit, match="holds an unfinished run"):
+    main.run_main(["prog", f"--config={MAIN_CONFIG}", *KILL_ARGS, f"--workdir={ref}"])
   with pytest.raises(SystemExit, match="another config.*seed"):
     main.run_main(["prog", f"--config={MAIN_CONFIG}", *KILL_ARGS,
                    "--config.seed=7", f"--workdir={ref}", "--resume"])
