@@ -36,6 +36,7 @@ from flipout_jax import schedules as schedules_lib
 from flipout_jax import scores as scores_lib
 from flipout_jax import selection
 from flipout_jax import trees
+from flipout_jax import validate
 
 PyTree = Any
 RESET_MOMENTS = ("none", "pruned", "grown", "changed", "all")
@@ -72,19 +73,6 @@ def no_tracker() -> Tracker:
                  lambda state, masks: state)
 
 
-def _check_nonnegative(value: float, name: str) -> float:
-  value = float(value)
-  if not value >= 0.0:
-    raise ValueError(f"{name}: {value} must be >= 0.")
-  return value
-
-
-def _check_choice(value: str, name: str, valid: tuple[str, ...]) -> str:
-  if value not in valid:
-    raise ValueError(f"{name}: unknown value {value!r}; valid values are {valid}.")
-  return value
-
-
 @functools.lru_cache(maxsize=64)
 def _budget_table(distribution_key, paths, shapes, sparsities, final):
   distribution = (dict(distribution_key) if isinstance(distribution_key, tuple)
@@ -99,14 +87,22 @@ def _budget_table(distribution_key, paths, shapes, sparsities, final):
 
 
 def budget_table(distribution, masks: PyTree,
-                 schedule: schedules_lib.Schedule):
-  """Exact keep-counts ``[num_events, num_groups]`` for this model's shapes."""
+                 schedule: schedules_lib.AnySchedule):
+  """Exact keep-counts for this model's shapes.
+
+  Returns:
+    ``(groups, table)``: the groups of the distribution and the int32 table
+    ``[len(schedule.targets), num_groups]``, one row per distinct target of
+    the schedule (a :class:`flipout_jax.schedules.PeriodicSchedule` at a
+    constant sparsity has one row whatever its number of events); event
+    ``k`` reads row ``schedule.target_index(k)``.
+  """
   flat = [(p, m.shape) for p, m in trees.leaves_with_paths(masks)]
   paths = tuple(p for p, _ in flat)
   shapes = tuple(tuple(s) for _, s in flat)
   key = (tuple(sorted(distribution.items())) if isinstance(distribution, dict)
          else distribution)
-  return _budget_table(key, paths, shapes, tuple(schedule.sparsities),
+  return _budget_table(key, paths, shapes, tuple(schedule.targets),
                        schedule.final_sparsity)
 
 
@@ -188,7 +184,7 @@ def _or_nones(tree: PyTree | None, masks: PyTree) -> PyTree:
 def prune(inner: optax.GradientTransformation,
           *,
           score_fn: scores_lib.ScoreFn,
-          schedule: schedules_lib.Schedule,
+          schedule: schedules_lib.AnySchedule,
           mask_rule: MaskRule = shrink_rule,
           distribution: distributions_lib.Distribution = "global",
           noise_scale: float = 0.0,
@@ -213,6 +209,8 @@ def prune(inner: optax.GradientTransformation,
       marked :func:`restarting`, that returns a :class:`MaskUpdate`.
     distribution: ``"global"``, ``"uniform"``, ``"erk"`` or ``{path: s}``.
     noise_scale: λ of FlipOut's gradient noise ``N(0, (λ‖g‖/√n)²)``; 0 = off.
+      Traceable: a jnp scalar (e.g. from ``optax.inject_hyperparams``) is
+      used as is inside the update, the noise then always drawn.
     noise_on: ``"all"`` float leaves or ``"prunable"`` leaves only.
     exact_noise: draw noise with ``jax.random.normal`` rather than the
       cheaper 16-bit inverse-CDF normals of :func:`noise.normal16`.
@@ -234,10 +232,21 @@ def prune(inner: optax.GradientTransformation,
     An ``optax.GradientTransformationExtraArgs``; extra keyword arguments of
     ``update`` are passed to the inner optimizer and to ``score_fn``.
   """
-  noise_scale = _check_nonnegative(noise_scale, "noise_scale")
+  validate.transformation(inner, "inner")
+  for fn, fn_name in ((score_fn, "score_fn"), (mask_rule, "mask_rule")):
+    if not callable(fn):
+      raise ValueError(f"{fn_name}: must be callable, got {fn!r}.")
+  # Traceable: optax.inject_hyperparams may pass a (traced) jnp scalar; the
+  # noise is then always drawn and scaled by it.
+  noise_scale = validate.number(noise_scale, "noise_scale", low=0,
+                                traceable=True)
+  add_noise = validate.is_dynamic(noise_scale) or noise_scale > 0.0
   restarts = getattr(mask_rule, "returns_restart", False)
-  _check_choice(noise_on, "noise_on", NOISE_ON)
-  _check_choice(reset_moments, "reset_moments", RESET_MOMENTS)
+  validate.choice(noise_on, "noise_on", NOISE_ON)
+  validate.boolean(exact_noise, "exact_noise")
+  validate.choice(reset_moments, "reset_moments", RESET_MOMENTS)
+  validate.optional_callable(filter_fn, "filter_fn")
+  seed = validate.seed(seed)
   distributions_lib.validate_distribution(distribution)
   schedule = schedules_lib.as_schedule(schedule)
   tracker = no_tracker() if tracker is None else tracker
@@ -274,6 +283,7 @@ def prune(inner: optax.GradientTransformation,
                        "tx.update(grads, state, params)).")
     masks = state.masks
     trees.check_same_structure(params, masks, what=name)
+    validate.same_tree(grads, params, "grads")
     groups, table = budget_table(distribution, masks, schedule)
     step_key = jax.random.fold_in(state.key, state.count)
     noise_key, event_key = jax.random.split(step_key)
@@ -281,7 +291,7 @@ def prune(inner: optax.GradientTransformation,
     dense_grads = grads
     grads = trees.apply_masks(grads, masks)
     clean_grads = grads
-    if noise_scale > 0.0:
+    if add_noise:
       selected = jax.tree.map(
           lambda m: m is not None if noise_on == "prunable" else True,
           masks, is_leaf=lambda x: x is None)
@@ -311,7 +321,7 @@ def prune(inner: optax.GradientTransformation,
           grads=clean_grads, dense_grads=dense_grads,
           method_state=method_state, key=event_key, extra_args=extra_args)
       new_masks = mask_rule(ctx, score_fn(ctx), groups,
-                            jnp.asarray(table)[jnp.maximum(idx, 0)])
+                            jnp.asarray(table)[schedule.target_index(idx)])
       restart = None
       if restarts:
         new_masks, restart = new_masks
@@ -330,7 +340,7 @@ def prune(inner: optax.GradientTransformation,
       no_restart = trees.map_prunable(
           lambda m: jnp.zeros_like(m, dtype=jnp.bool_), masks)
     carry = (masks, method_state, inner_state, no_restart)
-    if schedule.steps:
+    if schedule.num_events:
       carry = jax.lax.cond(is_event, lambda c: on_event(c[:3]), lambda c: c,
                            carry)
     masks, method_state, inner_state, restart = carry

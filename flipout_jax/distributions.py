@@ -22,6 +22,8 @@ from typing import Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 
+from flipout_jax import validate
+
 Distribution = Union[str, Mapping[str, float]]
 DISTRIBUTIONS = ("global", "uniform", "erk")
 
@@ -46,9 +48,10 @@ def validate_distribution(distribution: Distribution,
         f"distribution: expected one of {DISTRIBUTIONS} or a mapping path -> "
         f"sparsity, got {type(distribution).__name__}.")
   for path, s in distribution.items():
-    if not 0.0 <= float(s) < 1.0:
-      raise ValueError(
-          f"distribution: sparsity {s} for {path!r} is outside [0, 1).")
+    if not isinstance(path, str):
+      raise ValueError(f"distribution: keys must be parameter paths (str), "
+                       f"got {path!r}.")
+    validate.sparsity(s, f"distribution[{path!r}]")
   if paths is not None:
     unknown = sorted(set(distribution) - set(paths))
     if unknown:

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import Any, Callable
 
 import jax
@@ -63,6 +62,7 @@ from flipout_jax import schedules as schedules_lib
 from flipout_jax import scores as scores_lib
 from flipout_jax import selection
 from flipout_jax import trees
+from flipout_jax import validate
 from flipout_jax.methods import dst as dst_lib
 from flipout_jax.methods import flipout as flipout_lib
 from flipout_jax.methods import st3 as st3_lib
@@ -79,7 +79,11 @@ MAX_M = 255
 
 
 def _is_int(value) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+  try:
+    validate.integer(value, "value")
+  except ValueError:
+    return False
+  return True
 
 
 def check_nm_args(n, m) -> tuple[int, int]:
@@ -88,13 +92,26 @@ def check_nm_args(n, m) -> tuple[int, int]:
   Raises:
     ValueError: naming ``n`` or ``m``.
   """
-  if not _is_int(m) or not 1 <= m <= MAX_M:
-    raise ValueError(f"m: must be an int in [1, {MAX_M}] (the group size), "
-                     f"got {m!r}.")
+  m = validate.integer(m, "m", low=1, high=MAX_M)
   if not _is_int(n) or not 0 <= n <= m:
     raise ValueError(f"n: must be an int in [0, m={m}] (entries kept per "
                      f"group), got {n!r}.")
-  return int(n), int(m)
+  return int(n), m
+
+
+def check_nm_pattern(n, m) -> tuple[int, int]:
+  """``n`` and ``m`` of a pruning method: ``1 <= n < m <= 255`` (``n = 0``
+  would prune every weight, ``n = m`` none).
+
+  Raises:
+    ValueError: naming ``n`` or ``m``.
+  """
+  n, m = check_nm_args(n, m)
+  if n == 0:
+    raise ValueError(f"n: n == 0 prunes every weight; use 1 <= n < m={m}.")
+  if n == m:
+    raise ValueError(f"n: n == m == {m} prunes nothing; use 1 <= n < m.")
+  return n, m
 
 
 def _check_axis(axis: int, ndim: int, name: str = "axis") -> int:
@@ -330,15 +347,13 @@ def nm_schedule(n: int, m: int, *, start_step: int = 0,
       ``start_step < 0`` or ``end_step`` too close to ``start_step`` for
       distinct event steps.
   """
-  n, m = check_nm_args(n, m)
-  if n == m:
-    raise ValueError(f"n: n == m == {m} prunes nothing; use n < m.")
-  if not _is_int(start_step) or start_step < 0:
-    raise ValueError(f"start_step: must be an int >= 0, got {start_step!r}.")
+  n, m = check_nm_pattern(n, m)
+  start_step = validate.step(start_step, "start_step")
   values = list(range(m - 1, n - 1, -1))
   if end_step is None:  # one-shot, straight to N:M
-    return schedules_lib.Schedule((int(start_step),), (1.0 - n / m,))
-  if not _is_int(end_step) or end_step < start_step + len(values) - 1:
+    return schedules_lib.Schedule((start_step,), (1.0 - n / m,))
+  end_step = validate.step(end_step, "end_step")
+  if end_step < start_step + len(values) - 1:
     raise ValueError(
         f"end_step: must be an int >= start_step + {len(values) - 1} "
         f"({len(values)} events n_t = {m - 1}..{n}), got {end_step!r}.")
@@ -417,6 +432,10 @@ def nm_mask_rule(n: int, m: int, *, skip_incompatible: bool = False,
 def _validating(tx: optax.GradientTransformationExtraArgs, m: int, axis: int,
                 skip_incompatible: bool, filter_fn) -> optax.GradientTransformationExtraArgs:
   """Checks the layers' N:M compatibility at ``init`` (not first update)."""
+  if not _is_int(axis):
+    raise ValueError(f"axis: must be an int (the contraction axis), got "
+                     f"{axis!r}.")
+  validate.boolean(skip_incompatible, "skip_incompatible")
 
   def init_fn(params):
     prunable = trees.prunable_tree(params, filter_fn)
@@ -474,7 +493,7 @@ def nm_magnitude(inner: optax.GradientTransformation, *, n: int, m: int,
     ValueError: for bad arguments, or at ``init`` for an indivisible layer
       (named) without ``skip_incompatible``.
   """
-  n, m = check_nm_args(n, m)
+  n, m = check_nm_pattern(n, m)
   tx = core.prune(
       inner, score_fn=scores_lib.magnitude,
       schedule=_nm_schedule_arg(n, m, schedule, start_step, end_step),
@@ -495,10 +514,8 @@ def nm_flipout(inner: optax.GradientTransformation, *, n: int, m: int,
   """FlipOut's saliency ``|θ|^p/(flips + 1)`` and gradient noise, pruning
   to N:M (schedule and arguments as :func:`nm_magnitude`; ``p``,
   ``noise_scale``, ``noise_on`` as :func:`flipout_jax.flipout`)."""
-  n, m = check_nm_args(n, m)
-  p = float(p)
-  if not p > 0:
-    raise ValueError(f"p: {p} must be > 0.")
+  n, m = check_nm_pattern(n, m)
+  p = validate.number(p, "p", low=0, low_open=True, traceable=True)
   tx = core.prune(
       inner, score_fn=scores_lib.flipout_saliency(p),
       schedule=_nm_schedule_arg(n, m, schedule, start_step, end_step),
@@ -602,13 +619,9 @@ def nm_dst(inner: optax.GradientTransformation, *, n: int, m: int,
   Arguments as :func:`flipout_jax.dst` plus ``n, m, skip_incompatible,
   axis``.
   """
-  n, m = check_nm_args(n, m)
-  if n == m:
-    raise ValueError(f"n: n == m == {m} is dense; use n < m.")
-  grow = dst_lib._check_grow(grow)  # pylint: disable=protected-access
-  if drop_fraction is None:
-    drop_fraction = dst_lib.DEFAULT_DROP_FRACTION[grow]
-  drop_fraction = dst_lib._check_drop_fraction(drop_fraction)  # pylint: disable=protected-access
+  n, m = check_nm_pattern(n, m)
+  grow = validate.choice(grow, "grow", dst_lib.GROW)
+  drop_fraction = dst_lib.check_drop_fraction(drop_fraction, grow)
   if grow == "dst_ee":
     score_fn = dst_lib.dst_ee_score(exploration, epsilon)
     tracker = dst_lib.coverage_counter()
@@ -685,9 +698,7 @@ def nm_threshold_rule(n: int, m: int, *, skip_incompatible: bool = False,
   if not _is_int(axis):
     raise ValueError(f"axis: must be an int (the contraction axis), got "
                      f"{axis!r}.")
-  if not isinstance(skip_incompatible, bool):
-    raise ValueError(f"skip_incompatible: must be True or False, got "
-                     f"{skip_incompatible!r}.")
+  validate.boolean(skip_incompatible, "skip_incompatible")
 
   def leaf_axis(shape):
     """The non-negative axis of a compatible leaf, else None (skipped)."""
@@ -776,11 +787,7 @@ def nm_st3(inner: optax.GradientTransformation, *, n: int, m: int,
       ``[1, m)``), steps, ``power`` or ``freeze_step``; at ``init``, naming
       the layer, for an indivisible layer without ``skip_incompatible``.
   """
-  n, m = check_nm_args(n, m)
-  if n == 0:
-    raise ValueError("n: n == 0 prunes every weight; ST-3 needs n >= 1.")
-  if n == m:
-    raise ValueError(f"n: n == m == {m} prunes nothing; use n < m.")
+  n, m = check_nm_pattern(n, m)
   rule = nm_threshold_rule(n, m, skip_incompatible=skip_incompatible,
                            axis=axis)
   return st3_lib.st3(inner, sparsity=1.0 - n / m, start_step=start_step,

@@ -1,11 +1,24 @@
 """Pruning schedules: at which steps masks change and which sparsity they reach.
 
-A :class:`Schedule` is a static, finite list of *events* ``(step, sparsity)``.
+A schedule is a static, finite list of *events* ``(step, sparsity)``.
 The event at ``step`` fires inside the update whose step count (number of
 updates done before it) equals ``step``; it prunes the model to ``sparsity``
-of the prunable weights. Being static, an event list is turned into exact
-integer keep-counts once per model (see :mod:`flipout_jax.distributions`) and
-looked up inside the jitted update with no host round trip.
+of the prunable weights. Being static, its distinct targets are turned into
+exact integer keep-counts once per model (see
+:mod:`flipout_jax.distributions`) and looked up inside the jitted update
+with no host round trip. Two representations share one interface
+(``num_events``, ``targets``, ``event_index``, ``target_index``,
+``sparsity``, ``final_sparsity``):
+
+* :class:`Schedule`: one entry per event (custom lists, one-shot,
+  polynomial, N:M);
+* :class:`PeriodicSchedule`: events every ``every`` steps with one target
+  per *distinct* level, the event index computed arithmetically from the
+  step count, so its cost does not grow with the number of events (DST's
+  ``update_every=2`` up to step 2**31 − 2 holds one budget row).
+
+Every event step must be in ``[0, 2**31 − 2]``: the step counter is int32
+and saturates at 2**31 − 1 (constructors raise, naming the argument).
 
 Constructors:
 
@@ -28,33 +41,75 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Sequence, Union
 
 import jax.numpy as jnp
 import numpy as np
 
+from flipout_jax import validate
+
+
+def _check_targets(sparsities, name: str) -> tuple[float, ...]:
+  """Sparsities in [0, 1), non-decreasing (masks only shrink)."""
+  out = tuple(validate.sparsity(s, f"{name}[{i}]")
+              for i, s in enumerate(sparsities))
+  for i, (a, b) in enumerate(zip(out, out[1:])):
+    if b < a:
+      raise ValueError(
+          f"{name}: must be non-decreasing (masks only shrink), got {b} after "
+          f"{a} at event {i + 1}.")
+  return out
+
+
+def _target_sparsity(schedule, step) -> jnp.ndarray:
+  """Target sparsity in force at ``step`` (0 before the first event)."""
+  if not schedule.num_events:
+    return jnp.float32(0.0)
+  _, idx = schedule.event_index(step)
+  table = jnp.asarray(schedule.targets, jnp.float32)
+  return jnp.where(idx >= 0, table[schedule.target_index(idx)], 0.0)
+
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-  """A finite, static list of pruning events.
+  """A finite, static list of pruning events, one entry per event.
 
   Attributes:
-    steps: strictly increasing non-negative ints: the step of each event.
+    steps: strictly increasing ints in ``[0, 2**31 − 2]`` (the int32 step
+      counter): the step of each event.
     sparsities: the target sparsity of each event, non-decreasing, in [0, 1).
   """
   steps: tuple[int, ...]
   sparsities: tuple[float, ...]
 
   def __post_init__(self):
+    if not isinstance(self.steps, (tuple, list)) or not isinstance(
+        self.sparsities, (tuple, list)):
+      raise ValueError("schedule: steps and sparsities must be tuples, got "
+                       f"{type(self.steps).__name__} and "
+                       f"{type(self.sparsities).__name__}.")
     if len(self.steps) != len(self.sparsities):
-      raise ValueError("schedule: steps and sparsities differ in length.")
-    if any(int(s) != s or s < 0 for s in self.steps):
-      raise ValueError(f"schedule: steps must be non-negative ints, got {self.steps}.")
-    if any(b <= a for a, b in zip(self.steps, self.steps[1:])):
-      raise ValueError(f"schedule: steps must increase strictly, got {self.steps}.")
-    for s in self.sparsities:
-      if not 0.0 <= s < 1.0:
-        raise ValueError(f"schedule: sparsity {s} is outside [0, 1).")
+      raise ValueError(
+          f"schedule: steps ({len(self.steps)}) and sparsities "
+          f"({len(self.sparsities)}) differ in length.")
+    steps = tuple(validate.step(s, f"schedule.steps[{i}]")
+                  for i, s in enumerate(self.steps))
+    for i, (a, b) in enumerate(zip(steps, steps[1:])):
+      if b <= a:
+        raise ValueError(f"schedule.steps: must increase strictly, got {b} "
+                         f"after {a} at event {i + 1}.")
+    object.__setattr__(self, "steps", steps)
+    object.__setattr__(self, "sparsities",
+                       _check_targets(self.sparsities, "schedule.sparsities"))
+
+  @property
+  def num_events(self) -> int:
+    return len(self.steps)
+
+  @property
+  def targets(self) -> tuple[float, ...]:
+    """The budget rows: one target per event."""
+    return self.sparsities
 
   @property
   def final_sparsity(self) -> float:
@@ -70,39 +125,102 @@ class Schedule:
     is_event = (idx >= 0) & (steps[jnp.maximum(idx, 0)] == step)
     return is_event, idx
 
+  def target_index(self, index: jnp.ndarray) -> jnp.ndarray:
+    """Row of :attr:`targets` for event ``index`` (row 0 before the first)."""
+    return jnp.maximum(index, 0)
+
   def sparsity(self, step: jnp.ndarray) -> jnp.ndarray:
     """Target sparsity in force at ``step`` (0 before the first event)."""
-    if not self.steps:
-      return jnp.float32(0.0)
-    _, idx = self.event_index(step)
-    table = jnp.asarray(self.sparsities, jnp.float32)
-    return jnp.where(idx >= 0, table[jnp.maximum(idx, 0)], 0.0)
+    return _target_sparsity(self, step)
 
 
-def _check_sparsity(sparsity: float, name: str = "sparsity") -> float:
-  sparsity = float(sparsity)
-  if not 0.0 <= sparsity < 1.0:
-    raise ValueError(f"{name}: {sparsity} is outside [0, 1).")
-  return sparsity
+@dataclasses.dataclass(frozen=True)
+class PeriodicSchedule:
+  """Events every ``every`` steps, stored in O(distinct targets).
+
+  Event ``k = 0 .. num_events − 1`` is at step ``first + k·every`` and
+  targets ``levels[min(k, len(levels) − 1)]``: a constant sparsity (DST,
+  one level) or one level per event (FlipOut's ``1 − (1 − r)^k``, ~log
+  events). The event index and the target row are computed from the step
+  count inside the update, ``k = (t − first) // every``, so a schedule of
+  2**30 events costs what a schedule of one does.
+
+  Attributes:
+    first: step of event 0, in ``[0, 2**31 − 2]``.
+    every: steps between events, >= 1.
+    num_events: number of events, >= 0; the last one,
+      ``first + (num_events − 1)·every``, must be <= 2**31 − 2.
+    levels: non-decreasing sparsities in [0, 1), at most ``num_events``
+      (at least one if there are events).
+  """
+  first: int
+  every: int
+  num_events: int
+  levels: tuple[float, ...]
+
+  def __post_init__(self):
+    first = validate.step(self.first, "schedule.first")
+    every = validate.step(self.every, "schedule.every", low=1)
+    num = validate.integer(self.num_events, "schedule.num_events", low=0)
+    levels = _check_targets(tuple(self.levels), "schedule.levels")
+    if num and not 1 <= len(levels) <= num:
+      raise ValueError(f"schedule.levels: must hold 1 to num_events={num} "
+                       f"sparsities, got {len(levels)}.")
+    if num:
+      validate.last_event_step(
+          first + (num - 1) * every, "schedule.num_events",
+          f"first={first} + ({num} - 1)·every={every}")
+    for field, value in (("first", first), ("every", every),
+                         ("num_events", num), ("levels", levels)):
+      object.__setattr__(self, field, value)
+
+  @property
+  def targets(self) -> tuple[float, ...]:
+    """The budget rows: the distinct levels (event k uses row min(k, L−1))."""
+    return self.levels if self.num_events else ()
+
+  @property
+  def steps(self) -> tuple[int, ...]:
+    """Every event step (materialised: O(num_events); the update never
+    reads it)."""
+    return tuple(range(self.first, self.first + self.num_events * self.every,
+                       self.every))
+
+  @property
+  def sparsities(self) -> tuple[float, ...]:
+    """The target of every event (materialised: O(num_events))."""
+    last = len(self.levels) - 1
+    return tuple(self.levels[min(k, last)] for k in range(self.num_events))
+
+  @property
+  def final_sparsity(self) -> float:
+    return self.levels[-1] if self.num_events else 0.0
+
+  def event_index(self, step: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """``(is_event, index)`` as :meth:`Schedule.event_index`, by arithmetic:
+    ``k = (t − first) // every``, an event iff ``t >= first``, ``every``
+    divides ``t − first`` and ``k < num_events``. int32 throughout (no
+    overflow: ``0 <= t, first < 2**31``)."""
+    if not self.num_events:
+      return jnp.bool_(False), jnp.int32(-1)
+    offset = jnp.asarray(step, jnp.int32) - jnp.int32(self.first)
+    k = offset // jnp.int32(self.every)
+    is_event = ((offset >= 0) & (offset % jnp.int32(self.every) == 0)
+                & (k < self.num_events))
+    idx = jnp.where(offset < 0, jnp.int32(-1),
+                    jnp.minimum(k, jnp.int32(self.num_events - 1)))
+    return is_event, idx.astype(jnp.int32)
+
+  def target_index(self, index: jnp.ndarray) -> jnp.ndarray:
+    """Row of :attr:`targets` for event ``index``: ``clip(k, 0, L − 1)``."""
+    return jnp.clip(index, 0, len(self.levels) - 1).astype(jnp.int32)
+
+  def sparsity(self, step: jnp.ndarray) -> jnp.ndarray:
+    """Target sparsity in force at ``step`` (0 before the first event)."""
+    return _target_sparsity(self, step)
 
 
-def _check_positive_int(value: int, name: str) -> int:
-  if int(value) != value or value <= 0:
-    raise ValueError(f"{name}: must be a positive int, got {value!r}.")
-  return int(value)
-
-
-def _check_step(value: int, name: str) -> int:
-  if int(value) != value or value < 0:
-    raise ValueError(f"{name}: must be a non-negative int, got {value!r}.")
-  return int(value)
-
-
-def _check_rate(rate: float, name: str = "prune_rate") -> float:
-  rate = float(rate)
-  if not 0.0 < rate < 1.0:
-    raise ValueError(f"{name}: {rate} is outside (0, 1).")
-  return rate
+AnySchedule = Union[Schedule, PeriodicSchedule]
 
 
 def events_needed(sparsity: float, rate: float) -> int:
@@ -115,35 +233,45 @@ def events_needed(sparsity: float, rate: float) -> int:
 
 def one_shot(sparsity: float, step: int = 0) -> Schedule:
   """A single event at ``step`` pruning to ``sparsity``."""
-  sparsity = _check_sparsity(sparsity)
-  return Schedule((_check_step(step, "step"),), (sparsity,))
+  return Schedule((validate.step(step, "step"),),
+                  (validate.sparsity(sparsity),))
 
 
 def periodic(sparsity: float, every: int, rate: float = 0.5,
-             start: int = 0) -> Schedule:
+             start: int = 0) -> PeriodicSchedule:
   """Every ``every`` steps after ``start``, remove ``rate`` of the survivors.
 
   Events are at ``start + k·every`` for ``k = 1..n``, ``n`` the number needed
   to reach ``sparsity``; event k targets ``min(1 − (1 − rate)^k, sparsity)``.
+
+  Raises:
+    ValueError: naming the argument (``prune_every``, ``prune_rate``,
+      ``start_step``, ``sparsity``), also if the last event would be beyond
+      the int32 step counter (step ``2**31 − 2``).
   """
-  sparsity = _check_sparsity(sparsity)
-  every = _check_positive_int(every, "prune_every")
-  rate = _check_rate(rate)
-  start = _check_step(start, "start_step")
+  sparsity = validate.sparsity(sparsity)
+  every = validate.step(every, "prune_every", low=1)
+  rate = validate.number(rate, "prune_rate", low=0, high=1, low_open=True,
+                         high_open=True)
+  start = validate.step(start, "start_step")
   n = events_needed(sparsity, rate)
-  steps = tuple(start + k * every for k in range(1, n + 1))
-  sps = tuple(min(1.0 - (1.0 - rate) ** k, sparsity) for k in range(1, n + 1))
-  return Schedule(steps, sps)
+  validate.last_event_step(
+      start + n * every, "prune_every",
+      f"start_step={start} + {n} events·prune_every={every} to reach "
+      f"sparsity {sparsity} at prune_rate {rate}")
+  levels = tuple(min(1.0 - (1.0 - rate) ** k, sparsity) for k in range(1, n + 1))
+  return PeriodicSchedule(start + every, every, n, levels)
 
 
 def periodic_until(sparsity: float, end_step: int, rate: float = 0.5,
-                   start: int = 0) -> Schedule:
+                   start: int = 0) -> AnySchedule:
   """:func:`periodic` with the period chosen so the last event is at or just
   before ``end_step``: ``every = (end_step − start) // n``."""
-  sparsity = _check_sparsity(sparsity)
-  rate = _check_rate(rate)
-  end_step = _check_positive_int(end_step, "end_step")
-  start = _check_step(start, "start_step")
+  sparsity = validate.sparsity(sparsity)
+  rate = validate.number(rate, "prune_rate", low=0, high=1, low_open=True,
+                         high_open=True)
+  end_step = validate.step(end_step, "end_step", low=1)
+  start = validate.step(start, "start_step")
   n = events_needed(sparsity, rate)
   if n == 0:
     return Schedule((), ())
@@ -156,16 +284,19 @@ def periodic_until(sparsity: float, end_step: int, rate: float = 0.5,
 
 
 def n_events(sparsity: float, num_events: int, every: int,
-             start: int = 0) -> Schedule:
+             start: int = 0) -> PeriodicSchedule:
   """``num_events`` events, each removing ``1 − (1 − S)^(1/N)`` of survivors."""
-  sparsity = _check_sparsity(sparsity)
-  num_events = _check_positive_int(num_events, "num_events")
-  every = _check_positive_int(every, "every")
-  start = _check_step(start, "start_step")
-  steps = tuple(start + k * every for k in range(1, num_events + 1))
+  sparsity = validate.sparsity(sparsity)
+  num_events = validate.integer(num_events, "num_events", low=1)
+  every = validate.step(every, "every", low=1)
+  start = validate.step(start, "start_step")
+  validate.last_event_step(start + num_events * every, "every",
+                           f"start_step={start} + num_events={num_events}"
+                           f"·every={every}")
   sps = tuple(1.0 - (1.0 - sparsity) ** (k / num_events)
               for k in range(1, num_events + 1))
-  return Schedule(steps, sps[:-1] + (sparsity,))
+  return PeriodicSchedule(start + every, every, num_events,
+                          sps[:-1] + (sparsity,))
 
 
 def polynomial_sparsity(step, sparsity: float, start: int, end: int,
@@ -184,15 +315,13 @@ def polynomial(sparsity: float, start: int, end: int, every: int = 1,
                power: float = 3.0, initial: float = 0.0) -> Schedule:
   """Events every ``every`` steps from ``start`` to ``end`` (inclusive) on the
   polynomial curve of :func:`polynomial_sparsity`."""
-  sparsity = _check_sparsity(sparsity)
-  initial = _check_sparsity(initial, "initial")
-  start = _check_step(start, "start_step")
-  end = _check_step(end, "end_step")
-  every = _check_positive_int(every, "every")
-  if end <= start:
-    raise ValueError(f"end_step: {end} must be greater than start_step {start}.")
-  if power <= 0:
-    raise ValueError(f"power: {power} must be > 0.")
+  sparsity = validate.sparsity(sparsity)
+  initial = validate.sparsity(initial, "initial")
+  start = validate.step(start, "start_step")
+  end = validate.step(end, "end_step")
+  every = validate.step(every, "every", low=1)
+  validate.ordered(end, "end_step", start, "start_step")
+  power = validate.number(power, "power", low=0, low_open=True)
   steps = list(range(start, end + 1, every))
   if steps[-1] != end:
     steps.append(end)
@@ -215,19 +344,37 @@ def rounds_sparsities(sparsity: float, num_rounds: int) -> tuple[float, ...]:
 def rounds(sparsity: float, num_rounds: int, steps_per_round: int,
            start: int = 0) -> Schedule:
   """``num_rounds`` events, one after every ``steps_per_round`` steps."""
-  sparsity = _check_sparsity(sparsity)
-  num_rounds = _check_positive_int(num_rounds, "rounds")
-  steps_per_round = _check_positive_int(steps_per_round, "steps_per_round")
-  start = _check_step(start, "start_step")
+  sparsity = validate.sparsity(sparsity)
+  num_rounds = validate.integer(num_rounds, "rounds", low=1)
+  steps_per_round = validate.step(steps_per_round, "steps_per_round", low=1)
+  start = validate.step(start, "start_step")
+  validate.last_event_step(
+      start + num_rounds * steps_per_round, "steps_per_round",
+      f"start_step={start} + rounds={num_rounds}·steps_per_round="
+      f"{steps_per_round}")
   sps = rounds_sparsities(sparsity, num_rounds)
-  steps = tuple(start + k * steps_per_round for k in range(1, num_rounds + 1))
-  return Schedule(steps, sps[:-1] + (sparsity,))
+  return PeriodicSchedule(start + steps_per_round, steps_per_round,
+                          num_rounds, sps[:-1] + (sparsity,))
 
 
-def as_schedule(events: Schedule | Sequence[tuple[int, float]]) -> Schedule:
-  """Accepts a :class:`Schedule` or a list of ``(step, sparsity)`` pairs."""
-  if isinstance(events, Schedule):
+def as_schedule(events: AnySchedule | Sequence[tuple[int, float]],
+                name: str = "schedule") -> AnySchedule:
+  """Accepts a schedule or a list of ``(step, sparsity)`` pairs.
+
+  Raises:
+    ValueError: naming ``name``, for anything else, steps that do not
+      increase strictly or leave ``[0, 2**31 − 2]``, and sparsities outside
+      [0, 1) or decreasing.
+  """
+  if isinstance(events, (Schedule, PeriodicSchedule)):
     return events
-  events = list(events)
-  return Schedule(tuple(int(s) for s, _ in events),
-                  tuple(float(p) for _, p in events))
+  if isinstance(events, (str, bytes)) or not isinstance(events, Sequence):
+    raise ValueError(
+        f"{name}: must be a flipout_jax.schedules.Schedule or a list of "
+        f"(step, sparsity) pairs, got {type(events).__name__}.")
+  pairs = list(events)
+  for i, pair in enumerate(pairs):
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+      raise ValueError(f"{name}: event {i} must be a (step, sparsity) pair, "
+                       f"got {pair!r}.")
+  return Schedule(tuple(s for s, _ in pairs), tuple(p for _, p in pairs))

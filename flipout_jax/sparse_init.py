@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from flipout_jax import core
+from flipout_jax import validate
 
 
 def sparse_init(tx: optax.GradientTransformation
@@ -54,7 +55,7 @@ def sparse_init(tx: optax.GradientTransformation
     ValueError: at ``init`` if ``tx``'s state holds no ``PruneState`` (the
       masks and the step count come from it).
   """
-  tx = optax.with_extra_args_support(tx)
+  tx = optax.with_extra_args_support(validate.transformation(tx, "tx"))
 
   def init_fn(params):
     state = tx.init(params)

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import Callable
 
 import jax
@@ -63,6 +62,7 @@ from flipout_jax import schedules
 from flipout_jax import scores as scores_lib
 from flipout_jax import selection
 from flipout_jax import trees
+from flipout_jax import validate
 
 GROW = ("dst_ee", "rigl", "random")
 # Initial drop fraction d_0 of each family (SPEC §3): 0.5 for the gradient
@@ -72,53 +72,6 @@ DEFAULT_DROP_FRACTION = {"dst_ee": 0.5, "rigl": 0.5, "random": 0.3}
 # See `dst` for why: of the order of the larger per-weight gradients.
 DEFAULT_EXPLORATION = 1e-3
 _INT32_MAX = jnp.iinfo(jnp.int32).max
-
-
-# ----------------------------------------------------------------------------
-# Argument checks (ValueErrors name the argument and its valid range).
-
-
-def _check_sparsity(sparsity) -> float:
-  if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
-    raise ValueError(f"sparsity: must be a number in [0, 1), got {sparsity!r}.")
-  sparsity = float(sparsity)
-  if not 0.0 <= sparsity < 1.0:
-    raise ValueError(f"sparsity: {sparsity} is outside [0, 1).")
-  return sparsity
-
-
-def _check_positive_int(value, name: str) -> int:
-  if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-      or value <= 0):
-    raise ValueError(f"{name}: must be an int >= 1, got {value!r}.")
-  return int(value)
-
-
-def _check_drop_fraction(value) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise ValueError(
-        f"drop_fraction: must be a number in (0, 1), got {value!r}.")
-  value = float(value)
-  if not 0.0 < value < 1.0:
-    raise ValueError(f"drop_fraction: {value} is outside (0, 1).")
-  return value
-
-
-def _check_finite(value, name: str, *, positive: bool) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise ValueError(f"{name}: must be a number, got {value!r}.")
-  value = float(value)
-  ok = value > 0.0 if positive else value >= 0.0
-  if not (ok and math.isfinite(value)):
-    bound = "> 0" if positive else ">= 0"
-    raise ValueError(f"{name}: {value} must be finite and {bound}.")
-  return value
-
-
-def _check_grow(grow) -> str:
-  if grow not in GROW:
-    raise ValueError(f"grow: unknown value {grow!r}; valid values are {GROW}.")
-  return grow
 
 
 # ----------------------------------------------------------------------------
@@ -134,15 +87,29 @@ def dst_schedule(sparsity: float, update_every: int,
   the random start has not been trained yet. Every event targets the same
   ``sparsity``, so the core hands the mask rule the same keep-counts.
 
+  The events are stored arithmetically (a
+  :class:`flipout_jax.schedules.PeriodicSchedule` with one level): the
+  ``⌊(end_step − 1)/update_every⌋`` events cost one budget row and no table.
+
   Returns:
-    A :class:`flipout_jax.schedules.Schedule` (empty if
+    A :class:`flipout_jax.schedules.PeriodicSchedule` (no events if
     ``end_step <= update_every``: then the random mask stays fixed).
+
+  Raises:
+    ValueError: naming the argument: ``sparsity`` outside [0, 1),
+      ``update_every`` or ``end_step`` not an int in [1, 2**31 − 1].
   """
-  sparsity = _check_sparsity(sparsity)
-  update_every = _check_positive_int(update_every, "update_every")
-  end_step = _check_positive_int(end_step, "end_step")
-  steps = tuple(range(update_every, end_step, update_every))
-  return schedules.Schedule(steps, (sparsity,) * len(steps))
+  sparsity = validate.sparsity(sparsity)
+  update_every = validate.step(update_every, "update_every", low=1)
+  end_step = _check_end_step(end_step)
+  return schedules.PeriodicSchedule(update_every, update_every,
+                                    (end_step - 1) // update_every,
+                                    (sparsity,))
+
+
+def _check_end_step(end_step) -> int:
+  """``T_end``: exclusive, so up to 2**31 − 1 (the last event is below)."""
+  return validate.step(end_step, "end_step", low=1, high=validate.INT32_MAX)
 
 
 def cosine_drop_fraction(step, drop_fraction: float,
@@ -206,8 +173,7 @@ def dst_ee_score(exploration: float = DEFAULT_EXPLORATION,
   With ``exploration = 0`` the bonus is exactly 0 and this is
   :func:`rigl_score`.
   """
-  exploration = _check_finite(exploration, "exploration", positive=False)
-  epsilon = _check_finite(epsilon, "epsilon", positive=True)
+  exploration, epsilon = _check_exploration(exploration, epsilon)
 
   def score(ctx: scores_lib.ScoreContext):
     log_t = jnp.log(ctx.step.astype(jnp.float32) + 1.0)
@@ -222,10 +188,19 @@ def dst_ee_score(exploration: float = DEFAULT_EXPLORATION,
   return score
 
 
-def _check_bool(value, name: str) -> bool:
-  if not isinstance(value, bool):
-    raise ValueError(f"{name}: must be True or False, got {value!r}.")
-  return value
+def _check_exploration(exploration, epsilon):
+  """``c >= 0`` and ``ε > 0``, finite; traceable (only used in the update)."""
+  return (validate.number(exploration, "exploration", low=0, traceable=True),
+          validate.number(epsilon, "epsilon", low=0, low_open=True,
+                          traceable=True))
+
+
+def check_drop_fraction(drop_fraction, grow: str):
+  """``d_0`` in (0, 1), traceable; None gives the family's default."""
+  if drop_fraction is None:
+    drop_fraction = DEFAULT_DROP_FRACTION[grow]
+  return validate.number(drop_fraction, "drop_fraction", low=0, high=1,
+                         low_open=True, high_open=True, traceable=True)
 
 
 def drop_and_grow(drop_fraction: float, end_step: int,
@@ -257,7 +232,7 @@ def drop_and_grow(drop_fraction: float, end_step: int,
   Returns:
     A :data:`flipout_jax.core.MaskRule`.
   """
-  restart_regrown = _check_bool(restart_regrown, "restart_regrown")
+  restart_regrown = validate.boolean(restart_regrown, "restart_regrown")
 
   def rule(ctx: scores_lib.ScoreContext, grow_scores, groups, keep):
     del keep
@@ -400,17 +375,14 @@ def dst(inner: optax.GradientTransformation,
   Raises:
     ValueError: for arguments outside the ranges above.
   """
-  sparsity = _check_sparsity(sparsity)
-  update_every = _check_positive_int(update_every, "update_every")
-  end_step = _check_positive_int(end_step, "end_step")
-  grow = _check_grow(grow)
-  if drop_fraction is None:
-    drop_fraction = DEFAULT_DROP_FRACTION[grow]
-  drop_fraction = _check_drop_fraction(drop_fraction)
-  exploration = _check_finite(exploration, "exploration", positive=False)
-  epsilon = _check_finite(epsilon, "epsilon", positive=True)
+  sparsity = validate.sparsity(sparsity)
+  schedule = dst_schedule(sparsity, update_every, end_step)
+  end_step = _check_end_step(end_step)
+  grow = validate.choice(grow, "grow", GROW)
+  drop_fraction = check_drop_fraction(drop_fraction, grow)
+  exploration, epsilon = _check_exploration(exploration, epsilon)
   distributions_lib.validate_distribution(distribution)
-  restart_regrown = _check_bool(restart_regrown, "restart_regrown")
+  restart_regrown = validate.boolean(restart_regrown, "restart_regrown")
 
   if grow == "dst_ee":
     score_fn, tracker = dst_ee_score(exploration, epsilon), coverage_counter()
@@ -421,7 +393,7 @@ def dst(inner: optax.GradientTransformation,
   return core.prune(
       inner,
       score_fn=score_fn,
-      schedule=dst_schedule(sparsity, update_every, end_step),
+      schedule=schedule,
       mask_rule=drop_and_grow(drop_fraction, end_step, restart_regrown),
       distribution=distribution,
       tracker=tracker,

@@ -19,6 +19,7 @@ from flipout_jax import core
 from flipout_jax import schedules
 from flipout_jax import scores
 from flipout_jax import trees
+from flipout_jax import validate
 
 _INT32_MAX = jnp.iinfo(jnp.int32).max
 
@@ -50,7 +51,8 @@ def flip_counter() -> core.Tracker:
 def periodic_schedule(sparsity: float, prune_every: int | None,
                       prune_rate: float, start_step: int,
                       end_step: int | None) -> schedules.Schedule:
-  """Events every ``prune_every`` steps, or spread to finish by ``end_step``."""
+  """Events every ``prune_every`` steps, or spread to finish by ``end_step``
+  (a :class:`flipout_jax.schedules.PeriodicSchedule` of ~log events)."""
   if (prune_every is None) == (end_step is None):
     raise ValueError(
         "prune_every: give exactly one of prune_every (steps between events) "
@@ -75,8 +77,8 @@ def flipout(inner: optax.GradientTransformation, *, sparsity: float,
     prune_every: steps between pruning events (events at
       ``start_step + k·prune_every``); or give ``end_step`` instead.
     prune_rate: fraction of the surviving weights each event removes, (0, 1).
-    p: exponent of the magnitude in the saliency, > 0.
-    noise_scale: λ of the gradient noise; 0 disables it.
+    p: exponent of the magnitude in the saliency, finite and > 0.
+    noise_scale: λ of the gradient noise, finite and >= 0; 0 disables it.
     noise_on: ``"all"`` leaves (the reference) or ``"prunable"`` only.
     exact_noise: use ``jax.random.normal`` rather than the cheaper 16-bit
       inverse-CDF normals (see :mod:`flipout_jax.noise`).
@@ -85,14 +87,22 @@ def flipout(inner: optax.GradientTransformation, *, sparsity: float,
       giving ``prune_every``.
     distribution: ``"global"`` (the paper), ``"uniform"``, ``"erk"`` or a map.
     filter_fn: which leaves are prunable (default: float leaves, ndim >= 2).
-    seed: PRNG seed of the gradient noise.
+    seed: PRNG seed of the gradient noise, an int in [0, 2**63 − 1].
+
+  ``p`` and ``noise_scale`` may be traced (``optax.inject_hyperparams``);
+  every other numeric argument shapes the schedule, the keep-counts or the
+  PRNG key and must be a Python number (list it in ``static_args``).
 
   Returns:
     An optax transformation; its state holds masks and int32 flip counts.
+
+  Raises:
+    ValueError: naming the argument, for a value outside the ranges above,
+      a string or bool given as a number, a traced static argument, or a
+      last event beyond the int32 step counter (step 2**31 − 2).
   """
-  p = float(p)
-  if not p > 0:
-    raise ValueError(f"p: {p} must be > 0.")
+  # p only enters the traced score: traceable (optax.inject_hyperparams).
+  p = validate.number(p, "p", low=0, low_open=True, traceable=True)
   return core.prune(
       inner, score_fn=scores.flipout_saliency(p),
       schedule=periodic_schedule(sparsity, prune_every, prune_rate,

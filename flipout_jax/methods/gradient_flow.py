@@ -54,6 +54,7 @@ from flipout_jax import schedules
 from flipout_jax import scores
 from flipout_jax import selection
 from flipout_jax import trees
+from flipout_jax import validate
 
 MEASURES = scores.GRADIENT_FLOW_MEASURES
 
@@ -173,10 +174,7 @@ def filter_mask_rule(schedule: schedules.Schedule, distribution="global",
   """
   schedule = schedules.as_schedule(schedule)
   _check_structured_distribution(distribution)
-  if int(min_filters) != min_filters or min_filters < 1:
-    raise ValueError(
-        f"min_filters: must be a positive int, got {min_filters!r}.")
-  min_filters = int(min_filters)
+  min_filters = validate.integer(min_filters, "min_filters", low=1)
   output_layer = _check_output_layer(output_layer)
   dist_key = (tuple(sorted(distribution.items()))
               if isinstance(distribution, dict) else distribution)
@@ -191,10 +189,10 @@ def filter_mask_rule(schedule: schedules.Schedule, distribution="global",
     paths = tuple(flat[i][0] for i in ranked_idx)
     num_filters = tuple(_num_filters(flat[i][1]) for i in ranked_idx)
     fgroups, table = _filter_table(dist_key, paths, num_filters,
-                                   tuple(schedule.sparsities),
+                                   tuple(schedule.targets),
                                    schedule.final_sparsity)
     _, idx = schedule.event_index(ctx.step)
-    target = jnp.asarray(table)[jnp.maximum(idx, 0)]
+    target = jnp.asarray(table)[schedule.target_index(idx)]
 
     all_masks = trees.prunable_leaves(masks, masks)
     all_scores = trees.prunable_leaves(masks, scores_tree)
@@ -235,12 +233,6 @@ def _reset_mode(reset_moments) -> str:
       f"reset_moments: expected True (reset all moments after each pruning "
       f"event, the protocol), False, or one of {core.RESET_MOMENTS}; got "
       f"{reset_moments!r}.")
-
-
-def _check_bool(value, name: str) -> bool:
-  if not isinstance(value, (bool, np.bool_)):
-    raise ValueError(f"{name}: expected a bool, got {value!r}.")
-  return bool(value)
 
 
 def _mask_rule(structured: bool, schedule, distribution, min_filters,
@@ -316,7 +308,7 @@ def gradient_flow(inner: optax.GradientTransformation, *, measure: str,
       or ``output_layer``.
   """
   measure = scores.check_gradient_flow_measure(measure)
-  structured = _check_bool(structured, "structured")
+  structured = validate.boolean(structured, "structured")
   schedule = schedules.rounds(sparsity, rounds, steps_per_round, start_step)
   return core.prune(
       inner,
@@ -362,7 +354,7 @@ def grasp(inner: optax.GradientTransformation, *, sparsity: float,
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  structured = _check_bool(structured, "structured")
+  structured = validate.boolean(structured, "structured")
   schedule = schedules.one_shot(sparsity, step)
   return core.prune(
       inner,

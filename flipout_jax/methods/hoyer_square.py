@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from flipout_jax import trees
+from flipout_jax import validate
 
 
 def hoyer_square_penalty(params: Any, prunable: Any) -> jax.Array:
@@ -49,15 +50,16 @@ def hoyer_square(strength: float, filter_fn=None) -> optax.GradientTransformatio
   optax.sgd(0.1, momentum=0.9))``.
 
   Args:
-    strength: λ >= 0 (paper: 6e-5 VGG19, 1e-4 ResNet18, 3e-4 DenseNet121).
+    strength: λ, finite and >= 0 (paper: 6e-5 VGG19, 1e-4 ResNet18, 3e-4
+      DenseNet121); may be traced.
     filter_fn: which leaves are regularised (default: the prunable kernels).
 
   Returns:
     A stateless transformation.
   """
-  strength = float(strength)
-  if not strength >= 0.0:
-    raise ValueError(f"strength: {strength} must be >= 0.")
+  # Only used inside the update: traceable (optax.inject_hyperparams).
+  strength = validate.number(strength, "strength", low=0, traceable=True)
+  validate.optional_callable(filter_fn, "filter_fn")
 
   def init_fn(params):
     trees.prunable_tree(params, filter_fn)  # validates the filter early
@@ -79,16 +81,15 @@ def threshold_prune(params: Any, threshold: float = 1e-4, filter_fn=None):
 
   Args:
     params: the trained params.
-    threshold: > 0; the paper uses 1e-4.
+    threshold: finite and > 0; the paper uses 1e-4 (may be traced).
     filter_fn: which leaves are prunable.
 
   Returns:
     ``(params, masks)``: params with those weights at exactly 0.0, and the
     mask tree (True = kept) to fine-tune with :func:`flipout_jax.fixed_mask`.
   """
-  threshold = float(threshold)
-  if not threshold > 0.0:
-    raise ValueError(f"threshold: {threshold} must be > 0.")
+  threshold = validate.number(threshold, "threshold", low=0, low_open=True,
+                              traceable=True)
   prunable = trees.prunable_tree(params, filter_fn)
   masks = jax.tree.map(lambda p, s: jnp.abs(p) >= threshold if s else None,
                        params, prunable)

@@ -89,7 +89,6 @@ the raw weights, as in the reference.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, NamedTuple
 
 import chex
@@ -102,6 +101,7 @@ from flipout_jax import core
 from flipout_jax import schedules
 from flipout_jax import selection
 from flipout_jax import trees
+from flipout_jax import validate
 
 PyTree = Any
 
@@ -155,40 +155,21 @@ class ST3Weights(NamedTuple):
 # ------------------------------------------------------------------ arguments
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_args(sparsity, start_step, end_step, power, freeze_step):
-  try:
-    sparsity = float(sparsity)
-  except (TypeError, ValueError):
-    raise ValueError(f"sparsity: must be a number in [0, 1), got {sparsity!r}.") from None
-  if not 0.0 <= sparsity < 1.0:
-    raise ValueError(
-        f"sparsity: {sparsity} is outside [0, 1) (the final fraction of the "
-        "prunable weights at zero).")
-  if not _is_int(start_step) or start_step < 0:
-    raise ValueError(f"start_step: must be an int >= 0, got {start_step!r}.")
-  if not _is_int(end_step) or end_step <= start_step:
-    raise ValueError(
-        f"end_step: must be an int > start_step ({start_step}), got "
-        f"{end_step!r} (sparsity ramps from 0 at start_step to `sparsity` at "
-        "end_step).")
-  try:
-    power = float(power)
-  except (TypeError, ValueError):
-    raise ValueError(f"power: must be a number > 0, got {power!r}.") from None
-  if not (math.isfinite(power) and power > 0.0):
-    raise ValueError(f"power: {power} must be finite and > 0 (3 = cubic).")
-  if freeze_step is not None and (not _is_int(freeze_step)
-                                  or freeze_step <= end_step):
-    raise ValueError(
-        f"freeze_step: must be None or an int > end_step ({end_step}), got "
-        f"{freeze_step!r}. The update with count end_step is the first at the "
-        "final sparsity; freezing earlier would fix a lower sparsity.")
-  return (sparsity, int(start_step), int(end_step), power,
-          None if freeze_step is None else int(freeze_step))
+  """The shared checks (:mod:`flipout_jax.validate`); ``power`` only enters
+  the traced update, so it may be traced (``optax.inject_hyperparams``).
+  ``freeze_step > end_step``: the update with count ``end_step`` is the
+  first at the final sparsity; freezing earlier would fix a lower one."""
+  sparsity = validate.sparsity(sparsity)
+  start_step = validate.step(start_step, "start_step")
+  end_step = validate.step(end_step, "end_step")
+  validate.ordered(end_step, "end_step", start_step, "start_step")
+  power = validate.number(power, "power", low=0, low_open=True,
+                          traceable=True)
+  if freeze_step is not None:
+    freeze_step = validate.step(freeze_step, "freeze_step")
+    validate.ordered(freeze_step, "freeze_step", end_step, "end_step")
+  return sparsity, start_step, end_step, power, freeze_step
 
 
 # ------------------------------------------------------------- the threshold
@@ -390,8 +371,10 @@ def soft_threshold_leaves(raw: list[jax.Array], sparsity: jax.Array, *,
 
 def _rule_arg(threshold_rule, sigma_normalized) -> ThresholdRule:
   if threshold_rule is None:
-    return global_threshold_rule(sigma_normalized=bool(sigma_normalized))
-  if sigma_normalized:
+    return global_threshold_rule(
+        sigma_normalized=validate.boolean(sigma_normalized,
+                                          "sigma_normalized"))
+  if validate.boolean(sigma_normalized, "sigma_normalized"):
     raise ValueError(
         "sigma_normalized: ST-3σ is a ranking of the global rule; with a "
         "threshold_rule pass global_threshold_rule(sigma_normalized=True) or "
@@ -514,6 +497,9 @@ def st3(inner: optax.GradientTransformation,
   sparsity, start_step, end_step, power, freeze_step = _check_args(
       sparsity, start_step, end_step, power, freeze_step)
   rule = _rule_arg(threshold_rule, sigma_normalized)
+  validate.transformation(inner, "inner")
+  rescale = validate.boolean(rescale, "rescale")
+  validate.optional_callable(filter_fn, "filter_fn")
   inner = optax.with_extra_args_support(inner)
   is_none = lambda x: x is None  # pylint: disable=unnecessary-lambda-assignment
 
@@ -545,6 +531,7 @@ def st3(inner: optax.GradientTransformation,
                        "tx.update(grads, state, params)).")
     masks = state.masks
     trees.check_same_structure(params, masks, what="st3")
+    validate.same_tree(grads, params, "grads")
     mstate = state.method_state
     count = state.count
 

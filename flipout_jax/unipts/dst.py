@@ -49,7 +49,6 @@ kept weight as 0.0 if it shrank by a factor above 2^24 in one step.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -59,6 +58,7 @@ import optax
 from flipout_jax import core
 from flipout_jax import selection
 from flipout_jax import trees
+from flipout_jax import validate
 
 PyTree = Any
 DEFAULT_DECAY = 5e-5
@@ -133,13 +133,8 @@ def check_sparsities(sparsities) -> dict[str, float]:
     raise ValueError(
         "sparsities: must be a mapping {param path: sparsity in [0, 1)}, got "
         f"{type(sparsities).__name__}.")
-  out = {}
-  for path, s in sparsities.items():
-    if isinstance(s, bool) or not isinstance(s, numbers.Real) \
-        or not 0.0 <= float(s) < 1.0:
-      raise ValueError(f"sparsities: {s!r} for {path!r} is outside [0, 1).")
-    out[str(path)] = float(s)
-  return out
+  return {str(path): validate.sparsity(s, f"sparsities[{path!r}]")
+          for path, s in sparsities.items()}
 
 
 def sparse_training(inner: optax.GradientTransformation,
@@ -173,10 +168,10 @@ def sparse_training(inner: optax.GradientTransformation,
       init) paths that are not prunable leaves or a filter selecting nothing.
   """
   sparsities = check_sparsities(sparsities)
-  if isinstance(decay, bool) or not isinstance(decay, numbers.Real) \
-      or not (math.isfinite(decay) and decay >= 0.0):
-    raise ValueError(f"decay: must be a finite number >= 0, got {decay!r}.")
-  decay = float(decay)
+  # Only used inside the update: traceable (optax.inject_hyperparams).
+  decay = validate.number(decay, "decay", low=0, traceable=True)
+  validate.transformation(inner, "inner")
+  validate.optional_callable(filter_fn, "filter_fn")
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -204,6 +199,7 @@ def sparse_training(inner: optax.GradientTransformation,
                        "tx.update(grads, state, params)).")
     masks = state.masks
     trees.check_same_structure(params, masks, what="sparse_training")
+    validate.same_tree(grads, params, "grads")
     raw = state.method_state.raw
     grads = straight_through_grads(grads, raw, masks, decay)
     updates, inner_state, new_raw = core.step_raw_weights(

@@ -45,18 +45,16 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from flipout_jax import validate
+
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_TAU0 = 8.0
 DEFAULT_TAU_DECAY = 0.99
 
 
 def _check_positive(value, name: str) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise ValueError(f"{name}: must be a number > 0, got {value!r}.")
-  value = float(value)
-  if not (math.isfinite(value) and value > 0.0):
-    raise ValueError(f"{name}: {value} must be finite and > 0.")
-  return value
+  """A finite number > 0, :mod:`flipout_jax.validate`'s check."""
+  return validate.number(value, name, low=0, low_open=True)
 
 
 def tau_schedule(epoch, *, tau0: float = DEFAULT_TAU0,

@@ -46,8 +46,6 @@ Defaults are scaled for CPU (:class:`UniPTSConfig`); the paper's are
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import time
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -58,6 +56,7 @@ import optax
 
 from flipout_jax import core
 from flipout_jax import trees
+from flipout_jax import validate
 from flipout_jax.unipts import batchnorm
 from flipout_jax.unipts import dst as dst_lib
 from flipout_jax.unipts import loss as loss_lib
@@ -130,20 +129,11 @@ class UniPTSConfig:
 
   def __post_init__(self):
     def integer(name, low):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
-        raise ValueError(f"{name}: must be an int >= {low}, got {v!r}.")
+      validate.integer(getattr(self, name), name, low=low)
 
-    def real(name, low, high=math.inf, low_open=False, high_open=False):
-      v = getattr(self, name)
-      ok = (not isinstance(v, bool) and isinstance(v, numbers.Real)
-            and math.isfinite(v))
-      if ok:
-        ok = (v > low if low_open else v >= low) and (
-            v < high if high_open else v <= high)
-      if not ok:
-        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        raise ValueError(f"{name}: {v!r} is outside {lo}{low}, {high}{hi}.")
+    def real(name, low, high=None, low_open=False, high_open=False):
+      validate.number(getattr(self, name), name, low=low, high=high,
+                      low_open=low_open, high_open=high_open)
 
     real("temperature", 0.0, low_open=True)
     real("tau0", 0.0, low_open=True)
@@ -252,13 +242,8 @@ def _check_inputs(apply_fn, variables, calibration_x, calibration_y, sparsity,
         f"{type(variables).__name__}"
         + (f" with keys {list(variables)}" if isinstance(variables, Mapping)
            else "") + ".")
-  if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) \
-      or not 0.0 <= float(sparsity) < 1.0:
-    raise ValueError(
-        f"sparsity: {sparsity!r} is outside [0, 1) (the fraction of the "
-        "prunable weights to zero).")
-  if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-    raise ValueError(f"seed: must be an int >= 0, got {seed!r}.")
+  sparsity = validate.sparsity(sparsity)
+  validate.seed(seed)
   if calibration_x is None:
     raise ValueError("calibration_x: is None; pass the calibration inputs.")
   x = jnp.asarray(calibration_x)

@@ -61,17 +61,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from flipout_jax import validate
+
 Fitness = Any  # a float, or a tuple of floats compared lexicographically
 
 
 def _check_fraction(value, name: str, *, upper_open: bool = True) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise ValueError(f"{name}: must be a number in [0, 1), got {value!r}.")
-  value = float(value)
-  if not (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
-    interval = "[0, 1)" if upper_open else "[0, 1]"
-    raise ValueError(f"{name}: {value} is outside {interval}.")
-  return value
+  """A number in [0, 1) (or [0, 1]), :mod:`flipout_jax.validate`'s check."""
+  return validate.number(value, name, low=0, high=1, high_open=upper_open)
 
 
 def _check_sizes(sizes: Sequence[int]) -> np.ndarray:
