@@ -28,7 +28,8 @@ setuptools.setup(
         "scikit-learn>=1.3",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100",
+                 "equinox>=0.11"],
         "tf": ["tensorflow>=2.16"],
     },
 )

@@ -18,6 +18,8 @@ from flipout_jax.core import PruneState
 from flipout_jax.core import Tracker
 from flipout_jax.core import get_masks
 from flipout_jax.core import prune
+from flipout_jax.core import reseed
+from flipout_jax.core import sparse_params
 from flipout_jax.methods.dst import coverage_counter
 from flipout_jax.methods.dst import dst
 from flipout_jax.methods.dst import dst_ee
@@ -48,7 +50,9 @@ from flipout_jax.nm import nm_dst
 from flipout_jax.nm import nm_flipout
 from flipout_jax.nm import nm_magnitude
 from flipout_jax.nm import nm_st3
+from flipout_jax.report import SparsityError
 from flipout_jax.report import SparsityReport
+from flipout_jax.report import check_sparse
 from flipout_jax.report import sparsity_report
 from flipout_jax.sparse_init import sparse_init
 

@@ -22,6 +22,7 @@ A method is a score function (:mod:`flipout_jax.scores`), a schedule
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import chex
@@ -39,6 +40,9 @@ from flipout_jax import trees
 from flipout_jax import validate
 
 PyTree = Any
+# Optimizer states that hold a copy of the weights (raw-weights methods
+# cannot keep it sparse; masked-weights methods zero it at pruned weights).
+_WEIGHT_COPY_STATES = (optax.contrib.ScheduleFreeState,)
 RESET_MOMENTS = ("none", "pruned", "grown", "changed", "all")
 NOISE_ON = ("all", "prunable")
 
@@ -216,16 +220,22 @@ def prune(inner: optax.GradientTransformation,
       cheaper 16-bit inverse-CDF normals of :func:`noise.normal16`.
     tracker: per-weight state observed every step (default: none).
     reset_moments: after an event, zero the inner optimizer's per-parameter
-      buffers of the weights ``"pruned"`` by it, ``"grown"`` by it,
-      ``"changed"`` (either), of ``"all"`` weights (the gradient-flow
-      protocol's fresh momentum), or ``"none"``.
+      buffers of the weights ``"grown"`` by it, of ``"all"`` weights (the
+      gradient-flow protocol's fresh momentum), or of ``"none"``. Whatever
+      the mode, every params-shaped buffer of the inner state (moments and
+      weight copies alike, e.g. schedule-free's ``z``) is zeroed at the
+      weights an event prunes, so no copy of a pruned weight survives;
+      ``"pruned"`` is therefore ``"none"`` and ``"changed"`` is
+      ``"grown"``.
     filter_fn: ``(path, leaf) -> bool`` selecting the prunable leaves
       (default :func:`flipout_jax.trees.default_filter`).
     initial_masks: starting masks (mask layout; e.g. to fine-tune with a
       fixed mask), or a function ``(params, dense_masks, key) -> masks``
       (e.g. DST's random sparse start); default all alive. Weights whose
       initial mask is False are zeroed by the first update.
-    seed: seed of the PRNG key kept in the state.
+    seed: seed of the PRNG key kept in the state (initial masks, noise,
+      events): an int, or a PRNG key, which may be traced (e.g. one key
+      per seed inside ``jax.vmap``; see also :func:`reseed`).
     name: used in error messages.
 
   Returns:
@@ -252,13 +262,16 @@ def prune(inner: optax.GradientTransformation,
   tracker = no_tracker() if tracker is None else tracker
   inner = optax.with_extra_args_support(inner)
 
+  collapse_check = _collapse_check(name)
+
   def init_fn(params):
     prunable = trees.prunable_tree(params, filter_fn)
     paths = [p for (p, _), s in zip(trees.leaves_with_paths(params),
                                     jax.tree.leaves(prunable)) if s]
     distributions_lib.validate_distribution(distribution, paths)
     masks = trees.mask_like(params, prunable)
-    init_key, key = jax.random.split(jax.random.PRNGKey(seed))
+    base = seed if isinstance(seed, jax.Array) else jax.random.PRNGKey(seed)
+    init_key, key = jax.random.split(base)
     given = initial_masks
     if callable(given):
       given = given(params, masks, init_key)
@@ -266,6 +279,8 @@ def prune(inner: optax.GradientTransformation,
       trees.check_same_structure(params, given, what=f"{name} initial_masks")
       masks = trees.map_prunable(
           lambda m, g: jnp.asarray(g, jnp.bool_).reshape(m.shape), masks, given)
+    _warn_empty_budget(name, masks, *budget_table(distribution, masks,
+                                                  schedule))
     # Per-weight state (masks, tracker counts, inner moments) is sharded like
     # the params under jax.sharding, also when built by jnp.zeros, by a
     # jitted initial-mask function or under jit(tx.init); no-op on one device.
@@ -275,7 +290,10 @@ def prune(inner: optax.GradientTransformation,
         method_state=trees.shard_like_params(tracker.init(params, masks),
                                              params),
         key=key,
-        inner_state=trees.shard_like_params(inner.init(params), params))
+        # The inner optimizer starts from the masked params, so that a copy
+        # of the weights it keeps (schedule-free's z) starts sparse too.
+        inner_state=trees.shard_like_params(
+            inner.init(trees.apply_masks(params, masks)), params))
 
   def update_fn(grads, state, params=None, **extra_args):
     if params is None:
@@ -292,9 +310,11 @@ def prune(inner: optax.GradientTransformation,
     grads = trees.apply_masks(grads, masks)
     clean_grads = grads
     if add_noise:
+      # Over the gradient's leaves (a None param has none), reading each
+      # leaf's mask (None: not prunable).
       selected = jax.tree.map(
-          lambda m: m is not None if noise_on == "prunable" else True,
-          masks, is_leaf=lambda x: x is None)
+          lambda g, m: m is not None if noise_on == "prunable" else True,
+          grads, masks)
       grads = noise_lib.add_gradient_noise(grads, noise_key, noise_scale,
                                            selected, exact=exact_noise)
       grads = trees.apply_masks(grads, masks)
@@ -325,11 +345,14 @@ def prune(inner: optax.GradientTransformation,
       restart = None
       if restarts:
         new_masks, restart = new_masks
+      collapse_check(state.count, new_masks)
       method_state = tracker.prune(method_state, new_masks)
-      if reset_moments != "none":
-        reset = _reset_selection(reset_moments, params, masks, new_masks,
-                                 restart)
-        inner_state = trees.reset_params_like(inner_state, params, reset)
+      # Every params-shaped buffer of the inner state (moments, and weight
+      # copies such as schedule-free's z) is zeroed where weights are pruned,
+      # so no copy of a pruned weight survives; plus what reset_moments asks.
+      reset = _reset_selection(reset_moments, params, masks, new_masks,
+                               restart)
+      inner_state = trees.reset_params_like(inner_state, params, reset)
       return new_masks, method_state, inner_state, restart
 
     old_masks = masks
@@ -356,18 +379,61 @@ def prune(inner: optax.GradientTransformation,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _warn_empty_budget(name: str, masks: PyTree, groups, table) -> None:
+  """Warns (at init) if the schedule's targets leave a group no weight."""
+  if not len(table):
+    return
+  sizes = [int(np.prod(m.shape)) for m in trees.prunable_leaves(masks, masks)]
+  paths = [p for p, _ in trees.leaves_with_paths(masks)]
+  empty = [paths[i] for g, members in enumerate(groups)
+           if int(np.min(table[:, g])) == 0
+           and sum(sizes[i] for i in members) > 0 for i in members]
+  if empty:
+    warnings.warn(
+        f"{name}: the target sparsity leaves no weight in "
+        f"{', '.join(empty)} (its keep-count rounds to 0): those layers "
+        "collapse, their outputs constant.", stacklevel=3)
+
+
+def _collapse_check(name: str):
+  """``check(step, masks)``, traced into an event: warns once (from the
+  host) when the event leaves a prunable leaf with no weight alive, naming
+  the leaves; :func:`flipout_jax.sparsity_report` marks them too."""
+  warned = []
+
+  def warn(paths, step, alive):
+    dead = [p for p, a in zip(paths, np.asarray(alive)) if a == 0]
+    if dead and not warned:
+      warned.append(True)
+      warnings.warn(
+          f"{name}: the event at step {int(step)} pruned every weight of "
+          f"{', '.join(dead)}: collapsed layers (constant outputs). A global "
+          "ranking can do this (tied or all-zero scores); see "
+          "distribution='uniform' / 'erk'.", stacklevel=2)
+
+  def check(step, masks):
+    leaves = trees.prunable_leaves(masks, masks)
+    paths = tuple(p for p, _ in trees.leaves_with_paths(masks))
+    alive = jnp.stack([jnp.any(m) | (m.size == 0) for m in leaves])
+    jax.debug.callback(functools.partial(warn, paths), step, alive)
+
+  return check
+
+
 def _reset_selection(mode: str, params, old: PyTree, new: PyTree,
                      restart: PyTree | None = None) -> PyTree:
-  """Which entries ``reset_moments=mode`` zeroes (mask layout); restarted
+  """Which entries an event zeroes in the inner state (mask layout): the
+  weights it prunes, plus those ``reset_moments=mode`` selects; restarted
   weights count as grown."""
   if mode == "all":
     return trees.mask_like(params, jax.tree.map(lambda p: True, params))
-  rule = {"pruned": lambda a, b: a & ~b,
-          "grown": lambda a, b: b & ~a,
+  rule = {"none": lambda a, b: a & ~b,
+          "pruned": lambda a, b: a & ~b,
+          "grown": lambda a, b: a != b,
           "changed": lambda a, b: a != b}[mode]
 
   def one(m, a, b, r):
-    if r is None or mode == "pruned":
+    if r is None or mode in ("none", "pruned"):
       return rule(a, b)
     return rule(a, b) | r
 
@@ -378,6 +444,37 @@ def _reset_selection(mode: str, params, old: PyTree, new: PyTree,
 # Raw weights in the state (ST-3, UniPTS's sparse training): the optimizer
 # steps dense raw weights kept in ``method_state`` and the params are always
 # a function of them (the "effective" weights).
+
+
+def copy_raw_weights(masks: PyTree, params: PyTree) -> PyTree:
+  """The raw weights a raw-weights method starts from (mask layout): copies of
+  the prunable params, sharded like them.
+
+  Copies, not the params' own buffers, so that a train step donating params
+  and state (``jax.jit(..., donate_argnums=...)``) never donates one buffer
+  twice.
+  """
+  raw = trees.map_prunable(lambda m, p: jnp.array(p, copy=True), masks,
+                           params)
+  return trees.shard_like_params(raw, params)
+
+
+def check_no_weight_copy(inner_state: optax.OptState, what: str) -> None:
+  """Raises if ``inner`` keeps its own copy of the weights (schedule-free).
+
+  A raw-weights method hands the inner optimizer its raw weights, so such a
+  copy would follow the raw, not the effective (sparse) weights, and the
+  optimizer's evaluation weights would be neither.
+  """
+  copies = [x for x in jax.tree.leaves(
+      inner_state, is_leaf=lambda x: isinstance(x, _WEIGHT_COPY_STATES))
+            if isinstance(x, _WEIGHT_COPY_STATES)]
+  if copies:
+    raise ValueError(
+        f"inner: {type(copies[0]).__name__} keeps a copy of the weights; "
+        f"{what} steps raw weights, so that copy could not be kept sparse. "
+        "Use an optimizer without a weight copy, or a masked-weights method "
+        "(e.g. flipout, global_magnitude), which keeps it sparse.")
 
 
 def step_raw_weights(inner: optax.GradientTransformationExtraArgs,
@@ -450,8 +547,10 @@ def get_masks(state: optax.OptState) -> PyTree:
   """The masks (params-shaped; bool arrays at prunable leaves, None elsewhere).
 
   Works on the state of any transformation in this library, also when it sits
-  inside ``optax.chain`` or an ``nnx.Optimizer``. If the state holds several
-  pruning transformations, a weight is alive only if every one keeps it.
+  inside ``optax.chain``, ``optax.partition`` / ``multi_transform`` /
+  ``masked`` (leaves outside a group are None) or an ``nnx.Optimizer``. If the
+  state holds several pruning transformations (e.g. one per partition group),
+  a weight is alive only if every one that prunes it keeps it.
 
   Raises:
     ValueError: if the state holds no pruning transformation.
@@ -461,9 +560,62 @@ def get_masks(state: optax.OptState) -> PyTree:
     raise ValueError(
         "state: holds no flipout_jax pruning state; pass the optimizer state "
         "returned by a flipout_jax transformation's init/update.")
-  masks = trees.unwrap_variables(found[0].masks)
+  masks = trees.user_view(found[0].masks)
   for other in found[1:]:
-    masks = jax.tree.map(
-        lambda a, b: None if a is None else a & b,
-        masks, trees.unwrap_variables(other.masks), is_leaf=lambda x: x is None)
+    masks = trees.combine_masks(masks, trees.user_view(other.masks))
   return masks
+
+
+def reseed(state: optax.OptState, key: jax.Array) -> optax.OptState:
+  """``state`` with the PRNG key of every pruning state replaced.
+
+  The key drives every later random draw of the method (FlipOut's noise,
+  random scores and drop-and-grow at events); the masks already drawn at
+  ``init`` (e.g. DST's random start) are not redrawn: to vary those, pass a
+  key as the constructor's ``seed``. ``key`` may be traced, so inside
+  ``jax.vmap`` every seed gets its own randomness::
+
+      states = jax.vmap(lambda k: fj.reseed(tx.init(params), k))(keys)
+
+  Args:
+    state: an optimizer state holding flipout_jax transformations (anywhere
+      inside a chain, partition or ``nnx.Optimizer``).
+    key: a PRNG key (``jax.random.key`` or ``PRNGKey``); the i-th pruning
+      state gets ``fold_in(key, i)``.
+
+  Returns:
+    The state with new keys, same structure.
+  """
+  if jax.dtypes.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  if not find_prune_states(state):
+    raise ValueError("state: holds no flipout_jax pruning state.")
+  counter = iter(range(2**31))
+
+  def one(x):
+    if not isinstance(x, PruneState):
+      return x
+    return x._replace(key=jax.random.fold_in(key, next(counter)).astype(
+        x.key.dtype))
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, PruneState))
+
+
+def sparse_params(params: PyTree, state: optax.OptState) -> PyTree:
+  """``params`` with every weight the state prunes at exactly 0.0.
+
+  ``init`` cannot change the params, so a sparse start (DST's random masks,
+  ``fixed_mask``, UniPTS's sparse training) is applied by the first update.
+  Start from ``sparse_params(params, tx.init(params))`` when something reads
+  the params before that update: an evaluation, the first gradient, or
+  ``optax.MultiSteps`` around the pruning transformation (whose first
+  update comes after ``k`` mini-steps).
+
+  Args:
+    params: the params tree ``state`` was built for.
+    state: an optimizer state holding flipout_jax transformations.
+
+  Returns:
+    The params, pruned entries replaced by 0.0 (other leaves unchanged).
+  """
+  return trees.apply_masks(params, get_masks(state))

@@ -59,8 +59,29 @@ def grad_and_hvp(loss_fn: Callable[..., jax.Array], params: PyTree,
   The primal output of ``jax.jvp(jax.grad(L))`` is the gradient itself, so
   both come from one forward-over-reverse pass.
   """
-  grad_fn = lambda p: jax.grad(loss_fn)(p, *args)
-  return jax.jvp(grad_fn, (params,), (vector,))
+  floats, merge = _split_inexact(params)
+  grad_fn = lambda f: _grad(loss_fn, merge)(f, *args)
+  return jax.jvp(grad_fn, (floats,), (_split_inexact(vector)[0],))
+
+
+def _split_inexact(params: PyTree):
+  """``(floats, merge)``: ``params`` with None at its non-float leaves (e.g.
+  int counters, which have no gradient), and ``merge(floats)`` putting those
+  leaves back. Without such leaves ``floats`` is ``params`` itself."""
+  inexact = lambda x: jnp.issubdtype(jnp.result_type(x), jnp.inexact)  # pylint: disable=unnecessary-lambda-assignment
+  if all(inexact(x) for x in jax.tree.leaves(params)):
+    return params, lambda f: f
+  others = jax.tree.map(lambda x: None if inexact(x) else x, params)
+  floats = jax.tree.map(lambda x: x if inexact(x) else None, params)
+  merge = lambda f: jax.tree.map(  # pylint: disable=unnecessary-lambda-assignment
+      lambda a, b: b if a is None else a, f, others,
+      is_leaf=lambda x: x is None)
+  return floats, merge
+
+
+def _grad(loss_fn, merge):
+  """``∇ loss_fn(merge(floats), *args)`` w.r.t. the float leaves."""
+  return jax.grad(lambda f, *args: loss_fn(merge(f), *args))
 
 
 def _batch_mean(fn: Callable[[Any], PyTree], batches: Any) -> PyTree:
@@ -100,9 +121,10 @@ def mean_gradient(loss_fn: Callable[..., jax.Array], params: PyTree,
                   batches: Sequence[Any] | Any | None = None) -> PyTree:
   """``g = ∇ mean_b L_b(θ)``: the gradient of ``loss_fn`` averaged over
   ``batches`` (or of ``loss_fn(params)`` when ``batches`` is None)."""
+  floats, merge = _split_inexact(params)
   if batches is None:
-    return jax.grad(loss_fn)(params)
-  return _batch_mean(lambda b: jax.grad(loss_fn)(params, b), batches)
+    return _grad(loss_fn, merge)(floats)
+  return _batch_mean(lambda b: _grad(loss_fn, merge)(floats, b), batches)
 
 
 def gradient_and_hessian_gradient(
@@ -127,7 +149,8 @@ def gradient_and_hessian_gradient(
       move — instead of ``g``. Non-prunable leaves keep their gradient.
 
   Returns:
-    ``(g, Hv)``, both shaped like ``params``; ``g`` is not masked.
+    ``(g, Hv)``, both shaped like ``params`` (None at non-float leaves such
+    as int counters); ``g`` is not masked.
   """
   g = mean_gradient(loss_fn, params, batches)
   v = g

@@ -250,6 +250,15 @@ def gradient_flow_score(measure: str, *, structured: bool = False) -> ScoreFn:
                        "loss_fn=lambda params, batch: ... as well.")
     if measure in HESSIAN_MEASURES and loss_fn is None:
       raise ValueError(_MISSING_LOSS.format(measure=measure))
+    if loss_fn is not None and any(
+        isinstance(x, optax.MaskedNode) for x in jax.tree.leaves(
+            ctx.old_params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))):
+      raise ValueError(
+          "loss_fn: this transformation sits inside optax.masked / partition /"
+          " multi_transform and sees only its group's params (MaskedNode "
+          "elsewhere), so it cannot evaluate the loss of the whole model. "
+          "Use it outside such a wrapper (choose the prunable leaves with "
+          "filter_fn instead), or a measure that needs no loss_fn.")
     masks = ctx.masks
     theta = trees.apply_masks(ctx.old_params, masks)
     g = hg = None

@@ -15,12 +15,14 @@ on plain dicts, Flax Linen variables, ``nnx.State`` and lists.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import jax
 from jax.experimental.shard_alike import shard_alike
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 PyTree = Any
 FilterFn = Callable[[str, Any], bool]
@@ -54,10 +56,18 @@ def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
 def prunable_tree(params: PyTree, filter_fn: FilterFn | None = None) -> PyTree:
   """Evaluates the filter: a params-shaped tree of Python bools.
 
+  Zero-size leaves are never prunable (their entry is False).
+
   Raises:
     ValueError: if the filter selects no leaf, or selects a non-float leaf, or
       params has a leaf that is not an array.
   """
+  if isinstance(params, optax.LookaheadParams):
+    raise ValueError(
+        "params: is an optax.LookaheadParams (fast and slow weights). "
+        "optax.lookahead keeps its slow copy of the weights in the params, "
+        "where no pruning state can keep it sparse; lookahead is not "
+        "supported in either order (see the README's composition rules).")
   filter_fn = default_filter if filter_fn is None else filter_fn
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   selected = []
@@ -67,7 +77,9 @@ def prunable_tree(params: PyTree, filter_fn: FilterFn | None = None) -> PyTree:
       raise ValueError(
           f"params: leaf {path!r} is a {type(leaf).__name__}, not an array; "
           "pass a pytree of jax/numpy arrays.")
-    chosen = bool(filter_fn(path, leaf))
+    # A zero-size leaf (e.g. a (0, 5) kernel) has nothing to prune; it would
+    # only divide budgets (ERK) by zero.
+    chosen = bool(filter_fn(path, leaf)) and math.prod(leaf.shape) > 0
     if chosen and not jnp.issubdtype(leaf.dtype, jnp.floating):
       raise ValueError(
           f"filter_fn: selected leaf {path!r} has dtype {leaf.dtype}; only "
@@ -137,20 +149,25 @@ def unflatten_prunable(masks: PyTree, leaves: Sequence[Any]) -> PyTree:
 
 
 def check_same_structure(params: PyTree, masks: PyTree, *, what: str) -> None:
-  """Raises ValueError if params no longer matches the tree ``init`` saw."""
+  """Raises ValueError if params no longer matches the tree ``init`` saw.
+
+  ``None`` leaves of ``params`` (e.g. ``bias=None``, or an Equinox model
+  filtered with ``eqx.filter``) are part of the structure, as in optax: they
+  stay ``None`` in the mask layout.
+  """
   expected = jax.tree.structure(masks, is_leaf=_is_none)
-  got = jax.tree.structure(params)
+  got = jax.tree.structure(params, is_leaf=_is_none)
   if expected != got:
     raise ValueError(
         f"params: the tree passed to {what}.update has structure {got}, but "
         f"{what}.init saw {expected}. Pass the same params tree to init and "
         "update.")
-  for (path, p), m in zip(leaves_with_paths(params),
-                          jax.tree.leaves(masks, is_leaf=_is_none)):
-    if m is not None and tuple(p.shape) != tuple(m.shape):
+  flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)
+  for (key_path, p), m in zip(flat, jax.tree.leaves(masks, is_leaf=_is_none)):
+    if m is not None and tuple(np.shape(p)) != tuple(m.shape):
       raise ValueError(
-          f"params: leaf {path!r} has shape {tuple(p.shape)} in update but "
-          f"{tuple(m.shape)} at init.")
+          f"params: leaf {path_str(key_path)!r} has shape "
+          f"{tuple(np.shape(p))} in update but {tuple(m.shape)} at init.")
 
 
 def reset_params_like(state: PyTree, params: PyTree, reset: PyTree) -> PyTree:
@@ -220,6 +237,10 @@ def _shard_like(x: Any, ref: Any) -> Any:
         x = jax.sharding.reshard(x, ref_sharding)
       return x
     return shard_alike(x, ref)[0]
+  if isinstance(x, jax.core.Tracer):
+    # A traced buffer of a concrete param (e.g. init under vmap over seeds):
+    # nothing to place while tracing.
+    return x
   sharding = getattr(ref, "sharding", None)
   if (isinstance(ref, jax.Array) and isinstance(x, jax.Array)
       and not x.sharding.is_equivalent_to(sharding, x.ndim)):
@@ -273,8 +294,27 @@ def _is_variable(x) -> bool:
   return hasattr(x, "get_value") and callable(x.get_value)
 
 
-def unwrap_variables(tree: PyTree) -> PyTree:
-  """Replaces Flax NNX Variable wrappers (as in ``nnx.Optimizer.opt_state``)
-  by the values they hold; other trees are returned unchanged."""
-  return jax.tree.map(lambda x: x.get_value() if _is_variable(x) else x, tree,
-                      is_leaf=lambda x: x is None or _is_variable(x))
+def _is_masked_node(x) -> bool:
+  # optax.masked / partition / multi_transform hand an inner transformation
+  # params with MaskedNode() at the leaves outside its group.
+  return isinstance(x, optax.MaskedNode)
+
+
+def user_view(tree: PyTree) -> PyTree:
+  """A tree as a user reads it: Flax NNX Variable wrappers (as in
+  ``nnx.Optimizer.opt_state`` or ``nnx.state(model)``) replaced by the values
+  they hold, and optax's ``MaskedNode`` (the leaves outside a
+  ``masked``/``partition`` group) by None; other trees unchanged."""
+  return jax.tree.map(
+      lambda x: None if _is_masked_node(x) else (
+          x.get_value() if _is_variable(x) else x), tree,
+      is_leaf=lambda x: x is None or _is_variable(x) or _is_masked_node(x))
+
+
+def combine_masks(a: PyTree, b: PyTree) -> PyTree:
+  """Masks of two pruning transformations over one params tree (mask
+  layout): a weight is alive only if every transformation that prunes it
+  keeps it; None where neither prunes."""
+  return jax.tree.map(
+      lambda x, y: y if x is None else (x if y is None else x & y),
+      a, b, is_leaf=_is_none)

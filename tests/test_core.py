@@ -486,7 +486,48 @@ class ReportTest(parameterized.TestCase):
     r = fj.sparsity_report(params)
     self.assertEqual((r.size, r.zeros), (7, 5))
     self.assertEqual(r.as_dict(), {"a/kernel": 0.5, "b/kernel": 1.0})
-    self.assertIn("| **global** | | 7 | 5 | 71.43% |", str(r))
+    self.assertIn("| **global** | | 7 | 5 | 5 | 71.43% | |", str(r))
+    self.assertEqual(r.collapsed, ("b/kernel",))
+    self.assertIn("collapsed layer(s)** (no weight left): b/kernel", str(r))
+    self.assertTrue(r.ok)
+
+  def test_masks_beside_values(self):
+    # The mask prunes 3 weights; one of them is 2.0 in the params (as after a
+    # transformation chained after the pruning one) and a kept one is NaN.
+    params = {"a": {"kernel": jnp.array([[0.0, 2.0], [jnp.nan, 0.0]]),
+                    "bias": jnp.array([1.0, jnp.inf])}, "b": None}
+    masks = {"a": {"kernel": jnp.array([[False, False], [True, False]]),
+                   "bias": None}, "b": None}
+    with self.assertWarnsRegex(UserWarning, "a/kernel: 1 pruned weights not 0.0"):
+      r = fj.sparsity_report(params, masks)
+    self.assertEqual((r.zeros, r.value_zeros, r.pruned_nonzero, r.nonfinite),
+                     (3, 2, 1, 2))
+    self.assertEqual(r.nonfinite_dense, (("a/bias", 1),))
+    self.assertFalse(r.ok)
+    self.assertIn("**1 pruned weights not 0.0**; **1 non-finite**", str(r))
+    self.assertIn("WARNING: the exact-zero contract is broken", str(r))
+    with self.assertRaisesRegex(fj.SparsityError,
+                                "a/kernel: 1 pruned weights not 0.0, 1 "
+                                "non-finite; a/bias: 1 non-finite"):
+      fj.check_sparse(params, masks)
+    fixed = {"a": {"kernel": jnp.array([[0.0, 0.0], [1.0, 0.0]]),
+                   "bias": jnp.array([1.0, jnp.inf])}, "b": None}
+    with self.assertRaisesRegex(fj.SparsityError, "apply_if_finite"):
+      fj.check_sparse(fixed, masks)
+    self.assertEqual(fj.check_sparse(fixed, masks, allow_nonfinite=True).zeros, 3)
+
+  def test_check_sparse_reads_an_optimizer_state(self):
+    params = {"w": jnp.arange(1.0, 9.0).reshape(2, 4)}
+    tx = fj.global_magnitude(optax.sgd(0.1), sparsity=0.5, prune_every=1,
+                             prune_rate=0.5)
+    state, new = tx.init(params), params
+    for _ in range(2):  # The first event is at step 1.
+      updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state,
+                                 new)
+      new = optax.apply_updates(new, updates)
+    self.assertEqual(fj.check_sparse(new, state).zeros, 4)
+    with self.assertRaisesRegex(fj.SparsityError, "w: 4 pruned weights not 0.0"):
+      fj.check_sparse(params, state)
 
 
 class FlaxIntegrationTest(parameterized.TestCase):

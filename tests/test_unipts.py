@@ -285,7 +285,7 @@ def dst_run():
 
   tx = unipts.sparse_training(optax.sgd(LR), sparsities=LAYER_P, decay=DECAY)
   state = tx.init(dense)  # eager: its selection is jitted inside
-  params = jax.jit(unipts.initial_params)(dense, state)
+  params = jax.jit(fj.sparse_params)(dense, state)
 
   @jax.jit
   def step(params, state):

@@ -9,7 +9,8 @@ soft-thresholded, rescaled copy, the *effective* weights::
     score = |w|              (ST-3)
           = |w| / σ_l        (ST-3σ), σ_l = 1/sqrt(sum of the tensor's dims)
     τ_l   = τ_t·σ_l          (ST-3: σ_l = 1, one global τ)
-    m     = 1[score > τ_t]   (strict: ties at τ are pruned)
+    m     = keep the N − ⌊s_t·N⌋ largest scores (exactly; ties at τ broken
+            by position, the earlier kept)
     w_soft = sign(w)·max(|w| − τ_l, 0)·m       (exactly 0 where m = 0,
                                                 continuous at |w| = τ_l)
     r_c   = (mean_k(|w_ck|·m_ck) + 1e-6) / (mean_k |w_ck| + 1e-6)
@@ -88,6 +89,7 @@ the raw weights, as in the reference.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -141,7 +143,8 @@ class ST3Weights(NamedTuple):
   Attributes:
     effective: params-shaped: the effective weights at the prunable leaves,
       the input leaves elsewhere.
-    masks: mask layout: ``score > τ`` (global rule) or the rule's masks.
+    masks: mask layout: the kept weights (see :func:`global_threshold_rule`)
+      or the rule's masks.
     thresholds: mask layout, float32: ``τ_l`` (``[]``, global rule) or the
       rule's thresholds (see :class:`ST3State`).
     scales: mask layout, float32 ``[out]`` or ``[]``: ``scale_c``.
@@ -291,10 +294,12 @@ def soft_threshold_rescale(w: jax.Array, mask: jax.Array, tau, *,
 def global_threshold_rule(*, sigma_normalized: bool = False) -> ThresholdRule:
   """ST-3's selection: one global threshold ``τ`` over all prunable weights.
 
-  ``τ`` is the ``⌊s·N⌋``-th smallest score (``|w|``, or ``|w|/σ_l`` for
-  ST-3σ) of the ``N`` prunable weights, ``m = score > τ`` (strict), and
-  layer ``l`` is soft-thresholded by ``τ_l = τ·σ_l``. Thresholds: float32
-  ``[]`` per leaf.
+  Exactly ``⌊s·N⌋`` of the ``N`` prunable weights are pruned: those of the
+  smallest scores (``|w|``, or ``|w|/σ_l`` for ST-3σ), ties broken by
+  position as in :func:`flipout_jax.selection.top_k_masks`; ``τ`` is the
+  largest pruned score (the ``⌊s·N⌋``-th smallest; without ties ``m = score
+  > τ``), and layer ``l`` is soft-thresholded by ``τ_l = τ·σ_l``.
+  Thresholds: float32 ``[]`` per leaf.
   """
 
   def init(leaves):
@@ -306,17 +311,20 @@ def global_threshold_rule(*, sigma_normalized: bool = False) -> ThresholdRule:
     mags = [jnp.abs(w).astype(jnp.float32) for w in raw]
     scores = [a if s == 1.0 else a / jnp.float32(s)
               for a, s in zip(mags, sigmas)]
-    keys = [selection.sortable_key(jax.lax.stop_gradient(x)) for x in scores]
+    scores = [jax.lax.stop_gradient(x) for x in scores]
     k_pruned = _num_pruned(sparsity, n)
-    # The ⌊sN⌋-th smallest key is the (N − ⌊sN⌋ + 1)-th largest. For ⌊sN⌋ = 0
-    # that count is N + 1, which no candidate reaches, so the bisection
-    # returns key 0, below every real key (sortable_key never yields 0):
-    # nothing is masked, and τ is set to 0 instead of decoding key 0.
-    t = selection.kth_largest_keys(keys, [list(range(len(raw)))],
-                                   jnp.reshape(n - k_pruned + 1, (1,)))[0]
+    # Exactly ⌊sN⌋ pruned: the N − ⌊sN⌋ largest scores are kept, ties broken
+    # by position as in every other method (top_k_masks). τ is the largest
+    # pruned score, i.e. the ⌊sN⌋-th smallest (0 when nothing is pruned).
+    # Without ties at τ this is ``score > τ``; with ties a kept weight at
+    # exactly τ gets a soft value of 0.0.
+    masks = selection.top_k_masks(scores, [list(range(len(raw)))],
+                                  jnp.reshape(n - k_pruned, (1,)))
+    keys = [selection.sortable_key(x) for x in scores]
+    t = functools.reduce(jnp.maximum, [
+        jnp.max(jnp.where(m, jnp.uint32(0), key), initial=jnp.uint32(0))
+        for m, key in zip(masks, keys)])
     tau = jnp.where(k_pruned == 0, jnp.float32(0.0), key_to_float(t))
-    # key > t == score > τ, in key space so mask and τ can never disagree.
-    masks = [key > t for key in keys]
     taus = [jax.lax.stop_gradient(tau * jnp.float32(s)) for s in sigmas]
     return ThresholdSelection(masks, taus, taus)
 
@@ -509,21 +517,22 @@ def st3(inner: optax.GradientTransformation,
     n = sum(m.size for m in trees.prunable_leaves(masks, masks))
     if n >= 2**31 - 1:
       raise ValueError("params: 2**31 - 1 or more prunable weights; counts are int32.")
-    raw = trees.map_prunable(lambda m, p: jnp.asarray(p), masks, params)
+    raw = core.copy_raw_weights(masks, params)
     thresholds = trees.unflatten_prunable(
         masks, [jnp.asarray(x, jnp.float32)
                 for x in rule.init(_prunable_paths(masks))])
     scales = trees.map_prunable(
         lambda m: jnp.ones(m.shape[-1:] if m.ndim >= 2 else (), jnp.float32),
         masks)
+    inner_state = trees.shard_like_params(inner.init(params), params)
+    core.check_no_weight_copy(inner_state, "st3")
     # Per-weight buffers take their param's sharding (see core.prune's init).
     return core.PruneState(
         count=jnp.zeros([], jnp.int32),
         masks=trees.shard_like_params(masks, params),
-        method_state=ST3State(trees.shard_like_params(raw, params), thresholds,
-                              scales),
+        method_state=ST3State(raw, thresholds, scales),
         key=jax.random.PRNGKey(0),
-        inner_state=trees.shard_like_params(inner.init(params), params))
+        inner_state=inner_state)
 
   def update_fn(grads, state, params=None, **extra_args):
     if params is None:
@@ -620,7 +629,7 @@ def st3_raw_weights(state: optax.OptState, params: PyTree | None = None) -> PyTr
     The raw weights in mask layout (None at non-prunable leaves), or a
     params-shaped tree if ``params`` is given.
   """
-  raw = trees.unwrap_variables(find_st3_state(state).method_state.raw)
+  raw = trees.user_view(find_st3_state(state).method_state.raw)
   if params is None:
     return raw
   return trees.fill_from(raw, params)
@@ -632,12 +641,12 @@ get_raw_weights = st3_raw_weights
 def st3_thresholds(state: optax.OptState) -> PyTree:
   """The thresholds of the last update (mask layout): ``τ_l`` per layer, or
   per group for :func:`flipout_jax.nm.nm_st3` (see :class:`ST3State`)."""
-  return trees.unwrap_variables(find_st3_state(state).method_state.thresholds)
+  return trees.user_view(find_st3_state(state).method_state.thresholds)
 
 
 def st3_scales(state: optax.OptState) -> PyTree:
   """The per-output-channel scales of the last update (mask layout)."""
-  return trees.unwrap_variables(find_st3_state(state).method_state.scales)
+  return trees.user_view(find_st3_state(state).method_state.scales)
 
 
 def st3_sparsity(step, *, sparsity: float, start_step: int, end_step: int,

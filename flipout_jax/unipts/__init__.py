@@ -36,7 +36,6 @@ from flipout_jax.unipts.search import evolutionary_search
 from flipout_jax.unipts.search import num_pruned
 from flipout_jax.unipts.dst import SparseTrainingState
 from flipout_jax.unipts.dst import effective_params
-from flipout_jax.unipts.dst import initial_params
 from flipout_jax.unipts.dst import layer_magnitude_masks
 from flipout_jax.unipts.dst import raw_weights
 from flipout_jax.unipts.dst import sparse_training
@@ -46,7 +45,7 @@ __all__ = [
     "PAPER_CONFIG", "SearchResult", "SparseTrainingState", "UniPTSConfig",
     "UniPTSResult", "batch_stats_momentum", "decode_genome",
     "distillation_loss", "effective_params", "evolutionary_search",
-    "has_batch_stats", "initial_params", "layer_magnitude_masks",
+    "has_batch_stats", "layer_magnitude_masks",
     "num_pruned", "prune", "raw_weights", "recalibrate_batch_stats",
     "sparse_training", "straight_through_grads", "tau_schedule",
 ]

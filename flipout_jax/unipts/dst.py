@@ -33,7 +33,7 @@ transformation, and this transformation last in a chain.
 **Starting.** ``init(params)`` takes the *dense* weights: they become the
 raw weights and ``get_masks(state)`` their magnitude masks. Train from the
 sparse params ``flipout_jax.trees.apply_masks(params, get_masks(state))``
-(:func:`initial_params`), so that the first gradient is the sparse model's.
+(:func:`flipout_jax.sparse_params`), so that the first gradient is the sparse model's.
 
 **Exactness.** The masks always have exactly ``k_l`` False entries.
 ``optax.apply_updates`` lands every masked weight on exactly +0.0 (``p + (0
@@ -183,15 +183,17 @@ def sparse_training(inner: optax.GradientTransformation,
       raise ValueError(
           f"sparsities: {unknown} are not prunable leaves of params; the "
           f"prunable paths are {paths}.")
-    raw = trees.map_prunable(lambda m, p: jnp.asarray(p), layout, params)
+    raw = core.copy_raw_weights(layout, params)
     masks = trees.unflatten_prunable(layout, layer_magnitude_masks(
         trees.prunable_leaves(layout, raw), pruned_counts(sparsities, layout)))
+    inner_state = trees.shard_like_params(inner.init(params), params)
+    core.check_no_weight_copy(inner_state, "unipts.sparse_training")
     return core.PruneState(
         count=jnp.zeros([], jnp.int32),
-        masks=masks,
+        masks=trees.shard_like_params(masks, params),
         method_state=SparseTrainingState(raw),
         key=jax.random.PRNGKey(0),  # unused: the method is deterministic
-        inner_state=inner.init(params))
+        inner_state=inner_state)
 
   def update_fn(grads, state, params=None, **extra_args):
     if params is None:
@@ -233,7 +235,7 @@ def find_state(state: optax.OptState) -> core.PruneState:
 
 def raw_weights(state: optax.OptState, params: PyTree | None = None) -> PyTree:
   """The dense raw weights (mask layout, or params-shaped if ``params`` given)."""
-  raw = trees.unwrap_variables(find_state(state).method_state.raw)
+  raw = trees.user_view(find_state(state).method_state.raw)
   if params is None:
     return raw
   return trees.fill_from(raw, params)
@@ -242,14 +244,8 @@ def raw_weights(state: optax.OptState, params: PyTree | None = None) -> PyTree:
 def effective_params(state: optax.OptState, params: PyTree) -> PyTree:
   """The exact sparse weights ``m⊙w`` of the state (``params`` elsewhere)."""
   found = find_state(state)
-  masks = trees.unwrap_variables(found.masks)
-  raw = trees.unwrap_variables(found.method_state.raw)
+  masks = trees.user_view(found.masks)
+  raw = trees.user_view(found.method_state.raw)
   return jax.tree.map(
       lambda m, r, p: p if m is None else jnp.where(m, r, jnp.zeros_like(r)),
       masks, raw, params, is_leaf=lambda x: x is None)
-
-
-def initial_params(params: PyTree, state: optax.OptState) -> PyTree:
-  """The sparse params to start training from: ``params`` under the state's
-  initial masks (masked entries exactly 0.0)."""
-  return trees.apply_masks(params, core.get_masks(state))

@@ -211,6 +211,35 @@ def _chunked_logits(apply_fn: ApplyFn, variables, x, batch_size: int):
   return jnp.concatenate(out, axis=0) if len(out) > 1 else out[0]
 
 
+def _with_train_keyword(apply_fn: ApplyFn, variables, x) -> ApplyFn:
+  """``apply_fn``, or a wrapper dropping ``train=`` for a model whose
+  ``__call__(self, x)`` has no such argument (checked by tracing one input).
+
+  Raises:
+    ValueError: if such a model has BatchNorm statistics, which UniPTS
+      recalibrates by calling ``apply_fn(..., train=True, mutable=...)``.
+  """
+  try:
+    jax.eval_shape(lambda v, xb: apply_fn(v, xb, train=False), variables,
+                   x[:1])
+    return apply_fn
+  except TypeError as e:
+    if "train" not in str(e):
+      raise
+  if "batch_stats" in variables:
+    raise ValueError(
+        "apply_fn: the model has BatchNorm statistics (a 'batch_stats' "
+        "collection) but its __call__ takes no `train` argument; UniPTS "
+        "recalibrates them with apply_fn(variables, x, train=True, "
+        "mutable=['batch_stats']).")
+
+  def apply_without_train(v, xb, *, train=False, **kwargs):
+    del train
+    return apply_fn(v, xb, **kwargs)
+
+  return apply_without_train
+
+
 def _scores(logits, labels):
   """``(top-1 accuracy, mean log-likelihood of the labels)``."""
   acc = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
@@ -296,7 +325,9 @@ def prune(apply_fn: ApplyFn,
     apply_fn: a Linen-style ``model.apply``, called as ``apply_fn(variables,
       x, train=False)`` and, for models with BatchNorm (detected by a
       ``"batch_stats"`` collection), ``apply_fn(variables, x, train=True,
-      mutable=["batch_stats"])``; it must be deterministic (no dropout).
+      mutable=["batch_stats"])``; it must be deterministic (no dropout). A
+      model without BatchNorm whose ``__call__`` takes no ``train``
+      argument is called as ``apply_fn(variables, x)``.
     variables: the dense model's variables (``params``, and ``batch_stats``
       if any), e.g. a checkpoint's.
     calibration_x: calibration inputs ``[n, ...]`` (paper: 10,240 ImageNet
@@ -328,6 +359,7 @@ def prune(apply_fn: ApplyFn,
   t_start = time.perf_counter()
   x, y, sparsity = _check_inputs(apply_fn, variables, calibration_x,
                                  calibration_y, sparsity, seed)
+  apply_fn = _with_train_keyword(apply_fn, variables, x)
   config = UniPTSConfig() if config is None else config
   if not isinstance(config, UniPTSConfig):
     raise ValueError(f"config: must be a UniPTSConfig, got {type(config).__name__}.")
@@ -479,7 +511,7 @@ def prune(apply_fn: ApplyFn,
         decay=config.decay, filter_fn=filter_fn)
     # Eager: its selection is the jitted one magnitude_masks compiled.
     opt_state = tx.init(params)
-    train_params = jax.jit(dst_lib.initial_params)(params, opt_state)
+    train_params = jax.jit(core.sparse_params)(params, opt_state)
     x_host, teacher_host = np.asarray(x), np.asarray(teacher_logits)
 
     @jax.jit
