@@ -284,9 +284,10 @@ def prune(inner: optax.GradientTransformation,
     # Per-weight state (masks, tracker counts, inner moments) is sharded like
     # the params under jax.sharding, also when built by jnp.zeros, by a
     # jitted initial-mask function or under jit(tx.init); no-op on one device.
+    masks = trees.shard_like_params(masks, params)
     return PruneState(
         count=jnp.zeros([], jnp.int32),
-        masks=trees.shard_like_params(masks, params),
+        masks=masks,
         method_state=trees.shard_like_params(tracker.init(params, masks),
                                              params),
         key=key,
@@ -548,7 +549,8 @@ def get_masks(state: optax.OptState) -> PyTree:
 
   Works on the state of any transformation in this library, also when it sits
   inside ``optax.chain``, ``optax.partition`` / ``multi_transform`` /
-  ``masked`` (leaves outside a group are None) or an ``nnx.Optimizer``. If the
+  ``masked`` (leaves outside every group are None; a subtree no group prunes
+  may be one None) or an ``nnx.Optimizer``. If the
   state holds several pruning transformations (e.g. one per partition group),
   a weight is alive only if every one that prunes it keeps it.
 
@@ -560,10 +562,10 @@ def get_masks(state: optax.OptState) -> PyTree:
     raise ValueError(
         "state: holds no flipout_jax pruning state; pass the optimizer state "
         "returned by a flipout_jax transformation's init/update.")
-  masks = trees.user_view(found[0].masks)
+  masks = found[0].masks
   for other in found[1:]:
-    masks = trees.combine_masks(masks, trees.user_view(other.masks))
-  return masks
+    masks = trees.combine_masks(masks, other.masks)
+  return trees.user_view(masks)
 
 
 def reseed(state: optax.OptState, key: jax.Array) -> optax.OptState:

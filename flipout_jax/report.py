@@ -196,7 +196,8 @@ def sparsity_report(params: Any, masks: Any = None,
                          params, prunable)
   else:
     masks = trees.user_view(masks)
-    trees.check_same_structure(params, masks, what="sparsity_report")
+    trees.check_same_structure(params, masks, what="sparsity_report",
+                               prefix=True)
   counts = jax.device_get(_leaf_counts(params, masks))
   layers = []
   for (path, m), c in zip(trees.leaves_with_paths(masks),
@@ -204,9 +205,10 @@ def sparsity_report(params: Any, masks: Any = None,
     pruned, value_zeros, pruned_nonzero, nonfinite = (int(x) for x in c)
     layers.append(LayerSparsity(path, tuple(m.shape), int(np.prod(m.shape)),
                                 pruned, value_zeros, pruned_nonzero, nonfinite))
-  nonfinite = jax.device_get(_nonfinite_counts(
-      jax.tree.map(lambda p, m: p if m is None else None, params, masks,
-                   is_leaf=lambda x: x is None)))
+  # The params outside the masks (a None mask may cover a whole subtree).
+  dense = jax.tree.map(lambda m, p: p if m is None else None, masks, params,
+                       is_leaf=lambda x: x is None)
+  nonfinite = jax.device_get(_nonfinite_counts(dense))
   dense_bad = tuple((path, int(c)) for path, c in trees.leaves_with_paths(nonfinite)
                     if int(c))
   report = SparsityReport(tuple(layers), dense_bad)

@@ -673,6 +673,7 @@ def kth_largest_keys(keys: Sequence[jax.Array],
 
 @functools.partial(jax.jit, static_argnums=(1, 3))
 def _kth_largest_keys(keys, groups, k, blocking):
+  keys = jax.lax.optimization_barrier(list(keys))  # as in _top_k_masks
   sources = [_Source([x], lambda index, x: x, x.shape, blocking)
              for x in keys]
   return _radix_select(sources, groups, k)[0]
@@ -723,6 +724,12 @@ def top_k_masks(scores: Sequence[jax.Array],
 
 @functools.partial(jax.jit, static_argnums=(1, 4))
 def _top_k_masks(scores, groups, k, eligible, blocking):
+  # The keys are recomputed from the scores in every pass; were the scores'
+  # producer fused into each pass, XLA could evaluate it at a different
+  # precision in each (float16 arithmetic is emulated in float32 on CPU) and
+  # the passes would disagree on the count. The barrier makes every pass read
+  # the same stored scores.
+  scores = jax.lax.optimization_barrier(list(scores))
   if eligible is None:
     sources = [_Source([s], lambda index, s: sortable_key(s), jnp.shape(s),
                        blocking) for s in scores]

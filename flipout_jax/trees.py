@@ -53,6 +53,12 @@ def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
   return [(path_str(p), leaf) for p, leaf in flat]
 
 
+def trees_paths(tree: PyTree) -> list[str]:
+  """The paths of every leaf of ``tree``, ``None`` leaves included."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
+  return [path_str(p) for p, _ in flat]
+
+
 def prunable_tree(params: PyTree, filter_fn: FilterFn | None = None) -> PyTree:
   """Evaluates the filter: a params-shaped tree of Python bools.
 
@@ -148,15 +154,33 @@ def unflatten_prunable(masks: PyTree, leaves: Sequence[Any]) -> PyTree:
       lambda m: None if m is None else next(it), masks, is_leaf=_is_none)
 
 
-def check_same_structure(params: PyTree, masks: PyTree, *, what: str) -> None:
+def check_same_structure(params: PyTree, masks: PyTree, *, what: str,
+                         prefix: bool = False) -> None:
   """Raises ValueError if params no longer matches the tree ``init`` saw.
 
   ``None`` leaves of ``params`` (e.g. ``bias=None``, or an Equinox model
   filtered with ``eqx.filter``) are part of the structure, as in optax: they
-  stay ``None`` in the mask layout.
+  stay ``None`` in the mask layout. With ``prefix``, a ``None`` of ``masks``
+  may also stand for a whole subtree of ``params`` (masks read from an
+  ``optax.partition`` whose labels name subtrees).
   """
   expected = jax.tree.structure(masks, is_leaf=_is_none)
   got = jax.tree.structure(params, is_leaf=_is_none)
+  if prefix:
+    try:
+      subtrees = expected.flatten_up_to(params)
+    except (ValueError, TypeError):
+      subtrees = None
+    if subtrees is None:
+      raise ValueError(f"masks: the masks passed to {what} have structure "
+                       f"{expected}, which does not fit params {got}.")
+    pairs = zip(trees_paths(masks), subtrees,
+                jax.tree.leaves(masks, is_leaf=_is_none))
+    for path, p, m in pairs:
+      if m is not None and tuple(np.shape(p)) != tuple(m.shape):
+        raise ValueError(f"params: leaf {path!r} has shape "
+                         f"{tuple(np.shape(p))}, its mask {tuple(m.shape)}.")
+    return
   if expected != got:
     raise ValueError(
         f"params: the tree passed to {what}.update has structure {got}, but "
@@ -312,9 +336,24 @@ def user_view(tree: PyTree) -> PyTree:
 
 
 def combine_masks(a: PyTree, b: PyTree) -> PyTree:
-  """Masks of two pruning transformations over one params tree (mask
-  layout): a weight is alive only if every transformation that prunes it
-  keeps it; None where neither prunes."""
-  return jax.tree.map(
-      lambda x, y: y if x is None else (x if y is None else x & y),
-      a, b, is_leaf=_is_none)
+  """Masks of two pruning transformations over one params tree: a weight is
+  alive only if every transformation that prunes it keeps it.
+
+  ``None`` and optax's ``MaskedNode`` stand for "no mask here" and may cover
+  a whole subtree (a ``partition`` label given for a subtree), so the two
+  trees are merged node by node.
+  """
+  absent = lambda x: x is None or _is_masked_node(x)  # pylint: disable=unnecessary-lambda-assignment
+  if absent(a):
+    return b
+  if absent(b):
+    return a
+  if hasattr(a, "shape") and hasattr(b, "shape"):
+    return a & b
+  # One level of each node: its children become the leaves.
+  kids_a, node_a = jax.tree_util.tree_flatten(a, is_leaf=lambda x: x is not a)
+  kids_b, node_b = jax.tree_util.tree_flatten(b, is_leaf=lambda x: x is not b)
+  if node_a != node_b:
+    raise ValueError(f"masks: the pruning states cover different trees "
+                     f"({node_a} vs {node_b}).")
+  return node_a.unflatten([combine_masks(x, y) for x, y in zip(kids_a, kids_b)])
