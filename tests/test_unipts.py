@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+import flipout_jax as fj
 from flipout_jax import core
 from flipout_jax import models
 from flipout_jax import unipts
