@@ -47,16 +47,11 @@ def _is_none(x: Any) -> bool:
   return x is None
 
 
-def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
-  """``[(path, leaf), ...]`` in ``jax.tree`` flattening order."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+def leaves_with_paths(tree: PyTree, is_leaf=None) -> list[tuple[str, Any]]:
+  """``[(path, leaf), ...]`` in ``jax.tree`` flattening order (``is_leaf`` as
+  in ``jax.tree_util``, e.g. to keep None leaves)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
   return [(path_str(p), leaf) for p, leaf in flat]
-
-
-def trees_paths(tree: PyTree) -> list[str]:
-  """The paths of every leaf of ``tree``, ``None`` leaves included."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
-  return [path_str(p) for p, _ in flat]
 
 
 def prunable_tree(params: PyTree, filter_fn: FilterFn | None = None) -> PyTree:
@@ -166,32 +161,21 @@ def check_same_structure(params: PyTree, masks: PyTree, *, what: str,
   """
   expected = jax.tree.structure(masks, is_leaf=_is_none)
   got = jax.tree.structure(params, is_leaf=_is_none)
-  if prefix:
-    try:
-      subtrees = expected.flatten_up_to(params)
-    except (ValueError, TypeError):
-      subtrees = None
-    if subtrees is None:
-      raise ValueError(f"masks: the masks passed to {what} have structure "
-                       f"{expected}, which does not fit params {got}.")
-    pairs = zip(trees_paths(masks), subtrees,
-                jax.tree.leaves(masks, is_leaf=_is_none))
-    for path, p, m in pairs:
-      if m is not None and tuple(np.shape(p)) != tuple(m.shape):
-        raise ValueError(f"params: leaf {path!r} has shape "
-                         f"{tuple(np.shape(p))}, its mask {tuple(m.shape)}.")
-    return
-  if expected != got:
+  if not prefix and expected != got:
     raise ValueError(
         f"params: the tree passed to {what}.update has structure {got}, but "
         f"{what}.init saw {expected}. Pass the same params tree to init and "
         "update.")
-  flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)
-  for (key_path, p), m in zip(flat, jax.tree.leaves(masks, is_leaf=_is_none)):
+  try:
+    subtrees = expected.flatten_up_to(params)
+  except (ValueError, TypeError):
+    raise ValueError(f"masks: the masks passed to {what} have structure "
+                     f"{expected}, which does not fit params {got}.") from None
+  for (path, m), p in zip(leaves_with_paths(masks, is_leaf=_is_none), subtrees):
     if m is not None and tuple(np.shape(p)) != tuple(m.shape):
       raise ValueError(
-          f"params: leaf {path_str(key_path)!r} has shape "
-          f"{tuple(np.shape(p))} in update but {tuple(m.shape)} at init.")
+          f"params: leaf {path!r} has shape {tuple(np.shape(p))} in "
+          f"{what}, but its mask (from init) has {tuple(m.shape)}.")
 
 
 def reset_params_like(state: PyTree, params: PyTree, reset: PyTree) -> PyTree:
