@@ -56,24 +56,48 @@ class PruneState(NamedTuple):
   inner_state: optax.OptState  # the wrapped optimizer's state.
 
 
+class Step(NamedTuple):
+  """What a :class:`Tracker` sees on every update: one step record.
+
+  Attributes:
+    step: int32 ``[]``, the step count of this update (0-based), as
+      :attr:`flipout_jax.scores.ScoreContext.step`.
+    params: the weights before the update.
+    new_params: the weights the update proposes, ``param + inner_update``
+      at alive weights and 0.0 at pruned ones (before this step's event).
+    grads: the masked loss gradient at ``params``, before gradient noise.
+    dense_grads: the gradient ``update`` received, before masking (so before
+      weight decay when the decay sits inside the inner optimizer).
+    masks: the masks in force during this update (before its event).
+    extra_args: the extra keyword arguments given to ``update``.
+  """
+  step: chex.Array
+  params: PyTree
+  new_params: PyTree
+  grads: PyTree
+  dense_grads: PyTree
+  masks: PyTree
+  extra_args: dict[str, Any]
+
+
 class Tracker(NamedTuple):
   """Per-weight state a method updates every step (e.g. FlipOut's flips).
 
   Attributes:
     init: ``(params, masks) -> state`` in mask layout.
-    update: ``(state, old_params, new_params, masks) -> state``, called every
-      step with the weights before and after the update (pruned entries 0).
+    update: ``(state, step: Step) -> state``, called on every update with
+      its :class:`Step` record, before the step's event (if any).
     prune: ``(state, new_masks) -> state``, called after masks change.
   """
   init: Callable[[PyTree, PyTree], PyTree]
-  update: Callable[[PyTree, PyTree, PyTree, PyTree], PyTree]
+  update: Callable[[PyTree, Step], PyTree]
   prune: Callable[[PyTree, PyTree], PyTree]
 
 
 def no_tracker() -> Tracker:
   """A tracker with no state."""
   return Tracker(lambda params, masks: None,
-                 lambda state, old, new, masks: state,
+                 lambda state, step: state,
                  lambda state, masks: state)
 
 
@@ -110,32 +134,24 @@ def budget_table(distribution, masks: PyTree,
                        schedule.final_sparsity)
 
 
-MaskRule = Callable[[scores_lib.ScoreContext, PyTree, Any, jax.Array], PyTree]
-
-
 class MaskUpdate(NamedTuple):
-  """What a :func:`restarting` mask rule returns.
+  """What every mask rule returns.
 
   Attributes:
     masks: the new masks.
-    restart: mask layout, bool: weights alive in ``masks`` that restart as
-      if newly grown although they were alive before the event (dropped and
-      regrown within it): they land on exactly 0.0 and count as grown for
-      ``reset_moments``.
+    restart: None when nothing restarts (every pruning rule), or, in mask
+      layout, bool: weights alive in ``masks`` that restart as if newly
+      grown although they were alive before the event (dropped and regrown
+      within it; the net mask change does not show them): they land on
+      exactly 0.0 and count as grown for ``reset_moments``. Whether it is
+      None must not depend on traced values (it shapes the traced update).
   """
   masks: PyTree
-  restart: PyTree
+  restart: PyTree | None = None
 
 
-def restarting(rule: MaskRule) -> MaskRule:
-  """Marks ``rule`` as returning a :class:`MaskUpdate` instead of masks.
-
-  A drop-and-grow rule needs it: the net mask change does not show a weight
-  dropped and grown back in the same event, which must restart at 0.0 with
-  fresh moments like every grown weight.
-  """
-  rule.returns_restart = True
-  return rule
+MaskRule = Callable[[scores_lib.ScoreContext, PyTree, Any, jax.Array],
+                    MaskUpdate]
 
 
 def shrink_masks(masks: PyTree, scores: PyTree, groups, keep) -> PyTree:
@@ -154,9 +170,10 @@ def shrink_masks(masks: PyTree, scores: PyTree, groups, keep) -> PyTree:
 
 
 def shrink_rule(ctx: scores_lib.ScoreContext, scores: PyTree, groups,
-                keep: jax.Array) -> PyTree:
-  """The default mask rule of pruning methods: :func:`shrink_masks`."""
-  return shrink_masks(ctx.masks, scores, groups, keep)
+                keep: jax.Array) -> MaskUpdate:
+  """The default mask rule of pruning methods: :func:`shrink_masks`, no
+  restarts."""
+  return MaskUpdate(shrink_masks(ctx.masks, scores, groups, keep))
 
 
 def masked_updates(updates: PyTree, old_masks: PyTree, new_masks: PyTree,
@@ -207,10 +224,10 @@ def prune(inner: optax.GradientTransformation,
     score_fn: importance score; on an event, the ``keep`` highest-scoring
       alive weights of each group stay alive.
     schedule: the pruning events (step, target sparsity).
-    mask_rule: ``(ctx, scores, groups, keep) -> new masks`` on events; the
+    mask_rule: ``(ctx, scores, groups, keep) -> MaskUpdate`` on events; the
       default :func:`shrink_rule` keeps the ``keep[g]`` best alive weights of
-      each group. Sparse-training methods (DST) pass a drop-and-grow rule,
-      marked :func:`restarting`, that returns a :class:`MaskUpdate`.
+      each group. Sparse-training methods (DST) pass a drop-and-grow rule
+      whose :class:`MaskUpdate` also names the weights that restart.
     distribution: ``"global"``, ``"uniform"``, ``"erk"`` or ``{path: s}``.
     noise_scale: λ of FlipOut's gradient noise ``N(0, (λ‖g‖/√n)²)``; 0 = off.
       Traceable: a jnp scalar (e.g. from ``optax.inject_hyperparams``) is
@@ -251,7 +268,6 @@ def prune(inner: optax.GradientTransformation,
   noise_scale = validate.number(noise_scale, "noise_scale", low=0,
                                 traceable=True)
   add_noise = validate.is_dynamic(noise_scale) or noise_scale > 0.0
-  restarts = getattr(mask_rule, "returns_restart", False)
   validate.choice(noise_on, "noise_on", NOISE_ON)
   validate.boolean(exact_noise, "exact_noise")
   validate.choice(reset_moments, "reset_moments", RESET_MOMENTS)
@@ -329,8 +345,10 @@ def prune(inner: optax.GradientTransformation,
       return trees.map_prunable(lambda m, p, u: jnp.where(m, p + u, 0),
                                 masks, params, updates)
 
-    method_state = tracker.update(state.method_state, params,
-                                  proposed_params(), masks)
+    method_state = tracker.update(state.method_state, Step(
+        step=state.count, params=params, new_params=proposed_params(),
+        grads=clean_grads, dense_grads=dense_grads, masks=masks,
+        extra_args=extra_args))
 
     is_event, idx = schedule.event_index(state.count)
 
@@ -341,11 +359,13 @@ def prune(inner: optax.GradientTransformation,
           old_params=params,
           grads=clean_grads, dense_grads=dense_grads,
           method_state=method_state, key=event_key, extra_args=extra_args)
-      new_masks = mask_rule(ctx, score_fn(ctx), groups,
-                            jnp.asarray(table)[schedule.target_index(idx)])
-      restart = None
-      if restarts:
-        new_masks, restart = new_masks
+      update = mask_rule(ctx, score_fn(ctx), groups,
+                         jnp.asarray(table)[schedule.target_index(idx)])
+      if not isinstance(update, MaskUpdate):
+        raise ValueError(
+            f"mask_rule: must return a flipout_jax.core.MaskUpdate(masks, "
+            f"restart), got {type(update).__name__}.")
+      new_masks, restart = update
       collapse_check(state.count, new_masks)
       method_state = tracker.prune(method_state, new_masks)
       # Every params-shaped buffer of the inner state (moments, and weight
@@ -357,8 +377,11 @@ def prune(inner: optax.GradientTransformation,
       return new_masks, method_state, inner_state, restart
 
     old_masks = masks
-    # Nothing restarts off events (and None: no restart tree at all for the
-    # rules that never restart).
+    # Nothing restarts off events; a rule that never restarts (restart None)
+    # gets no restart tree at all. Which one it is shows in its output
+    # structure: eval_shape traces the event once more and runs nothing.
+    restarts = bool(schedule.num_events) and jax.eval_shape(
+        on_event, (masks, method_state, inner_state))[3] is not None
     no_restart = None
     if restarts:
       no_restart = trees.map_prunable(
@@ -415,7 +438,7 @@ def _collapse_check(name: str):
   def check(step, masks):
     leaves = trees.prunable_leaves(masks, masks)
     paths = tuple(p for p, _ in trees.leaves_with_paths(masks))
-    alive = jnp.stack([jnp.any(m) | (m.size == 0) for m in leaves])
+    alive = jnp.stack([jnp.any(m) for m in leaves])  # never zero-size
     jax.debug.callback(functools.partial(warn, paths), step, alive)
 
   return check

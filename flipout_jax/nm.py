@@ -402,7 +402,7 @@ def nm_mask_rule(n: int, m: int, *, skip_incompatible: bool = False,
     axis: the contraction axis (default -2).
 
   Returns:
-    ``rule(ctx, scores, groups, keep) -> masks``.
+    ``rule(ctx, scores, groups, keep) -> MaskUpdate`` (nothing restarts).
 
   Raises:
     ValueError: for bad ``n``/``m`` here; at trace time, naming the layer,
@@ -424,7 +424,7 @@ def nm_mask_rule(n: int, m: int, *, skip_incompatible: bool = False,
         if info[i][2]:
           new[i] = nm_masks(jnp.asarray(score_l[i], jnp.float32), n_t, m,
                             eligible=mask_l[i], axis=axis)
-    return trees.unflatten_prunable(masks, new)
+    return core.MaskUpdate(trees.unflatten_prunable(masks, new))
 
   return rule
 
@@ -600,7 +600,7 @@ def nm_drop_and_grow(n: int, m: int, drop_fraction: float, end_step: int, *,
     return core.MaskUpdate(trees.unflatten_prunable(masks, new),
                            trees.unflatten_prunable(masks, restart))
 
-  return core.restarting(rule)
+  return rule
 
 
 def nm_dst(inner: optax.GradientTransformation, *, n: int, m: int,

@@ -255,7 +255,9 @@ class FlipOutReferenceTest(parameterized.TestCase):
     counts = counter.init({"w": jnp.zeros(4)}, masks)
     old = {"w": jnp.array([1.0, 0.0, -1.0, 2.0])}
     new = {"w": jnp.array([0.0, 1.0, 1.0, 3.0])}
-    counts = counter.update(counts, old, new, masks)
+    counts = counter.update(counts, fj.core.Step(
+        step=jnp.zeros([], jnp.int32), params=old, new_params=new, grads=None,
+        dense_grads=None, masks=masks, extra_args={}))
     np.testing.assert_array_equal(counts["w"], [1, 1, 1, 0])
 
 
@@ -441,6 +443,17 @@ class ValidationTest(parameterized.TestCase):
     params = mlp_params()
     with self.assertRaisesRegex(ValueError, "params"):
       tx.update(params, tx.init(params))
+
+  def test_mask_rule_must_return_a_mask_update(self):
+    # One contract: a rule returning bare masks is an error naming the rule.
+    bare = lambda ctx, scores, groups, keep: fj.core.shrink_rule(  # pylint: disable=g-long-lambda
+        ctx, scores, groups, keep).masks
+    tx = fj.prune(optax.sgd(0.1), score_fn=fj.scores.magnitude,
+                  schedule=fj.schedules.one_shot(0.5), mask_rule=bare)
+    params = mlp_params()
+    with self.assertRaisesRegex(ValueError, "mask_rule: must return a "
+                                "flipout_jax.core.MaskUpdate"):
+      tx.update(params, tx.init(params), params)
 
 
 class HoyerSquareTest(parameterized.TestCase):

@@ -222,9 +222,9 @@ def test_rule_drops_smallest_magnitude_and_grows_best_score():
   np.testing.assert_array_equal(restart["w"], [[0, 0, 1, 0], [0, 0, 0, 0]])
   # Without restarts the rule is a plain one: the same masks, nothing else.
   plain = dst.drop_and_grow(0.5, 100, restart_regrown=False)
-  assert not getattr(plain, "returns_restart", False)
-  np.testing.assert_array_equal(
-      plain(ctx, dst.rigl_score(ctx), ((0,),), jnp.array([4]))["w"], new["w"])
+  out = plain(ctx, dst.rigl_score(ctx), ((0,),), jnp.array([4]))
+  assert out.restart is None
+  np.testing.assert_array_equal(out.masks["w"], new["w"])
   # DST-EE with a big c prefers the never-active row (N = 0) over the
   # just-dropped weights (N = 5), then ranks those by |g|.
   coverage = {"w": jnp.array([[5, 5, 5, 5], [0, 0, 0, 0]], jnp.int32)}
@@ -292,7 +292,9 @@ def test_coverage_counter_saturates_and_counts_active_only():
   masks = {"w": jnp.array([True, False, True])}
   counts = {"w": jnp.array([0, 0, jnp.iinfo(jnp.int32).max - 1], jnp.int32)}
   for _ in range(3):
-    counts = tracker.update(counts, None, None, masks)
+    counts = tracker.update(counts, fj.core.Step(
+        step=None, params=None, new_params=None, grads=None,
+        dense_grads=None, masks=masks, extra_args={}))
   np.testing.assert_array_equal(counts["w"], [3, 0, jnp.iinfo(jnp.int32).max])
   # Counts survive a mask change (coverage is cumulative).
   assert tracker.prune(counts, {"w": ~masks["w"]}) is counts

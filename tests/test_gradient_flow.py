@@ -509,14 +509,15 @@ def test_filter_mask_rule_guard_and_exact_counts():
       (2, 0.5, ([1, 1, 0, 0], [1, 0, 1]))]:  # guard keeps 2 of b: 4 kept
     rule = gf.filter_mask_rule(schedules.one_shot(sparsity), "global",
                                min_filters, output_layer=None)
-    out = jax.jit(lambda c, s: rule(c, s, None, None))(ctx, {"a": sa, "b": sb})
+    out = jax.jit(lambda c, s: rule(c, s, None, None).masks)(
+        ctx, {"a": sa, "b": sb})
     for key, exp in zip("ab", expected):
       np.testing.assert_array_equal(
           out[key], np.broadcast_to(np.array(exp, bool), masks[key].shape))
   # Masks only shrink: a dead filter is never revived.
   masks2 = {"a": masks["a"].at[:, 0].set(False), "b": masks["b"]}
   rule = gf.filter_mask_rule(schedules.one_shot(0.0), output_layer=None)
-  out = jax.jit(lambda c, s: rule(c, s, None, None))(
+  out = jax.jit(lambda c, s: rule(c, s, None, None).masks)(
       ctx._replace(masks=masks2), {"a": sa, "b": sb})
   np.testing.assert_array_equal(_filter_alive([out["a"]])[0],
                                 [False, True, True, True])

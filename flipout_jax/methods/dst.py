@@ -147,11 +147,10 @@ def coverage_counter() -> core.Tracker:
     return trees.map_prunable(lambda m, p: jnp.zeros(p.shape, jnp.int32),
                               masks, params)
 
-  def update(counts, old, new, masks):
-    del old, new
+  def update(counts, step: core.Step):
     return trees.map_prunable(
         lambda m, c: c + (m & (c < _INT32_MAX)).astype(jnp.int32),
-        masks, counts)
+        step.masks, counts)
 
   return core.Tracker(init, update, lambda counts, masks: counts)
 
@@ -223,11 +222,10 @@ def drop_and_grow(drop_fraction: float, end_step: int,
     drop_fraction: ``d_0``.
     end_step: ``T_end`` of the cosine decay.
     restart_regrown: a weight dropped and grown back in the same event
-      restarts at 0.0 with zeroed moments (True: the rule is
-      :func:`flipout_jax.core.restarting` and returns a
-      :class:`flipout_jax.core.MaskUpdate`) or keeps its value and moments
-      (False, RigL's reference ``reinit_when_same=False``: the rule returns
-      the masks only).
+      restarts at 0.0 with zeroed moments (True: the rule's
+      :class:`flipout_jax.core.MaskUpdate` names them in ``restart``) or
+      keeps its value and moments (False, RigL's reference
+      ``reinit_when_same=False``: ``restart`` is None).
 
   Returns:
     A :data:`flipout_jax.core.MaskRule`.
@@ -250,14 +248,14 @@ def drop_and_grow(drop_fraction: float, end_step: int,
     new_masks = trees.unflatten_prunable(
         masks, [k | g for k, g in zip(kept, grown)])
     if not restart_regrown:
-      return new_masks
+      return core.MaskUpdate(new_masks)
     # Grown back right after being dropped: restart at 0.0 with zeroed
     # moments like every grown weight (the net mask change hides them).
     return core.MaskUpdate(
         new_masks,
         trees.unflatten_prunable(masks, [g & a for g, a in zip(grown, alive)]))
 
-  return core.restarting(rule) if restart_regrown else rule
+  return rule
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))

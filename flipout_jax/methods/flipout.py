@@ -36,11 +36,12 @@ def flip_counter() -> core.Tracker:
     return trees.map_prunable(lambda m, p: jnp.zeros_like(p, dtype=jnp.int32),
                               masks, params)
 
-  def update(counts, old, new, masks):
+  def update(counts, step: core.Step):
     def count(m, c, a, b):
       flipped = jnp.sign(a) != jnp.sign(b)
       return c + (flipped & (c < _INT32_MAX)).astype(jnp.int32)
-    return trees.map_prunable(count, masks, counts, old, new)
+    return trees.map_prunable(count, step.masks, counts, step.params,
+                              step.new_params)
 
   def prune(counts, masks):
     return trees.map_prunable(lambda m, c: jnp.where(m, c, 0), masks, counts)

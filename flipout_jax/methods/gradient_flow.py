@@ -170,7 +170,7 @@ def filter_mask_rule(schedule: schedules.Schedule, distribution="global",
       masks when the rule is traced (the first update).
 
   Returns:
-    ``(ctx, scores, groups, keep) -> masks``.
+    ``(ctx, scores, groups, keep) -> MaskUpdate`` (nothing restarts).
   """
   schedule = schedules.as_schedule(schedule)
   _check_structured_distribution(distribution)
@@ -217,7 +217,7 @@ def filter_mask_rule(schedule: schedules.Schedule, distribution="global",
     for i, m, kf, a in zip(ranked_idx, mask_leaves, kept, alive):
       new_leaves[i] = m & jnp.reshape(
           jnp.broadcast_to(kf & a, _as_filters(m).shape), m.shape)
-    return trees.unflatten_prunable(masks, new_leaves)
+    return core.MaskUpdate(trees.unflatten_prunable(masks, new_leaves))
 
   return rule
 
