@@ -406,6 +406,18 @@ def _random(config, steps_per_epoch, total_steps):
                            prune_rate=config.prune_rate, seed=config.seed)
 
 
+@register("movement", validate=validate_gradual,
+          help="movement pruning: S = -sum θ·g, cubic ramp, an event per "
+               "epoch, ending where FlipOut's schedule ends")
+def _movement(config, steps_per_epoch, total_steps):
+  del total_steps
+  sched = prune_schedule(config, steps_per_epoch)
+  end = sched.end_step or sched.start_step + sched.num_events * sched.prune_every
+  return fj.movement(make_optimizer(config, steps_per_epoch),
+                     sparsity=sched.sparsity, start_step=sched.start_step,
+                     end_step=end, every=steps_per_epoch, seed=config.seed)
+
+
 @register("snip", validate=validate_one_shot,
           help="SNIP: one shot |θ·g| at the first step, then a fixed mask")
 def _snip(config, steps_per_epoch, total_steps):

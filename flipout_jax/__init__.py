@@ -9,6 +9,7 @@
 from flipout_jax import distributions
 from flipout_jax import hessian
 from flipout_jax import nm
+from flipout_jax import registry
 from flipout_jax import schedules
 from flipout_jax import scores
 from flipout_jax import selection
@@ -36,6 +37,7 @@ from flipout_jax.methods.gradient_flow import grasp
 from flipout_jax.methods.hoyer_square import hoyer_square
 from flipout_jax.methods.hoyer_square import hoyer_square_penalty
 from flipout_jax.methods.hoyer_square import threshold_prune
+from flipout_jax.methods.movement import movement
 from flipout_jax.methods.one_shot import fixed_mask
 from flipout_jax.methods.one_shot import snip
 from flipout_jax.methods.st3 import ST3State

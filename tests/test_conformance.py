@@ -12,8 +12,9 @@ the end of the schedule, that ``get_masks`` and ``sparsity_report`` work, and
 that the jitted step compiles once.
 
 ``CASES`` is the one list of constructors; ``test_every_constructor_has_a_case``
-fails when a public constructor of ``flipout_jax`` is not in it, so a new
-method is covered by adding one line. The full matrix takes a few minutes on
+fails when a public pruning constructor of ``flipout_jax`` is not in
+``fj.registry`` or a registered method has no Case, so a new method is
+covered by adding one line. The full matrix takes a few minutes on
 two cores: by default every constructor runs the plain and the hostile-leaves
 setups, and the other setups (whose code path is the shared one) run for
 three representatives (a masked-weights method, a raw-weights method, a
@@ -158,12 +159,18 @@ CASES: dict[str, Case] = {
     "unipts.sparse_training": Case(lambda i, p, seed: unipts.sparse_training(
         i, sparsities={path: S for path in _paths(p)}), _per_layer(math.floor),
                                    raw_weights=True),
+    "movement": Case(lambda i, p, seed: fj.movement(
+        i, sparsity=S, start_step=0, end_step=4, every=2, seed=seed),
+                     _global(S)),
 }
 
 # Not pruning transformations: hoyer_square is a gradient regulariser (no
 # masks; tested below in chains and partitions), threshold_prune a function
 # of params.
 NOT_PRUNING = {"hoyer_square"}
+# Public constructors that wrap a pruning transformation: not methods of
+# fj.registry, but covered by a Case.
+WRAPPERS = {"sparse_init"}
 REPRESENTATIVES = ("flipout", "st3", "rigl")
 
 
@@ -183,13 +190,22 @@ def _public_constructors() -> dict[str, Any]:
 
 
 def test_every_constructor_has_a_case():
-  names = set(_public_constructors())
   aliases = {"sparse_evolutionary_training": "set_"}
-  names = {aliases.get(n, n) for n in names}
-  assert names - NOT_PRUNING == set(CASES), (
-      "every public constructor needs a conformance Case: missing "
-      f"{sorted(names - NOT_PRUNING - set(CASES))}, stale "
-      f"{sorted(set(CASES) - names)}")
+  public = {aliases.get(n, n): f for n, f in _public_constructors().items()}
+  names = set(public)
+  registry = set(fj.registry.names())
+  # Every public pruning constructor is registered, under its public name.
+  assert names - NOT_PRUNING - WRAPPERS == registry, (
+      "every public pruning constructor belongs in fj.registry: missing "
+      f"{sorted(names - NOT_PRUNING - WRAPPERS - registry)}, stale "
+      f"{sorted(registry - names)}")
+  for name in registry:
+    assert fj.registry.get(name) is public[name], name
+  # Every registry entry (and every wrapper) has a Case, and nothing else.
+  assert registry | WRAPPERS == set(CASES), (
+      "every registered method needs a conformance Case: missing "
+      f"{sorted((registry | WRAPPERS) - set(CASES))}, stale "
+      f"{sorted(set(CASES) - registry - WRAPPERS)}")
 
 
 def _slow_unless(names):
