@@ -289,7 +289,10 @@ def prune(inner: optax.GradientTransformation,
     base = seed if isinstance(seed, jax.Array) else jax.random.PRNGKey(seed)
     init_key, key = jax.random.split(base)
     given = initial_masks
-    if callable(given):
+    # A function, not a mask tree that happens to be callable (an Equinox
+    # module of masks has a __call__): mask trees hold arrays.
+    if callable(given) and not any(
+        hasattr(x, "shape") for x in jax.tree.leaves(given)):
       given = given(params, masks, init_key)
     if given is not None:
       trees.check_same_structure(params, given, what=f"{name} initial_masks")

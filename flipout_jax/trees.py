@@ -49,9 +49,21 @@ def _is_none(x: Any) -> bool:
 
 def leaves_with_paths(tree: PyTree, is_leaf=None) -> list[tuple[str, Any]]:
   """``[(path, leaf), ...]`` in ``jax.tree`` flattening order (``is_leaf`` as
-  in ``jax.tree_util``, e.g. to keep None leaves)."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+  in ``jax.tree_util``, e.g. to keep None leaves).
+
+  Flax NNX Variable wrappers add no path segment: a leaf reads
+  ``"l1/kernel"`` whether the tree holds ``nnx.Param``s (``nnx.state``, what
+  ``nnx.Optimizer`` passes to ``init``) or their arrays (what it passes to
+  ``update``), so paths computed at init still name the leaves in update.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      _unwrap_variables(tree), is_leaf=is_leaf)
   return [(path_str(p), leaf) for p, leaf in flat]
+
+
+def _unwrap_variables(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: x.get_value() if _is_variable(x) else x, tree,
+                      is_leaf=lambda x: x is None or _is_variable(x))
 
 
 def prunable_tree(params: PyTree, filter_fn: FilterFn | None = None) -> PyTree:
@@ -70,10 +82,10 @@ def prunable_tree(params: PyTree, filter_fn: FilterFn | None = None) -> PyTree:
         "where no pruning state can keep it sparse; lookahead is not "
         "supported in either order (see the README's composition rules).")
   filter_fn = default_filter if filter_fn is None else filter_fn
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  flat = leaves_with_paths(params)
+  treedef = jax.tree.structure(params)
   selected = []
-  for key_path, leaf in flat:
-    path = path_str(key_path)
+  for path, leaf in flat:
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
       raise ValueError(
           f"params: leaf {path!r} is a {type(leaf).__name__}, not an array; "
@@ -89,7 +101,7 @@ def prunable_tree(params: PyTree, filter_fn: FilterFn | None = None) -> PyTree:
   if not any(selected):
     raise ValueError(
         "filter_fn: selects no leaf of params, so there is nothing to prune "
-        f"(leaves: {[path_str(p) for p, _ in flat][:10]}...). The default "
+        f"(leaves: {[p for p, _ in flat][:10]}...). The default "
         "filter prunes float leaves with ndim >= 2.")
   return jax.tree.unflatten(treedef, selected)
 
