@@ -237,13 +237,13 @@ def prune(inner: optax.GradientTransformation,
       cheaper 16-bit inverse-CDF normals of :func:`noise.normal16`.
     tracker: per-weight state observed every step (default: none).
     reset_moments: after an event, zero the inner optimizer's per-parameter
-      buffers of the weights ``"grown"`` by it, of ``"all"`` weights (the
-      gradient-flow protocol's fresh momentum), or of ``"none"``. Whatever
-      the mode, every params-shaped buffer of the inner state (moments and
-      weight copies alike, e.g. schedule-free's ``z``) is zeroed at the
-      weights an event prunes, so no copy of a pruned weight survives;
-      ``"pruned"`` is therefore ``"none"`` and ``"changed"`` is
-      ``"grown"``.
+      buffers of the weights ``"pruned"`` by it, ``"grown"`` by it,
+      ``"changed"`` (either), of ``"all"`` weights (the gradient-flow
+      protocol's fresh momentum), or ``"none"``. An inner optimizer that
+      keeps a copy of the weights (schedule-free's ``z``) starts from the
+      masked params and has every params-shaped buffer, moments and copy
+      alike, zeroed at the weights each event prunes, whatever the mode, so
+      its evaluation weights are as sparse as the params.
     filter_fn: ``(path, leaf) -> bool`` selecting the prunable leaves
       (default :func:`flipout_jax.trees.default_filter`).
     initial_masks: starting masks (mask layout; e.g. to fine-tune with a
@@ -277,8 +277,6 @@ def prune(inner: optax.GradientTransformation,
   schedule = schedules_lib.as_schedule(schedule)
   tracker = no_tracker() if tracker is None else tracker
   inner = optax.with_extra_args_support(inner)
-
-  collapse_check = _collapse_check(name)
 
   def init_fn(params):
     prunable = trees.prunable_tree(params, filter_fn)
@@ -369,14 +367,17 @@ def prune(inner: optax.GradientTransformation,
             f"mask_rule: must return a flipout_jax.core.MaskUpdate(masks, "
             f"restart), got {type(update).__name__}.")
       new_masks, restart = update
-      collapse_check(state.count, new_masks)
       method_state = tracker.prune(method_state, new_masks)
-      # Every params-shaped buffer of the inner state (moments, and weight
-      # copies such as schedule-free's z) is zeroed where weights are pruned,
-      # so no copy of a pruned weight survives; plus what reset_moments asks.
-      reset = _reset_selection(reset_moments, params, masks, new_masks,
-                               restart)
-      inner_state = trees.reset_params_like(inner_state, params, reset)
+      # An inner optimizer that keeps a copy of the weights (schedule-free's
+      # z) has every params-shaped buffer zeroed where weights are pruned,
+      # so no copy of a pruned weight survives. Otherwise only what
+      # reset_moments asks: touching the moments in the event branch makes
+      # XLA copy them through the cond on every step.
+      copies = holds_weight_copy(inner_state)
+      if reset_moments != "none" or copies:
+        reset = _reset_selection(reset_moments, params, masks, new_masks,
+                                 restart, pruned_too=copies)
+        inner_state = trees.reset_params_like(inner_state, params, reset)
       return new_masks, method_state, inner_state, restart
 
     old_masks = masks
@@ -422,47 +423,23 @@ def _warn_empty_budget(name: str, masks: PyTree, groups, table) -> None:
         "collapse, their outputs constant.", stacklevel=3)
 
 
-def _collapse_check(name: str):
-  """``check(step, masks)``, traced into an event: warns once (from the
-  host) when the event leaves a prunable leaf with no weight alive, naming
-  the leaves; :func:`flipout_jax.sparsity_report` marks them too."""
-  warned = []
-
-  def warn(paths, step, alive):
-    dead = [p for p, a in zip(paths, np.asarray(alive)) if a == 0]
-    if dead and not warned:
-      warned.append(True)
-      warnings.warn(
-          f"{name}: the event at step {int(step)} pruned every weight of "
-          f"{', '.join(dead)}: collapsed layers (constant outputs). A global "
-          "ranking can do this (tied or all-zero scores); see "
-          "distribution='uniform' / 'erk'.", stacklevel=2)
-
-  def check(step, masks):
-    leaves = trees.prunable_leaves(masks, masks)
-    paths = tuple(p for p, _ in trees.leaves_with_paths(masks))
-    alive = jnp.stack([jnp.any(m) for m in leaves])  # never zero-size
-    jax.debug.callback(functools.partial(warn, paths), step, alive)
-
-  return check
-
-
 def _reset_selection(mode: str, params, old: PyTree, new: PyTree,
-                     restart: PyTree | None = None) -> PyTree:
-  """Which entries an event zeroes in the inner state (mask layout): the
-  weights it prunes, plus those ``reset_moments=mode`` selects; restarted
-  weights count as grown."""
+                     restart: PyTree | None = None,
+                     pruned_too: bool = False) -> PyTree:
+  """Which entries ``reset_moments=mode`` zeroes (mask layout); restarted
+  weights count as grown; ``pruned_too`` adds the weights the event prunes."""
   if mode == "all":
     return trees.mask_like(params, jax.tree.map(lambda p: True, params))
-  rule = {"none": lambda a, b: a & ~b,
+  rule = {"none": lambda a, b: jnp.zeros_like(a),
           "pruned": lambda a, b: a & ~b,
-          "grown": lambda a, b: a != b,
+          "grown": lambda a, b: b & ~a,
           "changed": lambda a, b: a != b}[mode]
 
   def one(m, a, b, r):
-    if r is None or mode in ("none", "pruned"):
-      return rule(a, b)
-    return rule(a, b) | r
+    out = rule(a, b)
+    if r is not None and mode not in ("none", "pruned"):
+      out = out | r
+    return out | (a & ~b) if pruned_too else out
 
   return trees.map_prunable(one, old, old, new, _or_nones(restart, old))
 
@@ -486,6 +463,13 @@ def copy_raw_weights(masks: PyTree, params: PyTree) -> PyTree:
   return trees.shard_like_params(raw, params)
 
 
+def holds_weight_copy(inner_state: optax.OptState) -> bool:
+  """Whether an optimizer state keeps a copy of the weights (schedule-free);
+  read from the state's structure, so it costs nothing under jit."""
+  return any(isinstance(x, _WEIGHT_COPY_STATES) for x in jax.tree.leaves(
+      inner_state, is_leaf=lambda x: isinstance(x, _WEIGHT_COPY_STATES)))
+
+
 def check_no_weight_copy(inner_state: optax.OptState, what: str) -> None:
   """Raises if ``inner`` keeps its own copy of the weights (schedule-free).
 
@@ -493,12 +477,10 @@ def check_no_weight_copy(inner_state: optax.OptState, what: str) -> None:
   copy would follow the raw, not the effective (sparse) weights, and the
   optimizer's evaluation weights would be neither.
   """
-  copies = [x for x in jax.tree.leaves(
-      inner_state, is_leaf=lambda x: isinstance(x, _WEIGHT_COPY_STATES))
-            if isinstance(x, _WEIGHT_COPY_STATES)]
-  if copies:
+  if holds_weight_copy(inner_state):
     raise ValueError(
-        f"inner: {type(copies[0]).__name__} keeps a copy of the weights; "
+        f"inner: {_WEIGHT_COPY_STATES[0].__name__} keeps a copy of the "
+        "weights; "
         f"{what} steps raw weights, so that copy could not be kept sparse. "
         "Use an optimizer without a weight copy, or a masked-weights method "
         "(e.g. flipout, global_magnitude), which keeps it sparse.")

@@ -176,7 +176,8 @@ def sparsity_report(params: Any, masks: Any = None,
   Beside the mask counts, the report counts the zeros actually present in the
   params, the pruned weights that are not exactly 0.0 and the non-finite
   weights, and marks collapsed layers (no weight left); ``str(report)`` says
-  so loudly, and a broken contract also raises a ``UserWarning``.
+  so loudly, and a broken contract or a collapsed layer also raises a
+  ``UserWarning``.
 
   Args:
     params: the params pytree (Flax NNX ``nnx.State`` and Variables are
@@ -215,6 +216,12 @@ def sparsity_report(params: Any, masks: Any = None,
   if not report.ok:
     warnings.warn("sparsity_report: the exact-zero contract is broken: "
                   + "; ".join(report.problems()), stacklevel=2)
+  if report.collapsed:
+    warnings.warn(
+        f"sparsity_report: {', '.join(report.collapsed)}: no weight left "
+        "(collapsed layers, constant outputs). A global ranking can do this "
+        "with tied or all-zero scores; see distribution='uniform' / 'erk'.",
+        stacklevel=2)
   return report
 
 

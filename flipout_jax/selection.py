@@ -673,7 +673,6 @@ def kth_largest_keys(keys: Sequence[jax.Array],
 
 @functools.partial(jax.jit, static_argnums=(1, 3))
 def _kth_largest_keys(keys, groups, k, blocking):
-  keys = jax.lax.optimization_barrier(list(keys))  # as in _top_k_masks
   sources = [_Source([x], lambda index, x: x, x.shape, blocking)
              for x in keys]
   return _radix_select(sources, groups, k)[0]

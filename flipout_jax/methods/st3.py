@@ -89,7 +89,6 @@ the raw weights, as in the reference.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -314,16 +313,20 @@ def global_threshold_rule(*, sigma_normalized: bool = False) -> ThresholdRule:
     scores = [jax.lax.stop_gradient(x) for x in scores]
     k_pruned = _num_pruned(sparsity, n)
     # Exactly ⌊sN⌋ pruned: the N − ⌊sN⌋ largest scores are kept, ties broken
-    # by position as in every other method (top_k_masks). τ is the largest
-    # pruned score, i.e. the ⌊sN⌋-th smallest (0 when nothing is pruned).
-    # Without ties at τ this is ``score > τ``; with ties a kept weight at
-    # exactly τ gets a soft value of 0.0.
-    masks = selection.top_k_masks(scores, [list(range(len(raw)))],
-                                  jnp.reshape(n - k_pruned, (1,)))
+    # by position as in every other method. t, the (N − ⌊sN⌋ + 1)-th largest
+    # key, is the largest pruned score's: τ (0 when nothing is pruned; then
+    # the count N + 1 exceeds every candidate and t is key 0, below every
+    # real key). `key > t` keeps exactly N − ⌊sN⌋ unless scores tie at t;
+    # only then (lax.cond) top_k_masks breaks the tie by position, and a kept
+    # weight at exactly τ gets a soft value of 0.0.
+    group = [list(range(len(raw)))]
+    keep = jnp.reshape(n - k_pruned, (1,))
     keys = [selection.sortable_key(x) for x in scores]
-    t = functools.reduce(jnp.maximum, [
-        jnp.max(jnp.where(m, jnp.uint32(0), key), initial=jnp.uint32(0))
-        for m, key in zip(masks, keys)])
+    t = selection.kth_largest_keys(keys, group, keep + 1)[0]
+    strict = [key > t for key in keys]
+    kept = sum(jnp.sum(m, dtype=jnp.int32) for m in strict)
+    masks = jax.lax.cond(kept == keep[0], lambda: strict,
+                         lambda: selection.top_k_masks(scores, group, keep))
     tau = jnp.where(k_pruned == 0, jnp.float32(0.0), key_to_float(t))
     taus = [jax.lax.stop_gradient(tau * jnp.float32(s)) for s in sigmas]
     return ThresholdSelection(masks, taus, taus)
