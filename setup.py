@@ -1,4 +1,5 @@
-"""Install flipout_jax: `pip install -e .[test]`."""
+"""Install flipout_jax: `pip install -e .` (the library), `.[experiments,test]`
+(the experiments and the test suite)."""
 import setuptools
 
 setuptools.setup(
@@ -12,22 +13,28 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["flipout_jax", "flipout_jax.*"]),
     python_requires=">=3.10",
+    # The library itself: optax transformations over JAX arrays. Flax is only
+    # needed by flipout_jax.models (the "models" extra); the experiments'
+    # stack (configs, checkpoints, data, plots) is the "experiments" extra.
     install_requires=[
         "jax>=0.4.30",
-        "flax>=0.10.0",
         "optax>=0.2.4",
         "chex>=0.1.87",
         "numpy>=1.26",
-        "ml_collections>=0.1.1",
-        "absl-py>=2.0",
-        "orbax-checkpoint>=0.6.0",
-        "tensorflow-datasets>=4.9.6",
-        "tqdm>=4.66",
-        "matplotlib>=3.8",
-        "mlxtend>=0.23",
-        "scikit-learn>=1.3",
     ],
     extras_require={
+        "models": ["flax>=0.10.0"],
+        "experiments": [
+            "flax>=0.10.0",
+            "ml_collections>=0.1.1",
+            "absl-py>=2.0",
+            "orbax-checkpoint>=0.6.0",
+            "tensorflow-datasets>=4.9.6",
+            "tqdm>=4.66",
+            "matplotlib>=3.8",
+            "mlxtend>=0.23",
+            "scikit-learn>=1.3",
+        ],
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100",
                  "equinox>=0.11"],
         "tf": ["tensorflow>=2.16"],

@@ -34,7 +34,7 @@ import optax
 from absl import flags
 
 import flipout_jax as fj
-from flipout_jax import data as data_lib
+from experiments import data as data_lib
 from flipout_jax import models as models_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

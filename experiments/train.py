@@ -55,7 +55,7 @@ import orbax.checkpoint as ocp
 from ml_collections import config_dict
 
 import flipout_jax as fj
-from flipout_jax import data as data_lib
+from experiments import data as data_lib
 from flipout_jax import models as models_lib
 from experiments import main as main_lib
 from experiments import methods as methods_lib

@@ -229,7 +229,7 @@ def load_dense(dense_workdir: str, dense_config: dict[str, Any],
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flipout_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from experiments import data as data_lib  # pylint: disable=g-import-not-at-top
   from flipout_jax import models as models_lib  # pylint: disable=g-import-not-at-top
   from flipout_jax import trees  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top
@@ -285,7 +285,7 @@ def test_accuracy(model, variables, ds, batch_size: int) -> float:
   """Top-1 accuracy on the test split (evaluation mode)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flipout_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from experiments import data as data_lib  # pylint: disable=g-import-not-at-top
 
   if model not in _EVAL_STEPS:  # One compilation per model and batch shape.
     _EVAL_STEPS[model] = jax.jit(lambda v, x, y: jnp.sum(

@@ -1,4 +1,4 @@
-"""Tests for flipout_jax.data.
+"""Tests for experiments.data (the embedded and tfds data loaders).
 
 The embedded data sets are real and offline. tfds data sets are exercised
 three ways without any download: under `tfds.testing.mock_data` (random
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from flipout_jax import data
+from experiments import data
 
 CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 CIFAR10_STD = np.array([0.2023, 0.1994, 0.2010], np.float32)

@@ -240,3 +240,15 @@ def test_a_target_that_leaves_no_weight_warns_at_init():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     fj.st3(optax.sgd(0.0), sparsity=0.95, start_step=0, end_step=1).init(params)
+
+
+def test_import_loads_none_of_the_experiments_stack():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  heavy = ("flax", "orbax", "tensorflow_datasets", "ml_collections",
+           "matplotlib", "tqdm", "mlxtend", "sklearn", "equinox")
+  code = ("import sys, flipout_jax\n"
+          f"print([m for m in {heavy!r} if m in sys.modules])")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, check=True).stdout.strip()
+  assert out == "[]", out

@@ -5,7 +5,7 @@ Field reference (all can be overridden with `--config.<field>=<value>`):
 Run
   method            name in `experiments.methods.METHODS` ("flipout", "dense", ...).
   model, width      `flipout_jax.models.get_model(model, width=width)`.
-  dataset           `flipout_jax.data.DATASETS`; data_dir for tfds data sets.
+  dataset           `experiments.data.DATASETS`; data_dir for tfds data sets.
   augment           None: the data set's default (CIFAR crop+flip on), or a bool.
   seed              model init, data order, pruning PRNG (paper: 42, 43, 44).
   batch_size, eval_batch_size, num_epochs.
