@@ -480,8 +480,8 @@ def check_no_weight_copy(inner_state: optax.OptState, what: str) -> None:
   if holds_weight_copy(inner_state):
     raise ValueError(
         f"inner: {_WEIGHT_COPY_STATES[0].__name__} keeps a copy of the "
-        "weights; "
-        f"{what} steps raw weights, so that copy could not be kept sparse. "
+        f"weights; {what} steps raw weights, so that copy could not be kept "
+        "sparse. "
         "Use an optimizer without a weight copy, or a masked-weights method "
         "(e.g. flipout, global_magnitude), which keeps it sparse.")
 
@@ -596,8 +596,11 @@ def reseed(state: optax.OptState, key: jax.Array) -> optax.OptState:
   Returns:
     The state with new keys, same structure.
   """
-  if jax.dtypes.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
-    key = jax.random.key_data(key)
+  raw = validate.prng_key(key, "key")
+  if raw is None:
+    raise ValueError(f"key: must be a PRNG key (jax.random.key or PRNGKey), "
+                     f"got {key!r}.")
+  key = raw
   if not find_prune_states(state):
     raise ValueError("state: holds no flipout_jax pruning state.")
   counter = iter(range(2**31))

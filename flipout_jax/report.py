@@ -21,6 +21,7 @@ import numpy as np
 
 from flipout_jax import core
 from flipout_jax import trees
+from flipout_jax import validate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,13 +56,12 @@ class LayerSparsity:
     return self.size > 0 and self.zeros == self.size
 
   def problems(self) -> list[str]:
+    """The broken promises of this leaf (empty when the contract holds)."""
     out = []
     if self.pruned_nonzero:
       out.append(f"{self.pruned_nonzero:,} pruned weights not 0.0")
     if self.nonfinite:
       out.append(f"{self.nonfinite:,} non-finite")
-    if self.collapsed:
-      out.append("collapsed")
     return out
 
 
@@ -119,8 +119,8 @@ class SparsityReport:
 
   def problems(self) -> list[str]:
     """One line per broken promise: ``"<path>: <what>"``."""
-    out = [f"{l.path}: {', '.join(p for p in l.problems() if p != 'collapsed')}"
-           for l in self.layers if l.pruned_nonzero or l.nonfinite]
+    out = [f"{l.path}: {', '.join(l.problems())}"
+           for l in self.layers if l.problems()]
     out += [f"{path}: {count:,} non-finite" for path, count in self.nonfinite_dense]
     return out
 
@@ -128,7 +128,8 @@ class SparsityReport:
     rows = ["| layer | shape | weights | pruned | zeros in params | sparsity | notes |",
             "|---|---|---:|---:|---:|---:|---|"]
     for l in self.layers:
-      notes = "; ".join(f"**{p}**" for p in l.problems())
+      notes = "; ".join(f"**{p}**" for p in
+                        l.problems() + (["collapsed"] if l.collapsed else []))
       rows.append(f"| {l.path} | {'x'.join(map(str, l.shape))} | {l.size:,} | "
                   f"{l.zeros:,} | {l.value_zeros:,} | "
                   f"{100 * l.sparsity:.2f}% | {notes} |")
@@ -245,6 +246,7 @@ def check_sparse(params: Any, state_or_masks: Any, *,
     SparsityError: naming each leaf path with its count of pruned weights
       that are not 0.0 and of non-finite weights.
   """
+  allow_nonfinite = validate.boolean(allow_nonfinite, "allow_nonfinite")
   masks = state_or_masks
   if core.find_prune_states(state_or_masks):
     masks = core.get_masks(state_or_masks)

@@ -168,6 +168,26 @@ def ordered(value, name: str, bound, bound_name: str, *,
                      f"{bound_name} ({bound}), got {value!r}.")
 
 
+def prng_key(value: Any, name: str = "key"):
+  """One PRNG key (``jax.random.key(i)`` or ``jax.random.PRNGKey(i)``), maybe
+  traced, as a raw ``uint32[2]`` key; None if ``value`` is not a key array
+  at all (the caller decides what else it accepts).
+
+  Raises:
+    ValueError: for an array of several typed keys.
+  """
+  if not isinstance(value, jax.Array):
+    return None
+  if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+    if value.shape:
+      raise ValueError(f"{name}: must be one PRNG key, got keys of shape "
+                       f"{value.shape}.")
+    return jax.random.key_data(value)
+  if value.shape == (2,) and value.dtype == np.uint32:
+    return value
+  return None
+
+
 def seed(value: Any, name: str = "seed"):
   """A PRNG seed: an int in ``[0, 2**63 − 1]``, or a PRNG key.
 
@@ -175,15 +195,9 @@ def seed(value: Any, name: str = "seed"):
   e.g. a per-seed key inside ``jax.vmap``; it is returned as a raw
   ``uint32[2]`` key. An int is static.
   """
-  if isinstance(value, jax.Array) and (
-      jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)):
-    if value.shape:
-      raise ValueError(f"{name}: must be an int or one PRNG key, got keys of "
-                       f"shape {value.shape}.")
-    return jax.random.key_data(value)
-  if (isinstance(value, jax.Array) and value.shape == (2,)
-      and value.dtype == np.uint32):
-    return value
+  key = prng_key(value, name)
+  if key is not None:
+    return key
   return integer(value, name, low=0, high=SEED_MAX)
 
 

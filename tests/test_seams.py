@@ -166,6 +166,12 @@ def test_reseed_gives_each_pruning_state_its_own_key():
   assert not np.array_equal(m["a"]["kernel"][0], m["a"]["kernel"][1])
   with pytest.raises(ValueError, match="holds no flipout_jax pruning state"):
     fj.reseed(optax.sgd(0.1).init(params), jax.random.key(0))
+  with pytest.raises(ValueError, match="key: must be a PRNG key"):
+    fj.reseed(state, 3)
+  with pytest.raises(ValueError, match="key: must be one PRNG key"):
+    fj.reseed(state, jax.random.split(jax.random.key(0), 2))
+  with pytest.raises(ValueError, match="allow_nonfinite: must be True or False"):
+    fj.check_sparse(params, state, allow_nonfinite="yes")
 
 
 def test_seed_takes_a_traced_key():
