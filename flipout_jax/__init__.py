@@ -13,6 +13,7 @@ from flipout_jax import registry
 from flipout_jax import schedules
 from flipout_jax import scores
 from flipout_jax import selection
+from flipout_jax import structure
 from flipout_jax import trees
 from flipout_jax import unipts
 from flipout_jax.core import PruneState
@@ -57,6 +58,9 @@ from flipout_jax.report import SparsityReport
 from flipout_jax.report import check_sparse
 from flipout_jax.report import sparsity_report
 from flipout_jax.sparse_init import sparse_init
+from flipout_jax.structure import n_m
+from flipout_jax.structure import units
+from flipout_jax.structure import unstructured
 
 # fj.export is the function (fj.export(params, masks)); the module stays
 # importable as flipout_jax.sparse_export.

@@ -21,7 +21,6 @@ A method is a score function (:mod:`flipout_jax.scores`), a schedule
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -35,7 +34,7 @@ from flipout_jax import distributions as distributions_lib
 from flipout_jax import noise as noise_lib
 from flipout_jax import schedules as schedules_lib
 from flipout_jax import scores as scores_lib
-from flipout_jax import selection
+from flipout_jax import structure as structure_lib
 from flipout_jax import trees
 from flipout_jax import validate
 
@@ -101,37 +100,29 @@ def no_tracker() -> Tracker:
                  lambda state, masks: state)
 
 
-@functools.lru_cache(maxsize=64)
-def _budget_table(distribution_key, paths, shapes, sparsities, final):
-  distribution = (dict(distribution_key) if isinstance(distribution_key, tuple)
-                  else distribution_key)
-  budgets = [distributions_lib.budget(distribution, paths, shapes, s, final)
-             for s in sparsities]
-  groups = budgets[0].groups if budgets else ((),)
-  table = np.stack([b.keep for b in budgets]) if budgets else np.zeros((0, 1))
-  if table.size and table.max() >= 2**31:
-    raise ValueError("params: a group holds 2**31 or more weights; counts are int32.")
-  return groups, table.astype(np.int32)
+def layout(structure: structure_lib.Structure,
+           masks: PyTree) -> structure_lib.Layout:
+  """The structure's static view of the prunable leaves of ``masks``."""
+  flat = trees.leaves_with_paths(masks)
+  return structure.layout(tuple(p for p, _ in flat),
+                          tuple(tuple(m.shape) for _, m in flat))
 
 
 def budget_table(distribution, masks: PyTree,
-                 schedule: schedules_lib.AnySchedule):
-  """Exact keep-counts for this model's shapes.
+                 schedule: schedules_lib.AnySchedule,
+                 structure: structure_lib.Structure | None = None):
+  """Exact counts for this model's shapes, in the structure's units.
 
   Returns:
-    ``(groups, table)``: the groups of the distribution and the int32 table
-    ``[len(schedule.targets), num_groups]``, one row per distinct target of
-    the schedule (a :class:`flipout_jax.schedules.PeriodicSchedule` at a
-    constant sparsity has one row whatever its number of events); event
+    ``(groups, table)``: the groups of leaves ranked together and the int32
+    table ``[len(schedule.targets), num_groups]``, one row per distinct
+    target of the schedule (a :class:`flipout_jax.schedules.PeriodicSchedule`
+    at a constant sparsity has one row whatever its number of events); event
     ``k`` reads row ``schedule.target_index(k)``.
   """
-  flat = [(p, m.shape) for p, m in trees.leaves_with_paths(masks)]
-  paths = tuple(p for p, _ in flat)
-  shapes = tuple(tuple(s) for _, s in flat)
-  key = (tuple(sorted(distribution.items())) if isinstance(distribution, dict)
-         else distribution)
-  return _budget_table(key, paths, shapes, tuple(schedule.targets),
-                       schedule.final_sparsity)
+  structure = structure_lib.unstructured() if structure is None else structure
+  return structure.budget(distribution, layout(structure, masks),
+                          tuple(schedule.targets), schedule.final_sparsity)
 
 
 class MaskUpdate(NamedTuple):
@@ -154,26 +145,111 @@ MaskRule = Callable[[scores_lib.ScoreContext, PyTree, Any, jax.Array],
                     MaskUpdate]
 
 
-def shrink_masks(masks: PyTree, scores: PyTree, groups, keep) -> PyTree:
-  """Keeps the ``keep[g]`` highest-scoring *alive* weights of each group.
+def shrink_masks(masks: PyTree, scores: PyTree, groups, keep,
+                 structure: structure_lib.Structure | None = None) -> PyTree:
+  """Keeps the ``keep[g]`` highest-scoring *alive* units of each group.
 
   Masks only shrink: dead weights are ineligible, and a target above the
-  number alive keeps just the alive ones.
+  number alive keeps just the alive ones. Units and counts are the
+  structure's (default :func:`flipout_jax.structure.unstructured`: weights).
   """
-  mask_leaves = trees.prunable_leaves(masks, masks)
-  alive = jnp.stack([sum(jnp.sum(mask_leaves[i], dtype=jnp.int32) for i in g)
-                     for g in groups])
-  keep = jnp.minimum(jnp.asarray(keep, jnp.int32), alive)
-  new_leaves = selection.top_k_masks(
-      trees.prunable_leaves(masks, scores), groups, keep, mask_leaves)
+  structure = structure_lib.unstructured() if structure is None else structure
+  new_leaves = structure.shrink(
+      layout(structure, masks), trees.prunable_leaves(masks, masks),
+      trees.prunable_leaves(masks, scores), groups, keep)
   return trees.unflatten_prunable(masks, new_leaves)
 
 
-def shrink_rule(ctx: scores_lib.ScoreContext, scores: PyTree, groups,
-                keep: jax.Array) -> MaskUpdate:
-  """The default mask rule of pruning methods: :func:`shrink_masks`, no
-  restarts."""
-  return MaskUpdate(shrink_masks(ctx.masks, scores, groups, keep))
+def shrink_rule(structure: structure_lib.Structure | None = None) -> MaskRule:
+  """The mask rule of pruning methods: :func:`shrink_masks` in ``structure``,
+  no restarts."""
+  structure = structure_lib.check(
+      structure_lib.unstructured() if structure is None else structure)
+
+  def rule(ctx: scores_lib.ScoreContext, scores: PyTree, groups,
+           keep: jax.Array) -> MaskUpdate:
+    return MaskUpdate(shrink_masks(ctx.masks, scores, groups, keep, structure))
+
+  return rule
+
+
+def drop_and_grow_rule(fraction: Callable[[jax.Array], jax.Array],
+                       structure: structure_lib.Structure | None = None,
+                       restart_regrown: bool = True) -> MaskRule:
+  """The sparse-training mask rule: drop a fraction by ``|θ|``, regrow as many.
+
+  For each group g with ``a_g`` alive units (weights, or the structure's),
+  ``n_g = ⌊d_t·a_g⌋``, ``d_t = fraction(step)``:
+
+  1. keep the ``a_g − n_g`` alive units of largest ``|θ|`` (θ after this
+     step's update, ``ctx.params``);
+  2. grow the ``n_g`` units of highest grow score (the method's score)
+     among those not kept (never-alive, dropped before and just-dropped
+     alike).
+
+  Both are exact selections (ties: earlier position first), so every group
+  holds as many alive units after the event as before; the keep-count of
+  the budget is the count of the random start (N:M regrows each group of M
+  back to it, see :func:`flipout_jax.structure.n_m`).
+
+  Args:
+    fraction: ``step -> d_t`` (float32 in [0, 1]), e.g. DST's cosine decay.
+    structure: the sparsity pattern (default unstructured).
+    restart_regrown: a weight dropped and grown back in the same event
+      restarts at 0.0 with zeroed moments (True: :class:`MaskUpdate` names
+      it in ``restart``) or keeps its value and moments (False, RigL's
+      reference ``reinit_when_same=False``: ``restart`` is None).
+
+  Returns:
+    A :data:`MaskRule`.
+  """
+  structure = structure_lib.check(
+      structure_lib.unstructured() if structure is None else structure)
+  restart_regrown = validate.boolean(restart_regrown, "restart_regrown")
+
+  def rule(ctx: scores_lib.ScoreContext, grow_scores, groups, keep):
+    masks = ctx.masks
+    alive = trees.prunable_leaves(masks, masks)
+    magnitude = [jnp.abs(p.astype(jnp.float32))
+                 for p in trees.prunable_leaves(masks, ctx.params)]
+    new, grown = structure.drop_and_grow(
+        layout(structure, masks), alive, magnitude,
+        trees.prunable_leaves(masks, grow_scores), groups, keep,
+        fraction(ctx.step))
+    new_masks = trees.unflatten_prunable(masks, new)
+    if not restart_regrown:
+      return MaskUpdate(new_masks)
+    # Grown back right after being dropped: restart at 0.0 with zeroed
+    # moments like every grown weight (the net mask change hides them).
+    return MaskUpdate(new_masks, trees.unflatten_prunable(
+        masks, [g & a for g, a in zip(grown, alive)]))
+
+  return rule
+
+
+def random_masks(sparsity: float, distribution="erk",
+                 structure: structure_lib.Structure | None = None) -> Callable:
+  """An ``initial_masks`` function: uniformly random masks at ``sparsity``.
+
+  Group g keeps exactly ``keep_g`` units chosen uniformly at random, with
+  the counts of ``structure``'s budget (unstructured: those of
+  :func:`flipout_jax.distributions.budget`; for ERK the global count is
+  exactly ``N − round(sparsity·N)``).
+
+  Returns:
+    ``(params, dense_masks, key) -> masks``, as :func:`prune` expects.
+  """
+  structure = structure_lib.check(
+      structure_lib.unstructured() if structure is None else structure)
+
+  def init(params, dense_masks, key):
+    del params
+    lay = layout(structure, dense_masks)
+    groups, table = structure.budget(distribution, lay, (sparsity,), sparsity)
+    return trees.unflatten_prunable(
+        dense_masks, structure.random(lay, key, groups, table[0]))
+
+  return init
 
 
 def masked_updates(updates: PyTree, old_masks: PyTree, new_masks: PyTree,
@@ -206,8 +282,9 @@ def prune(inner: optax.GradientTransformation,
           *,
           score_fn: scores_lib.ScoreFn,
           schedule: schedules_lib.AnySchedule,
-          mask_rule: MaskRule = shrink_rule,
+          mask_rule: MaskRule | None = None,
           distribution: distributions_lib.Distribution = "global",
+          structure: structure_lib.Structure | None = None,
           noise_scale: float = 0.0,
           noise_on: str = "all",
           exact_noise: bool = False,
@@ -225,10 +302,15 @@ def prune(inner: optax.GradientTransformation,
       alive weights of each group stay alive.
     schedule: the pruning events (step, target sparsity).
     mask_rule: ``(ctx, scores, groups, keep) -> MaskUpdate`` on events; the
-      default :func:`shrink_rule` keeps the ``keep[g]`` best alive weights of
-      each group. Sparse-training methods (DST) pass a drop-and-grow rule
-      whose :class:`MaskUpdate` also names the weights that restart.
+      default :func:`shrink_rule` of ``structure`` keeps the ``keep[g]`` best
+      alive units of each group. Sparse-training methods (DST) pass a
+      drop-and-grow rule whose :class:`MaskUpdate` also names the weights
+      that restart. A rule gets counts in the units of ``structure``.
     distribution: ``"global"``, ``"uniform"``, ``"erk"`` or ``{path: s}``.
+    structure: the sparsity pattern (:mod:`flipout_jax.structure`):
+      :func:`flipout_jax.structure.unstructured` (default),
+      ``n_m(n, m)`` or ``units(...)``; it counts the budgets and checks at
+      ``init`` that the layers can hold it.
     noise_scale: λ of FlipOut's gradient noise ``N(0, (λ‖g‖/√n)²)``; 0 = off.
       Traceable: a jnp scalar (e.g. from ``optax.inject_hyperparams``) is
       used as is inside the update, the noise then always drawn.
@@ -260,6 +342,9 @@ def prune(inner: optax.GradientTransformation,
     ``update`` are passed to the inner optimizer and to ``score_fn``.
   """
   validate.transformation(inner, "inner")
+  structure = structure_lib.check(
+      structure_lib.unstructured() if structure is None else structure)
+  mask_rule = shrink_rule(structure) if mask_rule is None else mask_rule
   for fn, fn_name in ((score_fn, "score_fn"), (mask_rule, "mask_rule")):
     if not callable(fn):
       raise ValueError(f"{fn_name}: must be callable, got {fn!r}.")
@@ -297,7 +382,7 @@ def prune(inner: optax.GradientTransformation,
       masks = trees.map_prunable(
           lambda m, g: jnp.asarray(g, jnp.bool_).reshape(m.shape), masks, given)
     _warn_empty_budget(name, masks, *budget_table(distribution, masks,
-                                                  schedule))
+                                                  schedule, structure))
     # Per-weight state (masks, tracker counts, inner moments) is sharded like
     # the params under jax.sharding, also when built by jnp.zeros, by a
     # jitted initial-mask function or under jit(tx.init); no-op on one device.
@@ -320,7 +405,7 @@ def prune(inner: optax.GradientTransformation,
     masks = state.masks
     trees.check_same_structure(params, masks, what=name)
     validate.same_tree(grads, params, "grads")
-    groups, table = budget_table(distribution, masks, schedule)
+    groups, table = budget_table(distribution, masks, schedule, structure)
     step_key = jax.random.fold_in(state.key, state.count)
     noise_key, event_key = jax.random.split(step_key)
 

@@ -446,7 +446,7 @@ class ValidationTest(parameterized.TestCase):
 
   def test_mask_rule_must_return_a_mask_update(self):
     # One contract: a rule returning bare masks is an error naming the rule.
-    bare = lambda ctx, scores, groups, keep: fj.core.shrink_rule(  # pylint: disable=g-long-lambda
+    bare = lambda ctx, scores, groups, keep: fj.core.shrink_rule()(  # pylint: disable=g-long-lambda
         ctx, scores, groups, keep).masks
     tx = fj.prune(optax.sgd(0.1), score_fn=fj.scores.magnitude,
                   schedule=fj.schedules.one_shot(0.5), mask_rule=bare)

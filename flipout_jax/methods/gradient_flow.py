@@ -240,7 +240,7 @@ def _mask_rule(structured: bool, schedule, distribution, min_filters,
   _check_output_layer(output_layer)
   if structured:
     return filter_mask_rule(schedule, distribution, min_filters, output_layer)
-  return core.shrink_rule
+  return core.shrink_rule()
 
 
 def gradient_flow(inner: optax.GradientTransformation, *, measure: str,
