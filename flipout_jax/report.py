@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flipout_jax import core
+from flipout_jax import structure as structure_lib
 from flipout_jax import trees
 from flipout_jax import validate
 
@@ -269,3 +270,66 @@ def check_sparse(params: Any, state_or_masks: Any, *,
         "check_sparse: the exact-zero contract is broken: "
         + "; ".join(report.problems()) + ". Hint: " + "; ".join(hints) + ".")
   return report
+
+
+# ----------------------------------------------------------------------------
+# N:M verification.
+
+
+def _nm_filter(path: str, leaf) -> bool:
+  """Default leaves checked: float or bool arrays with ndim >= 2."""
+  del path
+  if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+    return False
+  return len(leaf.shape) >= 2 and (jnp.issubdtype(leaf.dtype, jnp.floating)
+                                   or leaf.dtype == jnp.bool_)
+
+
+def nm_violations(tree: Any, n: int, m: int, *,
+                  skip_incompatible: bool = False,
+                  filter_fn: trees.FilterFn | None = None,
+                  axis: int = -2) -> dict[str, int]:
+  """Number of groups of M along ``axis`` with more than ``n`` nonzeros.
+
+  Args:
+    tree: params (nonzero = value != 0) or a mask tree (nonzero = True;
+      ``None`` leaves are skipped).
+    n, m: the pattern (as :func:`flipout_jax.structure.n_m`).
+    skip_incompatible: ignore leaves whose ``axis`` is not divisible by
+      ``m``; otherwise they raise.
+    filter_fn: ``(path, leaf) -> bool``, which leaves to check (default:
+      float or bool leaves with ndim >= 2).
+    axis: the contraction axis.
+
+  Returns:
+    ``{path: violating groups}`` for every checked leaf (0 = N:M holds).
+
+  Raises:
+    ValueError: for bad ``n``/``m`` or, without ``skip_incompatible``, an
+      indivisible leaf (named).
+  """
+  n, m = structure_lib.check_nm_args(n, m)
+  filter_fn = _nm_filter if filter_fn is None else filter_fn
+  out = {}
+  for path, leaf in trees.leaves_with_paths(tree):
+    if not filter_fn(path, leaf):
+      continue
+    if not structure_lib.nm_compatible(leaf.shape, m, axis):
+      if skip_incompatible:
+        continue
+      raise structure_lib.incompatible_layer(path, leaf.shape, m, axis)
+    counts = np.asarray(structure_lib.nm_group_counts(leaf, m, axis))
+    out[path] = int(np.sum(counts > n))
+  return out
+
+
+def check_nm(tree: Any, n: int, m: int, *, skip_incompatible: bool = False,
+             filter_fn: trees.FilterFn | None = None, axis: int = -2) -> bool:
+  """True iff every group of M along ``axis`` holds at most N nonzeros.
+
+  Checks the leaves :func:`nm_violations` checks (arguments as there; host
+  side, not jittable).
+  """
+  return all(v == 0 for v in nm_violations(
+      tree, n, m, skip_incompatible=skip_incompatible, filter_fn=filter_fn,
+      axis=axis).values())

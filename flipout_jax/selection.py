@@ -128,6 +128,14 @@ def sortable_key(scores: jax.Array) -> jax.Array:
   return jnp.where(bits & _SIGN, ~bits, bits | _SIGN)
 
 
+def key_to_float(key: jax.Array) -> jax.Array:
+  """Inverse of :func:`sortable_key` (float32)."""
+  # Keys of non-negative floats have the sign bit set and hold the float's
+  # bits below it; keys of negative floats are the complement of the bits.
+  bits = jnp.where(key & _SIGN, key ^ _SIGN, ~key)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def _keys(scores, eligible):
   key = sortable_key(scores)
   if eligible is None:

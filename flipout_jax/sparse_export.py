@@ -10,7 +10,7 @@ params tree by a compressed kernel holding exactly the weights its mask keeps
   Bytes: ``nse·(itemsize + ndim·index_bytes)``, e.g. 8 B per kept float32
   weight of a Dense kernel with int16 indices: smaller than dense only below
   50 % density (12 B with int32 indices: below 33 %).
-* ``"nm"``: an :class:`NMKernel` for N:M masks (see :mod:`flipout_jax.nm`):
+* ``"nm"``: an :class:`NMKernel` for N:M masks (see :func:`flipout_jax.structure.n_m`):
   ``values[..., in/M·N, out]`` (param dtype) and ``indices`` (uint8, same
   shape) giving each value's position ``0..M−1`` inside its group of M along
   axis -2; the value ``M`` marks an empty slot (a group that keeps fewer than
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse
 
-from flipout_jax import nm as nm_lib
+from flipout_jax import structure as structure_lib
 from flipout_jax import trees
 
 PyTree = Any
@@ -117,16 +117,16 @@ def nm_compress(kernel: jax.Array, mask: jax.Array, n: int, m: int) -> NMKernel:
       divisible by ``m``), shapes differ, or a group of ``mask`` keeps more
       than ``n`` entries.
   """
-  n, m = nm_lib.check_nm_args(n, m)
+  n, m = structure_lib.check_nm_args(n, m)
   kernel = jnp.asarray(kernel)
   mask = jnp.asarray(mask, jnp.bool_)
   if mask.shape != kernel.shape:
     raise ValueError(f"mask: shape {mask.shape} differs from kernel "
                      f"{kernel.shape}.")
-  if not nm_lib.nm_compatible(kernel.shape, m):
+  if not structure_lib.nm_compatible(kernel.shape, m):
     raise ValueError(f"kernel: shape {kernel.shape} cannot be N:M with m={m} "
                      "(needs ndim >= 2 and axis -2 divisible by m).")
-  most = int(jnp.max(nm_lib.nm_group_counts(mask, m), initial=0))
+  most = int(jnp.max(structure_lib.nm_group_counts(mask, m), initial=0))
   if most > n:
     raise ValueError(f"mask: a group keeps {most} > n={n} entries; it is not "
                      f"{n}:{m}.")
@@ -224,13 +224,13 @@ def export(params: PyTree, masks: PyTree, *, format: str = "bcoo",  # pylint: di
   if (n is None) != (m is None):
     raise ValueError("m: give both n and m, or neither.")
   if n is not None:
-    n, m = nm_lib.check_nm_args(n, m)
+    n, m = structure_lib.check_nm_args(n, m)
   trees.check_same_structure(params, masks, what="export")
 
   def one(path, mask, leaf):
     if format != "bcoo" and n is not None:
-      fits = (nm_lib.nm_compatible(leaf.shape, m)
-              and int(jnp.max(nm_lib.nm_group_counts(mask, m))) <= n)
+      fits = (structure_lib.nm_compatible(leaf.shape, m)
+              and int(jnp.max(structure_lib.nm_group_counts(mask, m))) <= n)
       if fits:
         return nm_compress(leaf, mask, n, m)
       if format == "nm":

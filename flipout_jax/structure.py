@@ -94,6 +94,11 @@ class Structure(NamedTuple):
       event that were not kept through it.
     random: ``(layout, key, groups, keep) -> masks``: uniformly random
       masks with exactly the counts ``keep``.
+    threshold: ``(layout, scores, sparsity) -> Threshold``: the selection
+      of a soft-thresholding method (ST-3) at a *traced* sparsity, from
+      non-negative per-weight scores (``|w|``, possibly normalised), every
+      active leaf ranked in one group per the structure (unstructured: one
+      global ranking).
   """
   name: str
   layout: Callable[..., Layout]
@@ -101,6 +106,24 @@ class Structure(NamedTuple):
   shrink: Callable[..., Leaves]
   drop_and_grow: Callable[..., tuple]
   random: Callable[..., Leaves]
+  threshold: Callable[..., "Threshold"]
+
+
+class Threshold(NamedTuple):
+  """A soft-threshold selection (lists matching the leaves).
+
+  Attributes:
+    masks: bool like each leaf: the kept entries.
+    taus: float32 broadcastable to the leaf, in score units: entry ``e`` is
+      soft-thresholded to ``max(score_e − τ_e, 0)`` (a kept entry at exactly
+      ``τ_e`` gets 0; a pruned one is 0 anyway). Continuous in the weights:
+      an entry reaching the threshold reaches 0.
+    thresholds: float32, the compact form a method stores: ``[]`` per leaf
+      (one τ), or one τ per group of M for N:M. Shapes are static.
+  """
+  masks: list
+  taus: list
+  thresholds: list
 
 
 def check(structure: Any, name: str = "structure") -> Structure:
@@ -193,8 +216,37 @@ def unstructured() -> Structure:
   def random(lay, key, groups, keep):
     return _random_top_k(key, lay.shapes, groups, tuple(int(k) for k in keep))
 
+  def threshold(lay, scores, sparsity):
+    del lay
+    n = sum(math.prod(x.shape) for x in scores)
+    k_pruned = num_pruned(sparsity, n)
+    # Exactly ⌊sN⌋ pruned: the N − ⌊sN⌋ largest scores are kept, ties broken
+    # by position. t, the (N − ⌊sN⌋ + 1)-th largest key, is the largest
+    # pruned score's: τ (0 when nothing is pruned; then the count N + 1
+    # exceeds every candidate and t is key 0, below every real key).
+    # `key > t` keeps exactly N − ⌊sN⌋ unless scores tie at t; only then
+    # (lax.cond) top_k_masks breaks the tie by position.
+    group = [list(range(len(scores)))]
+    keep = jnp.reshape(n - k_pruned, (1,))
+    keys = [selection.sortable_key(x) for x in scores]
+    t = selection.kth_largest_keys(keys, group, keep + 1)[0]
+    strict = [key > t for key in keys]
+    kept = sum((jnp.sum(m, dtype=jnp.int32) for m in strict), jnp.int32(0))
+    masks = jax.lax.cond(kept == keep[0], lambda: strict,
+                         lambda: selection.top_k_masks(scores, group, keep))
+    tau = jnp.where(k_pruned == 0, jnp.float32(0.0), selection.key_to_float(t))
+    taus = [tau for _ in scores]
+    return Threshold(masks, taus, taus)
+
   return Structure("unstructured", layout, budget, shrink, drop_and_grow,
-                   random)
+                   random, threshold)
+
+
+def num_pruned(sparsity, n: int) -> jax.Array:
+  """``⌊s·n⌋`` as int32 for a traced ``s`` (float32 product: exact for
+  ``n < 2^24``, else within ``n·2^-24``): the soft-threshold count."""
+  k = jnp.floor(jnp.asarray(sparsity, jnp.float32) * jnp.float32(n))
+  return jnp.clip(k, 0, n).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -214,7 +266,7 @@ def _is_int(value) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def check_nm(n, m, *, allow_dense: bool = True) -> tuple[int, int]:
+def check_nm_args(n, m, *, allow_dense: bool = True) -> tuple[int, int]:
   """``(n, m)`` as ints: ``1 <= m <= 255`` and ``0 <= n <= m`` (``n < m``
   unless ``allow_dense``); ValueError naming the argument otherwise."""
   if not _is_int(m) or not 1 <= m <= MAX_M:
@@ -229,9 +281,10 @@ def check_nm(n, m, *, allow_dense: bool = True) -> tuple[int, int]:
 
 def nm_compatible(shape, m: int, axis: int = -2) -> bool:
   """Whether a leaf of ``shape`` can hold an N:M pattern along ``axis``."""
+  shape = tuple(shape)
   if len(shape) < 2 or not -len(shape) <= axis < len(shape):
     return False
-  return shape[axis] % m == 0
+  return shape[axis] > 0 and shape[axis] % m == 0
 
 
 def grouped_shape(shape, m: int, axis: int) -> tuple[int, ...]:
@@ -326,7 +379,7 @@ class IncompatibleLayerError(ValueError):
   """A prunable layer cannot hold the requested N:M pattern."""
 
 
-def _incompatible(path: str, shape, m: int, axis: int) -> IncompatibleLayerError:
+def incompatible_layer(path: str, shape, m: int, axis: int) -> IncompatibleLayerError:
   return IncompatibleLayerError(
       f"structure: layer {path!r} of shape {tuple(shape)} cannot be N:M with "
       f"m={m} along axis {axis} (needs ndim >= 2 and shape[{axis}] divisible "
@@ -360,7 +413,7 @@ def n_m(n: int, m: int, *, axis: int = -2,
   Returns:
     A :class:`Structure`.
   """
-  n, m = check_nm(n, m)
+  n, m = check_nm_args(n, m)
   if not _is_int(axis):
     raise ValueError(f"axis: must be an int (the contraction axis), got "
                      f"{axis!r}.")
@@ -371,7 +424,7 @@ def n_m(n: int, m: int, *, axis: int = -2,
     for path, shape in zip(paths, shapes):
       ok = nm_compatible(shape, m, axis)
       if not ok and not skip_incompatible:
-        raise _incompatible(path, shape, m, axis)
+        raise incompatible_layer(path, shape, m, axis)
       active.append(ok)
     return Layout(tuple(paths), tuple(tuple(s) for s in shapes), tuple(active))
 
@@ -437,7 +490,28 @@ def n_m(n: int, m: int, *, axis: int = -2,
                            jnp.int32(keep[g]), None, m, _axis(lay.shapes[i]))
     return out
 
-  return Structure(f"{n}:{m}", layout, budget, shrink, drop_and_grow, random)
+  def threshold(lay, scores, sparsity):
+    n_t = n_for_density(1.0 - jnp.asarray(sparsity, jnp.float32), n, m)
+    masks, taus, thresholds = [], [], []
+    for shape, active, x in zip(lay.shapes, lay.active, scores):
+      if not active:  # skipped: dense, unthresholded
+        masks.append(jnp.ones(shape, jnp.bool_))
+        taus.append(jnp.zeros([], jnp.float32))
+        thresholds.append(jnp.zeros([], jnp.float32))
+        continue
+      ax = _axis(shape)
+      mask = _nm_masks(x, n_t, None, m, ax)
+      # τ_g: the group's largest pruned score (0 if it prunes nothing).
+      grouped = jnp.where(mask, -jnp.inf, x).reshape(
+          grouped_shape(shape, m, ax))
+      tau = jnp.maximum(jnp.max(grouped, axis=ax + 1, keepdims=True), 0.0)
+      masks.append(mask)
+      taus.append(jnp.broadcast_to(tau, grouped.shape).reshape(shape))
+      thresholds.append(jnp.squeeze(tau, ax + 1))
+    return Threshold(masks, taus, thresholds)
+
+  return Structure(f"{n}:{m}", layout, budget, shrink, drop_and_grow, random,
+                   threshold)
 
 
 # ----------------------------------------------------------------------------
@@ -633,4 +707,30 @@ def units(*, axis: int = -1, reduce: str = "sum", min_per_layer: int = 1,
       out[i] = from_units(kf, lay.shapes[i])
     return out
 
-  return Structure("units", layout, budget, shrink, drop_and_grow, random)
+  def threshold(lay, scores, sparsity):
+    # Per layer (the group of units ranked together is the layer): the
+    # F − ⌊s·F⌋ units of largest score are kept (at least min_per_layer),
+    # τ is the largest pruned unit score, and a kept unit of score r is
+    # shrunk by the factor (r − τ)/r (group soft-thresholding: per entry
+    # τ_e = score_e·τ/r), continuous as a unit reaches the threshold.
+    masks, taus, thresholds = [], [], []
+    for shape, active, x in zip(lay.shapes, lay.active, scores):
+      if not active:
+        masks.append(jnp.ones(shape, jnp.bool_))
+        taus.append(jnp.zeros([], jnp.float32))
+        thresholds.append(jnp.zeros([], jnp.float32))
+        continue
+      r = unit_scores(x)
+      f = r.shape[0]
+      keep = jnp.maximum(f - num_pruned(sparsity, f), min(min_per_layer, f))
+      kept = selection.top_k_mask(r, keep)
+      tau = jnp.maximum(jnp.max(jnp.where(kept, -jnp.inf, r)), 0.0)
+      tau = jnp.where(keep >= f, jnp.float32(0.0), tau)
+      ratio = jnp.where(kept & (r > 0), tau / jnp.where(r > 0, r, 1.0), 1.0)
+      masks.append(from_units(kept, shape))
+      taus.append(jnp.asarray(x, jnp.float32) * from_units(ratio, shape))
+      thresholds.append(tau)
+    return Threshold(masks, taus, thresholds)
+
+  return Structure("units", layout, budget, shrink, drop_and_grow, random,
+                   threshold)
