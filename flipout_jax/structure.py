@@ -80,6 +80,9 @@ class Structure(NamedTuple):
 
   Attributes:
     name: e.g. ``"unstructured"``, ``"2:4"``, ``"units"``.
+    kind: ``"unstructured"``, ``"n_m"`` or ``"units"``.
+    options: the keyword arguments it was built with (``fj.<kind>(**options)``
+      rebuilds it).
     layout: ``(paths, shapes) -> Layout``; raises ValueError naming a layer
       the pattern cannot hold (when it is not skipped).
     budget: ``(distribution, layout, sparsities, final) -> (groups, table)``:
@@ -101,6 +104,8 @@ class Structure(NamedTuple):
       global ranking).
   """
   name: str
+  kind: str
+  options: dict
   layout: Callable[..., Layout]
   budget: Callable[..., tuple]
   shrink: Callable[..., Leaves]
@@ -238,8 +243,8 @@ def unstructured() -> Structure:
     taus = [tau for _ in scores]
     return Threshold(masks, taus, taus)
 
-  return Structure("unstructured", layout, budget, shrink, drop_and_grow,
-                   random, threshold)
+  return Structure("unstructured", "unstructured", {}, layout, budget, shrink,
+                   drop_and_grow, random, threshold)
 
 
 def num_pruned(sparsity, n: int) -> jax.Array:
@@ -510,8 +515,10 @@ def n_m(n: int, m: int, *, axis: int = -2,
       thresholds.append(jnp.squeeze(tau, ax + 1))
     return Threshold(masks, taus, thresholds)
 
-  return Structure(f"{n}:{m}", layout, budget, shrink, drop_and_grow, random,
-                   threshold)
+  return Structure(f"{n}:{m}", "n_m",
+                   dict(n=n, m=m, axis=axis,
+                        skip_incompatible=skip_incompatible),
+                   layout, budget, shrink, drop_and_grow, random, threshold)
 
 
 # ----------------------------------------------------------------------------
@@ -732,5 +739,7 @@ def units(*, axis: int = -1, reduce: str = "sum", min_per_layer: int = 1,
       thresholds.append(tau)
     return Threshold(masks, taus, thresholds)
 
-  return Structure("units", layout, budget, shrink, drop_and_grow, random,
-                   threshold)
+  return Structure("units", "units",
+                   dict(axis=axis, reduce=reduce, min_per_layer=min_per_layer,
+                        exclude=exclude),
+                   layout, budget, shrink, drop_and_grow, random, threshold)
