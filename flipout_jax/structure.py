@@ -404,8 +404,7 @@ def n_m(n: int, m: int, *, axis: int = -2,
   A schedule target ``s`` keeps ``n_t = clip(round((1 − s)·M), N, M)`` per
   group (so the method's ``sparsity`` should be at least ``1 − N/M`` for the
   pattern to be reached; a higher one is clipped to N:M). ``distribution``
-  must be ``"global"`` or ``"uniform"`` (both mean: every group of M
-  separately). Drop-and-grow drops ``⌊d·a⌋`` of a layer's ``a`` alive weights
+  has no effect: every group of M is counted on its own. Drop-and-grow drops ``⌊d·a⌋`` of a layer's ``a`` alive weights
   by magnitude, then every group of M regrows what it lost by grow score.
 
   Args:
@@ -439,11 +438,7 @@ def n_m(n: int, m: int, *, axis: int = -2,
       raise ValueError(
           f"sparsity: with structure n_m({n}, {m}) the final sparsity is "
           f"1 - {n}/{m} = {1.0 - n / m:g}; got {final:g}.")
-    if distribution not in ("global", "uniform"):
-      raise ValueError(
-          f"distribution: n_m({n}, {m}) counts per group of {m}; use "
-          f"'global' or 'uniform' (the same thing here), got "
-          f"{distribution!r}.")
+    del distribution  # every group of M is counted on its own
     groups = tuple((i,) for i, a in enumerate(lay.active) if a)
     row = [int(np.clip(np.round((1.0 - s) * m), n, m)) for s in sparsities]
     table = np.repeat(np.array(row, np.int32)[:, None], max(len(groups), 1),
