@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from flipout_jax import sparse_export as export_lib  # pylint: disable=g-import-not-at-top
-from flipout_jax import nm as nm_lib  # pylint: disable=g-import-not-at-top
+from flipout_jax import structure as nm_lib  # pylint: disable=g-import-not-at-top
 from flipout_jax import selection  # pylint: disable=g-import-not-at-top
 
 

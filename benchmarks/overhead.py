@@ -47,6 +47,7 @@ def every_method(inner, params):
       fj.trees.mask_like(params, fj.trees.prunable_tree(params)))}
   common = dict(sparsity=0.9, prune_every=EVENT)
   dst = dict(sparsity=0.9, update_every=100, end_step=EVENT)
+  nm24 = fj.n_m(2, 4, skip_incompatible=True)
   return {
       "global_magnitude": fj.global_magnitude(inner, **common),
       "random_pruning": fj.random_pruning(inner, **common),
@@ -64,12 +65,14 @@ def every_method(inner, params):
       "dst_ee": fj.dst_ee(inner, **dst),
       "rigl": fj.rigl(inner, **dst),
       "set": fj.set_(inner, **dst),
-      "nm_magnitude 2:4": fj.nm_magnitude(inner, n=2, m=4, skip_incompatible=True),
-      "nm_flipout 2:4": fj.nm_flipout(inner, n=2, m=4, skip_incompatible=True),
-      "nm_st3 2:4": fj.nm_st3(inner, n=2, m=4, start_step=0, end_step=EVENT,
-                              skip_incompatible=True),
-      "nm_dst 2:4": fj.nm_dst(inner, n=2, m=4, update_every=100,
-                              end_step=EVENT, skip_incompatible=True),
+      "global_magnitude 2:4": fj.global_magnitude(
+          inner, sparsity=0.5, end_step=EVENT, structure=nm24),
+      "flipout 2:4": fj.flipout(inner, sparsity=0.5, end_step=EVENT,
+                                structure=nm24),
+      "st3 2:4": fj.st3(inner, sparsity=0.5, start_step=0, end_step=EVENT,
+                        structure=nm24),
+      "rigl 2:4": fj.rigl(inner, sparsity=0.5, update_every=100,
+                          end_step=EVENT, structure=nm24),
       "unipts sparse_training": fj.unipts.sparse_training(inner, sparsities=dense),
   }
 

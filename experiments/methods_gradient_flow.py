@@ -161,7 +161,7 @@ def _gradient_flow(config, steps_per_epoch, total_steps):
       sparsity=methods.target_sparsity(config), rounds=field(config, "rounds"),
       steps_per_round=round_steps(config, steps_per_epoch),
       start_step=start_step(config, steps_per_epoch),
-      structured=field(config, "structured"),
+      structure=fj.units() if field(config, "structured") else None,
       reset_moments=field(config, "reset_moments"), seed=config.seed)
   return with_temperature(tx, temperature(config, measure))
 
@@ -173,5 +173,6 @@ def _grasp(config, steps_per_epoch, total_steps):
   del total_steps
   tx = fj.grasp(methods.make_optimizer(config, steps_per_epoch),
                 sparsity=methods.target_sparsity(config), step=0,
-                structured=field(config, "structured"), seed=config.seed)
+                structure=fj.units() if field(config, "structured") else None,
+                seed=config.seed)
   return with_temperature(tx, temperature(config, "gradient_norm"))

@@ -87,8 +87,8 @@ def _epoch_to_step(epoch: float, steps_per_epoch: int) -> int:
 def validate_nm(c) -> None:
   """nm_n, nm_m, nm_skip_incompatible (all N:M methods)."""
   n, m = nm_pattern(c)
-  _check(_is_int(m) and 2 <= m <= fj.nm.MAX_M, "nm_m", m,
-         f"an int in [2, {fj.nm.MAX_M}] (the group size M)")
+  _check(_is_int(m) and 2 <= m <= fj.structure.MAX_M, "nm_m", m,
+         f"an int in [2, {fj.structure.MAX_M}] (the group size M)")
   _check(_is_int(n) and 1 <= n < m, "nm_n", n,
          f"an int in [1, nm_m={m}) (nonzeros kept per group of nm_m)")
   skip = field(c, "nm_skip_incompatible")
@@ -150,7 +150,7 @@ def _incompatible_as_config_error(
   def init(params):
     try:
       return tx.init(params)
-    except fj.nm.IncompatibleLayerError as e:
+    except fj.structure.IncompatibleLayerError as e:
       raise ConfigError(
           f"nm_skip_incompatible: {' '.join(str(e).split())} (in the CLI: "
           "--config.nm_skip_incompatible=True, or another nm_m)") from None
@@ -158,9 +158,24 @@ def _incompatible_as_config_error(
   return optax.GradientTransformationExtraArgs(init, tx.update)
 
 
-def _nm_args(config) -> dict:
+def _structure(config):
   n, m = nm_pattern(config)
-  return dict(n=n, m=m, skip_incompatible=skip_incompatible(config))
+  return fj.n_m(n, m, skip_incompatible=skip_incompatible(config))
+
+
+def _gradual_schedule(config, steps_per_epoch) -> fj.schedules.Schedule:
+  """Dense → N:M in ``M − N`` events, one per ``n_t = M−1, …, N``, evenly
+  spaced from the window's start to its end (one event: at the end)."""
+  n, m = nm_pattern(config)
+  start, end = gradual_steps(config, steps_per_epoch)
+  values = list(range(m - 1, n - 1, -1))
+  if len(values) == 1:
+    steps = (end,)
+  else:
+    span = end - start
+    steps = tuple(int(start + round(i * span / (len(values) - 1)))
+                  for i in range(len(values)))
+  return fj.schedules.Schedule(steps, tuple(1.0 - v / m for v in values))
 
 
 @methods.register(
@@ -168,10 +183,12 @@ def _nm_args(config) -> dict:
     help="N:M gradual magnitude pruning, events n_t = M-1..N (nm_*, prune_*)")
 def _nm_magnitude(config, steps_per_epoch, total_steps):
   del total_steps
-  start, end = gradual_steps(config, steps_per_epoch)
-  return _incompatible_as_config_error(fj.nm_magnitude(
-      methods.make_optimizer(config, steps_per_epoch), start_step=start,
-      end_step=end, seed=config.seed, **_nm_args(config)))
+  return _incompatible_as_config_error(fj.prune(
+      methods.make_optimizer(config, steps_per_epoch),
+      score_fn=fj.scores.magnitude,
+      schedule=_gradual_schedule(config, steps_per_epoch),
+      distribution="uniform", structure=_structure(config), seed=config.seed,
+      name="nm_magnitude"))
 
 
 @methods.register(
@@ -179,11 +196,13 @@ def _nm_magnitude(config, steps_per_epoch, total_steps):
     help="N:M with FlipOut's saliency and noise, events n_t = M-1..N (nm_*)")
 def _nm_flipout(config, steps_per_epoch, total_steps):
   del total_steps
-  start, end = gradual_steps(config, steps_per_epoch)
-  return _incompatible_as_config_error(fj.nm_flipout(
-      methods.make_optimizer(config, steps_per_epoch), start_step=start,
-      end_step=end, p=config.flipout_p, noise_scale=config.noise_scale,
-      noise_on=config.noise_on, seed=config.seed, **_nm_args(config)))
+  return _incompatible_as_config_error(fj.prune(
+      methods.make_optimizer(config, steps_per_epoch),
+      score_fn=fj.scores.flipout_saliency(config.flipout_p),
+      schedule=_gradual_schedule(config, steps_per_epoch),
+      distribution="uniform", structure=_structure(config),
+      noise_scale=config.noise_scale, noise_on=config.noise_on,
+      tracker=fj.flip_counter(), seed=config.seed, name="nm_flipout"))
 
 
 @methods.register(
@@ -192,11 +211,12 @@ def _nm_flipout(config, steps_per_epoch, total_steps):
 def _nm_st3(config, steps_per_epoch, total_steps):
   del total_steps
   start, end, freeze = mst.st3_steps(config, steps_per_epoch)
-  tx = _incompatible_as_config_error(fj.nm_st3(
-      methods.make_optimizer(config, steps_per_epoch), start_step=start,
-      end_step=end, power=mst.field(config, "st3_power"),
+  n, m = nm_pattern(config)
+  tx = _incompatible_as_config_error(fj.st3(
+      methods.make_optimizer(config, steps_per_epoch), sparsity=1.0 - n / m,
+      start_step=start, end_step=end, power=mst.field(config, "st3_power"),
       rescale=mst.field(config, "st3_rescale"), freeze_step=freeze,
-      **_nm_args(config)))
+      structure=_structure(config)))
   clip = mst.field(config, "st3_grad_clip")
   if clip is not None:
     # nm_st3 must be last: its updates are w_eff' − params (fj.st3 docs).
@@ -210,10 +230,12 @@ def _nm_st3(config, steps_per_epoch, total_steps):
 def _nm_dst(config, steps_per_epoch, total_steps):
   del total_steps
   every, end = mst.dst_steps(config, steps_per_epoch)
-  return _incompatible_as_config_error(fj.nm_dst(
-      methods.make_optimizer(config, steps_per_epoch), update_every=every,
-      end_step=end, grow=field(config, "nm_dst_grow"),
+  n, m = nm_pattern(config)
+  grow = field(config, "nm_dst_grow")
+  return _incompatible_as_config_error(fj.dst(
+      methods.make_optimizer(config, steps_per_epoch), sparsity=1.0 - n / m,
+      update_every=every, end_step=end, grow=grow,
       drop_fraction=mst.field(config, "dst_drop_fraction"),
       exploration=mst.field(config, "dst_exploration"),
-      epsilon=mst.field(config, "dst_epsilon"), seed=config.seed,
-      **_nm_args(config)))
+      epsilon=mst.field(config, "dst_epsilon"), distribution="uniform",
+      structure=_structure(config), seed=config.seed))

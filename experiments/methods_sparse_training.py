@@ -14,7 +14,7 @@ Methods (the final sparsity of each is :func:`methods.target_sparsity`, i.e.
   ``dst_update_every_epochs`` until ``dst_end_epoch``.
 * ``static_random``: the same random sparse start (the same mask as the DST
   methods for the same seed), held fixed: :func:`flipout_jax.prune` with
-  :func:`flipout_jax.methods.dst.random_sparse_masks` as the initial masks
+  :func:`flipout_jax.core.random_masks` as the initial masks
   and no events.
 
 With ``dst_sparse_init`` (an optional field, off unless a config sets it;
@@ -34,7 +34,6 @@ import optax
 
 import flipout_jax as fj
 from flipout_jax import distributions as distributions_lib
-from flipout_jax.methods import dst as dst_lib
 from experiments import methods
 from experiments.configs import _sparse_training as fields
 
@@ -264,5 +263,5 @@ def _static_random(config, steps_per_epoch, total_steps):
       methods.make_optimizer(config, steps_per_epoch),
       score_fn=fj.scores.magnitude, schedule=fj.schedules.Schedule((), ()),
       distribution=distribution,
-      initial_masks=dst_lib.random_sparse_masks(sparsity, distribution),
+      initial_masks=fj.core.random_masks(sparsity, distribution),
       seed=config.seed, name="static_random"))

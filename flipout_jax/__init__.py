@@ -8,7 +8,6 @@
 
 from flipout_jax import distributions
 from flipout_jax import hessian
-from flipout_jax import nm
 from flipout_jax import registry
 from flipout_jax import schedules
 from flipout_jax import scores
@@ -32,7 +31,6 @@ from flipout_jax.methods.flipout import flip_counter
 from flipout_jax.methods.flipout import flipout
 from flipout_jax.methods.flipout import global_magnitude
 from flipout_jax.methods.flipout import random_pruning
-from flipout_jax.methods.gradient_flow import filter_mask_rule
 from flipout_jax.methods.gradient_flow import gradient_flow
 from flipout_jax.methods.gradient_flow import grasp
 from flipout_jax.methods.hoyer_square import hoyer_square
@@ -48,13 +46,9 @@ from flipout_jax.methods.st3 import st3_effective
 from flipout_jax.methods.st3 import st3_raw_weights
 from flipout_jax.methods.st3 import st3_scales
 from flipout_jax.methods.st3 import st3_thresholds
-from flipout_jax.nm import check_nm
-from flipout_jax.nm import nm_dst
-from flipout_jax.nm import nm_flipout
-from flipout_jax.nm import nm_magnitude
-from flipout_jax.nm import nm_st3
 from flipout_jax.report import SparsityError
 from flipout_jax.report import SparsityReport
+from flipout_jax.report import check_nm
 from flipout_jax.report import check_sparse
 from flipout_jax.report import sparsity_report
 from flipout_jax.sparse_init import sparse_init

@@ -21,7 +21,6 @@ from typing import Any, Callable, NamedTuple
 import optax
 
 from flipout_jax import core
-from flipout_jax import nm
 from flipout_jax.methods import dst
 from flipout_jax.methods import flipout
 from flipout_jax.methods import gradient_flow
@@ -47,10 +46,6 @@ METHODS: dict[str, Constructor] = {
     "set_": dst.set_,
     "gradient_flow": gradient_flow.gradient_flow,
     "grasp": gradient_flow.grasp,
-    "nm_magnitude": nm.nm_magnitude,
-    "nm_flipout": nm.nm_flipout,
-    "nm_st3": nm.nm_st3,
-    "nm_dst": nm.nm_dst,
     "unipts.sparse_training": unipts_dst.sparse_training,
     "movement": movement.movement,
 }

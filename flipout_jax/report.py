@@ -11,7 +11,6 @@ test or a training loop can call it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import warnings
 from typing import Any
 

@@ -408,7 +408,7 @@ def n_m(n: int, m: int, *, axis: int = -2,
   by magnitude, then every group of M regrows what it lost by grow score.
 
   Args:
-    n, m: the pattern, ``0 <= n <= m <= 255``.
+    n, m: the pattern, ``1 <= n < m <= 255``.
     axis: the contraction axis (default -2).
     skip_incompatible: leave layers whose ``axis`` is not divisible by ``m``
       (or with ``ndim < 2``) as they are, instead of a ValueError at
@@ -417,7 +417,10 @@ def n_m(n: int, m: int, *, axis: int = -2,
   Returns:
     A :class:`Structure`.
   """
-  n, m = check_nm_args(n, m)
+  n, m = check_nm_args(n, m, allow_dense=False)
+  if n == 0:
+    raise ValueError(f"n: must be an int in [1, {m - 1}] (n = 0 prunes every "
+                     "weight), got 0.")
   if not _is_int(axis):
     raise ValueError(f"axis: must be an int (the contraction axis), got "
                      f"{axis!r}.")

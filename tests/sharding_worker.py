@@ -90,11 +90,15 @@ def every_method_tx():
                           sigma_normalized=True, freeze_step=10),
       "rigl": fj.rigl(sgd, sparsity=0.8, update_every=4, end_step=10, seed=2),
       "set": fj.set_(sgd, sparsity=0.8, update_every=4, end_step=10, seed=2),
-      "nm_magnitude": fj.nm_magnitude(sgd, n=2, m=4, start_step=2, end_step=6),
-      "nm_flipout": fj.nm_flipout(sgd, n=2, m=4, start_step=2, end_step=6,
-                                  noise_scale=0.0),
-      "nm_st3": fj.nm_st3(sgd, n=2, m=4, start_step=0, end_step=8),
-      "nm_dst": fj.nm_dst(sgd, n=2, m=4, update_every=4, end_step=10, seed=2),
+      "nm_magnitude": fj.global_magnitude(
+          sgd, sparsity=0.5, start_step=2, end_step=6,
+          structure=fj.n_m(2, 4)),
+      "nm_flipout": fj.flipout(sgd, sparsity=0.5, start_step=2, end_step=6,
+                               noise_scale=0.0, structure=fj.n_m(2, 4)),
+      "nm_st3": fj.st3(sgd, sparsity=0.5, start_step=0, end_step=8,
+                       structure=fj.n_m(2, 4)),
+      "nm_dst": fj.rigl(sgd, sparsity=0.5, update_every=4, end_step=10,
+                        structure=fj.n_m(2, 4), seed=2),
       "unipts": fj.unipts.sparse_training(sgd, sparsities=layer_sparsity),
   }
 

@@ -7,7 +7,7 @@ import pytest
 from jax.experimental import sparse
 
 from flipout_jax import sparse_export as ex
-from flipout_jax import nm
+from flipout_jax import structure as nm
 
 
 def _model(seed=0):

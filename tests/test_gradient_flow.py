@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+import flipout_jax as fj
 from flipout_jax import core
 from flipout_jax import hessian
 from flipout_jax import schedules
@@ -271,7 +272,7 @@ class MeasuresTest(chex.TestCase):
     # Structured GraSP: filter sums (−10, 30) keep the second column only.
     np.testing.assert_array_equal(
         masks_after_one_event(gf.grasp(optax.sgd(0.1), sparsity=0.5,
-                                       structured=True)),
+                                       structure=fj.units())),
         [[False, True], [False, True]])
 
   def test_first_order_measures_use_step_gradient_without_loss_fn(self):
@@ -346,8 +347,10 @@ def test_realised_counts_follow_rounds_and_moments_reset(structured):
   sps = schedules.rounds_sparsities(p, n)
   tx = gf.gradient_flow(optax.sgd(0.05, momentum=0.9),
                         measure="loss_preservation_magnitude", sparsity=p,
-                        rounds=n, steps_per_round=spr, structured=structured,
-                        output_layer=None)  # every layer's filters count
+                        rounds=n, steps_per_round=spr,
+                        # every layer's filters count
+                        structure=(fj.units(exclude=None) if structured
+                                   else None))
   seen = []
 
   def check(i, params, state):
@@ -479,8 +482,8 @@ def test_structured_removes_whole_filters_and_never_empties_a_layer(
   filters = [k.shape[-1] for k in kernels(params)]
   tx = gf.gradient_flow(optax.sgd(0.01), measure="magnitude",
                         sparsity=sparsity, rounds=2, steps_per_round=1,
-                        structured=True, distribution=distribution,
-                        output_layer=None)  # dense2 is ranked too
+                        distribution=distribution,
+                        structure=fj.units(exclude=None))  # dense2 ranked too
   params, state = train(tx, params, 4, extra=False)
   masks = kernels(core.get_masks(state))
   alive = _filter_alive(masks)
@@ -507,17 +510,23 @@ def test_filter_mask_rule_guard_and_exact_counts():
   for min_filters, sparsity, expected in [
       (1, 0.5, ([1, 1, 0, 0], [1, 0, 0])),   # keep 7 − round(3.5) = 3
       (2, 0.5, ([1, 1, 0, 0], [1, 0, 1]))]:  # guard keeps 2 of b: 4 kept
-    rule = gf.filter_mask_rule(schedules.one_shot(sparsity), "global",
-                               min_filters, output_layer=None)
-    out = jax.jit(lambda c, s: rule(c, s, None, None).masks)(
+    structure = fj.units(min_per_layer=min_filters, exclude=None,
+                         reduce="max")
+    groups, table = core.budget_table("global", masks,
+                                      schedules.one_shot(sparsity), structure)
+    rule = core.shrink_rule(structure)
+    out = jax.jit(lambda c, s: rule(c, s, groups, table[0]).masks)(
         ctx, {"a": sa, "b": sb})
     for key, exp in zip("ab", expected):
       np.testing.assert_array_equal(
           out[key], np.broadcast_to(np.array(exp, bool), masks[key].shape))
   # Masks only shrink: a dead filter is never revived.
   masks2 = {"a": masks["a"].at[:, 0].set(False), "b": masks["b"]}
-  rule = gf.filter_mask_rule(schedules.one_shot(0.0), output_layer=None)
-  out = jax.jit(lambda c, s: rule(c, s, None, None).masks)(
+  structure = fj.units(exclude=None, reduce="max")
+  groups, table = core.budget_table("global", masks2, schedules.one_shot(0.0),
+                                    structure)
+  rule = core.shrink_rule(structure)
+  out = jax.jit(lambda c, s: rule(c, s, groups, table[0]).masks)(
       ctx._replace(masks=masks2), {"a": sa, "b": sb})
   np.testing.assert_array_equal(_filter_alive([out["a"]])[0],
                                 [False, True, True, True])
@@ -536,9 +545,10 @@ def _lenet300100_params(output_scale):
 @pytest.mark.parametrize("output_layer", ["auto", "fc3", None])
 def test_structured_leaves_the_classifier_whole_by_default(output_layer):
   params = _lenet300100_params(1e-3)
-  kwargs = {} if output_layer == "auto" else dict(output_layer=output_layer)
+  kwargs = {} if output_layer == "auto" else dict(exclude=output_layer)
   tx = gf.gradient_flow(optax.sgd(0.0), measure="magnitude", sparsity=0.9,
-                        rounds=1, steps_per_round=1, structured=True, **kwargs)
+                        rounds=1, steps_per_round=1,
+                        structure=fj.units(**kwargs))
   state = tx.init(params)
   grads = jax.tree.map(jnp.zeros_like, params)
   for _ in range(2):  # the event is the update with count 1
@@ -558,17 +568,16 @@ def test_structured_leaves_the_classifier_whole_by_default(output_layer):
 def test_output_layer_paths():
   paths = ["Dense_10/kernel", "Dense_2/kernel", "Dense_9/kernel", "conv/kernel"]
   ndims = [2, 2, 2, 4]
-  assert gf.output_layer_paths(paths, ndims) == ("Dense_10/kernel",)
-  assert gf.output_layer_paths(paths, ndims, None) == ()
-  assert gf.output_layer_paths(paths, ndims, "Dense_2") == ("Dense_2/kernel",)
-  assert gf.output_layer_paths(["conv/kernel"], [4]) == ()  # no 2-D kernel
-  assert gf.output_layer_paths(["fc/kernel"], [2]) == ()  # the only layer
-  with pytest.raises(ValueError, match="^output_layer:.*Dense_3"):
-    gf.output_layer_paths(paths, ndims, "Dense_3")
-  with pytest.raises(ValueError, match="^output_layer:"):
-    gf.gradient_flow(optax.sgd(0.1), measure="magnitude", sparsity=0.5,
-                     rounds=1, steps_per_round=1, structured=True,
-                     output_layer=3)
+  out = fj.structure.output_layer_paths
+  assert out(paths, ndims) == ("Dense_10/kernel",)
+  assert out(paths, ndims, None) == ()
+  assert out(paths, ndims, "Dense_2") == ("Dense_2/kernel",)
+  assert out(["conv/kernel"], [4]) == ()  # no 2-D kernel
+  assert out(["fc/kernel"], [2]) == ()  # the only layer
+  with pytest.raises(ValueError, match="^exclude:.*Dense_3"):
+    out(paths, ndims, "Dense_3")
+  with pytest.raises(ValueError, match="^exclude:"):
+    fj.units(exclude=3)
 
 
 # ---------------------------------------------------------------------------
@@ -584,11 +593,9 @@ def test_output_layer_paths():
     (dict(rounds=-2), "rounds"),
     (dict(steps_per_round=0), "steps_per_round"),
     (dict(start_step=-1), "start_step"),
-    (dict(structured=True, distribution="erk"), "distribution"),
     (dict(distribution="nope"), "distribution"),
     (dict(reset_moments="some"), "reset_moments"),
-    (dict(structured="yes"), "structured"),
-    (dict(structured=True, min_filters=0), "min_filters"),
+    (dict(structure="units"), "structure"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
   args = dict(measure="magnitude", sparsity=0.5, rounds=3, steps_per_round=5)

@@ -76,7 +76,6 @@ M = [0, True, "4", None, 256]
 
 _PERIODIC = dict(sparsity=0.9, prune_every=10)
 _DST = dict(sparsity=0.9, update_every=10, end_step=100)
-_NM = dict(n=2, m=4, end_step=10)
 _COMMON_PERIODIC = dict(sparsity=FRACTION, prune_every=POSITIVE_INT,
                         prune_rate=OPEN_FRACTION, start_step=STEP, seed=SEED)
 _COMMON_DST = dict(sparsity=FRACTION, update_every=POSITIVE_INT,
@@ -105,28 +104,18 @@ CONSTRUCTORS = {
         fj.gradient_flow,
         dict(measure="magnitude", sparsity=0.9, rounds=3, steps_per_round=5),
         dict(sparsity=FRACTION, rounds=POSITIVE_INT,
-             steps_per_round=POSITIVE_INT, start_step=STEP, seed=SEED,
-             structured=["yes", 1, None])),
-    "gradient_flow_structured": (
-        fj.gradient_flow,
-        dict(measure="magnitude", sparsity=0.5, rounds=3, steps_per_round=5,
-             structured=True),
-        dict(min_filters=POSITIVE_INT)),
+             steps_per_round=POSITIVE_INT, start_step=STEP, seed=SEED)),
     "grasp": (fj.grasp, dict(sparsity=0.9),
               dict(sparsity=FRACTION, step=STEP, seed=SEED)),
-    "nm_magnitude": (fj.nm_magnitude, _NM,
-                     dict(n=N, m=M, start_step=STEP, end_step=STEP[1:],
-                          seed=SEED)),
-    "nm_flipout": (fj.nm_flipout, _NM,
-                   dict(n=N, m=M, start_step=STEP, p=POSITIVE,
-                        noise_scale=NONNEGATIVE, seed=SEED)),
-    "nm_dst": (fj.nm_dst, dict(n=2, m=4, update_every=10, end_step=100),
-               dict(n=N, m=M, update_every=POSITIVE_INT,
-                    end_step=POSITIVE_INT, drop_fraction=OPEN_FRACTION,
-                    seed=SEED)),
-    "nm_st3": (fj.nm_st3, dict(n=2, m=4, start_step=0, end_step=10),
-               dict(n=N, m=M, start_step=STEP, end_step=STEP,
-                    power=POSITIVE)),
+    "global_magnitude.n_m": (
+        lambda inner, n, m: fj.global_magnitude(
+            inner, sparsity=0.5, prune_every=10, structure=fj.n_m(n, m)),
+        dict(n=2, m=4), dict(n=N, m=M)),
+    "global_magnitude.units": (
+        lambda inner, min_per_layer: fj.global_magnitude(
+            inner, sparsity=0.5, prune_every=10,
+            structure=fj.units(min_per_layer=min_per_layer)),
+        dict(min_per_layer=1), dict(min_per_layer=POSITIVE_INT)),
     "sparse_training": (fj.unipts.sparse_training,
                         dict(sparsities={"dense/kernel": 0.5}),
                         dict(decay=NONNEGATIVE,
@@ -171,8 +160,9 @@ def test_errors_state_the_valid_range():
   with pytest.raises(ValueError, match=r"^schedule.sparsities: .*non-decreasing"):
     fj.prune(optax.sgd(0.1), score_fn=fj.scores.magnitude,
              schedule=[(1, 0.5), (2, 0.3)])
-  with pytest.raises(ValueError, match=r"^n: n == 0 .*1 <= n < m=4"):
-    fj.nm_magnitude(optax.sgd(0.1), n=0, m=4, end_step=10)
+  with pytest.raises(ValueError, match=r"^structure: expected"):
+    fj.global_magnitude(optax.sgd(0.1), sparsity=0.5, prune_every=10,
+                        structure="2:4")
 
 
 def test_other_public_functions_share_the_checks():
@@ -355,8 +345,8 @@ _FLIPOUT_STATIC = ("sparsity", "prune_every", "prune_rate", "start_step",
      ("sparsity", "update_every", "end_step", "seed")),
     (fj.st3, dict(sparsity=0.5, start_step=0, end_step=4),
      ("sparsity", "start_step", "end_step")),
-    (fj.nm_flipout, dict(n=2, m=4, end_step=4),
-     ("n", "m", "start_step", "end_step", "axis", "seed")),
+    (fj.flipout, dict(sparsity=0.5, end_step=4, structure=fj.n_m(2, 4)),
+     ("sparsity", "prune_rate", "start_step", "end_step", "seed")),
 ])
 def test_inject_hyperparams_jitted_matches_the_plain_transformation(
     ctor, kwargs, static):

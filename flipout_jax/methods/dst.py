@@ -48,9 +48,7 @@ in ``experiments/results`` use the default (``True``).
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +58,6 @@ from flipout_jax import core
 from flipout_jax import distributions as distributions_lib
 from flipout_jax import schedules
 from flipout_jax import scores as scores_lib
-from flipout_jax import selection
 from flipout_jax import trees
 from flipout_jax import validate
 
@@ -127,11 +124,6 @@ def cosine_drop_fraction(step, drop_fraction: float,
   t = jnp.minimum(jnp.asarray(step, jnp.float32), float(end_step))
   return jnp.float32(0.5 * drop_fraction) * (
       1.0 + jnp.cos(jnp.float32(math.pi) * t / float(end_step)))
-
-
-def num_to_drop(active: jax.Array, fraction: jax.Array) -> jax.Array:
-  """``⌊fraction·active⌋`` as int32 (RigL's reference truncates too)."""
-  return jnp.floor(fraction * active.astype(jnp.float32)).astype(jnp.int32)
 
 
 def coverage_counter() -> core.Tracker:
@@ -203,92 +195,29 @@ def check_drop_fraction(drop_fraction, grow: str):
 
 
 def drop_and_grow(drop_fraction: float, end_step: int,
-                  restart_regrown: bool = True) -> core.MaskRule:
-  """The DST mask rule: drop ``⌊d_t·a_g⌋`` by ``|θ|``, grow as many by score.
+                  restart_regrown: bool = True,
+                  structure=None) -> core.MaskRule:
+  """The DST mask rule: :func:`flipout_jax.core.drop_and_grow_rule` with
+  DST's cosine drop fraction ``d_t`` (:func:`cosine_drop_fraction`).
 
   For each group g (a layer, or all layers for ``"global"``) with ``a_g``
-  active weights, ``n_g = ⌊d_t·a_g⌋``:
-
-  1. keep the ``a_g − n_g`` active weights of largest ``|θ|`` (θ after this
-     step's update, ``ctx.params``);
-  2. grow the ``n_g`` weights of highest grow score among those not kept
-     (never-active, previously dropped and just-dropped weights alike).
-
-  Both are exact top-k selections (ties: earlier position first), so each
-  group holds exactly ``a_g`` active weights after the event. The keep-count
-  the core passes (``keep``) is not used: the count in force is conserved.
+  active units (weights, or the structure's), ``n_g = ⌊d_t·a_g⌋``: keep the
+  ``a_g − n_g`` active ones of largest ``|θ|`` (θ after this step's update),
+  grow the ``n_g`` of highest grow score among those not kept. Exact, ties
+  by position; each group keeps its count.
 
   Args:
     drop_fraction: ``d_0``.
     end_step: ``T_end`` of the cosine decay.
-    restart_regrown: a weight dropped and grown back in the same event
-      restarts at 0.0 with zeroed moments (True: the rule's
-      :class:`flipout_jax.core.MaskUpdate` names them in ``restart``) or
-      keeps its value and moments (False, RigL's reference
-      ``reinit_when_same=False``: ``restart`` is None).
+    restart_regrown: see :func:`flipout_jax.core.drop_and_grow_rule`.
+    structure: the sparsity pattern (default unstructured).
 
   Returns:
     A :data:`flipout_jax.core.MaskRule`.
   """
-  restart_regrown = validate.boolean(restart_regrown, "restart_regrown")
-
-  def rule(ctx: scores_lib.ScoreContext, grow_scores, groups, keep):
-    del keep
-    masks = ctx.masks
-    alive = trees.prunable_leaves(masks, masks)
-    active = jnp.stack([sum(jnp.sum(alive[i], dtype=jnp.int32) for i in g)
-                        for g in groups])
-    n = num_to_drop(active, cosine_drop_fraction(ctx.step, drop_fraction,
-                                                 end_step))
-    magnitude = [jnp.abs(p.astype(jnp.float32))
-                 for p in trees.prunable_leaves(masks, ctx.params)]
-    kept = selection.top_k_masks(magnitude, groups, active - n, alive)
-    grown = selection.top_k_masks(trees.prunable_leaves(masks, grow_scores),
-                                  groups, n, [~k for k in kept])
-    new_masks = trees.unflatten_prunable(
-        masks, [k | g for k, g in zip(kept, grown)])
-    if not restart_regrown:
-      return core.MaskUpdate(new_masks)
-    # Grown back right after being dropped: restart at 0.0 with zeroed
-    # moments like every grown weight (the net mask change hides them).
-    return core.MaskUpdate(
-        new_masks,
-        trees.unflatten_prunable(masks, [g & a for g, a in zip(grown, alive)]))
-
-  return rule
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _random_masks(key, shapes, groups, keep):
-  # Jitted and cached on the static layout: ``init`` usually runs eagerly
-  # (e.g. in nnx.Optimizer), where op-by-op selection is slow.
-  keys = jax.random.split(key, len(shapes))
-  noise = [jax.random.uniform(k, s) for k, s in zip(keys, shapes)]
-  return selection.top_k_masks(noise, groups, jnp.asarray(keep, jnp.int32))
-
-
-def random_sparse_masks(sparsity: float, distribution="erk") -> Callable:
-  """An ``initial_masks`` function: a uniformly random mask per group.
-
-  Group g keeps exactly ``keep_g`` weights, chosen uniformly at random, with
-  ``keep`` from :func:`flipout_jax.distributions.budget` (for ERK the global
-  count is exactly ``N − round(sparsity·N)``).
-
-  Returns:
-    ``(params, dense_masks, key) -> masks``, as ``core.prune`` expects.
-  """
-
-  def init(params, dense_masks, key):
-    del params
-    flat = trees.leaves_with_paths(dense_masks)
-    shapes = tuple(tuple(m.shape) for _, m in flat)
-    budget = distributions_lib.budget(
-        distribution, [p for p, _ in flat], shapes, sparsity, sparsity)
-    masks = _random_masks(key, shapes, budget.groups,
-                          tuple(int(k) for k in budget.keep))
-    return trees.unflatten_prunable(dense_masks, masks)
-
-  return init
+  return core.drop_and_grow_rule(
+      lambda step: cosine_drop_fraction(step, drop_fraction, end_step),
+      structure, restart_regrown)
 
 
 # ----------------------------------------------------------------------------
@@ -305,6 +234,7 @@ def dst(inner: optax.GradientTransformation,
         exploration: float = DEFAULT_EXPLORATION,
         epsilon: float = 1.0,
         distribution: distributions_lib.Distribution = "erk",
+        structure=None,
         filter_fn: trees.FilterFn | None = None,
         restart_regrown: bool = True,
         seed: int = 0) -> optax.GradientTransformationExtraArgs:
@@ -355,6 +285,10 @@ def dst(inner: optax.GradientTransformation,
     distribution: ``"erk"`` (default), ``"uniform"``, ``{path: sparsity}``
       (per layer), or ``"global"`` (one group: only the total count is
       constant and weights may move between layers).
+    structure: the sparsity pattern: ``fj.unstructured()`` (default),
+      ``fj.n_m(n, m)`` (a random N:M start; every group of M regrows what it
+      lost) or ``fj.units(...)`` (whole units move; ``"erk"`` counts weights,
+      so pass ``"uniform"`` or ``"global"``); see :mod:`flipout_jax.structure`.
     filter_fn: ``(path, leaf) -> bool``, which leaves are sparse (default:
       float leaves with ndim >= 2).
     restart_regrown: a bool. True (default; the tables in
@@ -392,12 +326,14 @@ def dst(inner: optax.GradientTransformation,
       inner,
       score_fn=score_fn,
       schedule=schedule,
-      mask_rule=drop_and_grow(drop_fraction, end_step, restart_regrown),
+      mask_rule=drop_and_grow(drop_fraction, end_step, restart_regrown,
+                              structure),
       distribution=distribution,
+      structure=structure,
       tracker=tracker,
       reset_moments="grown",
       filter_fn=filter_fn,
-      initial_masks=random_sparse_masks(sparsity, distribution),
+      initial_masks=core.random_masks(sparsity, distribution, structure),
       seed=seed,
       name=grow if grow != "random" else "set")
 
@@ -405,8 +341,8 @@ def dst(inner: optax.GradientTransformation,
 def dst_ee(inner: optax.GradientTransformation, *, sparsity: float,
            update_every: int, end_step: int, drop_fraction: float = 0.5,
            exploration: float = DEFAULT_EXPLORATION, epsilon: float = 1.0,
-           distribution="erk", filter_fn=None, restart_regrown: bool = True,
-           seed: int = 0) -> optax.GradientTransformationExtraArgs:
+           distribution="erk", structure=None, filter_fn=None,
+           restart_regrown: bool = True, seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """DST-EE (Huang et al. 2023): grow by ``|g| + c·ln(t+1)/(N + ε)``.
 
   :func:`dst` with ``grow="dst_ee"``; arguments as there.
@@ -414,28 +350,28 @@ def dst_ee(inner: optax.GradientTransformation, *, sparsity: float,
   return dst(inner, sparsity=sparsity, update_every=update_every,
              end_step=end_step, drop_fraction=drop_fraction, grow="dst_ee",
              exploration=exploration, epsilon=epsilon,
-             distribution=distribution, filter_fn=filter_fn,
-             restart_regrown=restart_regrown, seed=seed)
+             distribution=distribution, structure=structure,
+             filter_fn=filter_fn, restart_regrown=restart_regrown, seed=seed)
 
 
 def rigl(inner: optax.GradientTransformation, *, sparsity: float,
          update_every: int, end_step: int, drop_fraction: float = 0.5,
-         distribution="erk", filter_fn=None, restart_regrown: bool = True,
-         seed: int = 0) -> optax.GradientTransformationExtraArgs:
+         distribution="erk", structure=None, filter_fn=None,
+         restart_regrown: bool = True, seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """RigL (Evci et al. 2020): drop by ``|θ|``, grow by ``|g|``.
 
   :func:`dst` with ``grow="rigl"``; arguments as there.
   """
   return dst(inner, sparsity=sparsity, update_every=update_every,
              end_step=end_step, drop_fraction=drop_fraction, grow="rigl",
-             distribution=distribution, filter_fn=filter_fn,
-             restart_regrown=restart_regrown, seed=seed)
+             distribution=distribution, structure=structure,
+             filter_fn=filter_fn, restart_regrown=restart_regrown, seed=seed)
 
 
 def set_(inner: optax.GradientTransformation, *, sparsity: float,
          update_every: int, end_step: int, drop_fraction: float = 0.3,
-         distribution="erk", filter_fn=None, restart_regrown: bool = True,
-         seed: int = 0) -> optax.GradientTransformationExtraArgs:
+         distribution="erk", structure=None, filter_fn=None,
+         restart_regrown: bool = True, seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """SET (Mocanu et al. 2018): drop by ``|θ|``, grow uniformly at random.
 
   :func:`dst` with ``grow="random"``; arguments as there. (Named ``set_``
@@ -443,8 +379,8 @@ def set_(inner: optax.GradientTransformation, *, sparsity: float,
   """
   return dst(inner, sparsity=sparsity, update_every=update_every,
              end_step=end_step, drop_fraction=drop_fraction, grow="random",
-             distribution=distribution, filter_fn=filter_fn,
-             restart_regrown=restart_regrown, seed=seed)
+             distribution=distribution, structure=structure,
+             filter_fn=filter_fn, restart_regrown=restart_regrown, seed=seed)
 
 
 sparse_evolutionary_training = set_

@@ -67,7 +67,8 @@ def flipout(inner: optax.GradientTransformation, *, sparsity: float,
             prune_every: int | None = None, prune_rate: float = 0.5,
             p: float = 2.0, noise_scale: float = 1.0, noise_on: str = "all",
             exact_noise: bool = False, start_step: int = 0, end_step: int | None = None,
-            distribution="global", filter_fn=None,
+            distribution="global", structure=None,
+            filter_fn=None,
             seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """FlipOut: prune the weights whose sign oscillates, ``τ = |θ|^p/(flips+1)``.
 
@@ -87,6 +88,8 @@ def flipout(inner: optax.GradientTransformation, *, sparsity: float,
     end_step: reach ``sparsity`` at (or just before) this step instead of
       giving ``prune_every``.
     distribution: ``"global"`` (the paper), ``"uniform"``, ``"erk"`` or a map.
+    structure: the sparsity pattern: ``fj.unstructured()`` (default),
+      ``fj.n_m(n, m)`` or ``fj.units(...)`` (:mod:`flipout_jax.structure`).
     filter_fn: which leaves are prunable (default: float leaves, ndim >= 2).
     seed: PRNG seed of the gradient noise, an int in [0, 2**63 − 1].
 
@@ -108,7 +111,8 @@ def flipout(inner: optax.GradientTransformation, *, sparsity: float,
       inner, score_fn=scores.flipout_saliency(p),
       schedule=periodic_schedule(sparsity, prune_every, prune_rate,
                                  start_step, end_step),
-      distribution=distribution, noise_scale=noise_scale, noise_on=noise_on,
+      distribution=distribution, structure=structure,
+      noise_scale=noise_scale, noise_on=noise_on,
       exact_noise=exact_noise, tracker=flip_counter(), filter_fn=filter_fn, seed=seed, name="flipout")
 
 
@@ -116,7 +120,8 @@ def global_magnitude(inner: optax.GradientTransformation, *, sparsity: float,
                      prune_every: int | None = None, prune_rate: float = 0.5,
                      noise_scale: float = 0.0, noise_on: str = "all",
                      exact_noise: bool = False, start_step: int = 0, end_step: int | None = None,
-                     distribution="global", filter_fn=None,
+                     distribution="global", structure=None,
+            filter_fn=None,
                      seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Gradual magnitude pruning on FlipOut's schedule; score ``|θ|``.
 
@@ -127,7 +132,8 @@ def global_magnitude(inner: optax.GradientTransformation, *, sparsity: float,
       inner, score_fn=scores.magnitude,
       schedule=periodic_schedule(sparsity, prune_every, prune_rate,
                                  start_step, end_step),
-      distribution=distribution, noise_scale=noise_scale, noise_on=noise_on,
+      distribution=distribution, structure=structure,
+      noise_scale=noise_scale, noise_on=noise_on,
       exact_noise=exact_noise, filter_fn=filter_fn, seed=seed,
       name="global_magnitude")
 
@@ -135,12 +141,14 @@ def global_magnitude(inner: optax.GradientTransformation, *, sparsity: float,
 def random_pruning(inner: optax.GradientTransformation, *, sparsity: float,
                    prune_every: int | None = None, prune_rate: float = 0.5,
                    start_step: int = 0, end_step: int | None = None,
-                   distribution="global", filter_fn=None,
+                   distribution="global", structure=None,
+            filter_fn=None,
                    seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Removes ``prune_rate`` of the survivors uniformly at random per event."""
   return core.prune(
       inner, score_fn=scores.random,
       schedule=periodic_schedule(sparsity, prune_every, prune_rate,
                                  start_step, end_step),
-      distribution=distribution, filter_fn=filter_fn, seed=seed,
+      distribution=distribution, structure=structure, filter_fn=filter_fn,
+      seed=seed,
       name="random_pruning")

@@ -21,205 +21,34 @@ exactly ``p`` after n events; the inner optimizer's moments are reset after
 every event. Then train on with the mask fixed (the transformation does
 that: after the last event masks never change).
 
-Structured mode prunes whole output filters (the last axis of a Flax kernel:
-Dense output neurons, Conv output channels). Its sparsity counts *filters*,
-as the authors' code does: event k keeps exactly ``F − round(s_k·F)`` of the
-``F`` prunable filters (per layer with ``distribution="uniform"`` or a
-mapping), and never empties a layer: each layer keeps its ``min_filters``
-best filters (the authors keep ``int(0.05·F_l) + 1``). A pruned filter's
-kernel is exactly zero; its bias and normalisation parameters are not
-masked, so the channel outputs a constant rather than disappearing.
-
-The classifier's output units are not filters: structured mode leaves the
-output layer whole by default (``output_layer="auto"``: the last 2-D
-prunable kernel, e.g. ``fc3/kernel`` of the LeNets, ``head/kernel`` of VGG
-and ResNet), and its units do not count among the filters, as in the
-authors' code, which never scores the classifier. Pruning a class's column
-would make that logit a constant (its bias). ``output_layer=None`` prunes it
-like any other layer.
+Structured pruning is ``structure=fj.units(...)`` (whole output filters:
+the last axis of a Flax kernel, Dense output neurons, Conv output channels).
+Its sparsity counts *filters*, as the authors' code does: event k keeps
+exactly ``F − round(s_k·F)`` of the ``F`` prunable filters (per layer with
+``distribution="uniform"`` or a mapping), and never empties a layer: each
+layer keeps its ``min_per_layer`` best filters (the authors keep
+``int(0.05·F_l) + 1``). The measures are then taken in their filter form
+(the sum over the filter before the absolute value, see
+:func:`flipout_jax.scores.gradient_flow_importance`), so the structure
+ranks the filters by that value (``reduce="max"`` of its broadcast,
+whatever ``reduce`` the structure was given). A pruned filter's kernel is
+exactly zero; its bias and normalisation parameters are not masked, so the
+channel outputs a constant rather than disappearing. The classifier's units
+are left whole and not counted (``fj.units(exclude="auto")``, as the
+authors' code never scores the classifier).
 """
 
 from __future__ import annotations
 
-import functools
-import re
 
-import jax.numpy as jnp
-import numpy as np
 import optax
 
 from flipout_jax import core
-from flipout_jax import distributions
 from flipout_jax import schedules
 from flipout_jax import scores
-from flipout_jax import selection
-from flipout_jax import trees
-from flipout_jax import validate
+from flipout_jax import structure as structure_lib
 
 MEASURES = scores.GRADIENT_FLOW_MEASURES
-
-
-def _num_filters(mask) -> int:
-  return int(mask.shape[-1]) if mask.ndim else 1
-
-
-def _as_filters(x):
-  """``(..., out) -> (rows, out)``: one column per filter."""
-  f = x.shape[-1] if x.ndim else 1
-  return jnp.reshape(x, (-1, f))
-
-
-@functools.lru_cache(maxsize=64)
-def _filter_table(distribution_key, paths, num_filters, sparsities, final):
-  distribution = (dict(distribution_key) if isinstance(distribution_key, tuple)
-                  else distribution_key)
-  # A layer of F filters is budgeted as a 1-D "tensor" of F entries, so that
-  # global / uniform / custom budgets count filters exactly.
-  shapes = [(f,) for f in num_filters]
-  budgets = [distributions.budget(distribution, paths, shapes, s, final)
-             for s in sparsities]
-  return budgets[0].groups, np.stack([b.keep for b in budgets]).astype(np.int32)
-
-
-def _check_structured_distribution(distribution) -> None:
-  distributions.validate_distribution(distribution)
-  if distribution == "erk":
-    raise ValueError(
-        "distribution: 'erk' is not defined for filter counts (structured="
-        "True); use 'global', 'uniform' or a mapping path -> sparsity.")
-
-
-def _natural_key(path: str):
-  """Sort key in which ``Dense_10`` comes after ``Dense_9``."""
-  return [(0, int(t), "") if t.isdigit() else (1, 0, t)
-          for t in re.split(r"(\d+)", path)]
-
-
-def _check_output_layer(output_layer):
-  if output_layer is None or output_layer == "auto":
-    return output_layer
-  if not isinstance(output_layer, str) or not output_layer:
-    raise ValueError(
-        "output_layer: expected 'auto', None or the path of a prunable leaf "
-        f"(or of its layer, e.g. 'fc3'), got {output_layer!r}.")
-  return output_layer
-
-
-def output_layer_paths(paths, ndims, output_layer="auto") -> tuple[str, ...]:
-  """The prunable paths whose units structured pruning leaves whole.
-
-  Args:
-    paths: the prunable leaves' paths (``trees.leaves_with_paths`` order).
-    ndims: their numbers of dimensions.
-    output_layer: ``"auto"``: the 2-D kernel whose path sorts last (numbers
-      compared as numbers), unless it is the only prunable leaf; ``None``:
-      none; a path: the leaves equal to it or below it (``"fc3"`` matches
-      ``"fc3/kernel"``).
-
-  Raises:
-    ValueError: naming ``output_layer`` if a path matches no prunable leaf,
-      or matches all of them.
-  """
-  output_layer = _check_output_layer(output_layer)
-  if output_layer is None:
-    return ()
-  if output_layer == "auto":
-    dense = [p for p, n in zip(paths, ndims) if n == 2]
-    if not dense or len(paths) < 2:
-      return ()
-    return (max(dense, key=_natural_key),)
-  out = tuple(p for p in paths
-              if p == output_layer or p.startswith(output_layer + "/"))
-  if not out or len(out) == len(paths):
-    raise ValueError(
-        f"output_layer: {output_layer!r} must match some but not all of the "
-        f"prunable leaves {list(paths)}.")
-  return out
-
-
-def filter_mask_rule(schedule: schedules.Schedule, distribution="global",
-                     min_filters: int = 1,
-                     output_layer="auto") -> core.MaskRule:
-  """A mask rule for :func:`flipout_jax.core.prune` that removes whole filters.
-
-  On the event ``k`` of ``schedule`` (sparsity ``s_k``), each group keeps
-  exactly ``max(F_g − round(s_k·F_g), guarded_g)`` alive filters, ``F_g`` its
-  number of filters (last kernel axis) and ``guarded_g`` the filters the
-  per-layer guard protects: in every layer the ``min_filters`` best alive
-  filters are kept whatever the budget, so no layer is ever emptied. Filters
-  are ranked by their score (scores broadcast over the kernel, as from
-  :func:`flipout_jax.scores.gradient_flow_score` with ``structured=True``;
-  other scores are reduced by their maximum over the filter), ties broken by
-  position. Masks only shrink: dead filters stay dead.
-
-  The core's weight-count ``keep`` is ignored: counts are in filters, looked
-  up here from the event index of ``ctx.step``.
-
-  The output layer (:func:`output_layer_paths`) is left whole and is not
-  counted: ``F`` and the budgets are over the other layers' filters.
-
-  Args:
-    schedule: the same schedule given to ``core.prune``.
-    distribution: ``"global"`` (one filter ranking over all layers),
-      ``"uniform"`` (each layer keeps ``F_l − round(s·F_l)``) or a mapping
-      ``{path: sparsity}``.
-    min_filters: filters every layer keeps at least (>= 1).
-    output_layer: the classifier whose units are never pruned: ``"auto"``
-      (the last 2-D kernel), ``None`` (prune every layer's units) or a
-      prunable path / layer name such as ``"fc3"``; checked against the
-      masks when the rule is traced (the first update).
-
-  Returns:
-    ``(ctx, scores, groups, keep) -> MaskUpdate`` (nothing restarts).
-  """
-  schedule = schedules.as_schedule(schedule)
-  _check_structured_distribution(distribution)
-  min_filters = validate.integer(min_filters, "min_filters", low=1)
-  output_layer = _check_output_layer(output_layer)
-  dist_key = (tuple(sorted(distribution.items()))
-              if isinstance(distribution, dict) else distribution)
-
-  def rule(ctx, scores_tree, groups, keep):
-    del groups, keep  # weight counts; this rule counts filters.
-    masks = ctx.masks
-    flat = trees.leaves_with_paths(masks)
-    whole = output_layer_paths([p for p, _ in flat], [m.ndim for _, m in flat],
-                               output_layer)
-    ranked_idx = [i for i, (p, _) in enumerate(flat) if p not in whole]
-    paths = tuple(flat[i][0] for i in ranked_idx)
-    num_filters = tuple(_num_filters(flat[i][1]) for i in ranked_idx)
-    fgroups, table = _filter_table(dist_key, paths, num_filters,
-                                   tuple(schedule.targets),
-                                   schedule.final_sparsity)
-    _, idx = schedule.event_index(ctx.step)
-    target = jnp.asarray(table)[schedule.target_index(idx)]
-
-    all_masks = trees.prunable_leaves(masks, masks)
-    all_scores = trees.prunable_leaves(masks, scores_tree)
-    mask_leaves = [all_masks[i] for i in ranked_idx]
-    alive = [jnp.any(_as_filters(m), axis=0) for m in mask_leaves]
-    big = jnp.finfo(jnp.float32).max
-    fscores = []
-    for s in [all_scores[i] for i in ranked_idx]:
-      s = jnp.max(_as_filters(jnp.asarray(s, jnp.float32)), axis=0)
-      # Finite scores only, so that +inf below marks the guarded filters
-      # strictly above every other one (NaN ranks lowest, as in selection).
-      fscores.append(jnp.nan_to_num(s, nan=-big, posinf=big, neginf=-big))
-    guarded = [selection.top_k_mask(s, min(min_filters, s.shape[0]), a) & a
-               for s, a in zip(fscores, alive)]
-    ranked = [jnp.where(gd, jnp.inf, s) for s, gd in zip(fscores, guarded)]
-    count = lambda xs, g: sum(jnp.sum(xs[i], dtype=jnp.int32) for i in g)
-    n_guarded = jnp.stack([count(guarded, g) for g in fgroups])
-    n_alive = jnp.stack([count(alive, g) for g in fgroups])
-    k = jnp.minimum(jnp.maximum(target, n_guarded), n_alive)
-    kept = selection.top_k_masks(ranked, fgroups, k, alive)
-    new_leaves = list(all_masks)  # the output layer's masks stay as they are
-    for i, m, kf, a in zip(ranked_idx, mask_leaves, kept, alive):
-      new_leaves[i] = m & jnp.reshape(
-          jnp.broadcast_to(kf & a, _as_filters(m).shape), m.shape)
-    return core.MaskUpdate(trees.unflatten_prunable(masks, new_leaves))
-
-  return rule
 
 
 def _reset_mode(reset_moments) -> str:
@@ -235,19 +64,22 @@ def _reset_mode(reset_moments) -> str:
       f"{reset_moments!r}.")
 
 
-def _mask_rule(structured: bool, schedule, distribution, min_filters,
-               output_layer):
-  _check_output_layer(output_layer)
-  if structured:
-    return filter_mask_rule(schedule, distribution, min_filters, output_layer)
-  return core.shrink_rule()
+def _score_and_structure(measure: str, structure):
+  """The measure's score in the form ``structure`` ranks, and the structure
+  (units rank filter-form importances, broadcast: by their max)."""
+  structure = structure_lib.check(
+      structure_lib.unstructured() if structure is None else structure)
+  if structure.kind != "units":
+    return scores.gradient_flow_score(measure), structure
+  options = dict(structure.options, reduce="max")
+  return (scores.gradient_flow_score(measure, structured=True),
+          structure_lib.units(**options))
 
 
 def gradient_flow(inner: optax.GradientTransformation, *, measure: str,
                   sparsity: float, rounds: int, steps_per_round: int,
-                  structured: bool = False, reset_moments: bool | str = True,
-                  start_step: int = 0, distribution="global", filter_fn=None,
-                  min_filters: int = 1, output_layer="auto",
+                  reset_moments: bool | str = True, start_step: int = 0,
+                  distribution="global", structure=None, filter_fn=None,
                   seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Prune-while-training with a gradient-flow importance measure.
 
@@ -278,24 +110,19 @@ def gradient_flow(inner: optax.GradientTransformation, *, measure: str,
       ``"loss_preservation_magnitude"``, ``"gradient_norm"``,
       ``"gradient_norm_preservation"``.
     sparsity: final sparsity ``p`` in [0, 1): of prunable weights, or of
-      filters with ``structured``.
+      filters with ``structure=fj.units(...)``.
     rounds: number of pruning rounds ``n`` >= 1 (paper example: 25).
     steps_per_round: training steps between events (paper: one epoch).
-    structured: prune whole output filters / neurons (see
-      :func:`filter_mask_rule`) instead of single weights.
     reset_moments: True (the protocol) zeroes all of the inner optimizer's
       per-parameter buffers (e.g. momentum) after each event; False keeps
       them; a string is passed to ``core.prune`` as is.
     start_step: step from which the rounds are counted.
     distribution: ``"global"`` (the paper), ``"uniform"``, ``"erk"``
       (unstructured only) or ``{path: sparsity}``.
+    structure: ``fj.unstructured()`` (default), ``fj.n_m(n, m)`` or
+      ``fj.units(min_per_layer=..., exclude=...)`` (whole filters; the
+      classifier left whole by default).
     filter_fn: which leaves are prunable (default: float leaves, ndim >= 2).
-    min_filters: structured only: filters every layer keeps at least.
-    output_layer: structured only: the classifier, whose units (class
-      logits) are never pruned nor counted among the filters: ``"auto"``
-      (default: the last 2-D prunable kernel, e.g. ``fc3/kernel``), a path
-      or layer name, or ``None`` to prune its units too (see
-      :func:`output_layer_paths`).
     seed: seed of the PRNG key in the state.
 
   Returns:
@@ -304,26 +131,22 @@ def gradient_flow(inner: optax.GradientTransformation, *, measure: str,
   Raises:
     ValueError: naming the argument: unknown ``measure``, ``sparsity``
       outside [0, 1), ``rounds`` or ``steps_per_round`` <= 0, bad
-      ``distribution``, ``reset_moments``, ``structured``, ``min_filters``
-      or ``output_layer``.
+      ``distribution`` or ``reset_moments``; ``structure`` for a bad
+      structure or one the layers cannot hold (at ``init``).
   """
   measure = scores.check_gradient_flow_measure(measure)
-  structured = validate.boolean(structured, "structured")
+  score_fn, structure = _score_and_structure(measure, structure)
   schedule = schedules.rounds(sparsity, rounds, steps_per_round, start_step)
   return core.prune(
-      inner,
-      score_fn=scores.gradient_flow_score(measure, structured=structured),
-      schedule=schedule,
-      mask_rule=_mask_rule(structured, schedule, distribution, min_filters,
-                           output_layer),
-      distribution=distribution, reset_moments=_reset_mode(reset_moments),
+      inner, score_fn=score_fn, schedule=schedule,
+      distribution=distribution, structure=structure,
+      reset_moments=_reset_mode(reset_moments),
       filter_fn=filter_fn, seed=seed, name="gradient_flow")
 
 
 def grasp(inner: optax.GradientTransformation, *, sparsity: float,
-          step: int = 0, structured: bool = False, distribution="global",
-          filter_fn=None, min_filters: int = 1, output_layer="auto",
-          seed: int = 0) -> optax.GradientTransformationExtraArgs:
+          step: int = 0, distribution="global", structure=None,
+          filter_fn=None, seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """GraSP (Wang, Zhang & Grosse 2020): one-shot pruning by ``θ·Hg``.
 
   At update ``step`` (default the first, i.e. at initialisation), scores
@@ -339,28 +162,21 @@ def grasp(inner: optax.GradientTransformation, *, sparsity: float,
 
   Args:
     inner: the optimizer to wrap.
-    sparsity: fraction of prunable weights (filters if ``structured``)
-      removed, in [0, 1).
+    sparsity: fraction of prunable weights (filters with
+      ``structure=fj.units(...)``, ranked by ``Σ_f θ·Hg``) removed, in
+      [0, 1).
     step: the update at which to prune.
-    structured: remove whole output filters ranked by ``Σ_f θ·Hg``.
     distribution: ``"global"`` (GraSP), ``"uniform"``, ``"erk"``
       (unstructured only) or a mapping.
+    structure: the sparsity pattern (as in :func:`gradient_flow`).
     filter_fn: which leaves are prunable.
-    min_filters: structured only: filters every layer keeps at least.
-    output_layer: structured only: the classifier left whole (as in
-      :func:`gradient_flow`).
     seed: seed of the PRNG key in the state.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  structured = validate.boolean(structured, "structured")
-  schedule = schedules.one_shot(sparsity, step)
+  score_fn, structure = _score_and_structure("gradient_norm", structure)
   return core.prune(
-      inner,
-      score_fn=scores.gradient_flow_score("gradient_norm",
-                                          structured=structured),
-      schedule=schedule,
-      mask_rule=_mask_rule(structured, schedule, distribution, min_filters,
-                           output_layer),
-      distribution=distribution, filter_fn=filter_fn, seed=seed, name="grasp")
+      inner, score_fn=score_fn, schedule=schedules.one_shot(sparsity, step),
+      distribution=distribution, structure=structure, filter_fn=filter_fn,
+      seed=seed, name="grasp")

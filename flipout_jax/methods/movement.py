@@ -51,7 +51,8 @@ def movement_scores() -> core.Tracker:
 
 def movement(inner: optax.GradientTransformation, *, sparsity: float,
              start_step: int, end_step: int, every: int = 1,
-             distribution="global", filter_fn=None,
+             distribution="global", structure=None,
+            filter_fn=None,
              seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Movement pruning: keep the weights of highest ``S = −Σ_t θ·g``.
 
@@ -66,6 +67,8 @@ def movement(inner: optax.GradientTransformation, *, sparsity: float,
       k·every`` and at ``end_step``), on the cubic curve above.
     distribution: ``"global"`` (one ranking over all layers), ``"uniform"``,
       ``"erk"`` or ``{path: sparsity}``.
+    structure: the sparsity pattern: ``fj.unstructured()`` (default),
+      ``fj.n_m(n, m)`` or ``fj.units(...)`` (:mod:`flipout_jax.structure`).
     filter_fn: which leaves are prunable (default: float leaves, ndim >= 2).
     seed: seed of the state's PRNG key (unused by the method), an int.
 
@@ -79,5 +82,5 @@ def movement(inner: optax.GradientTransformation, *, sparsity: float,
   return core.prune(
       inner, score_fn=lambda ctx: ctx.method_state,
       schedule=schedules.polynomial(sparsity, start_step, end_step, every),
-      distribution=distribution, tracker=movement_scores(),
+      distribution=distribution, structure=structure, tracker=movement_scores(),
       filter_fn=filter_fn, seed=seed, name="movement")

@@ -12,7 +12,8 @@ from flipout_jax import trees
 
 
 def snip(inner: optax.GradientTransformation, *, sparsity: float,
-         step: int = 0, distribution="global", filter_fn=None,
+         step: int = 0, distribution="global", structure=None,
+            filter_fn=None,
          seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """SNIP (Lee et al. 2019): one-shot pruning by ``|θ·g|``, then a fixed mask.
 
@@ -26,10 +27,14 @@ def snip(inner: optax.GradientTransformation, *, sparsity: float,
   they were scored at), and ``g`` is the gradient of whatever loss the
   training step differentiates (softmax cross-entropy in ``experiments/``),
   not a loss of the pruning code's own.
+
+  ``structure`` is the sparsity pattern (``fj.n_m(2, 4)``, ``fj.units()``;
+  default unstructured), as in every method.
   """
   return core.prune(
       inner, score_fn=scores.snip, schedule=schedules.one_shot(sparsity, step),
-      distribution=distribution, filter_fn=filter_fn, seed=seed, name="snip")
+      distribution=distribution, structure=structure, filter_fn=filter_fn,
+      seed=seed, name="snip")
 
 
 def fixed_mask(inner: optax.GradientTransformation,

@@ -67,15 +67,13 @@ ones stay exactly 0.0. The raw weights remain the source of truth in this
 phase too, so the params equal them up to the one rounding above (in
 practice bitwise for almost every weight) and never drift away from them.
 
-**Selection hook.** Which weights are pruned and by how much the kept ones
-are thresholded is a :class:`ThresholdRule` (``threshold_rule=``): from the
-raw weights and ``s_t`` it returns the masks and per-entry thresholds
-``τ``; the soft threshold and the rescale above are then always
-:func:`soft_threshold_rescale`. The default, :func:`global_threshold_rule`,
-is the global ranking above (ST-3, or ST-3σ with ``sigma_normalized``);
-:func:`flipout_jax.nm.nm_st3` plugs in an N:M rule (per group of M along
-the contraction axis, ``n_t`` kept, ``τ_g`` the group's largest pruned
-magnitude).
+**Structure.** Which weights are pruned and by how much the kept ones are
+thresholded is the ``structure=`` (:func:`threshold_rule`): unstructured
+(default) is the global ranking above (ST-3, or ST-3σ with
+``sigma_normalized``); ``fj.n_m(n, m)`` keeps ``n_t`` per group of M along
+the contraction axis with ``τ_g`` the group's largest pruned magnitude;
+``fj.units()`` keeps whole units. The soft threshold and the rescale above
+are always :func:`soft_threshold_rescale`.
 
 **Placement.** ``st3`` must be the *last* transformation of a chain, because
 its updates are ``w_eff' − params``, not a gradient step that could be
@@ -95,12 +93,11 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from flipout_jax import core
 from flipout_jax import schedules
-from flipout_jax import selection
+from flipout_jax import structure as structure_lib
 from flipout_jax import trees
 from flipout_jax import validate
 
@@ -108,7 +105,6 @@ PyTree = Any
 
 # NumPy, not jnp: a jnp constant at import would start the XLA backend and
 # block a later jax.distributed.initialize().
-_SIGN = np.uint32(0x80000000)
 _EPS = 1e-6  # The reference's epsilon in r_c.
 _SCALE_OFFSET = 0.01  # scale_c = (1 + offset)/(r_c + offset).
 
@@ -121,8 +117,8 @@ class ST3State(NamedTuple):
       elsewhere: non-prunable params are trained in place, not copied).
     thresholds: float32 per prunable leaf, the ``thresholds`` of the
       :class:`ThresholdRule` at the last update (0 before start and after
-      the freeze). Global rule (ST-3 / ST-3σ): shape ``[]``, ``τ_l`` (``τ·σ_l``;
-      ``τ`` for plain ST-3). N:M rule (:func:`flipout_jax.nm.nm_st3`): one
+      the freeze). Unstructured (ST-3 / ST-3σ) and units: shape ``[]``,
+      ``τ_l`` (``τ·σ_l``; ``τ`` for plain ST-3). ``fj.n_m``: one
       ``τ_g`` per group of M, the kernel's shape with the contraction axis
       divided by M (``(in/M, out)`` for a Dense kernel, ``(kh, kw, in/M,
       out)`` for a Conv kernel), and ``[]`` (always 0) for a layer skipped
@@ -142,7 +138,7 @@ class ST3Weights(NamedTuple):
   Attributes:
     effective: params-shaped: the effective weights at the prunable leaves,
       the input leaves elsewhere.
-    masks: mask layout: the kept weights (see :func:`global_threshold_rule`)
+    masks: mask layout: the kept weights (see :func:`threshold_rule`)
       or the rule's masks.
     thresholds: mask layout, float32: ``τ_l`` (``[]``, global rule) or the
       rule's thresholds (see :class:`ST3State`).
@@ -177,23 +173,9 @@ def _check_args(sparsity, start_step, end_step, power, freeze_step):
 # ------------------------------------------------------------- the threshold
 
 
-def key_to_float(key: jax.Array) -> jax.Array:
-  """Inverse of :func:`flipout_jax.selection.sortable_key` (float32)."""
-  # Keys of non-negative floats have the sign bit set and hold the float's
-  # bits below it; keys of negative floats are the complement of the bits.
-  bits = jnp.where(key & _SIGN, key ^ _SIGN, ~key)
-  return jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-
 def _sigma(shape) -> float:
   """σ_l = 1/sqrt(sum of dims); 1 for a scalar leaf (no dims to sum)."""
   return 1.0 / math.sqrt(sum(shape)) if len(shape) else 1.0
-
-
-def _num_pruned(sparsity: jax.Array, n: int) -> jax.Array:
-  """⌊s·N⌋ as int32 (float32 product: exact for N < 2^24, else ±N·2^-24)."""
-  k = jnp.floor(jnp.asarray(sparsity, jnp.float32) * jnp.float32(n))
-  return jnp.clip(k, 0, n).astype(jnp.int32)
 
 
 def _channel_axes(ndim: int) -> tuple[int, ...]:
@@ -224,16 +206,16 @@ class ThresholdRule(NamedTuple):
       ``thresholds`` of the prunable leaves (only the leaves' shapes are
       read). Runs once, at ``init``; raises ValueError (naming the layer)
       for a leaf the rule cannot handle.
-    select: ``(raw, s) -> ThresholdSelection``: the masks and thresholds of
-      the raw weights (a list of arrays) at sparsity ``s`` (a traced float32
-      scalar); traced inside the update, so it must be jittable. The
-      thresholds must be float32 and of the shapes ``init`` returned.
+    select: ``(paths, raw, s) -> ThresholdSelection``: the masks and
+      thresholds of the raw weights (a list of arrays, with their paths) at
+      sparsity ``s`` (a traced float32 scalar); traced inside the update, so
+      it must be jittable. The thresholds are float32, of the shapes
+      ``init`` returned.
 
-  :func:`global_threshold_rule` is ST-3's / ST-3σ's;
-  :func:`flipout_jax.nm.nm_threshold_rule` the N:M one (used by
-  :func:`flipout_jax.nm.nm_st3`). Both hand their selection to
-  :func:`soft_threshold_rescale`, the one place of the soft-threshold and
-  rescale math.
+  :func:`threshold_rule` builds it from a structure
+  (:attr:`flipout_jax.structure.Structure.threshold`); its selection goes
+  to :func:`soft_threshold_rescale`, the one place of the soft-threshold
+  and rescale math.
   """
   init: Any
   select: Any
@@ -290,52 +272,57 @@ def soft_threshold_rescale(w: jax.Array, mask: jax.Array, tau, *,
   return jnp.where(mask, eff, 0.0).astype(w.dtype), scale.astype(jnp.float32)
 
 
-def global_threshold_rule(*, sigma_normalized: bool = False) -> ThresholdRule:
-  """ST-3's selection: one global threshold ``τ`` over all prunable weights.
+def threshold_rule(structure=None, *,
+                   sigma_normalized: bool = False) -> ThresholdRule:
+  """ST-3's selection in a sparsity structure.
 
-  Exactly ``⌊s·N⌋`` of the ``N`` prunable weights are pruned: those of the
-  smallest scores (``|w|``, or ``|w|/σ_l`` for ST-3σ), ties broken by
-  position as in :func:`flipout_jax.selection.top_k_masks`; ``τ`` is the
-  largest pruned score (the ``⌊s·N⌋``-th smallest; without ties ``m = score
-  > τ``), and layer ``l`` is soft-thresholded by ``τ_l = τ·σ_l``.
-  Thresholds: float32 ``[]`` per leaf.
+  The raw weights are scored by ``|w|`` (ST-3) or ``|w|/σ_l`` (ST-3σ,
+  ``σ_l = 1/sqrt(Σ dims)``) and handed to the structure's
+  :attr:`flipout_jax.structure.Structure.threshold`: unstructured (the
+  default) prunes exactly ``⌊s·N⌋`` of all ``N`` prunable weights, those of
+  smallest score, ties by position, with one global ``τ`` (the largest
+  pruned score; layer ``l`` is thresholded by ``τ·σ_l``); ``fj.n_m(n, m)``
+  keeps ``n_t = clip(round((1 − s)·M), N, M)`` per group of M with the
+  group's own ``τ_g``; ``fj.units()`` keeps whole units per layer and
+  shrinks a kept unit of score ``r`` by ``(r − τ)/r``.
+
+  Thresholds stored: float32 ``[]`` per leaf (``τ_l``), or ``τ_g`` per
+  group of M, shape ``(..., in/M, ...)``, for N:M.
   """
+  structure = structure_lib.check(
+      structure_lib.unstructured() if structure is None else structure)
+  sigma_normalized = validate.boolean(sigma_normalized, "sigma_normalized")
+
+  def layout(paths, shapes):
+    return structure.layout(tuple(paths), tuple(tuple(x) for x in shapes))
+
+  def select(paths, raw, sparsity):
+    lay = layout(paths, [w.shape for w in raw])
+    sigmas = [_sigma(w.shape) if sigma_normalized else 1.0 for w in raw]
+    scores = [jax.lax.stop_gradient(
+        jnp.abs(w).astype(jnp.float32) if s == 1.0
+        else jnp.abs(w).astype(jnp.float32) / jnp.float32(s))
+              for w, s in zip(raw, sigmas)]
+    sel = structure.threshold(lay, scores, sparsity)
+    scale = lambda xs: [jax.lax.stop_gradient(  # pylint: disable=g-long-lambda
+        x if s == 1.0 else x * jnp.float32(s)) for x, s in zip(xs, sigmas)]
+    return ThresholdSelection(list(sel.masks), scale(sel.taus),
+                              scale(sel.thresholds))
 
   def init(leaves):
-    return [jnp.zeros([], jnp.float32) for _ in leaves]
-
-  def select(raw, sparsity):
-    n = sum(math.prod(w.shape) for w in raw)
-    sigmas = [_sigma(w.shape) if sigma_normalized else 1.0 for w in raw]
-    mags = [jnp.abs(w).astype(jnp.float32) for w in raw]
-    scores = [a if s == 1.0 else a / jnp.float32(s)
-              for a, s in zip(mags, sigmas)]
-    scores = [jax.lax.stop_gradient(x) for x in scores]
-    k_pruned = _num_pruned(sparsity, n)
-    # Exactly ⌊sN⌋ pruned: the N − ⌊sN⌋ largest scores are kept, ties broken
-    # by position as in every other method. t, the (N − ⌊sN⌋ + 1)-th largest
-    # key, is the largest pruned score's: τ (0 when nothing is pruned; then
-    # the count N + 1 exceeds every candidate and t is key 0, below every
-    # real key). `key > t` keeps exactly N − ⌊sN⌋ unless scores tie at t;
-    # only then (lax.cond) top_k_masks breaks the tie by position, and a kept
-    # weight at exactly τ gets a soft value of 0.0.
-    group = [list(range(len(raw)))]
-    keep = jnp.reshape(n - k_pruned, (1,))
-    keys = [selection.sortable_key(x) for x in scores]
-    t = selection.kth_largest_keys(keys, group, keep + 1)[0]
-    strict = [key > t for key in keys]
-    kept = sum(jnp.sum(m, dtype=jnp.int32) for m in strict)
-    masks = jax.lax.cond(kept == keep[0], lambda: strict,
-                         lambda: selection.top_k_masks(scores, group, keep))
-    tau = jnp.where(k_pruned == 0, jnp.float32(0.0), key_to_float(t))
-    taus = [jax.lax.stop_gradient(tau * jnp.float32(s)) for s in sigmas]
-    return ThresholdSelection(masks, taus, taus)
+    paths = [p for p, _ in leaves]
+    shapes = [tuple(x.shape) for _, x in leaves]
+    lay = layout(paths, shapes)
+    out = jax.eval_shape(
+        lambda xs: structure.threshold(lay, xs, jnp.float32(0.0)).thresholds,
+        [jax.ShapeDtypeStruct(x, jnp.float32) for x in shapes])
+    return [jnp.zeros(o.shape, jnp.float32) for o in out]
 
   return ThresholdRule(init, select)
 
 
 def threshold_leaves(rule: ThresholdRule, raw: list[jax.Array], sparsity, *,
-                     rescale: bool = True):
+                     rescale: bool = True, paths=None):
   """ST-3 on a list of prunable tensors with the selection of ``rule``.
 
   Returns:
@@ -343,7 +330,8 @@ def threshold_leaves(rule: ThresholdRule, raw: list[jax.Array], sparsity, *,
     (see :func:`soft_threshold_leaves`; ``thresholds`` as the rule stores
     them).
   """
-  sel = rule.select(raw, sparsity)
+  paths = [str(i) for i in range(len(raw))] if paths is None else list(paths)
+  sel = rule.select(paths, raw, sparsity)
   effective, scales = [], []
   for w, m, tau in zip(raw, sel.masks, sel.taus):
     eff, scale = soft_threshold_rescale(w, m, tau, rescale=rescale)
@@ -359,8 +347,8 @@ def soft_threshold_leaves(raw: list[jax.Array], sparsity: jax.Array, *,
                           rescale: bool = True):
   """ST-3 on a list of prunable tensors ranked globally.
 
-  :func:`global_threshold_rule` then :func:`soft_threshold_rescale` per
-  tensor.
+  :func:`threshold_rule` (unstructured) then :func:`soft_threshold_rescale`
+  per tensor.
 
   Args:
     raw: the raw weights (float arrays, any shapes).
@@ -376,27 +364,8 @@ def soft_threshold_leaves(raw: list[jax.Array], sparsity: jax.Array, *,
     whose derivative is ``scale_c·m`` (τ and scale are stop_gradient'ed).
   """
   return threshold_leaves(
-      global_threshold_rule(sigma_normalized=sigma_normalized), raw, sparsity,
+      threshold_rule(sigma_normalized=sigma_normalized), raw, sparsity,
       rescale=rescale)
-
-
-def _rule_arg(threshold_rule, sigma_normalized) -> ThresholdRule:
-  if threshold_rule is None:
-    return global_threshold_rule(
-        sigma_normalized=validate.boolean(sigma_normalized,
-                                          "sigma_normalized"))
-  if validate.boolean(sigma_normalized, "sigma_normalized"):
-    raise ValueError(
-        "sigma_normalized: ST-3σ is a ranking of the global rule; with a "
-        "threshold_rule pass global_threshold_rule(sigma_normalized=True) or "
-        "leave sigma_normalized False.")
-  if not (isinstance(threshold_rule, ThresholdRule)
-          or (callable(getattr(threshold_rule, "init", None))
-              and callable(getattr(threshold_rule, "select", None)))):
-    raise ValueError(
-        f"threshold_rule: must be None or a ThresholdRule(init, select), got "
-        f"{threshold_rule!r}.")
-  return threshold_rule
 
 
 def _prunable_paths(layout: PyTree) -> list[tuple[str, Any]]:
@@ -407,7 +376,7 @@ def _prunable_paths(layout: PyTree) -> list[tuple[str, Any]]:
 def st3_effective(raw_params: PyTree, sparsity, *,
                   sigma_normalized: bool = False, rescale: bool = True,
                   filter_fn: trees.FilterFn | None = None,
-                  threshold_rule: ThresholdRule | None = None) -> ST3Weights:
+                  structure=None) -> ST3Weights:
   """The effective weights of raw weights at sparsity ``s`` (no optimizer).
 
   The same computation as one :func:`st3` update, as a pure function: e.g.
@@ -420,23 +389,23 @@ def st3_effective(raw_params: PyTree, sparsity, *,
     rescale: apply the per-output-channel rescaling.
     filter_fn: ``(path, leaf) -> bool`` selecting the prunable leaves
       (default :func:`flipout_jax.trees.default_filter`).
-    threshold_rule: the selection (default: :func:`global_threshold_rule`
-      with ``sigma_normalized``); e.g.
-      :func:`flipout_jax.nm.nm_threshold_rule` for N:M.
+    structure: the sparsity pattern (default unstructured; see
+      :func:`threshold_rule`).
 
   Returns:
     An :class:`ST3Weights`.
 
   Raises:
-    ValueError: from the rule's ``init`` for a layer it cannot handle.
+    ValueError: for a layer the structure cannot hold (named).
   """
-  rule = _rule_arg(threshold_rule, sigma_normalized)
+  rule = threshold_rule(structure, sigma_normalized=sigma_normalized)
   prunable = trees.prunable_tree(raw_params, filter_fn)
   layout = trees.mask_like(raw_params, prunable)
-  rule.init(_prunable_paths(layout))  # validates the layers
+  paths = _prunable_paths(layout)
+  rule.init(paths)  # validates the layers
   eff, masks, thr, scales = threshold_leaves(
       rule, trees.prunable_leaves(layout, raw_params), sparsity,
-      rescale=rescale)
+      rescale=rescale, paths=[p for p, _ in paths])
   eff_tree = trees.unflatten_prunable(layout, eff)
   effective = trees.fill_from(eff_tree, raw_params)
   return ST3Weights(effective, trees.unflatten_prunable(layout, masks),
@@ -457,7 +426,7 @@ def st3(inner: optax.GradientTransformation,
         sigma_normalized: bool = False,
         freeze_step: int | None = None,
         filter_fn: trees.FilterFn | None = None,
-        threshold_rule: ThresholdRule | None = None
+        structure=None
         ) -> optax.GradientTransformationExtraArgs:
   """ST-3 (or ST-3σ) sparse training: raw weights in the state, effective params.
 
@@ -481,12 +450,11 @@ def st3(inner: optax.GradientTransformation,
       ``freeze_step − 1`` under its fixed mask (see the module docstring).
     filter_fn: ``(path, leaf) -> bool`` selecting the prunable leaves
       (default :func:`flipout_jax.trees.default_filter`: ndim >= 2 floats).
-    threshold_rule: the selection hook, a :class:`ThresholdRule`: from the
-      raw weights and ``s_t``, the masks and the thresholds ``τ`` (default
-      None: :func:`global_threshold_rule`, ST-3 / ST-3σ by
-      ``sigma_normalized``). :func:`flipout_jax.nm.nm_st3` passes
-      :func:`flipout_jax.nm.nm_threshold_rule` (one τ per group of M).
-      Whatever the rule, the soft threshold and rescale are
+    structure: the sparsity pattern: ``fj.unstructured()`` (default: ST-3's
+      global ranking), ``fj.n_m(n, m)`` (``sparsity`` must be ``1 − n/m``;
+      every update from ``end_step`` on is exactly N:M) or ``fj.units()``
+      (whole units per layer); see :func:`threshold_rule`. Whatever the
+      structure, the soft threshold and rescale are
       :func:`soft_threshold_rescale`.
 
   Returns:
@@ -502,12 +470,12 @@ def st3(inner: optax.GradientTransformation,
   Raises:
     ValueError: for ``sparsity`` outside [0, 1), ``start_step < 0``,
       ``end_step <= start_step``, ``power <= 0``, ``freeze_step <=
-      end_step``, ``sigma_normalized`` with a ``threshold_rule``, or (at
-      init) a filter selecting nothing or a layer the rule rejects.
+      end_step``, or (at init) a filter selecting nothing or a layer the
+      structure cannot hold.
   """
   sparsity, start_step, end_step, power, freeze_step = _check_args(
       sparsity, start_step, end_step, power, freeze_step)
-  rule = _rule_arg(threshold_rule, sigma_normalized)
+  rule = threshold_rule(structure, sigma_normalized=sigma_normalized)
   validate.transformation(inner, "inner")
   rescale = validate.boolean(rescale, "rescale")
   validate.optional_callable(filter_fn, "filter_fn")
@@ -564,8 +532,9 @@ def st3(inner: optax.GradientTransformation,
     def st3_step(_):
       s = schedules.polynomial_sparsity(count, sparsity, start_step,
                                         end_step, power)
-      eff, new_masks, thr, scl = threshold_leaves(rule, new_raw_l, s,
-                                                  rescale=rescale)
+      eff, new_masks, thr, scl = threshold_leaves(
+          rule, new_raw_l, s, rescale=rescale,
+          paths=[p for p, _ in _prunable_paths(masks)])
       # eff is +0.0 where masked, so the params land on 0.0 there.
       raw_out = new_raw_l
       if freeze_step is not None:
