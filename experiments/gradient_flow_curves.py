@@ -89,8 +89,8 @@ def make_step(loss_of, tx, t: float):
 def curves(config, measures, sparsities, prune_epochs, epochs_after, seeds,
            eval_examples=1000):
   """``{(prune_epoch, sparsity, measure): [seeds, steps_after + 1]}`` losses."""
-  from experiments import methods  # pylint: disable=g-import-not-at-top
-  from experiments import methods_gradient_flow as gf  # pylint: disable=g-import-not-at-top
+  from experiments import recipe  # pylint: disable=g-import-not-at-top
+  from experiments import train  # pylint: disable=g-import-not-at-top
 
   ds = data_lib.load(config.dataset, data_dir=config.data_dir)
   spe = data_lib.steps_per_epoch(ds, config.batch_size)
@@ -114,8 +114,12 @@ def curves(config, measures, sparsities, prune_epochs, epochs_after, seeds,
     total_epochs = e0 + epochs_after
     for p in sparsities:
       for m in measures:
-        tx = one_shot(methods.make_optimizer(config, spe), m, p, step0)
-        t = gf.temperature(config, m)
+        spec = recipe.resolve(dict(train.config_json(config), method_kw={
+            "measure": m}, method="gradient_flow"))
+        tx = one_shot(recipe.optimizer(spec, recipe.learning_rate_fn(
+            spec["lr"], spec["lr_schedule"], spec["lr_decay_epochs"],
+            spec["lr_decay_factor"], spec["num_epochs"], spe)), m, p, step0)
+        t = spec["hvp_temperature"]
 
         step = make_step(loss_of, tx, t)
 

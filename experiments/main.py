@@ -56,7 +56,25 @@ def _define_main_flags(fv: flags.FlagValues) -> None:
 
 def _overridden_fields(argv: Sequence[str]) -> list[str]:
   return [m.group(1) for a in argv
-          for m in [re.match(r"^--?(?:no)?config\.([^=.]+)", a)] if m]
+          for m in [re.match(r"^--?(?:no)?config\.([^=]+)", a)] if m]
+
+
+def _aliased(argv: Sequence[str], config) -> list[str]:
+  """``--config.<key>`` of a key in ``method_kw`` (sparsity, measure, ...) or
+  of a renamed field (``legacy.FLAGS``) as the field it sets."""
+  from experiments import legacy  # pylint: disable=g-import-not-at-top
+  out = []
+  for a in argv:
+    m = re.match(r"^(--?(?:no)?config\.)([^=.]+)(.*)$", a)
+    if m and m.group(2) not in config:
+      key = m.group(2)
+      if key in legacy.FLAGS:
+        key = legacy.FLAGS[key]
+      elif key in config.get("method_kw", {}):
+        key = "method_kw." + key
+      a = m.group(1) + key + m.group(3)
+    out.append(a)
+  return out
 
 
 def parse_flags(argv: Sequence[str],
@@ -73,33 +91,45 @@ def parse_flags(argv: Sequence[str],
       config field or an unreadable config file; with status 0 after --help.
   """
   argv = list(argv)
-  fv = flags.FlagValues()
-  try:
+  overrides = [a for a in argv if re.match(r"^--?(no)?config\.", a)]
+
+  def parse(args):
+    fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config", default_config, "Config file (get_config()); override its "
         "fields with --config.<field>=<value>.", flag_values=fv,
-        sys_argv=argv, lock_config=True)
+        sys_argv=args, lock_config=True)
     define(fv)
+    fv(args)
+    fv["config"].value.keys()  # A config that failed to load raises here.
+    return fv
+
+  try:
     if any(a in HELP for a in argv[1:]):
+      fv = flags.FlagValues()
+      config_flags.DEFINE_config_file("config", default_config, "Config file "
+                                      "(get_config()).", flag_values=fv)
+      define(fv)
       print((doc or __doc__).strip() + "\n\n" + fv.get_help())
       raise SystemExit(0)
-    fv(argv)
-    fv["config"].value.keys()  # A config that failed to load raises here.
-  except (KeyError, AttributeError) as e:
-    # An override of a field the config does not have.
-    base = parse_flags([a for a in argv if not re.match(r"^--?(no)?config\.", a)],
-                       define, default_config, doc)
+    base = parse([a for a in argv if a not in overrides])
     config = base["config"].value
-    unknown = [f for f in _overridden_fields(argv) if f not in config]
-    names = unknown or [one_line(e).strip("\"'")]
-    raise SystemExit(
-        f"error: config: unknown field {', '.join(names)}; valid fields: "
-        f"{', '.join(sorted(config.keys()))}") from None
+    argv = _aliased(argv, config)
+    try:
+      return parse(argv) if overrides else base
+    except (KeyError, AttributeError) as e:  # A field the config lacks.
+      unknown = [f for f in _overridden_fields(argv)
+                 if f.split(".")[0] not in config]
+      names = unknown or [one_line(e).strip("\"'")]
+      raise SystemExit(
+          f"error: config: unknown field {', '.join(names)}; valid fields: "
+          f"{', '.join(sorted(config.keys()))} (and method_kw."
+          f"{', method_kw.'.join(sorted(config.get('method_kw', {})))})") from None
   except flags.Error as e:
     raise SystemExit(f"error: {one_line(e)}") from None
-  except (OSError, ImportError, SyntaxError, TypeError, ValueError) as e:
+  except (OSError, ImportError, SyntaxError, TypeError, ValueError, KeyError,
+          AttributeError) as e:
     raise SystemExit(f"error: config: {one_line(e)}") from None
-  return fv
 
 
 def config_name(fv: flags.FlagValues) -> str:

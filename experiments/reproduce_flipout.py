@@ -30,7 +30,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import main as main_lib
-from experiments import methods as methods_lib
 from experiments import sweep
 from experiments.configs import _base
 
@@ -146,7 +145,7 @@ def summarize(done: list[sweep.Run], config, name: str) -> str:
   lines = [f"# FlipOut reproduction: {config.model} on {config.dataset}",
            "",
            f"Config `{name}` ({config.num_epochs} epochs, batch {config.batch_size}, "
-           f"SGD lr {config.lr} momentum {config.momentum}, weight decay "
+           f"SGD lr {config.lr} momentum {config.optimizer_kw.momentum}, weight decay "
            f"{config.weight_decay}); seeds {', '.join(map(str, seeds))}. "
            "Test accuracy (%), mean ± std over seeds (n in brackets when not "
            "all seeds finished). Sparsity = 1 − 0.5^N after N halving events "
@@ -166,7 +165,8 @@ def summarize(done: list[sweep.Run], config, name: str) -> str:
   hoyer = [d for d in done if d.method == "hoyer_square"]
   if hoyer:
     lines += ["", "Hoyer-Square (sparsity set indirectly by λ; threshold "
-              f"{config.hoyer_threshold:g}, {config.finetune_epochs} fine-tune "
+              f"{config.presets.hoyer_square.threshold:g}, "
+              f"{config.presets.hoyer_square.finetune_epochs} fine-tune "
               "epochs):", "", "| λ | sparsity reached (%) | test accuracy (%) |",
               "|---|---:|---:|"]
     for lam in sorted({d.info["hoyer_lambda"] for d in hoyer}):
@@ -236,10 +236,6 @@ def main(argv=None) -> None:
   out = os.path.abspath(fv["out"].value or
                         os.path.join(REPO, "experiments", "results", name))
   workers = fv["workers"].value
-  unknown = [m for m in fv["methods"].value if m not in methods_lib.METHODS]
-  if unknown:
-    raise SystemExit(f"error: methods: unknown {', '.join(unknown)}; valid: "
-                     f"{', '.join(sorted(methods_lib.METHODS))}")
   try:
     targets = [float(t) for t in fv["targets"].value]
     seeds = [int(s) for s in fv["seeds"].value]

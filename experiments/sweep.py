@@ -96,6 +96,12 @@ def spawn(cmd: Sequence[str], **kwargs) -> subprocess.Popen:
   return subprocess.Popen(cmd, **kwargs)  # pylint: disable=consider-using-with
 
 
+def with_seed(args: Sequence[str], seed: int) -> list[str]:
+  """``args`` with ``{seed}`` replaced (e.g. ``--config.init_from=.../seed{seed}``:
+  each seed's post-training run starts from that seed's dense run)."""
+  return [a.replace("{seed}", str(seed)) for a in args]
+
+
 def run_one(run: Run, config_path: str, forwarded: Sequence[str]) -> Run:
   """Runs (or skips, when finished with the same config) one run."""
   final = os.path.join(run.workdir, "final.json")
@@ -112,7 +118,8 @@ def run_one(run: Run, config_path: str, forwarded: Sequence[str]) -> Run:
       return run
   os.makedirs(run.workdir, exist_ok=True)
   cmd = [sys.executable, "-m", "experiments.main", f"--config={config_path}",
-         *forwarded, *run.overrides, f"--config.seed={run.seed}",
+         *with_seed([*forwarded, *run.overrides], run.seed),
+         f"--config.seed={run.seed}",
          f"--workdir={run.workdir}", "--resume", "--noprogress"]
   t0 = time.time()
   with open(os.path.join(run.workdir, "run.log"), "a") as log:
@@ -134,7 +141,8 @@ def validate_runs(runs: Sequence[Run], config_path: str,
   from experiments import main as main_lib  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top
   for r in runs:
-    argv = ["sweep", f"--config={config_path}", *forwarded, *r.overrides,
+    argv = ["sweep", f"--config={config_path}",
+            *with_seed([*forwarded, *r.overrides], r.seed),
             f"--config.seed={r.seed}"]
     try:
       config = main_lib.parse_flags(argv, lambda fv: None, config_path,

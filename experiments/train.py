@@ -57,11 +57,9 @@ from ml_collections import config_dict
 import flipout_jax as fj
 from experiments import data as data_lib
 from flipout_jax import models as models_lib
-from experiments import main as main_lib
-from experiments import methods as methods_lib
-from experiments.configs import _base
+from experiments import recipe
 
-ConfigError = methods_lib.ConfigError
+ConfigError = recipe.ConfigError
 ConfigDict = config_dict.ConfigDict
 
 
@@ -73,6 +71,7 @@ CHECKPOINT_DIR = "checkpoints"
 BAD_CHECKPOINT_DIR = "checkpoints.bad"
 LOCK_FILE = ".lock"
 RUN_FILES = ("metrics.jsonl", "final.json", "sparsity.md", "curves.png",
+             "report.json",
              "final_params.npz", "config.json")
 MAX_TO_KEEP = 2
 
@@ -80,23 +79,14 @@ MAX_TO_KEEP = 2
 # --- Config validation ------------------------------------------------------------
 
 
-def _check(ok, field, value, want):
-  if not ok:
-    raise ConfigError(f"{field}: got {value!r}; must be {want}")
-
-
-def _is_int(x) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool)
-
-
-def validate(config: ConfigDict) -> None:
-  """Checks names and values without loading data; raises ConfigError."""
+def validate(config: ConfigDict) -> list[recipe.Phase]:
+  """Resolves and builds ``config`` without data (1,000 nominal steps per
+  epoch; built again with the real ones); raises ConfigError."""
   required = ("method", "model", "width", "dataset", "seed", "batch_size",
               "eval_batch_size", "num_epochs")
   missing = [k for k in required if k not in config]
   if missing:
     raise ConfigError(f"config: missing fields {', '.join(missing)}")
-  methods_lib.get_method(config.method)
   if config.model not in models_lib.MODEL_NAMES:
     raise ConfigError(f"model: unknown model {config.model!r}; valid models are: "
                       f"{', '.join(models_lib.MODEL_NAMES)}")
@@ -107,12 +97,18 @@ def validate(config: ConfigDict) -> None:
     models_lib.check_width(config.width)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  _check(_is_int(config.seed) and config.seed >= 0, "seed", config.seed,
-         "an int >= 0")
-  for key in ("batch_size", "eval_batch_size", "num_epochs"):
-    _check(_is_int(config[key]) and config[key] > 0, key, config[key],
-           "an int > 0")
-  methods_lib.validate(config)
+  for key in ("seed", "batch_size", "eval_batch_size", "num_epochs"):
+    v = config[key]
+    if not (isinstance(v, int) and not isinstance(v, bool)
+            and v >= (0 if key == "seed" else 1)):
+      raise ConfigError(f"{key}: got {v!r}; must be an int >= "
+                        f"{0 if key == 'seed' else 1}")
+  spec = recipe.resolve(config_json(config))
+  phases = recipe.phases(spec, 1000)
+  for phase in phases:
+    if phase.make_tx is not None and phase.enter is None:
+      phase.make_tx(None)
+  return phases
 
 
 # --- State ----------------------------------------------------------------------------
@@ -125,7 +121,7 @@ class _Setup:
   model: Any
   has_bn: bool
   steps_per_epoch: int
-  phases: list[methods_lib.Phase]
+  phases: list[recipe.Phase]
   starts: list[int]  # first global epoch of each phase
   params0: Any
   batch_stats0: Any
@@ -152,6 +148,29 @@ class _Setup:
     return phase.enter(self.params0, prev)[1]
 
 
+def load_variables(workdir: str, template) -> dict[str, Any]:
+  """The final variables of the finished run in ``workdir``, in the structure
+  of ``template`` (``{"params": ..., "batch_stats": ...}``)."""
+  if not os.path.exists(os.path.join(workdir, "final.json")):
+    raise ConfigError(f"init_from: {workdir} holds no finished run (no "
+                      "final.json); finish it first (experiments.main --resume)")
+  saved = load_final_params(workdir)
+  out = {}
+  for collection, tree in template.items():
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves = []
+    for path, leaf in flat:
+      key = f"{collection}/{fj.trees.path_str(path)}"
+      if key not in saved or saved[key].shape != leaf.shape:
+        raise ConfigError(
+            f"init_from: {workdir}/final_params.npz does not match the model: "
+            f"{key} is {saved[key].shape if key in saved else 'missing'}, "
+            f"expected {leaf.shape}")
+      leaves.append(jnp.asarray(saved[key], leaf.dtype))
+    out[collection] = jax.tree_util.tree_unflatten(treedef, leaves)
+  return out
+
+
 def _setup(config: ConfigDict) -> _Setup:
   validate(config)
   try:
@@ -162,33 +181,35 @@ def _setup(config: ConfigDict) -> _Setup:
                         "data sets only); set augment=None or False")
     model = models_lib.get_model(config.model, num_classes=ds.train.num_classes,
                                  width=config.width)
-    phases = methods_lib.phases(config, spe)
+    phases = recipe.phases(recipe.resolve(config_json(config)), spe)
     starts = list(np.cumsum([0] + [p.num_epochs for p in phases[:-1]]).tolist())
     dummy = jnp.zeros((1, *ds.train.image_shape), jnp.float32)
     # Jitted: eager init compiles every op of a deep model one by one.
     key = ("init", config.model, config.width, config.dataset)
     if key not in _STEP_CACHE:
       _STEP_CACHE[key] = jax.jit(lambda rng, x: model.init(rng, x, train=False))
-    variables = _STEP_CACHE[key](jax.random.PRNGKey(config.seed), dummy)
-    params0 = variables["params"]
-    batch_stats0 = variables.get("batch_stats", {})
+    variables = dict(_STEP_CACHE[key](jax.random.PRNGKey(config.seed), dummy))
+    if config.init_from:
+      variables = load_variables(config.init_from, variables)
     setup = _Setup(config, ds, model, models_lib.uses_batchnorm(config.model),
-                   spe, phases, starts, params0, batch_stats0)
+                   spe, phases, starts, variables["params"],
+                   variables.get("batch_stats", {}))
     # Build (and init) every phase's transformation now, so that a bad value
     # fails before training rather than at a phase switch.
     for j, phase in enumerate(phases):
-      phase.make_tx(setup.template_aux(j)).init(params0)
+      if phase.make_tx is not None:
+        phase.make_tx(setup.template_aux(j)).init(setup.params0)
   except ConfigError:
     raise
   except (ValueError, data_lib.DatasetNotPreparedError) as e:
-    raise ConfigError(" ".join(str(e).split())) from None
+    raise ConfigError(recipe.one_line(e)) from None
   return setup
 
 
 # --- Steps ----------------------------------------------------------------------------
 
 
-def _make_train_step(model, tx, has_bn: bool, needs_loss_fn: bool = False):
+def _make_train_step(model, tx, has_bn: bool):
   def train_step(state, images, labels):
     def loss_fn(params):
       variables = {"params": params}
@@ -205,18 +226,17 @@ def _make_train_step(model, tx, has_bn: bool, needs_loss_fn: bool = False):
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"])
-    extra = {}
-    if needs_loss_fn:  # The phase's tx scores with the loss (Phase docs).
-      def eval_loss(params, *, temperature=1.0):
-        variables = {"params": params}
-        if has_bn:
-          variables["batch_stats"] = state["batch_stats"]
-        logits = model.apply(variables, images, train=False) / temperature
-        return optax.softmax_cross_entropy_with_integer_labels(
-            logits, labels).mean()
-      extra["loss_fn"] = eval_loss
+    def eval_loss(params, *, temperature=1.0):
+      """The batch's loss, eval-mode BatchNorm, for methods that score with
+      it (traced only by those)."""
+      variables = {"params": params}
+      if has_bn:
+        variables["batch_stats"] = state["batch_stats"]
+      logits = model.apply(variables, images, train=False) / temperature
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"],
-                                   **extra)
+                                   loss_fn=eval_loss)
     params = optax.apply_updates(state["params"], updates)
     return {"params": params, "batch_stats": batch_stats,
             "opt_state": opt_state}, loss
@@ -231,15 +251,13 @@ _STEP_CACHE: dict[tuple[Any, ...], Any] = {}
 
 
 def _train_step_for(setup: _Setup, j: int, tx):
-  needs_loss_fn = setup.phases[j].needs_loss_fn
   if setup.phases[j].enter is not None:
-    return _make_train_step(setup.model, tx, setup.has_bn, needs_loss_fn)
+    return _make_train_step(setup.model, tx, setup.has_bn)
   key = (json.dumps(config_json(setup.config), sort_keys=True), j)
   if key not in _STEP_CACHE:
     if len(_STEP_CACHE) >= 16:
       _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
-    _STEP_CACHE[key] = _make_train_step(setup.model, tx, setup.has_bn,
-                                        needs_loss_fn)
+    _STEP_CACHE[key] = _make_train_step(setup.model, tx, setup.has_bn)
   return _STEP_CACHE[key]
 
 
@@ -453,16 +471,13 @@ def _check_workdir(config: ConfigDict, workdir: str, resume: bool,
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-  """The fields in which two configs (as :func:`config_json`) differ.
-
-  A field missing from ``old`` that holds its default in ``new`` is not a
-  difference: it was added to the configs after ``old`` ran, and defaults
-  are chosen so that they keep the behaviour of runs that predate them.
-  """
-  defaults = config_json(_base.base_config())
-  return sorted(
-      k for k in set(old) | set(new) if old.get(k) != new.get(k)
-      and not (k not in old and k in defaults and new.get(k) == defaults[k]))
+  """The fields in which the runs of two configs (as :func:`config_json`)
+  differ: only those a run uses (``recipe.same_run``); a config recorded in
+  the shape before ``method_kw`` is upgraded first (``experiments.legacy``)."""
+  try:
+    return recipe.same_run(old, new)
+  except ConfigError as e:  # Not a config of a run this harness makes.
+    return [f"config ({recipe.one_line(e)})"]
 
 
 def check_same_config(config: ConfigDict, workdir: str) -> None:
@@ -594,7 +609,7 @@ def _restore_newest(setup: _Setup, workdir: str):
       break
     except Exception as e:  # pylint: disable=broad-except
       path = os.path.join(workdir, CHECKPOINT_DIR, str(step))
-      _warn(f"checkpoint {path} does not restore ({main_lib.one_line(e)[:300]}); "
+      _warn(f"checkpoint {path} does not restore ({recipe.one_line(e)[:300]}); "
             f"moved to {BAD_CHECKPOINT_DIR}/, trying an older one")
       bad.append(step)
   if bad:
@@ -647,10 +662,20 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
                   disable=True if not progress else None, dynamic_ncols=True,
                   desc=config.method)
   metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-  failed = True
+  failed, masks = True, None
   try:
     for j, phase in enumerate(setup.phases):
       if j < ckpt_phase:
+        continue
+      if phase.post is not None:  # Post-training: once, from the params.
+        variables = {"params": state["params"]}
+        if setup.has_bn:
+          variables["batch_stats"] = state["batch_stats"]
+        variables, masks, report = phase.post(setup.model, variables, setup.ds)
+        state = dict(state, params=variables["params"],
+                     batch_stats=variables.get("batch_stats", {}))
+        _atomic_write(os.path.join(workdir, "report.json"), json.dumps(
+            report, indent=1, sort_keys=True, default=float))
         continue
       if j > ckpt_phase:  # A fresh start of phase j.
         aux = None
@@ -721,15 +746,16 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
       mgr.close()
 
   return _finish(setup, workdir, state, completed,
-                 elapsed0 + time.time() - t_start, eval_step)
+                 elapsed0 + time.time() - t_start, eval_step, masks)
 
 
 def _finish(setup: _Setup, workdir: str, state, completed: int,
-            elapsed: float, eval_step) -> dict[str, Any]:
+            elapsed: float, eval_step, masks=None) -> dict[str, Any]:
   config = setup.config
-  params, opt_state = state["params"], state["opt_state"]
+  params = state["params"]
   accuracy = evaluate(setup, eval_step, params, state["batch_stats"])
-  masks = masks_of(opt_state)
+  if masks is None:
+    masks = masks_of(state["opt_state"])
   report = fj.sparsity_report(params, masks)
   zeros = fj.sparsity_report(params)
   text = (f"# Sparsity: {config.method}, {config.model} on {config.dataset}, "

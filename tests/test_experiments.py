@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from experiments import main
-from experiments import methods
+from experiments import recipe
 from experiments import reproduce_flipout
 from experiments import sweep
 from experiments import train
@@ -36,7 +36,7 @@ CIFAR_CONFIGS = [os.path.join(CONFIG_DIR, f"flipout_{m}_cifar10.py")
 # digits: 1,438 training images; batch 64 -> 22 steps per epoch.
 TINY = ["--config.dataset=digits", "--config.width=0.25",
         "--config.batch_size=64", "--config.eval_batch_size=500",
-        "--config.num_epochs=2", "--config.prune_every_epochs=0.5",
+        "--config.num_epochs=2", "--config.method_kw.every_epochs=0.5",
         "--config.lr=0.05", "--config.lr_decay_epochs=(1.5,)", "--noprogress"]
 
 
@@ -74,23 +74,26 @@ def test_config_files_exist():
           "flipout_vgg19_cifar10.py", "flipout_resnet18_cifar10.py"} <= names
 
 
+def spec(path=MAIN_CONFIG, *overrides):
+  return recipe.resolve(train.config_json(load_config(path, *overrides)))
+
+
 @pytest.mark.parametrize("path", config_files(), ids=os.path.basename)
-def test_every_config_loads_and_validates_with_every_method(path):
-  config = load_config(path)
-  train.validate(config)
-  for name in methods.METHODS:
-    c = config.copy_and_resolve_references()
-    c.unlock()
-    c.method = name
-    train.validate(c)
+def test_every_config_loads_and_validates(path):
+  # The N:M config's sparsity is 1 - N/M of the structure a run names.
+  config = load_config(path, *(["--config.structure=2:4"] if "nm_" in path else []))
+  phases = train.validate(config)
+  assert phases and recipe.resolve(train.config_json(config))["method"]
 
 
 def test_main_job_config_reaches_99_percent():
   config = load_config()
   assert config.method == "flipout" and config.model == "lenet300100"
   assert config.dataset == "mnist_5k" and config.batch_size == 128
-  assert methods.events_in_run(config) == 8
-  assert methods.target_sparsity(config) == 1 - 0.5 ** 8 >= 0.99
+  kw = spec()["method_kw"]
+  assert kw["sparsity"] == 1 - 0.5 ** 8 >= 0.99  # the events at 9, 18, ..., 72
+  assert (kw["every_epochs"], kw["prune_rate"], kw["p"]) == (9.0, 0.5, 2.0)
+  assert kw["noise_scale"] == 1.0 and kw["seed"] == 42
   # Every paper target fits the main job's schedule (used by the sweep).
   for t in _base.PAPER_TARGETS:
     train.validate(load_config(MAIN_CONFIG, f"--config.target={t}"))
@@ -102,79 +105,65 @@ def test_main_job_config_reaches_99_percent():
 def test_cifar_targets_give_the_papers_sparsities(path, target, every, events):
   config = load_config(path, f"--config.target={target}")
   assert config.num_epochs == 350 and config.lr == 0.1
-  assert config.momentum == 0.9 and config.weight_decay == 5e-4
+  assert config.optimizer_kw.momentum == 0.9 and config.weight_decay == 5e-4
   assert config.batch_size == 128 and tuple(config.lr_decay_epochs) == (150, 250)
   assert config.augment is True
-  assert methods.prune_every_epochs(config) == every
+  s = spec(path, f"--config.target={target}")
+  assert s["method_kw"]["every_epochs"] == every
   # Events at k * every < 350, never at the last epoch.
   assert events * every < 350 <= (events + 1) * every
-  assert methods.events_in_run(config) == events
-  assert abs(100 * methods.target_sparsity(config) - target) < 5e-3
-  # The same via get_config's argument (path:target).
+  assert s["method_kw"]["sparsity"] == 1 - 0.5 ** events
+  assert abs(100 * s["method_kw"]["sparsity"] - target) < 5e-3
   assert load_config(f"{path}:{target}").target == target
-  sched = methods.prune_schedule(config, 391)
-  assert sched.num_events == events and sched.prune_every == every * 391
+  kw, _ = recipe._steps(s, 391)  # pylint: disable=protected-access
+  assert kw["every"] == every * 391
 
 
 def test_explicit_sparsity_and_end_epoch():
-  c = load_config(MAIN_CONFIG, "--config.sparsity=0.99")
-  s = methods.prune_schedule(c, 31)
-  assert (s.sparsity, s.num_events, s.prune_every) == (0.99, 7, 9 * 31)
-  c = load_config(MAIN_CONFIG, "--config.sparsity=0.9", "--config.prune_end_epoch=40")
+  kw, _ = recipe._steps(spec(MAIN_CONFIG, "--config.sparsity=0.99"), 31)  # pylint: disable=protected-access
+  assert (kw["sparsity"], kw["every"], kw["start_step"]) == (0.99, 9 * 31, 0)
+  c = load_config(MAIN_CONFIG, "--config.sparsity=0.9")
   c.unlock()
-  c.prune_every_epochs = None
-  s = methods.prune_schedule(c, 31)
-  assert s.end_step == 40 * 31 and s.prune_every is None
+  c.method_kw.every_epochs = None
+  c.method_kw.end_epoch = 40.0
+  kw, _ = recipe._steps(recipe.resolve(train.config_json(c)), 31)  # pylint: disable=protected-access
+  assert kw["end_step"] == 40 * 31 and kw["every"] is None
 
 
-def test_registry_is_extensible():
-  assert set(reproduce_flipout.ALL_METHODS) | {"dense"} <= set(methods.METHODS)
-
-  def check(config):
-    if config.lr > 1:
-      raise methods.ConfigError("lr: too large for _test_method")
-
-  @methods.register("_test_method", prunes_to_target=False, validate=check)
-  def _build(config, steps_per_epoch, total_steps):
-    del total_steps
-    return methods.make_optimizer(config, steps_per_epoch)
-
-  try:
-    c = load_config()
-    c.unlock()
-    c.method = "_test_method"
-    train.validate(c)
-    phases = methods.phases(c, 31)
-    assert [p.name for p in phases] == ["train"] and phases[0].num_epochs == 80
-    c.lr = 2.0
-    with pytest.raises(methods.ConfigError, match="too large"):
-      train.validate(c)
-    with pytest.raises(ValueError, match="already registered"):
-      methods.register("_test_method")(_build)
-  finally:
-    del methods.METHODS["_test_method"]
+def test_any_registry_method_by_name_and_presets():
+  c = load_config(MAIN_CONFIG, "--config.method=random")
+  s = recipe.resolve(train.config_json(c))
+  assert s["method"] == "random_pruning"
+  valid = recipe.keywords("random_pruning")
+  assert {recipe.canonical(k, valid)[0] for k in s["method_kw"]} == set(valid)
+  c.unlock()
+  c.presets.my_flipout = {"method": "flipout", "p": 1.0}
+  c.method = "my_flipout"
+  s = recipe.resolve(train.config_json(c))
+  assert s["method"] == "flipout" and s["method_kw"]["p"] == 1.0
+  phases = recipe.phases(s, 31)
+  assert [p.name for p in phases] == ["train"] and phases[0].num_epochs == 80
+  hoyer = recipe.phases(spec(MAIN_CONFIG, "--config.method=hoyer_square"), 31)
+  assert [(p.name, p.num_epochs) for p in hoyer] == [("train", 80), ("finetune", 20)]
 
 
 # --- Errors ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("args,names", [
-    (["--config.method=magic"], ["method", "magic", "flipout", "snip"]),
+    (["--config.method=magic"], ["method", "magic", "flipout", "snip", "dense"]),
     (["--config.model=vgg99"], ["model", "vgg99", "lenet300100"]),
     (["--config.dataset=imagenet"], ["imagenet", "mnist_5k"]),
     (["--config.nosuchfield=1"], ["unknown field nosuchfield", "sparsity"]),
     (["--config.num_epochs=abc"], ["num_epochs", "abc"]),
-    (["--config.sparsity=1.5"], ["sparsity", "1.5", "[0, 1)"]),
-    (["--config.sparsity=0.9999"], ["sparsity", "events"]),
-    (["--config.prune_rate=0"], ["prune_rate", "(0, 1)"]),
-    (["--config.lr=-0.1"], ["lr", "> 0"]),
+    (["--config.sparsity=1.5"], ["method_kw.sparsity", "1.5"]),
+    (["--config.sparsity=0.9999"], ["method_kw.every_epochs", "events"]),
+    (["--config.optimizer_kw.momentum=abc"], ["momentum", "abc"]),
     (["--config.lr_schedule=linear"], ["lr_schedule", "cosine"]),
     (["--config.target=50"], ["target", "99.61"]),
     (["--config.width=0"], ["width"]),
     (["--config.batch_size=0"], ["batch_size"]),
-    (["--config.noise_on=some"], ["noise_on", "prunable"]),
-    (["--config.method=hoyer_square", "--config.hoyer_threshold=0"],
-     ["hoyer_threshold"]),
+    (["--config.method_kw.noise_on=some"], ["method_kw.noise_on", "prunable"]),
     (["--config=does_not_exist.py"], ["does_not_exist.py"]),
     (["--nosuchflag"], ["nosuchflag"]),
 ])
@@ -203,13 +192,15 @@ def test_error_in_a_real_process_is_one_line_without_traceback(tmp_path):
 # --- End to end, every method ---------------------------------------------------
 
 
-@pytest.mark.parametrize("method", sorted(reproduce_flipout.ALL_METHODS + ("dense",)))
+@pytest.mark.parametrize("method", sorted(reproduce_flipout.ALL_METHODS
+                                          + ("dense", "movement")))
 def test_cli_trains_every_method_to_its_target(tmp_path, capsys, method):
   extra = [f"--config.method={method}"]
   if method == "snip":
     extra.append("--config.sparsity=0.9")
   if method == "hoyer_square":
-    extra += ["--config.hoyer_lambda=1e-3", "--config.finetune_epochs=1"]
+    extra += ["--config.hoyer_lambda=1e-3",
+              "--config.presets.hoyer_square.finetune_epochs=1"]
   result = cli(tmp_path, *extra)
   out = capsys.readouterr().out.strip().splitlines()
   assert out[-1] == train.final_line(result)
@@ -225,8 +216,8 @@ def test_cli_trains_every_method_to_its_target(tmp_path, capsys, method):
   params = final_params(tmp_path)
   zeros = sum(int(np.sum(v == 0)) for k, v in params.items()
               if k.startswith("params/") and v.ndim >= 2)
-  if methods.METHODS[method].prunes_to_target:
-    target = methods.target_sparsity(config)
+  if method not in ("dense", "hoyer_square"):
+    target = recipe.resolve(train.config_json(config))["method_kw"]["sparsity"]
     assert result["pruned_weights"] == round(target * n)
     assert abs(result["sparsity"] - target) <= 1 / n
     assert zeros >= result["pruned_weights"]  # Pruned weights are exactly 0.0.
@@ -251,7 +242,7 @@ def test_cli_trains_every_method_to_its_target(tmp_path, capsys, method):
 # 10 epochs of 22 steps; FlipOut events at epochs 2, 4, 6, 8.
 KILL_ARGS = ["--config.dataset=digits", "--config.width=0.25",
              "--config.batch_size=64", "--config.eval_batch_size=500",
-             "--config.num_epochs=10", "--config.prune_every_epochs=2",
+             "--config.num_epochs=10", "--config.method_kw.every_epochs=2",
              "--config.lr_decay_epochs=(7,9)", "--noprogress"]
 
 
@@ -317,7 +308,7 @@ def test_killed_run_resumes_bit_identical(tmp_path):
 def test_resume_across_the_hoyer_finetune_phase_is_bit_identical(tmp_path):
   config = load_config(MAIN_CONFIG, *[a for a in TINY if a.startswith("--config")],
                        "--config.method=hoyer_square", "--config.hoyer_lambda=1e-3",
-                       "--config.finetune_epochs=2")
+                       "--config.presets.hoyer_square.finetune_epochs=2")
   ref = train.run(config, str(tmp_path / "ref"), progress=False)
   wd = str(tmp_path / "cut")
   # Stop at the phase boundary (after epoch 2), then inside the fine-tuning.
@@ -381,19 +372,32 @@ def test_generic_sweep_plan_and_table(tmp_path):
     sweep.parse_grid(["method"])
 
 
-def test_config_diff_ignores_fields_added_later_at_their_default(tmp_path):
+def test_config_diff_compares_only_what_a_run_uses(tmp_path):
   new = train.config_json(load_config())
-  defaults = train.config_json(_base.base_config())
-  field = next(k for k in sorted(defaults) if new.get(k) == defaults[k])
-  old = {k: v for k, v in new.items() if k != field}
-  assert train.config_diff(old, new) == []  # added since, at its default
-  changed = dict(new, **{field: "not the default"})
-  assert train.config_diff(old, changed) == [field]
-  assert train.config_diff(dict(new, seed=new["seed"] + 1), new) == ["seed"]
-  # The sweep skips such a finished run instead of re-running (and failing).
+  # Another method's arguments, unused presets and a field added since at
+  # its default are not a difference.
+  old = dict(new, presets={}, method_kw=dict(new["method_kw"], exploration=9.0))
+  del old["sparse_init"]
+  assert train.config_diff(old, new) == []
+  changed = dict(new, method_kw=dict(new["method_kw"], p=3.0))
+  assert train.config_diff(new, changed) == ["method_kw.p"]
+  assert train.config_diff(dict(new, seed=new["seed"] + 1), new) == [
+      "method_kw.seed", "seed"]
+  # A config recorded before method_kw (flat fields) is upgraded.
+  flat = {k: new[k] for k in ("method", "model", "width", "dataset", "seed",
+                              "batch_size", "eval_batch_size", "num_epochs",
+                              "lr", "lr_schedule", "lr_decay_epochs",
+                              "lr_decay_factor", "weight_decay")}
+  flat.update(momentum=0.9, nesterov=False, every_epochs=9.0,
+              prune_rate=0.5, prune_start_epoch=0.0, noise_scale=1.0,
+              noise_on="all", flipout_p=2.0, sparsity=None, target=None,
+              st3_power=3.0)
+  assert train.config_diff(flat, new) == []
+  assert train.config_diff(dict(flat, flipout_p=1.0), new) == ["method_kw.p"]
+  # The sweep skips such a finished run instead of re-running it.
   run = sweep.Run("m", "t", 0, [], workdir=str(tmp_path), config=new)
   with open(tmp_path / "final.json", "w") as f:
-    json.dump({"config": old, "test_accuracy": 0.5, "sparsity": 0.9}, f)
+    json.dump({"config": flat, "test_accuracy": 0.5, "sparsity": 0.9}, f)
   assert sweep.run_one(run, MAIN_CONFIG, []).skipped
 
 
@@ -420,7 +424,7 @@ def test_batchnorm_model_trains_and_resumes_bit_identical(tmp_path, monkeypatch)
   config = load_config(MAIN_CONFIG, "--config.dataset=digits",
                        "--config.model=tiny_bn", "--config.batch_size=64",
                        "--config.eval_batch_size=500", "--config.num_epochs=3",
-                       "--config.prune_every_epochs=1")
+                       "--config.method_kw.every_epochs=1")
   ref = train.run(config, str(tmp_path / "ref"), progress=False)
   wd = str(tmp_path / "cut")
   assert train.run(config, wd, progress=False, stop_after_epochs=1) is None

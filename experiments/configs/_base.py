@@ -9,7 +9,7 @@ A config names its method and passes its keyword arguments straight to it
                a key of ``presets``.
   method_kw    its keyword arguments. A key ``<name>_epoch`` / ``<name>_epochs``
                is given in epochs and passed as ``<name>`` (or ``<name>_step``)
-               in steps, ⌊epochs·steps_per_epoch⌋ ("prune_every_epochs",
+               in steps, ⌊epochs·steps_per_epoch⌋ ("every_epochs",
                "start_epoch", "end_epoch", "freeze_epoch", ...). A config
                shared by several methods holds the union: each method gets
                the keys it takes. ``structure`` may be a string: "2:4"
@@ -20,7 +20,7 @@ A config names its method and passes its keyword arguments straight to it
   presets      name -> {"method": registry name, **method_kw overrides}: the
                variants a sweep's ``--grid method=...`` names (``PRESETS``).
   target       the FlipOut paper's sparsity in percent (75, 93.75, 98.44,
-               99.61, 99.9): sets prune_every_epochs to the paper's value ×
+               99.61, 99.9): sets every_epochs to the paper's value ×
                num_epochs / 350.
   optimizer, optimizer_kw   ``optax.<optimizer>(learning_rate, **optimizer_kw)``
                after coupled ``weight_decay`` (the paper's SGD); ``lr`` with
@@ -47,7 +47,7 @@ PAPER_TARGETS = {75.0: 117, 93.75: 70, 98.44: 50, 99.61: 39, 99.9: 32}
 # The method names of the results tables that are variants of another.
 PRESETS = {
     "global_magnitude": {"noise_scale": 0.0},
-    "noisy_global_magnitude": {"method": "global_magnitude"},
+    "noisy_global_magnitude": {"method": "global_magnitude", "noise_scale": 1.0},
     "random": {"method": "random_pruning"},
     "set": {"method": "set_"},
     "st3_sigma": {"method": "st3", "sigma_normalized": True},
@@ -67,7 +67,10 @@ def base_config() -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.method = "flipout"
   c.method_kw = config_dict.ConfigDict(
-      {"sparsity": config_dict.placeholder(float)})
+      {"sparsity": config_dict.placeholder(float),
+       "structure": config_dict.placeholder(str), "start_epoch": 0.0,
+       # FlipOut's (the paper's defaults), here to be overridden.
+       "prune_rate": 0.5, "p": 2.0, "noise_scale": 1.0, "noise_on": "all"})
   c.presets = config_dict.ConfigDict(PRESETS)
   c.target = config_dict.placeholder(float)
   c.model = "lenet300100"

@@ -18,19 +18,12 @@ default). See `experiments/configs/_sparse_training.py` for the fields.
 """
 
 from experiments.configs import _base
-from experiments.configs import _sparse_training
 
 
 def get_config():
-  c = _base.mnist5k_config("lenet300100", method="dst_ee", num_epochs=30,
-                           lr_schedule="cosine", lr_decay_epochs=None)
-  c.sparsity = 0.9
-  # For the gradual pruning methods on this config (not used by DST): reach
-  # `sparsity` by 3/4 of the run.
-  c.prune_end_epoch = 22.5
-  _sparse_training.add_dst_fields(c)
-  c.dst_update_every_epochs = 1.0
-  c.dst_end_epoch = None  # 3/4 of num_epochs: 22.5
-  c.dst_exploration = 1e-3
-  c.dst_distribution = "erk"
-  return c
+  # end_epoch 22.5: DST's T_end (3/4 of the run, RigL), and where the gradual
+  # pruning methods on this config reach `sparsity`.
+  return _base.mnist5k_config(
+      "lenet300100", method="dst_ee", num_epochs=30, lr_schedule="cosine",
+      lr_decay_epochs=None, sparsity=0.9, update_every_epochs=1.0,
+      end_epoch=22.5, exploration=1e-3)

@@ -12,17 +12,10 @@ the run); c = 1e-3.
 """
 
 from experiments.configs import _base
-from experiments.configs import _sparse_training
 
 
 def get_config():
-  c = _base.mnist5k_config("lenet5", method="dst_ee", num_epochs=12,
-                           lr_schedule="cosine", lr_decay_epochs=None)
-  c.sparsity = 0.9
-  c.prune_end_epoch = 9.0  # for gradual pruning methods on this config
-  _sparse_training.add_dst_fields(c)
-  c.dst_update_every_epochs = 0.5
-  c.dst_end_epoch = None  # 3/4 of num_epochs: 9
-  c.dst_exploration = 1e-3
-  c.dst_distribution = "erk"
-  return c
+  return _base.mnist5k_config(
+      "lenet5", method="dst_ee", num_epochs=12, lr_schedule="cosine",
+      lr_decay_epochs=None, sparsity=0.9, update_every_epochs=0.5,
+      end_epoch=9.0, exploration=1e-3)

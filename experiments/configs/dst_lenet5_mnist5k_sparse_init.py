@@ -18,5 +18,5 @@ from experiments.configs import dst_lenet5_mnist5k
 
 def get_config():
   c = dst_lenet5_mnist5k.get_config()
-  c.dst_sparse_init = True
+  c.sparse_init = True
   return c

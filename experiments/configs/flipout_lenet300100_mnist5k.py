@@ -19,11 +19,10 @@ from experiments.configs import _base
 
 
 def get_config():
-  c = _base.mnist5k_config("lenet300100", method="flipout")
-  c.prune_every_epochs = 9.0
-  c.prune_rate = 0.5
-  # Hoyer-Square (when --config.method=hoyer_square): 80 epochs + 20 fine-tune.
-  c.hoyer_lambda = 3e-5
-  c.finetune_epochs = 20
-  c.finetune_lr = 0.005
+  # sparsity None: 1 - 0.5^8 from the events at epochs 9, 18, ..., 72.
+  c = _base.mnist5k_config("lenet300100", method="flipout",
+                           every_epochs=9.0)
+  # Hoyer-Square (--config.method=hoyer_square): 80 epochs + 20 fine-tune.
+  c.presets.hoyer_square.update(strength=3e-5, finetune_epochs=20,
+                                finetune_lr=0.005)
   return c

@@ -8,10 +8,7 @@ from experiments.configs import _base
 
 
 def get_config():
-  c = _base.mnist5k_config("lenet5", method="flipout")
-  c.prune_every_epochs = 9.0
-  c.prune_rate = 0.5
-  c.hoyer_lambda = 3e-5
-  c.finetune_epochs = 20
-  c.finetune_lr = 0.005
+  c = _base.mnist5k_config("lenet5", method="flipout", every_epochs=9.0)
+  c.presets.hoyer_square.update(strength=3e-5, finetune_epochs=20,
+                                finetune_lr=0.005)
   return c

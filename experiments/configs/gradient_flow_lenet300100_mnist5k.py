@@ -15,23 +15,12 @@ Fields: see `experiments/methods_gradient_flow.py` (measure, rounds,
 round_epochs, structured, reset_moments, hvp_temperature).
 """
 
-from ml_collections import config_dict
-
 from experiments.configs import _base
 
 
 def get_config():
-  c = _base.mnist5k_config("lenet300100", method="gradient_flow",
-                           num_epochs=30, lr_decay_epochs=(22, 27))
-  c.sparsity = 0.9
-  # Gradient-flow fields (experiments/methods_gradient_flow.py).
-  c.measure = "loss_preservation_magnitude"
-  c.rounds = 10
-  c.round_epochs = 1.0
-  c.structured = False
-  c.reset_moments = True
-  c.hvp_temperature = config_dict.placeholder(float)  # None: the authors' T
-  # For the FlipOut-family methods on this config (--config.method=flipout):
-  # halving events every 5 epochs.
-  c.prune_every_epochs = 5.0
-  return c
+  return _base.mnist5k_config(
+      "lenet300100", method="gradient_flow", num_epochs=30,
+      lr_decay_epochs=(22, 27), sparsity=0.9,
+      measure="loss_preservation_magnitude", rounds=10,
+      steps_per_round_epochs=1.0, reset_moments=True)

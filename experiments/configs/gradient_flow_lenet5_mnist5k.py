@@ -14,22 +14,11 @@ shared 2-core CPU: ~1.3 s of compute per epoch, ~8 s start-up per run.)
 Fields: see `experiments/methods_gradient_flow.py`.
 """
 
-from ml_collections import config_dict
-
 from experiments.configs import _base
 
 
 def get_config():
-  c = _base.mnist5k_config("lenet5", method="gradient_flow", num_epochs=6,
-                           lr_decay_epochs=(5,))
-  c.sparsity = 0.9
-  # Gradient-flow fields (experiments/methods_gradient_flow.py).
-  c.measure = "loss_preservation_magnitude"
-  c.rounds = 3
-  c.round_epochs = 1.0
-  c.structured = False
-  c.reset_moments = True
-  c.hvp_temperature = config_dict.placeholder(float)  # None: the authors' T
-  # For the FlipOut-family methods on this config: halving every epoch.
-  c.prune_every_epochs = 1.0
-  return c
+  return _base.mnist5k_config(
+      "lenet5", method="gradient_flow", num_epochs=6, lr_decay_epochs=(5,),
+      sparsity=0.9, measure="loss_preservation_magnitude", rounds=3,
+      steps_per_round_epochs=1.0, reset_moments=True)

@@ -18,17 +18,14 @@ reference's 10 fine-tuning epochs after 160.
 """
 
 from experiments.configs import _base
-from experiments.configs import _sparse_training
 
 
 def get_config():
-  c = _base.mnist5k_config("lenet300100", method="st3")
+  c = _base.mnist5k_config("lenet300100", method="st3", start_epoch=2.5,
+                           end_epoch=40.0, freeze_epoch=75.0)
   c.target = 99.61  # 1 - 0.5^8, the FlipOut main job's sparsity
-  _sparse_training.add_st3_fields(c)
-  c.st3_start_epoch = None  # 80 * 5/160 = 2.5
-  c.st3_end_epoch = None  # 80 * 80/160 = 40
-  c.st3_power = 3.0
-  c.st3_rescale = True
-  c.st3_finetune_epochs = 5
-  c.st3_grad_clip = None
+  # The FlipOut family on this config: the paper's events from epoch 0.
+  for name in ("flipout", "global_magnitude"):
+    c.presets[name] = dict(c.presets.get(name, {}), start_epoch=0.0,
+                           end_epoch=None)
   return c

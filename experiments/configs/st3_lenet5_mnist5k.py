@@ -12,18 +12,14 @@ cosine lr; the cubic ramp from epoch 0.375 to 6 (the reference's 5 → 80 of
 """
 
 from experiments.configs import _base
-from experiments.configs import _sparse_training
 
 
 def get_config():
   c = _base.mnist5k_config("lenet5", method="st3", num_epochs=12,
-                           lr_schedule="cosine", lr_decay_epochs=None)
+                           lr_schedule="cosine", lr_decay_epochs=None,
+                           start_epoch=0.375, end_epoch=6.0, freeze_epoch=11.0)
   c.target = 99.61
-  _sparse_training.add_st3_fields(c)
-  c.st3_start_epoch = None  # 12 * 5/160 = 0.375
-  c.st3_end_epoch = None  # 12 * 80/160 = 6
-  c.st3_power = 3.0
-  c.st3_rescale = True
-  c.st3_finetune_epochs = 1
-  c.st3_grad_clip = None
+  for name in ("flipout", "global_magnitude"):
+    c.presets[name] = dict(c.presets.get(name, {}), start_epoch=0.0,
+                           end_epoch=None)
   return c

@@ -1,0 +1,100 @@
+"""Every committed results table's command still makes the runs it recorded.
+
+For each run in ``experiments/results/*/results.json`` (which keeps the
+config each run recorded in its ``final.json``), the config its table's
+command gives today — the command in ``results.md``, or the FlipOut
+reproduction's plan — must make the same run (``train.config_diff``, which
+compares only what a run uses and upgrades configs recorded before
+``method_kw``): so a sweep re-launched on the runs' workdirs skips every
+finished one instead of training it again.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shlex
+
+import pytest
+
+from experiments import main
+from experiments import reproduce_flipout
+from experiments import sweep
+from experiments import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "experiments", "results")
+FLIPOUT_TABLE = "flipout_lenet300100_mnist5k"
+
+
+def commands(table: str) -> list[list[str]]:
+  with open(os.path.join(RESULTS, table, "results.md")) as f:
+    text = f.read()
+  return [shlex.split(c) for c in re.findall(
+      r"python -m experiments\.sweep ((?:[^`\n]|\\\n)*)", text.replace("\\\n", " "))]
+
+
+def planned(table: str) -> dict[str, tuple[str, list[str], int]]:
+  """Run workdir below ``runs/`` -> (config path, overrides, seed)."""
+  out = {}
+  if table == FLIPOUT_TABLE:
+    path = os.path.join(REPO, "experiments", "configs", f"{table}.py")
+    runs = reproduce_flipout.plan(
+        list(reproduce_flipout.ALL_METHODS), [75, 93.75, 98.44, 99.61, 99.9],
+        [42, 43, 44], ["1e-4", "1e-3", "3e-3", "1e-2", "3e-2"], True, "/o")
+    return {r.workdir.split("/runs/")[1]: (path, r.overrides, r.seed)
+            for r in runs}
+  for args in commands(table):
+    fv = main.parse_flags(["sweep", *args], sweep._define_flags)  # pylint: disable=protected-access
+    i = [a.split("=")[0] for a in args].index("--config")
+    path = args[i].split("=", 1)[1] if "=" in args[i] else args[i + 1]
+    swept = {k for k, _ in sweep.parse_grid(fv["grid"].value)} | {"seed"}
+    forwarded = [a for a in args if a.startswith("--config.")
+                 and a[len("--config."):].split("=", 1)[0] not in swept]
+    for r in sweep.plan(sweep.parse_grid(fv["grid"].value),
+                        [int(s) for s in fv["seeds"].value], "/o"):
+      overrides = sweep.with_seed(forwarded + r.overrides, r.seed)
+      out[r.workdir.split("/runs/")[1]] = path, overrides, r.seed
+  return out
+
+
+TABLES = sorted(os.path.basename(os.path.dirname(p)) for p in
+                glob.glob(os.path.join(RESULTS, "*", "results.json")))
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_table_command_makes_the_recorded_runs(table):
+  plan = planned(table)
+  recorded = []
+  for path in glob.glob(os.path.join(RESULTS, table, "**", "results.json"),
+                        recursive=True):
+    with open(path) as f:
+      recorded += json.load(f)
+  assert recorded and plan
+  for run in recorded:
+    key = run["workdir"].split("/runs/")[1]
+    assert key in plan, f"{table}: {key} is not made by the table's command"
+    path, overrides, seed = plan[key]
+    config = main.parse_flags(["prog", f"--config={path}", *overrides,
+                               f"--config.seed={seed}"])["config"].value
+    train.validate(config)
+    assert run["result"] is not None, key
+    assert train.config_diff(run["result"]["config"],
+                             train.config_json(config)) == [], (table, key)
+
+
+def test_a_changed_field_is_a_different_run():
+  table = "dst_lenet300100"
+  with open(os.path.join(RESULTS, table, "results.json")) as f:
+    run = json.load(f)[0]
+  path, overrides, seed = planned(table)[run["workdir"].split("/runs/")[1]]
+  for extra, field in [("--config.seed=7", "seed"),
+                       ("--config.exploration=0.5", "method_kw.exploration"),
+                       ("--config.update_every_epochs=2", "method_kw.update_every_epochs"),
+                       ("--config.lr=0.1", "lr")]:
+    config = main.parse_flags(["prog", f"--config={path}", *overrides,
+                               f"--config.seed={seed}", extra])["config"].value
+    assert field in train.config_diff(run["result"]["config"],
+                                      train.config_json(config))
