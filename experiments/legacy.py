@@ -24,10 +24,10 @@ RENAMED = {
     "prune_end_epoch": "end_epoch", "noise_scale": "noise_scale",
     "noise_on": "noise_on", "flipout_p": "p",
     "measure": "measure", "rounds": "rounds",
-    "round_epochs": "steps_per_round_epochs", "reset_moments": "reset_moments",
+    "round_epochs": "every_epochs", "reset_moments": "reset_moments",
     "st3_power": "power", "st3_rescale": "rescale",
 }
-DST = {"dst_update_every_epochs": "update_every_epochs",
+DST = {"dst_update_every_epochs": "every_epochs",
        "dst_drop_fraction": "drop_fraction", "dst_exploration": "exploration",
        "dst_epsilon": "epsilon", "dst_distribution": "distribution"}
 HOYER = {"hoyer_lambda": "strength", "hoyer_threshold": "threshold",

@@ -12,7 +12,7 @@ Methods are ``fj.registry`` names, and four of the harness: "dense" (the
 optimizer alone), "hoyer_square" (the regulariser, then threshold and
 fine-tune under the fixed mask) and the post-training methods "magnitude"
 (one shot, ⌈global⌉ or per-layer ``distribution``, BatchNorm recalibrated on
-the calibration set) and "unipts" (``fj.unipts.prune``), which run as the
+the calibration set) and "unipts" (``fj.unipts.run``), which run as the
 only phase of a run that starts from a dense run's final params
 (``init_from``).
 """
@@ -183,7 +183,9 @@ def resolve(c: dict[str, Any]) -> dict[str, Any]:
       kw[k] = list(default) if isinstance(default, tuple) else default
   if "seed" in valid and "seed" not in given:
     kw["seed"] = c["seed"]
-  spec = {k: c.get(k) for k in RUN_FIELDS}
+  defaults = _base.base_config()  # a field added since: at its default
+  spec = {k: c[k] if k in c else defaults.get(k) for k in RUN_FIELDS}
+  spec["optimizer_kw"] = dict(spec["optimizer_kw"] or {})
   t = c.get("hvp_temperature")
   if t is None:
     t = AUTHORS_TEMPERATURE if (name == "grasp" or kw.get("measure")
@@ -371,7 +373,7 @@ def post_train(name, kw, spec, model, variables, ds):
   report = {"calibration_indices": idx.tolist()}
   if name == "unipts":
     labels = y if spec["calibration_labels"] == "true" else None
-    r = _library(name, {k: k for k in kw}, lambda: fj.unipts.prune(
+    r = _library(name, {k: k for k in kw}, lambda: fj.unipts.run(
         model.apply, variables, x, calibration_y=labels, log_fn=print, **kw))
     return jax.device_get(r.variables), r.masks, dict(r.report, **report)
   params = variables["params"]

@@ -382,7 +382,7 @@ def test_config_diff_compares_only_what_a_run_uses(tmp_path):
   changed = dict(new, method_kw=dict(new["method_kw"], p=3.0))
   assert train.config_diff(new, changed) == ["method_kw.p"]
   assert train.config_diff(dict(new, seed=new["seed"] + 1), new) == [
-      "method_kw.seed", "seed"]
+      "seed", "method_kw.seed"]
   # A config recorded before method_kw (flat fields) is upgraded.
   flat = {k: new[k] for k in ("method", "model", "width", "dataset", "seed",
                               "batch_size", "eval_batch_size", "num_epochs",

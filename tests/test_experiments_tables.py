@@ -92,7 +92,7 @@ def test_a_changed_field_is_a_different_run():
   path, overrides, seed = planned(table)[run["workdir"].split("/runs/")[1]]
   for extra, field in [("--config.seed=7", "seed"),
                        ("--config.exploration=0.5", "method_kw.exploration"),
-                       ("--config.update_every_epochs=2", "method_kw.update_every_epochs"),
+                       ("--config.every_epochs=2", "method_kw.every_epochs"),
                        ("--config.lr=0.1", "lr")]:
     config = main.parse_flags(["prog", f"--config={path}", *overrides,
                                f"--config.seed={seed}", extra])["config"].value

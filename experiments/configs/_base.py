@@ -52,7 +52,7 @@ PRESETS = {
     "set": {"method": "set_"},
     "st3_sigma": {"method": "st3", "sigma_normalized": True},
     # RigL's random sparse start, never updated.
-    "static_random": {"method": "rigl", "update_every": 1, "end_step": 1},
+    "static_random": {"method": "rigl", "every": 1, "end_step": 1},
     # An event per epoch, the cubic ramp ending at FlipOut's last event.
     "movement": {"every_epochs": 1.0},
     "hoyer_square": {"strength": 1e-4, "threshold": 1e-4, "finetune_epochs": 0,

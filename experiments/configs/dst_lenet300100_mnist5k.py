@@ -25,5 +25,5 @@ def get_config():
   # pruning methods on this config reach `sparsity`.
   return _base.mnist5k_config(
       "lenet300100", method="dst_ee", num_epochs=30, lr_schedule="cosine",
-      lr_decay_epochs=None, sparsity=0.9, update_every_epochs=1.0,
+      lr_decay_epochs=None, sparsity=0.9, every_epochs=1.0,
       end_epoch=22.5, exploration=1e-3)

@@ -17,5 +17,5 @@ from experiments.configs import _base
 def get_config():
   return _base.mnist5k_config(
       "lenet5", method="dst_ee", num_epochs=12, lr_schedule="cosine",
-      lr_decay_epochs=None, sparsity=0.9, update_every_epochs=0.5,
+      lr_decay_epochs=None, sparsity=0.9, every_epochs=0.5,
       end_epoch=9.0, exploration=1e-3)

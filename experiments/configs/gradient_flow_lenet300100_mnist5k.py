@@ -23,4 +23,4 @@ def get_config():
       "lenet300100", method="gradient_flow", num_epochs=30,
       lr_decay_epochs=(22, 27), sparsity=0.9,
       measure="loss_preservation_magnitude", rounds=10,
-      steps_per_round_epochs=1.0, reset_moments=True)
+      every_epochs=1.0, reset_moments=True)

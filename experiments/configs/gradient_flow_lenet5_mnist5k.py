@@ -21,4 +21,4 @@ def get_config():
   return _base.mnist5k_config(
       "lenet5", method="gradient_flow", num_epochs=6, lr_decay_epochs=(5,),
       sparsity=0.9, measure="loss_preservation_magnitude", rounds=3,
-      steps_per_round_epochs=1.0, reset_moments=True)
+      every_epochs=1.0, reset_moments=True)

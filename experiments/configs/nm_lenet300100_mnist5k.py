@@ -23,7 +23,6 @@ from experiments.configs import _base
 
 def get_config():
   c = _base.mnist5k_config("lenet300100", method="st3", start_epoch=2.5,
-                           end_epoch=40.0, freeze_epoch=75.0,
-                           update_every_epochs=1.0)
-  c.presets.rigl = dict(end_epoch=60.0)
+                           end_epoch=40.0, freeze_epoch=75.0)
+  c.presets.rigl = dict(every_epochs=1.0, end_epoch=60.0)
   return c

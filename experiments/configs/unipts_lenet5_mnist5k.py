@@ -6,7 +6,7 @@ One file, two phases of the harness:
   0.05; ~98 % test accuracy, about a minute on 2 CPU cores;
 * the **post-training methods** from the teacher's final params
   (`--config.init_from=<its workdir>`): "unipts" (search + sparse training
-  with distillation, `fj.unipts.prune`; `method_kw` holds its arguments and
+  with distillation, `fj.unipts.run`; `method_kw` holds its arguments and
   any `UniPTSConfig` field), "unipts_uniform" (no search: P in every layer),
   "magnitude" (one-shot global |θ|) and "magnitude_uniform" (per layer), on
   `calibration_size` = 512 train images drawn by the seed, labelled by the
