@@ -1,7 +1,7 @@
 """flipout_jax: pruning and sparse training as pure optax transformations.
 
     import flipout_jax as fj
-    tx = fj.flipout(optax.sgd(0.1, momentum=0.9), sparsity=0.99, prune_every=500)
+    tx = fj.flipout(optax.sgd(0.1, momentum=0.9), sparsity=0.99, every=500)
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)  # pruned weights are 0.0
 """
@@ -26,7 +26,6 @@ from flipout_jax.methods.dst import dst
 from flipout_jax.methods.dst import dst_ee
 from flipout_jax.methods.dst import rigl
 from flipout_jax.methods.dst import set_
-from flipout_jax.methods.dst import sparse_evolutionary_training
 from flipout_jax.methods.flipout import flip_counter
 from flipout_jax.methods.flipout import flipout
 from flipout_jax.methods.flipout import global_magnitude
@@ -43,7 +42,6 @@ from flipout_jax.methods.st3 import ST3State
 from flipout_jax.methods.st3 import get_raw_weights
 from flipout_jax.methods.st3 import st3
 from flipout_jax.methods.st3 import st3_effective
-from flipout_jax.methods.st3 import st3_raw_weights
 from flipout_jax.methods.st3 import st3_scales
 from flipout_jax.methods.st3 import st3_thresholds
 from flipout_jax.report import SparsityError

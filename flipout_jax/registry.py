@@ -8,7 +8,8 @@
 
 A method is a constructor ``(inner, **keywords) -> optax transformation``;
 its keyword arguments are read from its signature, its documentation is its
-docstring. A new method is one module under ``flipout_jax/methods`` plus one
+docstring. ``every``, ``start_step`` and ``end_step`` mean the same in every
+method (README, "Vocabulary"). A new method is one module under ``flipout_jax/methods`` plus one
 line in :data:`METHODS`. Wrappers of a transformation (``sparse_init``) and
 regularisers without masks (``hoyer_square``) are not methods.
 """

@@ -15,10 +15,14 @@ with no host round trip. Two representations share one interface
 * :class:`PeriodicSchedule`: events every ``every`` steps with one target
   per *distinct* level, the event index computed arithmetically from the
   step count, so its cost does not grow with the number of events (DST's
-  ``update_every=2`` up to step 2**31 − 2 holds one budget row).
+  ``every=2`` up to step 2**31 − 2 holds one budget row).
 
 Every event step must be in ``[0, 2**31 − 2]``: the step counter is int32
 and saturates at 2**31 − 1 (constructors raise, naming the argument).
+
+The arguments ``every``, ``start_step`` and ``end_step`` mean what they mean
+in every method constructor (README, "Vocabulary"): update counts; no event
+before ``start_step`` or after ``end_step``, ``every`` steps between events.
 
 Constructors:
 
@@ -231,47 +235,50 @@ def events_needed(sparsity: float, rate: float) -> int:
   return max(1, math.ceil(math.log1p(-sparsity) / math.log1p(-rate) - 1e-9))
 
 
-def one_shot(sparsity: float, step: int = 0) -> Schedule:
-  """A single event at ``step`` pruning to ``sparsity``."""
-  return Schedule((validate.step(step, "step"),),
+def one_shot(sparsity: float, start_step: int = 0) -> Schedule:
+  """A single event at ``start_step`` pruning to ``sparsity`` (so
+  ``end_step = start_step``)."""
+  return Schedule((validate.step(start_step, "start_step"),),
                   (validate.sparsity(sparsity),))
 
 
 def periodic(sparsity: float, every: int, rate: float = 0.5,
-             start: int = 0) -> PeriodicSchedule:
-  """Every ``every`` steps after ``start``, remove ``rate`` of the survivors.
+             start_step: int = 0) -> PeriodicSchedule:
+  """Every ``every`` steps after ``start_step``, remove ``rate`` of the
+  survivors.
 
-  Events are at ``start + k·every`` for ``k = 1..n``, ``n`` the number needed
-  to reach ``sparsity``; event k targets ``min(1 − (1 − rate)^k, sparsity)``.
+  Events are at ``start_step + k·every`` for ``k = 1..n``, ``n`` the number
+  needed to reach ``sparsity``; event k targets
+  ``min(1 − (1 − rate)^k, sparsity)``.
 
   Raises:
-    ValueError: naming the argument (``prune_every``, ``prune_rate``,
+    ValueError: naming the argument (``every``, ``prune_rate``,
       ``start_step``, ``sparsity``), also if the last event would be beyond
       the int32 step counter (step ``2**31 − 2``).
   """
   sparsity = validate.sparsity(sparsity)
-  every = validate.step(every, "prune_every", low=1)
+  every = validate.step(every, "every", low=1)
   rate = validate.number(rate, "prune_rate", low=0, high=1, low_open=True,
                          high_open=True)
-  start = validate.step(start, "start_step")
+  start = validate.step(start_step, "start_step")
   n = events_needed(sparsity, rate)
   validate.last_event_step(
-      start + n * every, "prune_every",
-      f"start_step={start} + {n} events·prune_every={every} to reach "
+      start + n * every, "every",
+      f"start_step={start} + {n} events·every={every} to reach "
       f"sparsity {sparsity} at prune_rate {rate}")
   levels = tuple(min(1.0 - (1.0 - rate) ** k, sparsity) for k in range(1, n + 1))
   return PeriodicSchedule(start + every, every, n, levels)
 
 
 def periodic_until(sparsity: float, end_step: int, rate: float = 0.5,
-                   start: int = 0) -> AnySchedule:
+                   start_step: int = 0) -> AnySchedule:
   """:func:`periodic` with the period chosen so the last event is at or just
-  before ``end_step``: ``every = (end_step − start) // n``."""
+  before ``end_step``: ``every = (end_step − start_step) // n``."""
   sparsity = validate.sparsity(sparsity)
   rate = validate.number(rate, "prune_rate", low=0, high=1, low_open=True,
                          high_open=True)
   end_step = validate.step(end_step, "end_step", low=1)
-  start = validate.step(start, "start_step")
+  start = validate.step(start_step, "start_step")
   n = events_needed(sparsity, rate)
   if n == 0:
     return Schedule((), ())
@@ -284,12 +291,13 @@ def periodic_until(sparsity: float, end_step: int, rate: float = 0.5,
 
 
 def n_events(sparsity: float, num_events: int, every: int,
-             start: int = 0) -> PeriodicSchedule:
-  """``num_events`` events, each removing ``1 − (1 − S)^(1/N)`` of survivors."""
+             start_step: int = 0) -> PeriodicSchedule:
+  """``num_events`` events at ``start_step + k·every``, ``k = 1..num_events``,
+  each removing ``1 − (1 − S)^(1/N)`` of the survivors."""
   sparsity = validate.sparsity(sparsity)
   num_events = validate.integer(num_events, "num_events", low=1)
   every = validate.step(every, "every", low=1)
-  start = validate.step(start, "start_step")
+  start = validate.step(start_step, "start_step")
   validate.last_event_step(start + num_events * every, "every",
                            f"start_step={start} + num_events={num_events}"
                            f"·every={every}")
@@ -299,26 +307,30 @@ def n_events(sparsity: float, num_events: int, every: int,
                           sps[:-1] + (sparsity,))
 
 
-def polynomial_sparsity(step, sparsity: float, start: int, end: int,
-                        power: float = 3.0, initial: float = 0.0):
+def polynomial_sparsity(step, sparsity: float, start_step: int,
+                        end_step: int, power: float = 3.0,
+                        initial: float = 0.0):
   """Zhu & Gupta: ``s_t = S + (s0 − S)·(1 − (t − t0)/(t1 − t0))^power``.
 
-  0-dimensional jnp value; ``initial`` before ``start``, ``sparsity`` after
-  ``end``. Works on traced steps (ST-3 evaluates it every step).
+  0-dimensional jnp value; ``initial`` up to ``start_step`` (``t0``),
+  ``sparsity`` from ``end_step`` (``t1``) on. Works on traced steps (ST-3
+  evaluates it every step).
   """
+  start, end = start_step, end_step
   frac = jnp.clip((jnp.asarray(step, jnp.float32) - start) / (end - start), 0.0, 1.0)
   # Before start frac = 0 gives ``initial``; after end frac = 1 gives S.
   return sparsity + (initial - sparsity) * (1.0 - frac) ** power
 
 
-def polynomial(sparsity: float, start: int, end: int, every: int = 1,
-               power: float = 3.0, initial: float = 0.0) -> Schedule:
-  """Events every ``every`` steps from ``start`` to ``end`` (inclusive) on the
-  polynomial curve of :func:`polynomial_sparsity`."""
+def polynomial(sparsity: float, start_step: int, end_step: int,
+               every: int = 1, power: float = 3.0,
+               initial: float = 0.0) -> Schedule:
+  """Events every ``every`` steps from ``start_step`` to ``end_step`` (both
+  included) on the polynomial curve of :func:`polynomial_sparsity`."""
   sparsity = validate.sparsity(sparsity)
   initial = validate.sparsity(initial, "initial")
-  start = validate.step(start, "start_step")
-  end = validate.step(end, "end_step")
+  start = validate.step(start_step, "start_step")
+  end = validate.step(end_step, "end_step")
   every = validate.step(every, "every", low=1)
   validate.ordered(end, "end_step", start, "start_step")
   power = validate.number(power, "power", low=0, low_open=True)
@@ -341,20 +353,19 @@ def rounds_sparsities(sparsity: float, num_rounds: int) -> tuple[float, ...]:
   return tuple(1.0 - n * (1 - p) / (k * p + n * (1 - p)) for k in range(1, n + 1))
 
 
-def rounds(sparsity: float, num_rounds: int, steps_per_round: int,
-           start: int = 0) -> Schedule:
-  """``num_rounds`` events, one after every ``steps_per_round`` steps."""
+def rounds(sparsity: float, num_rounds: int, every: int,
+           start_step: int = 0) -> PeriodicSchedule:
+  """``num_rounds`` events at ``start_step + k·every``, ``k = 1..num_rounds``."""
   sparsity = validate.sparsity(sparsity)
   num_rounds = validate.integer(num_rounds, "rounds", low=1)
-  steps_per_round = validate.step(steps_per_round, "steps_per_round", low=1)
-  start = validate.step(start, "start_step")
+  every = validate.step(every, "every", low=1)
+  start = validate.step(start_step, "start_step")
   validate.last_event_step(
-      start + num_rounds * steps_per_round, "steps_per_round",
-      f"start_step={start} + rounds={num_rounds}·steps_per_round="
-      f"{steps_per_round}")
+      start + num_rounds * every, "every",
+      f"start_step={start} + rounds={num_rounds}·every={every}")
   sps = rounds_sparsities(sparsity, num_rounds)
-  return PeriodicSchedule(start + steps_per_round, steps_per_round,
-                          num_rounds, sps[:-1] + (sparsity,))
+  return PeriodicSchedule(start + every, every, num_rounds,
+                          sps[:-1] + (sparsity,))
 
 
 def as_schedule(events: AnySchedule | Sequence[tuple[int, float]],

@@ -79,17 +79,17 @@ def every_method_tx():
   sgd = optax.sgd(0.05, momentum=0.9)
   layer_sparsity = {f"dense{i}/kernel": s for i, s in enumerate((0.5, 0.7, 0.9))}
   return {
-      "global_magnitude": fj.global_magnitude(sgd, sparsity=0.9, prune_every=4),
-      "random_pruning": fj.random_pruning(sgd, sparsity=0.9, prune_every=4, seed=2),
-      "snip": fj.snip(sgd, sparsity=0.9, step=2),
+      "global_magnitude": fj.global_magnitude(sgd, sparsity=0.9, every=4),
+      "random_pruning": fj.random_pruning(sgd, sparsity=0.9, every=4, seed=2),
+      "snip": fj.snip(sgd, sparsity=0.9, start_step=2),
       "gradient_flow": fj.gradient_flow(sgd, measure="loss_preservation",
                                         sparsity=0.9, rounds=2,
-                                        steps_per_round=4),
+                                        every=4),
       "st3": fj.st3(sgd, sparsity=0.9, start_step=0, end_step=8),
       "st3_sigma": fj.st3(sgd, sparsity=0.9, start_step=0, end_step=8,
                           sigma_normalized=True, freeze_step=10),
-      "rigl": fj.rigl(sgd, sparsity=0.8, update_every=4, end_step=10, seed=2),
-      "set": fj.set_(sgd, sparsity=0.8, update_every=4, end_step=10, seed=2),
+      "rigl": fj.rigl(sgd, sparsity=0.8, every=4, end_step=10, seed=2),
+      "set": fj.set_(sgd, sparsity=0.8, every=4, end_step=10, seed=2),
       "nm_magnitude": fj.global_magnitude(
           sgd, sparsity=0.5, start_step=2, end_step=6,
           structure=fj.n_m(2, 4)),
@@ -97,7 +97,7 @@ def every_method_tx():
                                noise_scale=0.0, structure=fj.n_m(2, 4)),
       "nm_st3": fj.st3(sgd, sparsity=0.5, start_step=0, end_step=8,
                        structure=fj.n_m(2, 4)),
-      "nm_dst": fj.rigl(sgd, sparsity=0.5, update_every=4, end_step=10,
+      "nm_dst": fj.rigl(sgd, sparsity=0.5, every=4, end_step=10,
                         structure=fj.n_m(2, 4), seed=2),
       "unipts": fj.unipts.sparse_training(sgd, sparsities=layer_sparsity),
   }
@@ -106,7 +106,7 @@ def every_method_tx():
 def synthetic_tx(name):
   if name == "flipout_no_noise":
     return fj.flipout(optax.sgd(0.05, momentum=0.9), sparsity=0.9,
-                      prune_every=5, noise_scale=0.0, seed=3)
+                      every=5, noise_scale=0.0, seed=3)
   return st.make_tx(name)
 
 

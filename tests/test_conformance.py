@@ -107,8 +107,8 @@ class Case:
   needs_loss_fn: bool = False
 
 
-PERIODIC = dict(sparsity=S, prune_every=2, prune_rate=0.5)  # events at 2, 4
-DST = dict(sparsity=S, update_every=2, end_step=6, distribution="uniform")
+PERIODIC = dict(sparsity=S, every=2, prune_rate=0.5)  # events at 2, 4
+DST = dict(sparsity=S, every=2, end_step=6, distribution="uniform")
 NM = dict(n=2, m=4)
 
 CASES: dict[str, Case] = {
@@ -126,7 +126,7 @@ CASES: dict[str, Case] = {
                        _fixed_pruned),
     "prune": Case(lambda i, p, seed: fj.prune(
         i, score_fn=fj.scores.magnitude,
-        schedule=fj.schedules.one_shot(0.5, step=2), seed=seed), _global(0.5)),
+        schedule=fj.schedules.one_shot(0.5, start_step=2), seed=seed), _global(0.5)),
     "st3": Case(lambda i, p, seed: fj.st3(i, sparsity=S, start_step=0,
                                           end_step=4),
                 _st3_pruned, raw_weights=True),
@@ -142,9 +142,9 @@ CASES: dict[str, Case] = {
         lambda i, p, seed: fj.sparse_init(fj.rigl(i, **DST, seed=seed)),
         _per_layer(round), random=True),
     "gradient_flow": Case(lambda i, p, seed: fj.gradient_flow(
-        i, measure="magnitude", sparsity=S, rounds=2, steps_per_round=2,
+        i, measure="magnitude", sparsity=S, rounds=2, every=2,
         seed=seed), _global(S)),
-    "grasp": Case(lambda i, p, seed: fj.grasp(i, sparsity=S, step=2, seed=seed),
+    "grasp": Case(lambda i, p, seed: fj.grasp(i, sparsity=S, start_step=2, seed=seed),
                   _global(S), needs_loss_fn=True),
     "global_magnitude.2:4": Case(lambda i, p, seed: fj.global_magnitude(
         i, sparsity=0.5, end_step=4, structure=fj.n_m(**NM), seed=seed),
@@ -156,7 +156,7 @@ CASES: dict[str, Case] = {
         i, sparsity=0.5, start_step=0, end_step=4, structure=fj.n_m(**NM)),
         _half, raw_weights=True),
     "rigl.2:4": Case(lambda i, p, seed: fj.rigl(
-        i, sparsity=0.5, update_every=2, end_step=6, structure=fj.n_m(**NM),
+        i, sparsity=0.5, every=2, end_step=6, structure=fj.n_m(**NM),
         seed=seed), _half, random=True),
     "unipts.sparse_training": Case(lambda i, p, seed: unipts.sparse_training(
         i, sparsities={path: S for path in _paths(p)}), _per_layer(math.floor),

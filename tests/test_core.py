@@ -58,12 +58,12 @@ INNERS = {
 }
 
 METHODS = {
-    "flipout": lambda inner: fj.flipout(inner, sparsity=0.95, prune_every=4),
+    "flipout": lambda inner: fj.flipout(inner, sparsity=0.95, every=4),
     "global_magnitude": lambda inner: fj.global_magnitude(
-        inner, sparsity=0.95, prune_every=4),
+        inner, sparsity=0.95, every=4),
     "noisy_magnitude": lambda inner: fj.global_magnitude(
-        inner, sparsity=0.95, prune_every=4, noise_scale=1.0),
-    "random": lambda inner: fj.random_pruning(inner, sparsity=0.95, prune_every=4),
+        inner, sparsity=0.95, every=4, noise_scale=1.0),
+    "random": lambda inner: fj.random_pruning(inner, sparsity=0.95, every=4),
     "snip": lambda inner: fj.snip(inner, sparsity=0.95),
 }
 
@@ -122,7 +122,7 @@ class PruneLoopTest(parameterized.TestCase):
   def test_kept_weights_move_by_exactly_the_inner_update(self):
     params = mlp_params()
     inner = optax.adam(1e-2)
-    tx = fj.global_magnitude(inner, sparsity=0.5, prune_every=1)
+    tx = fj.global_magnitude(inner, sparsity=0.5, every=1)
     state = tx.init(params)
     grads = jax.grad(mlp_loss)(params, *batch(0))
     updates, state = jax.jit(tx.update)(grads, state, params)
@@ -142,7 +142,7 @@ class PruneLoopTest(parameterized.TestCase):
     # must still leave them at exactly zero on every later step.
     params = mlp_params()
     tx = fj.global_magnitude(optax.sgd(0.5, momentum=0.99), sparsity=0.9,
-                             prune_every=2)
+                             every=2)
     params, state, _ = run(tx, params, 12)
     masks = fj.get_masks(state)
     for k in params:
@@ -151,7 +151,7 @@ class PruneLoopTest(parameterized.TestCase):
 
   def test_jits_once_with_events(self):
     params = mlp_params()
-    tx = fj.flipout(optax.sgd(0.05, momentum=0.9), sparsity=0.99, prune_every=5)
+    tx = fj.flipout(optax.sgd(0.05, momentum=0.9), sparsity=0.99, every=5)
     params, state, step = run(tx, params, 50)
     self.assertEqual(step._cache_size(), 1)
     self.assertEqual(int(state.count), 50)
@@ -162,7 +162,7 @@ class PruneLoopTest(parameterized.TestCase):
     params = mlp_params()
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      fj.global_magnitude(optax.sgd(0.1), sparsity=0.75,
-                                         prune_every=1))
+                                         every=1))
     params, state, _ = run(tx, params, 3)
     masks = fj.get_masks(state)
     dead = sum(int(jnp.sum(~m)) for m in jax.tree.leaves(masks))
@@ -175,7 +175,7 @@ class PruneLoopTest(parameterized.TestCase):
 
   def test_same_seed_bit_identical(self):
     tx = lambda: fj.flipout(optax.sgd(0.05, momentum=0.9), sparsity=0.9,
-                            prune_every=3, seed=7)
+                            every=3, seed=7)
     a, _, _ = run(tx(), mlp_params(), 10)
     b, _, _ = run(tx(), mlp_params(), 10)
     chex.assert_trees_all_equal(a, b)
@@ -187,7 +187,7 @@ class PruneLoopTest(parameterized.TestCase):
     self.assertEqual(count_zeros(params), round(0.9 * prunable_size(params)))
 
 
-def numpy_flipout_reference(w_seq, sparsity, prune_every, rate, p):
+def numpy_flipout_reference(w_seq, sparsity, every, rate, p):
   """Independent reference: flips, saliency and masks over scripted weights."""
   w0 = w_seq[0]
   flips = np.zeros_like(w0, np.int64)
@@ -199,7 +199,7 @@ def numpy_flipout_reference(w_seq, sparsity, prune_every, rate, p):
   for t, target in enumerate(w_seq[1:]):
     new = np.where(mask, target, 0.0)
     flips += (np.sign(cur) != np.sign(new)) & mask
-    if (t % prune_every == 0) and t > 0:
+    if (t % every == 0) and t > 0:
       events += 1
       keep = n - round(min(1 - (1 - rate) ** events, sparsity) * n)
       sal = np.abs(new) ** p / (flips + 1)
@@ -227,7 +227,7 @@ class FlipOutReferenceTest(parameterized.TestCase):
       w[rng.random(shape) < 0.15] = 0.0  # weights passing through exactly 0
       w_seq.append(w)
     # sgd(1.0) with grads = w - target moves the weights to the scripted target.
-    tx = fj.flipout(optax.sgd(1.0), sparsity=0.9, prune_every=4, p=p,
+    tx = fj.flipout(optax.sgd(1.0), sparsity=0.9, every=4, p=p,
                     noise_scale=0.0)
     params = {"w": jnp.asarray(w_seq[0])}
     state = tx.init(params)
@@ -274,7 +274,7 @@ class NoiseTest(parameterized.TestCase):
   def test_zero_scale_adds_no_noise(self):
     params = mlp_params()
     grads = jax.grad(mlp_loss)(params, *batch(0))
-    tx = fj.global_magnitude(optax.sgd(1.0), sparsity=0.5, prune_every=10,
+    tx = fj.global_magnitude(optax.sgd(1.0), sparsity=0.5, every=10,
                              noise_scale=0.0)
     updates, _ = tx.update(grads, tx.init(params), params)
     chex.assert_trees_all_equal(updates, jax.tree.map(lambda g: -g, grads))
@@ -282,7 +282,7 @@ class NoiseTest(parameterized.TestCase):
   def test_noise_on_prunable_only_leaves_biases_clean(self):
     params = mlp_params()
     grads = jax.grad(mlp_loss)(params, *batch(0))
-    tx = fj.flipout(optax.sgd(1.0), sparsity=0.5, prune_every=10,
+    tx = fj.flipout(optax.sgd(1.0), sparsity=0.5, every=10,
                     noise_on="prunable")
     updates, _ = tx.update(grads, tx.init(params), params)
     chex.assert_trees_all_equal(updates["dense0"]["bias"],
@@ -332,7 +332,7 @@ class ScheduleAndBudgetTest(parameterized.TestCase):
   @parameterized.parameters((0.75, 2), (0.9375, 4), (0.984375, 6),
                             (0.99609375, 8), (0.9990234375, 10), (0.99, 7))
   def test_periodic_events(self, sparsity, n):
-    s = fj.schedules.periodic(sparsity, every=10, rate=0.5, start=5)
+    s = fj.schedules.periodic(sparsity, every=10, rate=0.5, start_step=5)
     self.assertEqual(len(s.steps), n)
     self.assertEqual(s.steps[0], 15)
     self.assertEqual(s.sparsities[-1], sparsity)
@@ -353,7 +353,7 @@ class ScheduleAndBudgetTest(parameterized.TestCase):
     self.assertEqual(s.sparsities[-1], 0.75)
 
   def test_polynomial(self):
-    s = fj.schedules.polynomial(0.8, start=10, end=20, every=5)
+    s = fj.schedules.polynomial(0.8, start_step=10, end_step=20, every=5)
     self.assertEqual(s.steps, (10, 15, 20))
     np.testing.assert_allclose(s.sparsities, [0.0, 0.8 * (1 - 0.5 ** 3), 0.8])
     self.assertAlmostEqual(float(fj.schedules.polynomial_sparsity(15, 0.8, 10, 20)),
@@ -388,7 +388,7 @@ class ScheduleAndBudgetTest(parameterized.TestCase):
     np.testing.assert_array_equal(b.keep, [55, 20])
 
   def test_uniform_distribution_in_transformation(self):
-    tx = fj.global_magnitude(optax.sgd(0.1), sparsity=0.5, prune_every=1,
+    tx = fj.global_magnitude(optax.sgd(0.1), sparsity=0.5, every=1,
                              distribution="uniform")
     params, state, _ = run(tx, mlp_params(), 2)
     for k in params:
@@ -399,23 +399,23 @@ class ScheduleAndBudgetTest(parameterized.TestCase):
 class ValidationTest(parameterized.TestCase):
 
   @parameterized.parameters(
-      (dict(sparsity=-0.1, prune_every=5), "sparsity"),
-      (dict(sparsity=1.0, prune_every=5), "sparsity"),
-      (dict(sparsity=0.5, prune_every=0), "prune_every"),
-      (dict(sparsity=0.5, prune_every=5, prune_rate=1.0), "prune_rate"),
-      (dict(sparsity=0.5, prune_every=5, prune_rate=0.0), "prune_rate"),
-      (dict(sparsity=0.5, prune_every=5, p=0.0), "p"),
-      (dict(sparsity=0.5, prune_every=5, noise_scale=-1.0), "noise_scale"),
-      (dict(sparsity=0.5, prune_every=5, noise_on="bias"), "noise_on"),
-      (dict(sparsity=0.5, prune_every=5, distribution="erdos"), "distribution"),
-      (dict(sparsity=0.5), "prune_every"),
+      (dict(sparsity=-0.1, every=5), "sparsity"),
+      (dict(sparsity=1.0, every=5), "sparsity"),
+      (dict(sparsity=0.5, every=0), "every"),
+      (dict(sparsity=0.5, every=5, prune_rate=1.0), "prune_rate"),
+      (dict(sparsity=0.5, every=5, prune_rate=0.0), "prune_rate"),
+      (dict(sparsity=0.5, every=5, p=0.0), "p"),
+      (dict(sparsity=0.5, every=5, noise_scale=-1.0), "noise_scale"),
+      (dict(sparsity=0.5, every=5, noise_on="bias"), "noise_on"),
+      (dict(sparsity=0.5, every=5, distribution="erdos"), "distribution"),
+      (dict(sparsity=0.5), "every"),
   )
   def test_bad_arguments(self, kwargs, name):
     with self.assertRaisesRegex(ValueError, name):
       fj.flipout(optax.sgd(0.1), **kwargs)
 
   def test_changed_params_tree(self):
-    tx = fj.flipout(optax.sgd(0.1), sparsity=0.5, prune_every=5)
+    tx = fj.flipout(optax.sgd(0.1), sparsity=0.5, every=5)
     params = mlp_params()
     state = tx.init(params)
     other = mlp_params(sizes=(12, 20, 5))
@@ -426,20 +426,20 @@ class ValidationTest(parameterized.TestCase):
       tx.update(reshaped, state, reshaped)
 
   def test_filter_selecting_nothing(self):
-    tx = fj.flipout(optax.sgd(0.1), sparsity=0.5, prune_every=5,
+    tx = fj.flipout(optax.sgd(0.1), sparsity=0.5, every=5,
                     filter_fn=lambda path, leaf: False)
     with self.assertRaisesRegex(ValueError, "filter_fn"):
       tx.init(mlp_params())
 
   def test_integer_leaves(self):
     params = {"w": jnp.ones((3, 3), jnp.int32)}
-    tx = fj.global_magnitude(optax.sgd(0.1), sparsity=0.5, prune_every=5,
+    tx = fj.global_magnitude(optax.sgd(0.1), sparsity=0.5, every=5,
                              filter_fn=lambda path, leaf: True)
     with self.assertRaisesRegex(ValueError, "dtype"):
       tx.init(params)
 
   def test_missing_params(self):
-    tx = fj.flipout(optax.sgd(0.1), sparsity=0.5, prune_every=5)
+    tx = fj.flipout(optax.sgd(0.1), sparsity=0.5, every=5)
     params = mlp_params()
     with self.assertRaisesRegex(ValueError, "params"):
       tx.update(params, tx.init(params))
@@ -531,7 +531,7 @@ class ReportTest(parameterized.TestCase):
 
   def test_check_sparse_reads_an_optimizer_state(self):
     params = {"w": jnp.arange(1.0, 9.0).reshape(2, 4)}
-    tx = fj.global_magnitude(optax.sgd(0.1), sparsity=0.5, prune_every=1,
+    tx = fj.global_magnitude(optax.sgd(0.1), sparsity=0.5, every=1,
                              prune_rate=0.5)
     state, new = tx.init(params), params
     for _ in range(2):  # The first event is at step 1.
@@ -555,7 +555,7 @@ class FlaxIntegrationTest(parameterized.TestCase):
     model = MLP()
     x, y = batch(0)
     variables = model.init(jax.random.PRNGKey(0), x)
-    tx = fj.flipout(optax.sgd(0.1, momentum=0.9), sparsity=0.9, prune_every=3)
+    tx = fj.flipout(optax.sgd(0.1, momentum=0.9), sparsity=0.9, every=3)
     state = tx.init(variables["params"])
 
     @jax.jit
@@ -583,7 +583,7 @@ class FlaxIntegrationTest(parameterized.TestCase):
         return self.l2(jax.nn.relu(self.l1(x)))
 
     model = MLP(nnx.Rngs(0))
-    tx = fj.flipout(optax.adam(1e-2), sparsity=0.9, prune_every=3)
+    tx = fj.flipout(optax.adam(1e-2), sparsity=0.9, every=3)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit

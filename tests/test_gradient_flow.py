@@ -227,12 +227,12 @@ class MeasuresTest(chex.TestCase):
     np.testing.assert_allclose(hg["w"], HG)
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(*scores.GRADIENT_FLOW_MEASURES)
+  @parameterized.parameters(*gf.MEASURES)
   def test_measure_equals_hand_computed_value(self, measure):
     fn = self.variant(lambda t, g, h: (
-        scores.gradient_flow_importance(measure, t, g, h),
-        scores.gradient_flow_importance(measure, t, g, h, structured=True),
-        scores.gradient_flow_importance(measure, t, g, h, structured=True,
+        gf.gradient_flow_importance(measure, t, g, h),
+        gf.gradient_flow_importance(measure, t, g, h, structured=True),
+        gf.gradient_flow_importance(measure, t, g, h, structured=True,
                                         broadcast=True)))
     per_weight, per_filter, broadcast = fn(jnp.asarray(W), jnp.asarray(G),
                                            jnp.asarray(HG))
@@ -241,10 +241,10 @@ class MeasuresTest(chex.TestCase):
     np.testing.assert_allclose(
         broadcast, np.broadcast_to(PER_FILTER[measure], (2, 2)), rtol=1e-12)
 
-  @parameterized.parameters(*scores.GRADIENT_FLOW_MEASURES)
+  @parameterized.parameters(*gf.MEASURES)
   def test_score_fn_computes_g_and_hg_from_loss_fn(self, measure):
     for structured, table in ((False, PER_WEIGHT), (True, PER_FILTER)):
-      out = scores.gradient_flow_score(measure, structured=structured)(
+      out = gf.gradient_flow_score(measure, structured=structured)(
           quad_context())
       np.testing.assert_allclose(
           out["w"], np.broadcast_to(table[measure], (2, 2)), rtol=1e-12)
@@ -265,7 +265,7 @@ class MeasuresTest(chex.TestCase):
     # |θHg| = [[10, 10], [20, 40]]: removes the two 10s.
     np.testing.assert_array_equal(
         masks_after_one_event(core.prune(
-            optax.sgd(0.1), score_fn=scores.gradient_flow_score(
+            optax.sgd(0.1), score_fn=gf.gradient_flow_score(
                 "gradient_norm_preservation"),
             schedule=schedules.one_shot(0.5))),
         [[False, False], [True, True]])
@@ -277,26 +277,26 @@ class MeasuresTest(chex.TestCase):
 
   def test_first_order_measures_use_step_gradient_without_loss_fn(self):
     ctx = quad_context(loss_fn=None)
-    out = scores.gradient_flow_score("loss_preservation_magnitude")(ctx)
+    out = gf.gradient_flow_score("loss_preservation_magnitude")(ctx)
     np.testing.assert_allclose(out["w"],
                                PER_WEIGHT["loss_preservation_magnitude"])
     # Dead weights contribute nothing to a filter's score.
     masks = {"w": jnp.array([[True, True], [False, True]])}
-    out = scores.gradient_flow_score("loss_preservation", structured=True)(
+    out = gf.gradient_flow_score("loss_preservation", structured=True)(
         quad_context(masks=masks, loss_fn=None))
     np.testing.assert_allclose(out["w"][0], [2.0, 10.0])
 
   def test_missing_inputs_raise(self):
     with pytest.raises(ValueError, match="^measure:"):
-      scores.gradient_flow_importance("grasp", jnp.asarray(W))
+      gf.gradient_flow_importance("grasp", jnp.asarray(W))
     with pytest.raises(ValueError, match="^grads:"):
-      scores.gradient_flow_importance("loss_preservation", jnp.asarray(W))
+      gf.gradient_flow_importance("loss_preservation", jnp.asarray(W))
     with pytest.raises(ValueError, match="^hvp:"):
-      scores.gradient_flow_importance("gradient_norm", jnp.asarray(W),
+      gf.gradient_flow_importance("gradient_norm", jnp.asarray(W),
                                       jnp.asarray(G))
-    for measure in scores.HESSIAN_MEASURES:
+    for measure in gf.HESSIAN_MEASURES:
       with pytest.raises(ValueError, match=r"^loss_fn:.*tx\.update\(grads"):
-        scores.gradient_flow_score(measure)(quad_context(loss_fn=None))
+        gf.gradient_flow_score(measure)(quad_context(loss_fn=None))
 
 
 def test_structured_filters_are_the_last_axis_of_conv_kernels():
@@ -312,7 +312,7 @@ def test_structured_filters_are_the_last_axis_of_conv_kernels():
       "gradient_norm_preservation": jnp.abs(jnp.sum(theta * hg, axes)),
   }
   for measure, value in expected.items():
-    out = scores.gradient_flow_importance(measure, {"conv": theta}, {"conv": g},
+    out = gf.gradient_flow_importance(measure, {"conv": theta}, {"conv": g},
                                           {"conv": hg}, structured=True)
     chex.assert_shape(out["conv"], (4,))
     np.testing.assert_allclose(out["conv"], value, rtol=1e-5)
@@ -325,7 +325,7 @@ def test_structured_filters_are_the_last_axis_of_conv_kernels():
 
 @pytest.mark.parametrize("p,n", [(0.75, 25), (0.9, 5), (0.5, 1), (0.0, 3)])
 def test_rounds_schedule_reaches_p_with_fractions_r_k(p, n):
-  sched = schedules.rounds(p, n, steps_per_round=7, start=3)
+  sched = schedules.rounds(p, n, every=7, start_step=3)
   assert sched.steps == tuple(3 + 7 * k for k in range(1, n + 1))
   assert sched.sparsities[-1] == p
   prev = 0.0
@@ -347,7 +347,7 @@ def test_realised_counts_follow_rounds_and_moments_reset(structured):
   sps = schedules.rounds_sparsities(p, n)
   tx = gf.gradient_flow(optax.sgd(0.05, momentum=0.9),
                         measure="loss_preservation_magnitude", sparsity=p,
-                        rounds=n, steps_per_round=spr,
+                        rounds=n, every=spr,
                         # every layer's filters count
                         structure=(fj.units(exclude=None) if structured
                                    else None))
@@ -382,20 +382,20 @@ def test_realised_counts_follow_rounds_and_moments_reset(structured):
 
 def test_reset_moments_false_keeps_momentum():
   tx = gf.gradient_flow(optax.sgd(0.05, momentum=0.9), measure="magnitude",
-                        sparsity=0.5, rounds=1, steps_per_round=1,
+                        sparsity=0.5, rounds=1, every=1,
                         reset_moments=False)
   _, state = train(tx, mlp_params(), 2, extra=False)
   trace = jax.tree.leaves(state.inner_state[0].trace)
   assert any(bool(jnp.any(t != 0)) for t in trace)
 
 
-@pytest.mark.parametrize("measure", scores.GRADIENT_FLOW_MEASURES)
+@pytest.mark.parametrize("measure", gf.MEASURES)
 def test_every_measure_trains_jitted_once(measure):
   # train() wraps the step in chex.assert_max_traces(n=1): events and
   # non-events run the same compiled update.
   params, state = train(
       gf.gradient_flow(optax.sgd(0.05, momentum=0.9), measure=measure,
-                       sparsity=0.8, rounds=2, steps_per_round=2),
+                       sparsity=0.8, rounds=2, every=2),
       mlp_params(), 6)
   n = sum(k.size for k in kernels(params))
   dead = sum(int(jnp.sum(~m)) for m in kernels(core.get_masks(state)))
@@ -412,7 +412,7 @@ def test_loss_is_evaluated_only_on_pruning_steps():
     return mlp_loss(p, x, y)
 
   tx = gf.gradient_flow(optax.sgd(0.05), measure="gradient_norm",
-                        sparsity=0.5, rounds=2, steps_per_round=2)
+                        sparsity=0.5, rounds=2, every=2)
   params = mlp_params()
   state = tx.init(params)
 
@@ -446,7 +446,7 @@ def test_hvp_batches_through_update():
                          + loss_b(p, batch_list[1])) / 2
   _, hg = jax.jit(lambda p: hessian.gradient_and_hessian_gradient(
       mean_loss, p))(params)
-  ref = scores.gradient_flow_importance("gradient_norm", kernels(params),
+  ref = gf.gradient_flow_importance("gradient_norm", kernels(params),
                                         hvp=kernels(hg))
   flat = np.concatenate([np.ravel(s) for s in ref])
   got = np.concatenate([np.ravel(m) for m in kernels(core.get_masks(state))])
@@ -457,7 +457,7 @@ def test_hvp_batches_through_update():
 
 def test_missing_loss_fn_is_a_clear_error_at_trace_time():
   tx = gf.gradient_flow(optax.sgd(0.05), measure="gradient_norm_preservation",
-                        sparsity=0.5, rounds=2, steps_per_round=10)
+                        sparsity=0.5, rounds=2, every=10)
   with pytest.raises(ValueError, match=r"^loss_fn: .*hvp_batches"):
     train(tx, mlp_params(), 1, extra=False)
 
@@ -481,7 +481,7 @@ def test_structured_removes_whole_filters_and_never_empties_a_layer(
   params["dense2"]["kernel"] = params["dense2"]["kernel"] * 1e-3
   filters = [k.shape[-1] for k in kernels(params)]
   tx = gf.gradient_flow(optax.sgd(0.01), measure="magnitude",
-                        sparsity=sparsity, rounds=2, steps_per_round=1,
+                        sparsity=sparsity, rounds=2, every=1,
                         distribution=distribution,
                         structure=fj.units(exclude=None))  # dense2 ranked too
   params, state = train(tx, params, 4, extra=False)
@@ -547,7 +547,7 @@ def test_structured_leaves_the_classifier_whole_by_default(output_layer):
   params = _lenet300100_params(1e-3)
   kwargs = {} if output_layer == "auto" else dict(exclude=output_layer)
   tx = gf.gradient_flow(optax.sgd(0.0), measure="magnitude", sparsity=0.9,
-                        rounds=1, steps_per_round=1,
+                        rounds=1, every=1,
                         structure=fj.units(**kwargs))
   state = tx.init(params)
   grads = jax.tree.map(jnp.zeros_like, params)
@@ -591,14 +591,14 @@ def test_output_layer_paths():
     (dict(sparsity=-0.1), "sparsity"),
     (dict(rounds=0), "rounds"),
     (dict(rounds=-2), "rounds"),
-    (dict(steps_per_round=0), "steps_per_round"),
+    (dict(every=0), "every"),
     (dict(start_step=-1), "start_step"),
     (dict(distribution="nope"), "distribution"),
     (dict(reset_moments="some"), "reset_moments"),
     (dict(structure="units"), "structure"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
-  args = dict(measure="magnitude", sparsity=0.5, rounds=3, steps_per_round=5)
+  args = dict(measure="magnitude", sparsity=0.5, rounds=3, every=5)
   args.update(kwargs)
   with pytest.raises(ValueError, match=f"^{name}:"):
     gf.gradient_flow(optax.sgd(0.1), **args)
@@ -607,8 +607,8 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
 def test_grasp_bad_arguments():
   with pytest.raises(ValueError, match="^sparsity:"):
     gf.grasp(optax.sgd(0.1), sparsity=1.0)
-  with pytest.raises(ValueError, match="^step:"):
-    gf.grasp(optax.sgd(0.1), sparsity=0.5, step=-1)
+  with pytest.raises(ValueError, match="^start_step:"):
+    gf.grasp(optax.sgd(0.1), sparsity=0.5, start_step=-1)
   with pytest.raises(ValueError, match="^temperature:"):
     hessian.softmax_cross_entropy_loss(lambda p, x: x, temperature=0.0)
 

@@ -65,14 +65,14 @@ def test_zero_size_leaves_are_skipped():
             "b": {"kernel": jnp.linspace(0.1, 2.0, 100).reshape(10, 10)},
             "empty": {"kernel": jnp.zeros((0, 5))}}
   grads = lambda p: jax.tree.map(jnp.ones_like, p)  # pylint: disable=unnecessary-lambda-assignment
-  tx = fj.global_magnitude(optax.sgd(0.0), sparsity=0.9, prune_every=1,
+  tx = fj.global_magnitude(optax.sgd(0.0), sparsity=0.9, every=1,
                            prune_rate=0.9, distribution="erk")
   _, state = _steps(tx, params, 2, grads)
   masks = fj.get_masks(state)
   assert masks["empty"]["kernel"] is None
   report = fj.sparsity_report(params, masks)
   assert report.zeros == 180 and report.size == 200  # 90 %, not 99.9 %
-  tx = fj.dst_ee(optax.sgd(0.1), sparsity=0.5, update_every=1, end_step=4)
+  tx = fj.dst_ee(optax.sgd(0.1), sparsity=0.5, every=1, end_step=4)
   _, state = _steps(tx, params, 3, grads)  # no OverflowError
   assert fj.get_masks(state)["empty"]["kernel"] is None
   assert num_pruned(fj.get_masks(state)) == 100
@@ -101,7 +101,7 @@ def test_unipts_prune_calls_a_model_without_train_argument():
   x = jax.random.normal(jax.random.PRNGKey(0), (32, 12))
   model = _NoTrain()
   variables = model.init(jax.random.PRNGKey(1), x[:2])
-  result = unipts.prune(model.apply, variables, x, sparsity=0.5, search=False,
+  result = unipts.run(model.apply, variables, x, sparsity=0.5, search=False,
                         epochs=1, batch_size=16)
   for path, layer in result.report["layers"].items():
     kernel = result.variables["params"]
@@ -112,7 +112,7 @@ def test_unipts_prune_calls_a_model_without_train_argument():
   bn_vars = bn.init(jax.random.PRNGKey(1), x[:2])
   with pytest.raises(ValueError, match="apply_fn: the model has BatchNorm "
                      "statistics .* takes no `train` argument"):
-    unipts.prune(bn.apply, bn_vars, x, sparsity=0.5, search=False, epochs=0)
+    unipts.run(bn.apply, bn_vars, x, sparsity=0.5, search=False, epochs=0)
 
 
 def test_sparsity_report_reads_nnx_state_with_variables():
@@ -124,7 +124,7 @@ def test_sparsity_report_reads_nnx_state_with_variables():
       return self.l1(x)
 
   model = MLP(nnx.Rngs(0))
-  tx = fj.global_magnitude(optax.sgd(0.0), sparsity=0.5, prune_every=1)
+  tx = fj.global_magnitude(optax.sgd(0.0), sparsity=0.5, every=1)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   for _ in range(2):
     grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((1, 6)))))(model)
@@ -138,7 +138,7 @@ def test_sparsity_report_reads_nnx_state_with_variables():
 def test_reseed_gives_each_pruning_state_its_own_key():
   params = {"a": {"kernel": jnp.ones((4, 4))}, "b": {"kernel": jnp.ones((4, 4))}}
   labels = {"a": "x", "b": "y"}
-  mk = lambda: fj.random_pruning(optax.sgd(0.1), sparsity=0.5, prune_every=1)  # pylint: disable=unnecessary-lambda-assignment
+  mk = lambda: fj.random_pruning(optax.sgd(0.1), sparsity=0.5, every=1)  # pylint: disable=unnecessary-lambda-assignment
   tx = optax.partition({"x": mk(), "y": mk()}, labels)
   state = tx.init(params)
   # Labels name subtrees: each group's masks cover the other as one None.
@@ -178,14 +178,14 @@ def test_seed_takes_a_traced_key():
   params = {"w": jnp.ones((8, 8))}
 
   def start(key):
-    return fj.get_masks(fj.set_(optax.sgd(0.1), sparsity=0.5, update_every=2,
+    return fj.get_masks(fj.set_(optax.sgd(0.1), sparsity=0.5, every=2,
                                 end_step=10, seed=key).init(params))["w"]
 
   masks = jax.jit(jax.vmap(start))(jax.random.split(jax.random.key(1), 2))
   assert masks.shape == (2, 8, 8) and not np.array_equal(masks[0], masks[1])
   np.testing.assert_array_equal(
       start(jax.random.key(5)),
-      fj.get_masks(fj.set_(optax.sgd(0.1), sparsity=0.5, update_every=2,
+      fj.get_masks(fj.set_(optax.sgd(0.1), sparsity=0.5, every=2,
                            end_step=10, seed=jax.random.PRNGKey(5))
                    .init(params))["w"])
   assert int(np.sum(~np.asarray(masks[0]))) == 32
@@ -195,7 +195,7 @@ def test_a_nan_weight_that_is_pruned_is_reported():
   # One NaN gradient entry under plain SGD: the weight goes NaN; the next
   # event prunes it (NaN ranks lowest) but p + (−p) is NaN, not 0.0.
   params = {"w": jnp.arange(1.0, 9.0).reshape(2, 4)}
-  tx = fj.global_magnitude(optax.sgd(1.0), sparsity=0.5, prune_every=1)
+  tx = fj.global_magnitude(optax.sgd(1.0), sparsity=0.5, every=1)
   state = tx.init(params)
   g = jnp.zeros((2, 4)).at[0, 3].set(jnp.nan)
   for grads in ({"w": g}, _zero_grads(params)):
@@ -214,7 +214,7 @@ def test_a_nan_weight_that_is_pruned_is_reported():
 def test_a_global_ranking_that_empties_a_layer_warns_and_reports_it():
   params = {"a": {"kernel": jnp.full((4, 4), 0.01)},
             "b": {"kernel": jnp.arange(1.0, 17.0).reshape(4, 4)}}
-  tx = fj.global_magnitude(optax.sgd(0.0), sparsity=0.5, prune_every=1)
+  tx = fj.global_magnitude(optax.sgd(0.0), sparsity=0.5, every=1)
   out, state = _steps(tx, params, 2)
   with pytest.warns(UserWarning, match="a/kernel: no weight left"):
     report = fj.sparsity_report(out, fj.get_masks(state))
@@ -238,7 +238,7 @@ def test_snip_with_zero_gradients_in_a_layer_collapses_it_loudly():
 
 def test_a_target_that_leaves_no_weight_warns_at_init():
   params = {"w": jnp.ones((2, 5))}  # 10 weights, s = 0.95: round(9.5) = 10
-  tx = fj.global_magnitude(optax.sgd(0.0), sparsity=0.95, prune_every=1,
+  tx = fj.global_magnitude(optax.sgd(0.0), sparsity=0.95, every=1,
                            prune_rate=0.9)
   with pytest.warns(UserWarning, match="leaves no weight in w"):
     tx.init(params)

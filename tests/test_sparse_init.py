@@ -27,7 +27,7 @@ class SparseInitTest(chex.TestCase):
   def test_first_update_rescales_kept_weights_to_their_fan_in(self):
     params = _params()
     lr = 0.1
-    tx = fj.sparse_init(fj.rigl(optax.sgd(lr), sparsity=0.8, update_every=10,
+    tx = fj.sparse_init(fj.rigl(optax.sgd(lr), sparsity=0.8, every=10,
                                 end_step=100, distribution="uniform", seed=1))
     update = self.variant(tx.update)
     state = tx.init(params)
@@ -49,7 +49,7 @@ class SparseInitTest(chex.TestCase):
     chex.assert_trees_all_close(new["dense0"]["bias"],
                                 params["dense0"]["bias"] - lr * 0.5)
     # Later updates are the wrapped transformation's, unchanged.
-    plain = fj.rigl(optax.sgd(lr), sparsity=0.8, update_every=10,
+    plain = fj.rigl(optax.sgd(lr), sparsity=0.8, every=10,
                     end_step=100, distribution="uniform", seed=1)
     u_wrapped, _ = update(grads, state, new)
     u_plain, _ = plain.update(grads, state, new)
@@ -57,7 +57,7 @@ class SparseInitTest(chex.TestCase):
 
   def test_state_and_masks_are_the_wrapped_transformations(self):
     params = _params()
-    inner = fj.set_(optax.sgd(0.1), sparsity=0.9, update_every=5, end_step=50)
+    inner = fj.set_(optax.sgd(0.1), sparsity=0.9, every=5, end_step=50)
     chex.assert_trees_all_equal(fj.sparse_init(inner).init(params),
                                 inner.init(params))
 

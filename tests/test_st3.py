@@ -220,7 +220,7 @@ class ST3TransformTest(chex.TestCase):
     step = self.variant(_make_step(tx, x, y))
     for _ in range(3):  # counts 0, 1, 2
       params, state, _ = step(params, state)
-    raw = st3_lib.st3_raw_weights(state, params)
+    raw = st3_lib.get_raw_weights(state, params)
     s_prev = st3_lib.st3_sparsity(2, sparsity=s_max, start_step=t0, end_step=t1)
 
     def eff(w):
@@ -236,7 +236,7 @@ class ST3TransformTest(chex.TestCase):
     g_ref = jax.jit(jax.grad(st_loss))(raw)
     expected = jax.tree.map(lambda w, g: w - lr * g, raw, g_ref)
     params, state, _ = step(params, state)  # count 3
-    new_raw = st3_lib.st3_raw_weights(state, params)
+    new_raw = st3_lib.get_raw_weights(state, params)
     for name in sorted(params):
       np.testing.assert_allclose(new_raw[name]["kernel"],
                                  expected[name]["kernel"], rtol=1e-5, atol=1e-6)
@@ -283,7 +283,7 @@ class ST3TransformTest(chex.TestCase):
         chex.assert_trees_all_close(params, plain, rtol=1e-5, atol=1e-6)
         for scale in _kernels(st3_lib.st3_scales(state)):
           np.testing.assert_array_equal(scale, 1.0)
-        raw = st3_lib.st3_raw_weights(state, params)
+        raw = st3_lib.get_raw_weights(state, params)
         chex.assert_trees_all_close(params, raw, rtol=1e-6, atol=1e-7)
       if t >= t1:
         self.assertLessEqual(abs(masked - math.floor(s_max * n)), 1)
@@ -318,7 +318,7 @@ class ST3TransformTest(chex.TestCase):
       params, state, loss = step(params, state)
       losses.append(float(loss))
       history.append((params, core.get_masks(state),
-                      st3_lib.st3_raw_weights(state)))
+                      st3_lib.get_raw_weights(state)))
     self.assertEqual(step._cache_size(), 1)
     self.assertTrue(np.all(np.isfinite(losses)))
     self.assertLess(losses[-1], losses[0])
@@ -359,7 +359,7 @@ class ST3TransformTest(chex.TestCase):
     self.assertEqual(int(np.sum(~np.asarray(masks["dense_0"]["kernel"]))),
                      math.floor(0.5 * SIZES[0] * SIZES[1]))
     self.assertTrue(np.all(np.asarray(params["dense_1"]["kernel"]) != 0.0))
-    raw = st3_lib.st3_raw_weights(state)
+    raw = st3_lib.get_raw_weights(state)
     self.assertIsNone(raw["dense_1"]["kernel"])  # not copied into the state
 
   def test_state_layout_and_raw_weight_accessor(self):
@@ -370,14 +370,14 @@ class ST3TransformTest(chex.TestCase):
     self.assertIsInstance(state.method_state, st3_lib.ST3State)
     chex.assert_trees_all_equal(st3_lib.get_raw_weights(state, params), params)
     chained = optax.chain(optax.clip(1.0), tx).init(params)
-    chex.assert_trees_all_equal(st3_lib.st3_raw_weights(chained, params),
+    chex.assert_trees_all_equal(st3_lib.get_raw_weights(chained, params),
                                 params)
-    raw = st3_lib.st3_raw_weights(state)
+    raw = st3_lib.get_raw_weights(state)
     self.assertIsNone(raw["dense_0"]["bias"])
     chex.assert_shape(st3_lib.st3_scales(state)["dense_0"]["kernel"],
                       (SIZES[1],))
-    with pytest.raises(ValueError, match="st3 states"):
-      st3_lib.st3_raw_weights(optax.sgd(0.1).init(params))
+    with pytest.raises(ValueError, match="raw-weight states"):
+      st3_lib.get_raw_weights(optax.sgd(0.1).init(params))
 
   def test_nnx_optimizer(self):
     from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -406,7 +406,7 @@ class ST3TransformTest(chex.TestCase):
     for _ in range(3):
       step(model, opt)
     masks = core.get_masks(opt.opt_state)
-    raw = st3_lib.st3_raw_weights(opt.opt_state)
+    raw = st3_lib.get_raw_weights(opt.opt_state)
     self.assertEqual(int(np.sum(~np.asarray(masks["l1"]["kernel"]))) +
                      int(np.sum(~np.asarray(masks["l2"]["kernel"]))),
                      math.floor(0.5 * (8 * 12 + 12 * 3)))

@@ -339,7 +339,7 @@ def test_dst_custom_gradient_is_g_plus_decay_on_pruned_weights(dst_run):
   # weights by exactly −lr·(g + λ(1 − m)⊙w), pruned ones included
   # (straight-through), with m the masks the gradient was taken under.
   for t in range(len(grads_seen)):
-    raw, new_raw = (unipts.raw_weights(s) for s in states[t:t + 2])
+    raw, new_raw = (fj.get_raw_weights(s) for s in states[t:t + 2])
     masks = core.get_masks(states[t])
     for layer in ("fc1", "fc2"):
       m = np.asarray(masks[layer]["kernel"])
@@ -350,7 +350,7 @@ def test_dst_custom_gradient_is_g_plus_decay_on_pruned_weights(dst_run):
                                  rtol=1e-5, atol=1e-7)
       if t == 0:
         assert np.any(np.asarray(new_raw[layer]["kernel"])[~m] != w[~m])
-  assert unipts.raw_weights(states[0])["fc1"]["bias"] is None
+  assert fj.get_raw_weights(states[0])["fc1"]["bias"] is None
   # Non-prunable leaves are trained in place by the inner optimizer.
   np.testing.assert_allclose(
       params_seen[1]["fc1"]["bias"],
@@ -374,7 +374,7 @@ def test_dst_rejects_bad_arguments():
 @pytest.fixture(scope="module")
 def bn_run():
   model, variables, x = _bn_setup(96)
-  result = unipts.prune(model.apply, variables, x, sparsity=0.8, seed=0,
+  result = unipts.run(model.apply, variables, x, sparsity=0.8, seed=0,
                         epochs=2, batch_size=32, bn_batch_size=32,
                         **TINY_SEARCH)
   return model, variables, x, result
@@ -424,7 +424,7 @@ def test_pipeline_bn_model(bn_run):
 def test_pipeline_lenet_without_batchnorm():
   model, variables, x = _lenet(40)
   y = np.arange(40) % 10
-  result = unipts.prune(model.apply, variables, x, sparsity=0.9, search=False,
+  result = unipts.run(model.apply, variables, x, sparsity=0.9, search=False,
                         calibration_y=y, epochs=1, batch_size=16)
   report = result.report
   assert "batch_stats" not in result.variables and report["search"] is None
@@ -440,25 +440,25 @@ def test_pipeline_lenet_without_batchnorm():
 def test_bad_inputs_raise_value_errors_naming_the_argument():
   model, variables, x = _bn_setup(8)
   with pytest.raises(ValueError, match="calibration_x"):
-    unipts.prune(model.apply, variables, x[:0], sparsity=0.5)
+    unipts.run(model.apply, variables, x[:0], sparsity=0.5)
   for bad in (1.0, -0.1, 1.5):
     with pytest.raises(ValueError, match="sparsity"):
-      unipts.prune(model.apply, variables, x, sparsity=bad)
+      unipts.run(model.apply, variables, x, sparsity=bad)
   bias_only = _BiasOnly()
   with pytest.raises(ValueError, match="variables.*no prunable layer"):
-    unipts.prune(bias_only.apply, {"params": {"bias": jnp.zeros(12)}}, x,
+    unipts.run(bias_only.apply, {"params": {"bias": jnp.zeros(12)}}, x,
                  sparsity=0.5)
   with pytest.raises(ValueError, match="variables"):
-    unipts.prune(model.apply, {"batch_stats": {}}, x, sparsity=0.5)
+    unipts.run(model.apply, {"batch_stats": {}}, x, sparsity=0.5)
   with pytest.raises(ValueError, match="calibration_y"):
-    unipts.prune(model.apply, variables, x, sparsity=0.5, calibration_y=[0, 1])
+    unipts.run(model.apply, variables, x, sparsity=0.5, calibration_y=[0, 1])
   with pytest.raises(ValueError, match="populaton_size"):
-    unipts.prune(model.apply, variables, x, sparsity=0.5, populaton_size=4)
+    unipts.run(model.apply, variables, x, sparsity=0.5, populaton_size=4)
   with pytest.raises(ValueError, match="epochs"):
-    unipts.prune(model.apply, variables, x, sparsity=0.5, epochs=-1)
+    unipts.run(model.apply, variables, x, sparsity=0.5, epochs=-1)
   with pytest.raises(ValueError, match="layer_sparsities"):
-    unipts.prune(model.apply, variables, x, sparsity=0.5, search=False,
+    unipts.run(model.apply, variables, x, sparsity=0.5, search=False,
                  layer_sparsities={"fc9/kernel": 0.5})
   with pytest.raises(ValueError, match="layer_sparsities"):
-    unipts.prune(model.apply, variables, x, sparsity=0.5,
+    unipts.run(model.apply, variables, x, sparsity=0.5,
                  layer_sparsities={"fc1/kernel": 0.5})  # search=True

@@ -74,11 +74,11 @@ OPEN_FRACTION = ["0.5", True, NAN, INF, 0.0, 1.0]
 N = [0, True, 2.5, "2", None, 5]
 M = [0, True, "4", None, 256]
 
-_PERIODIC = dict(sparsity=0.9, prune_every=10)
-_DST = dict(sparsity=0.9, update_every=10, end_step=100)
-_COMMON_PERIODIC = dict(sparsity=FRACTION, prune_every=POSITIVE_INT,
+_PERIODIC = dict(sparsity=0.9, every=10)
+_DST = dict(sparsity=0.9, every=10, end_step=100)
+_COMMON_PERIODIC = dict(sparsity=FRACTION, every=POSITIVE_INT,
                         prune_rate=OPEN_FRACTION, start_step=STEP, seed=SEED)
-_COMMON_DST = dict(sparsity=FRACTION, update_every=POSITIVE_INT,
+_COMMON_DST = dict(sparsity=FRACTION, every=POSITIVE_INT,
                    end_step=POSITIVE_INT, drop_fraction=OPEN_FRACTION,
                    seed=SEED)
 
@@ -90,7 +90,7 @@ CONSTRUCTORS = {
                          dict(_COMMON_PERIODIC, noise_scale=NONNEGATIVE)),
     "random_pruning": (fj.random_pruning, _PERIODIC, _COMMON_PERIODIC),
     "snip": (fj.snip, dict(sparsity=0.9),
-             dict(sparsity=FRACTION, step=STEP, seed=SEED)),
+             dict(sparsity=FRACTION, start_step=STEP, seed=SEED)),
     "st3": (fj.st3, dict(sparsity=0.9, start_step=0, end_step=100),
             dict(sparsity=FRACTION, start_step=STEP, end_step=STEP,
                  power=POSITIVE, freeze_step=STEP[1:])),
@@ -102,18 +102,18 @@ CONSTRUCTORS = {
     "set_": (fj.set_, _DST, _COMMON_DST),
     "gradient_flow": (
         fj.gradient_flow,
-        dict(measure="magnitude", sparsity=0.9, rounds=3, steps_per_round=5),
+        dict(measure="magnitude", sparsity=0.9, rounds=3, every=5),
         dict(sparsity=FRACTION, rounds=POSITIVE_INT,
-             steps_per_round=POSITIVE_INT, start_step=STEP, seed=SEED)),
+             every=POSITIVE_INT, start_step=STEP, seed=SEED)),
     "grasp": (fj.grasp, dict(sparsity=0.9),
-              dict(sparsity=FRACTION, step=STEP, seed=SEED)),
+              dict(sparsity=FRACTION, start_step=STEP, seed=SEED)),
     "global_magnitude.n_m": (
         lambda inner, n, m: fj.global_magnitude(
-            inner, sparsity=0.5, prune_every=10, structure=fj.n_m(n, m)),
+            inner, sparsity=0.5, every=10, structure=fj.n_m(n, m)),
         dict(n=2, m=4), dict(n=N, m=M)),
     "global_magnitude.units": (
         lambda inner, min_per_layer: fj.global_magnitude(
-            inner, sparsity=0.5, prune_every=10,
+            inner, sparsity=0.5, every=10,
             structure=fj.units(min_per_layer=min_per_layer)),
         dict(min_per_layer=1), dict(min_per_layer=POSITIVE_INT)),
     "sparse_training": (fj.unipts.sparse_training,
@@ -150,18 +150,18 @@ def test_good_arguments_construct_and_init(name):
 
 def test_errors_state_the_valid_range():
   with pytest.raises(ValueError, match=r"^sparsity: .*\[0, 1\), got None"):
-    fj.flipout(optax.sgd(0.1), sparsity=None, prune_every=10)
-  with pytest.raises(ValueError, match=r"^prune_every: .*>= 1.*got nan"):
-    fj.flipout(optax.sgd(0.1), sparsity=0.5, prune_every=NAN)
+    fj.flipout(optax.sgd(0.1), sparsity=None, every=10)
+  with pytest.raises(ValueError, match=r"^every: .*>= 1.*got nan"):
+    fj.flipout(optax.sgd(0.1), sparsity=0.5, every=NAN)
   with pytest.raises(ValueError, match=r"^p: .*> 0, got inf"):
-    fj.flipout(optax.sgd(0.1), sparsity=0.5, prune_every=10, p=INF)
+    fj.flipout(optax.sgd(0.1), sparsity=0.5, every=10, p=INF)
   with pytest.raises(ValueError, match=r"^seed: .*\[0, 9223372036854775807\]"):
-    fj.flipout(optax.sgd(0.1), sparsity=0.5, prune_every=10, seed="x")
+    fj.flipout(optax.sgd(0.1), sparsity=0.5, every=10, seed="x")
   with pytest.raises(ValueError, match=r"^schedule.sparsities: .*non-decreasing"):
     fj.prune(optax.sgd(0.1), score_fn=fj.scores.magnitude,
              schedule=[(1, 0.5), (2, 0.3)])
   with pytest.raises(ValueError, match=r"^structure: expected"):
-    fj.global_magnitude(optax.sgd(0.1), sparsity=0.5, prune_every=10,
+    fj.global_magnitude(optax.sgd(0.1), sparsity=0.5, every=10,
                         structure="2:4")
 
 
@@ -174,7 +174,7 @@ def test_other_public_functions_share_the_checks():
   with pytest.raises(ValueError, match=r"^tx: .*GradientTransformation"):
     fj.sparse_init("sgd")
   with pytest.raises(ValueError, match=r"^distribution\['dense/kernel'\]: "):
-    fj.global_magnitude(optax.sgd(0.1), sparsity=0.5, prune_every=10,
+    fj.global_magnitude(optax.sgd(0.1), sparsity=0.5, every=10,
                         distribution={"dense/kernel": "0.5"})
   for bad in (True, NAN, "3"):
     with pytest.raises(ValueError, match=r"^num_events: "):
@@ -184,7 +184,7 @@ def test_other_public_functions_share_the_checks():
 
 
 @pytest.mark.parametrize("name, good", [
-    ("flipout", dict(sparsity=0.5, prune_every=2)),
+    ("flipout", dict(sparsity=0.5, every=2)),
     ("st3", dict(sparsity=0.5, start_step=0, end_step=4)),
     ("sparse_training", dict(sparsities={"dense/kernel": 0.5})),
 ])
@@ -220,9 +220,9 @@ def _periodic_reference(t, first, every, num):
 
 
 def test_periodic_schedule_matches_the_explicit_one():
-  for sched in (schedules.periodic(0.9, 7, 0.5, start=3),
-                schedules.n_events(0.8, 4, 5, start=2),
-                schedules.rounds(0.9, 5, 3, start=1),
+  for sched in (schedules.periodic(0.9, 7, 0.5, start_step=3),
+                schedules.n_events(0.8, 4, 5, start_step=2),
+                schedules.rounds(0.9, 5, 3, start_step=1),
                 dst_lib.dst_schedule(0.9, 4, 30)):
     explicit = schedules.Schedule(sched.steps, sched.sparsities)
     t = jnp.arange(0, sched.steps[-1] + 10, dtype=jnp.int32)
@@ -235,7 +235,7 @@ def test_periodic_schedule_matches_the_explicit_one():
 
 def test_event_detection_near_2_31_matches_the_arithmetic():
   end = 2**31 - 1
-  sched = dst_lib.dst_schedule(0.9, update_every=2, end_step=end)
+  sched = dst_lib.dst_schedule(0.9, every=2, end_step=end)
   assert (sched.first, sched.every, sched.num_events) == (2, 2, 2**30 - 1)
   assert sched.targets == (0.9,)
   t = np.concatenate([np.arange(0, 8), np.arange(2**31 - 12, 2**31)])
@@ -259,22 +259,22 @@ def _construct_init_trace(make):
   return time.perf_counter() - start, tx, state, lowered
 
 
-@pytest.mark.parametrize("update_every, end_step", [
+@pytest.mark.parametrize("every, end_step", [
     (100, 10**8), (2, 2**31 - 1)])
-def test_long_dst_schedule_is_fast_and_exact(update_every, end_step):
+def test_long_dst_schedule_is_fast_and_exact(every, end_step):
   def make(every, end):
-    return fj.rigl(optax.sgd(0.1), sparsity=0.9, update_every=every,
+    return fj.rigl(optax.sgd(0.1), sparsity=0.9, every=every,
                    end_step=end)
 
   _construct_init_trace(lambda: make(100, 1000))  # warm up jax
   seconds, tx, state, lowered = _construct_init_trace(
-      lambda: make(update_every, end_step))
+      lambda: make(every, end_step))
   # Before: 157 s for 10**8 (a table row per event); 2**31 ran out of memory.
   assert seconds < 5.0, seconds
   params = small_params()
   masks = fj.get_masks(state)
   groups, table = core.budget_table(
-      "erk", masks, dst_lib.dst_schedule(0.9, update_every, end_step))
+      "erk", masks, dst_lib.dst_schedule(0.9, every, end_step))
   assert table.shape == (1, len(groups))
   # Same random start and keep-counts as a short schedule.
   short = make(100, 1000).init(params)
@@ -296,7 +296,7 @@ def test_long_dst_schedule_is_fast_and_exact(update_every, end_step):
 
 def test_events_far_into_the_step_counter_prune_exactly():
   # Two events, at 2**29 and 2**30: 50 %, then 75 %.
-  tx = fj.global_magnitude(optax.sgd(0.0), sparsity=0.75, prune_every=2**29)
+  tx = fj.global_magnitude(optax.sgd(0.0), sparsity=0.75, every=2**29)
   params = small_params()
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -309,20 +309,20 @@ def test_events_far_into_the_step_counter_prune_exactly():
 
 
 @pytest.mark.parametrize("make, arg", [
-    (lambda: fj.flipout(optax.sgd(0.1), sparsity=0.9, prune_every=10**9),
-     "prune_every"),
+    (lambda: fj.flipout(optax.sgd(0.1), sparsity=0.9, every=10**9),
+     "every"),
     (lambda: fj.global_magnitude(optax.sgd(0.1), sparsity=0.75,
-                                 prune_every=2**30), "prune_every"),
-    (lambda: fj.flipout(optax.sgd(0.1), sparsity=0.5, prune_every=10,
-                        start_step=2**31 - 5), "prune_every"),
-    (lambda: fj.rigl(optax.sgd(0.1), sparsity=0.9, update_every=10,
+                                 every=2**30), "every"),
+    (lambda: fj.flipout(optax.sgd(0.1), sparsity=0.5, every=10,
+                        start_step=2**31 - 5), "every"),
+    (lambda: fj.rigl(optax.sgd(0.1), sparsity=0.9, every=10,
                      end_step=2**31), "end_step"),
     (lambda: fj.gradient_flow(optax.sgd(0.1), measure="magnitude",
-                              sparsity=0.9, rounds=3, steps_per_round=10**9),
-     "steps_per_round"),
+                              sparsity=0.9, rounds=3, every=10**9),
+     "every"),
     (lambda: fj.st3(optax.sgd(0.1), sparsity=0.9, start_step=0,
                     end_step=2**31), "end_step"),
-    (lambda: fj.snip(optax.sgd(0.1), sparsity=0.9, step=2**31 - 1), "step"),
+    (lambda: fj.snip(optax.sgd(0.1), sparsity=0.9, start_step=2**31 - 1), "start_step"),
     (lambda: fj.prune(optax.sgd(0.1), score_fn=fj.scores.magnitude,
                       schedule=[(3 * 10**9, 0.5)]), "schedule.steps"),
 ])
@@ -334,15 +334,15 @@ def test_event_beyond_the_int32_counter_is_an_error(make, arg):
 # ---------------------------------------------------------------------------
 # optax.inject_hyperparams.
 
-_FLIPOUT = dict(sparsity=0.75, prune_every=2, noise_scale=1.0)
-_FLIPOUT_STATIC = ("sparsity", "prune_every", "prune_rate", "start_step",
+_FLIPOUT = dict(sparsity=0.75, every=2, noise_scale=1.0)
+_FLIPOUT_STATIC = ("sparsity", "every", "prune_rate", "start_step",
                    "seed")
 
 
 @pytest.mark.parametrize("ctor, kwargs, static", [
     (fj.flipout, _FLIPOUT, _FLIPOUT_STATIC),
-    (fj.dst_ee, dict(sparsity=0.5, update_every=2, end_step=8),
-     ("sparsity", "update_every", "end_step", "seed")),
+    (fj.dst_ee, dict(sparsity=0.5, every=2, end_step=8),
+     ("sparsity", "every", "end_step", "seed")),
     (fj.st3, dict(sparsity=0.5, start_step=0, end_step=4),
      ("sparsity", "start_step", "end_step")),
     (fj.flipout, dict(sparsity=0.5, end_step=4, structure=fj.n_m(2, 4)),
@@ -385,9 +385,9 @@ def test_inject_hyperparams_without_static_args_names_the_argument():
   # Traced inside jit (not only concrete at init): the same error.
   tx = fj.flipout(optax.adam(1e-2), **_FLIPOUT)
   state = tx.init(small_params())
-  with pytest.raises(ValueError, match=r"^prune_every: got a traced value"):
+  with pytest.raises(ValueError, match=r"^every: got a traced value"):
     jax.jit(lambda e: fj.flipout(optax.adam(1e-2), sparsity=0.5,
-                                 prune_every=e))(jnp.int32(3))
+                                 every=e))(jnp.int32(3))
   del state
 
 
@@ -399,3 +399,28 @@ def test_traced_traceable_argument_skips_the_range_check_only():
   with pytest.raises(ValueError, match=r"^noise_scale: .*>= 0, got -1.0"):
     validate.number(jnp.float32(-1.0), "noise_scale", low=0, traceable=True)
   assert math.isclose(validate.number(np.float32(0.5), "x"), 0.5)
+
+
+# v2 vocabulary (README, "Renamed in v2"): one name per thing, no aliases.
+def test_v2_removed_aliases_are_gone():
+  assert not hasattr(fj, "sparse_evolutionary_training")
+  assert not hasattr(fj, "st3_raw_weights")
+  assert not hasattr(fj.scores, "grasp")
+  assert not hasattr(fj.scores, "gradient_flow_score")
+  assert not hasattr(fj.unipts, "prune")
+  assert not hasattr(fj.unipts, "raw_weights")
+
+
+@pytest.mark.parametrize("build, old", [
+    (lambda **kw: fj.flipout(optax.sgd(0.1), sparsity=0.5, **kw),
+     "prune_every"),
+    (lambda **kw: fj.rigl(optax.sgd(0.1), sparsity=0.5, end_step=10, **kw),
+     "update_every"),
+    (lambda **kw: fj.gradient_flow(optax.sgd(0.1), measure="magnitude",
+                                   sparsity=0.5, rounds=2, **kw),
+     "steps_per_round"),
+    (lambda **kw: fj.snip(optax.sgd(0.1), sparsity=0.5, **kw), "step"),
+])
+def test_v2_old_keywords_name_the_argument(build, old):
+  with pytest.raises(TypeError, match=old):
+    build(**{old: 2})

@@ -10,7 +10,7 @@ All three are :func:`flipout_jax.core.prune` with
   core's callable ``initial_masks``; the first update puts every weight
   outside it on exactly 0.0;
 * a schedule of events at ``t = k·ΔT`` for ``k = 1, 2, ...`` while
-  ``t < T_end`` (``ΔT = update_every``, ``T_end = end_step``), all at the same
+  ``t < T_end`` (``ΔT = every``, ``T_end = end_step``), all at the same
   target sparsity, so the masks keep their counts;
 * a drop-and-grow *mask rule* (:func:`drop_and_grow`): in each group with
   ``a`` active weights drop the ``n = ⌊d_t·a⌋`` active weights of smallest
@@ -75,9 +75,9 @@ _INT32_MAX = jnp.iinfo(jnp.int32).max
 # The pieces: schedule, drop fraction, tracker, grow scores, mask rule, start.
 
 
-def dst_schedule(sparsity: float, update_every: int,
+def dst_schedule(sparsity: float, every: int,
                  end_step: int) -> schedules.Schedule:
-  """Mask-update events at ``t = k·update_every``, ``k >= 1``, ``t < end_step``.
+  """Mask-update events at ``t = k·every``, ``k >= 1``, ``t < end_step``.
 
   ``end_step`` is exclusive: at ``t = end_step`` the cosine drop fraction is
   0, so an event there could not change anything. Step 0 is not an event:
@@ -86,21 +86,21 @@ def dst_schedule(sparsity: float, update_every: int,
 
   The events are stored arithmetically (a
   :class:`flipout_jax.schedules.PeriodicSchedule` with one level): the
-  ``⌊(end_step − 1)/update_every⌋`` events cost one budget row and no table.
+  ``⌊(end_step − 1)/every⌋`` events cost one budget row and no table.
 
   Returns:
     A :class:`flipout_jax.schedules.PeriodicSchedule` (no events if
-    ``end_step <= update_every``: then the random mask stays fixed).
+    ``end_step <= every``: then the random mask stays fixed).
 
   Raises:
     ValueError: naming the argument: ``sparsity`` outside [0, 1),
-      ``update_every`` or ``end_step`` not an int in [1, 2**31 − 1].
+      ``every`` or ``end_step`` not an int in [1, 2**31 − 1].
   """
   sparsity = validate.sparsity(sparsity)
-  update_every = validate.step(update_every, "update_every", low=1)
+  every = validate.step(every, "every", low=1)
   end_step = _check_end_step(end_step)
-  return schedules.PeriodicSchedule(update_every, update_every,
-                                    (end_step - 1) // update_every,
+  return schedules.PeriodicSchedule(every, every,
+                                    (end_step - 1) // every,
                                     (sparsity,))
 
 
@@ -227,7 +227,7 @@ def drop_and_grow(drop_fraction: float, end_step: int,
 def dst(inner: optax.GradientTransformation,
         *,
         sparsity: float,
-        update_every: int,
+        every: int,
         end_step: int,
         drop_fraction: float | None = None,
         grow: str = "dst_ee",
@@ -241,7 +241,7 @@ def dst(inner: optax.GradientTransformation,
   """Dynamic sparse training (DST-EE, RigL or SET) wrapped around ``inner``.
 
   Starts from a random mask at the distribution's per-layer density and,
-  every ``update_every`` steps before ``end_step``, moves
+  every ``every`` steps before ``end_step``, moves
   ``⌊d_t·a_l⌋`` of the ``a_l`` active weights of each layer:
 
       d_t = d_0/2 · (1 + cos(π t / T_end))
@@ -262,10 +262,12 @@ def dst(inner: optax.GradientTransformation,
       sees the masked gradient.
     sparsity: fraction of the prunable weights kept at 0.0, in [0, 1). With
       a ``{path: s}`` distribution the mapping's sparsities are used as given.
-    update_every: ΔT, steps between mask updates, an int >= 1.
+    every: ΔT, steps between mask updates, an int >= 1.
     end_step: T_end, an int >= 1: no mask update at or after this step (the
       last is at the largest multiple of ΔT below it), and the cosine decay
-      reaches 0 here. Commonly 75% of the training steps (RigL).
+      reaches 0 here. Commonly 75% of the training steps (RigL). (There
+      is no ``start_step``: the first event is at ``every``; ``every`` and
+      ``end_step`` as in README, "Vocabulary".)
     drop_fraction: d_0 in (0, 1); default (None) is the family's: 0.5 for
       ``"dst_ee"`` and ``"rigl"``, 0.3 for ``"random"`` (SET).
     grow: ``"dst_ee"``, ``"rigl"`` or ``"random"``.
@@ -308,7 +310,7 @@ def dst(inner: optax.GradientTransformation,
     ValueError: for arguments outside the ranges above.
   """
   sparsity = validate.sparsity(sparsity)
-  schedule = dst_schedule(sparsity, update_every, end_step)
+  schedule = dst_schedule(sparsity, every, end_step)
   end_step = _check_end_step(end_step)
   grow = validate.choice(grow, "grow", GROW)
   drop_fraction = check_drop_fraction(drop_fraction, grow)
@@ -339,7 +341,7 @@ def dst(inner: optax.GradientTransformation,
 
 
 def dst_ee(inner: optax.GradientTransformation, *, sparsity: float,
-           update_every: int, end_step: int, drop_fraction: float = 0.5,
+           every: int, end_step: int, drop_fraction: float = 0.5,
            exploration: float = DEFAULT_EXPLORATION, epsilon: float = 1.0,
            distribution="erk", structure=None, filter_fn=None,
            restart_regrown: bool = True, seed: int = 0) -> optax.GradientTransformationExtraArgs:
@@ -347,7 +349,7 @@ def dst_ee(inner: optax.GradientTransformation, *, sparsity: float,
 
   :func:`dst` with ``grow="dst_ee"``; arguments as there.
   """
-  return dst(inner, sparsity=sparsity, update_every=update_every,
+  return dst(inner, sparsity=sparsity, every=every,
              end_step=end_step, drop_fraction=drop_fraction, grow="dst_ee",
              exploration=exploration, epsilon=epsilon,
              distribution=distribution, structure=structure,
@@ -355,32 +357,30 @@ def dst_ee(inner: optax.GradientTransformation, *, sparsity: float,
 
 
 def rigl(inner: optax.GradientTransformation, *, sparsity: float,
-         update_every: int, end_step: int, drop_fraction: float = 0.5,
+         every: int, end_step: int, drop_fraction: float = 0.5,
          distribution="erk", structure=None, filter_fn=None,
          restart_regrown: bool = True, seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """RigL (Evci et al. 2020): drop by ``|θ|``, grow by ``|g|``.
 
   :func:`dst` with ``grow="rigl"``; arguments as there.
   """
-  return dst(inner, sparsity=sparsity, update_every=update_every,
+  return dst(inner, sparsity=sparsity, every=every,
              end_step=end_step, drop_fraction=drop_fraction, grow="rigl",
              distribution=distribution, structure=structure,
              filter_fn=filter_fn, restart_regrown=restart_regrown, seed=seed)
 
 
 def set_(inner: optax.GradientTransformation, *, sparsity: float,
-         update_every: int, end_step: int, drop_fraction: float = 0.3,
+         every: int, end_step: int, drop_fraction: float = 0.3,
          distribution="erk", structure=None, filter_fn=None,
          restart_regrown: bool = True, seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """SET (Mocanu et al. 2018): drop by ``|θ|``, grow uniformly at random.
 
   :func:`dst` with ``grow="random"``; arguments as there. (Named ``set_``
-  to not shadow the builtin; also :func:`sparse_evolutionary_training`.)
+  to not shadow the builtin.)
   """
-  return dst(inner, sparsity=sparsity, update_every=update_every,
+  return dst(inner, sparsity=sparsity, every=every,
              end_step=end_step, drop_fraction=drop_fraction, grow="random",
              distribution=distribution, structure=structure,
              filter_fn=filter_fn, restart_regrown=restart_regrown, seed=seed)
 
-
-sparse_evolutionary_training = set_

@@ -1,7 +1,7 @@
 """FlipOut (Apostol, Stol & Forré 2020) and its gradual-pruning baselines.
 
 All of them are :func:`flipout_jax.core.prune` with a periodic schedule: every
-``prune_every`` steps after ``start_step``, remove ``prune_rate`` of the
+``every`` steps after ``start_step``, remove ``prune_rate`` of the
 surviving prunable weights, ranked globally by
 
 * FlipOut: ``τ = |θ|^p / (flips + 1)``, flips = sign changes of the weight
@@ -49,26 +49,25 @@ def flip_counter() -> core.Tracker:
   return core.Tracker(init, update, prune)
 
 
-def periodic_schedule(sparsity: float, prune_every: int | None,
+def periodic_schedule(sparsity: float, every: int | None,
                       prune_rate: float, start_step: int,
                       end_step: int | None) -> schedules.Schedule:
-  """Events every ``prune_every`` steps, or spread to finish by ``end_step``
+  """Events every ``every`` steps, or spread to finish by ``end_step``
   (a :class:`flipout_jax.schedules.PeriodicSchedule` of ~log events)."""
-  if (prune_every is None) == (end_step is None):
+  if (every is None) == (end_step is None):
     raise ValueError(
-        "prune_every: give exactly one of prune_every (steps between events) "
+        "every: give exactly one of every (steps between events) "
         "or end_step (reach the target sparsity by this step).")
-  if prune_every is not None:
-    return schedules.periodic(sparsity, prune_every, prune_rate, start_step)
+  if every is not None:
+    return schedules.periodic(sparsity, every, prune_rate, start_step)
   return schedules.periodic_until(sparsity, end_step, prune_rate, start_step)
 
 
 def flipout(inner: optax.GradientTransformation, *, sparsity: float,
-            prune_every: int | None = None, prune_rate: float = 0.5,
+            every: int | None = None, prune_rate: float = 0.5,
             p: float = 2.0, noise_scale: float = 1.0, noise_on: str = "all",
             exact_noise: bool = False, start_step: int = 0, end_step: int | None = None,
-            distribution="global", structure=None,
-            filter_fn=None,
+            distribution="global", structure=None, filter_fn=None,
             seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """FlipOut: prune the weights whose sign oscillates, ``τ = |θ|^p/(flips+1)``.
 
@@ -76,17 +75,19 @@ def flipout(inner: optax.GradientTransformation, *, sparsity: float,
     inner: the optimizer to wrap (e.g. ``optax.sgd(0.1, momentum=0.9)``).
     sparsity: final fraction of prunable weights at 0, in [0, 1); the final
       number pruned is ``round(sparsity·N)`` exactly.
-    prune_every: steps between pruning events (events at
-      ``start_step + k·prune_every``); or give ``end_step`` instead.
+    every: steps between pruning events (events at
+      ``start_step + k·every``, ``k >= 1``); or give ``end_step`` instead.
     prune_rate: fraction of the surviving weights each event removes, (0, 1).
     p: exponent of the magnitude in the saliency, finite and > 0.
     noise_scale: λ of the gradient noise, finite and >= 0; 0 disables it.
     noise_on: ``"all"`` leaves (the reference) or ``"prunable"`` only.
     exact_noise: use ``jax.random.normal`` rather than the cheaper 16-bit
       inverse-CDF normals (see :mod:`flipout_jax.noise`).
-    start_step: step after which the periodic events start.
+    start_step: the first event is at ``start_step + every``.
     end_step: reach ``sparsity`` at (or just before) this step instead of
-      giving ``prune_every``.
+      giving ``every`` (then ``every = (end_step − start_step) // n``, ``n``
+      the events needed). ``every``, ``start_step``, ``end_step``: README,
+      "Vocabulary".
     distribution: ``"global"`` (the paper), ``"uniform"``, ``"erk"`` or a map.
     structure: the sparsity pattern: ``fj.unstructured()`` (default),
       ``fj.n_m(n, m)`` or ``fj.units(...)`` (:mod:`flipout_jax.structure`).
@@ -109,7 +110,7 @@ def flipout(inner: optax.GradientTransformation, *, sparsity: float,
   p = validate.number(p, "p", low=0, low_open=True, traceable=True)
   return core.prune(
       inner, score_fn=scores.flipout_saliency(p),
-      schedule=periodic_schedule(sparsity, prune_every, prune_rate,
+      schedule=periodic_schedule(sparsity, every, prune_rate,
                                  start_step, end_step),
       distribution=distribution, structure=structure,
       noise_scale=noise_scale, noise_on=noise_on,
@@ -117,11 +118,10 @@ def flipout(inner: optax.GradientTransformation, *, sparsity: float,
 
 
 def global_magnitude(inner: optax.GradientTransformation, *, sparsity: float,
-                     prune_every: int | None = None, prune_rate: float = 0.5,
+                     every: int | None = None, prune_rate: float = 0.5,
                      noise_scale: float = 0.0, noise_on: str = "all",
                      exact_noise: bool = False, start_step: int = 0, end_step: int | None = None,
-                     distribution="global", structure=None,
-            filter_fn=None,
+                     distribution="global", structure=None, filter_fn=None,
                      seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Gradual magnitude pruning on FlipOut's schedule; score ``|θ|``.
 
@@ -130,7 +130,7 @@ def global_magnitude(inner: optax.GradientTransformation, *, sparsity: float,
   """
   return core.prune(
       inner, score_fn=scores.magnitude,
-      schedule=periodic_schedule(sparsity, prune_every, prune_rate,
+      schedule=periodic_schedule(sparsity, every, prune_rate,
                                  start_step, end_step),
       distribution=distribution, structure=structure,
       noise_scale=noise_scale, noise_on=noise_on,
@@ -139,15 +139,14 @@ def global_magnitude(inner: optax.GradientTransformation, *, sparsity: float,
 
 
 def random_pruning(inner: optax.GradientTransformation, *, sparsity: float,
-                   prune_every: int | None = None, prune_rate: float = 0.5,
+                   every: int | None = None, prune_rate: float = 0.5,
                    start_step: int = 0, end_step: int | None = None,
-                   distribution="global", structure=None,
-            filter_fn=None,
+                   distribution="global", structure=None, filter_fn=None,
                    seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Removes ``prune_rate`` of the survivors uniformly at random per event."""
   return core.prune(
       inner, score_fn=scores.random,
-      schedule=periodic_schedule(sparsity, prune_every, prune_rate,
+      schedule=periodic_schedule(sparsity, every, prune_rate,
                                  start_step, end_step),
       distribution=distribution, structure=structure, filter_fn=filter_fn,
       seed=seed,

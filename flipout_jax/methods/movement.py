@@ -51,8 +51,7 @@ def movement_scores() -> core.Tracker:
 
 def movement(inner: optax.GradientTransformation, *, sparsity: float,
              start_step: int, end_step: int, every: int = 1,
-             distribution="global", structure=None,
-            filter_fn=None,
+             distribution="global", structure=None, filter_fn=None,
              seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Movement pruning: keep the weights of highest ``S = −Σ_t θ·g``.
 

@@ -12,15 +12,16 @@ from flipout_jax import trees
 
 
 def snip(inner: optax.GradientTransformation, *, sparsity: float,
-         step: int = 0, distribution="global", structure=None,
-            filter_fn=None,
+         start_step: int = 0, distribution="global", structure=None,
+         filter_fn=None,
          seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """SNIP (Lee et al. 2019): one-shot pruning by ``|θ·g|``, then a fixed mask.
 
-  At update ``step`` (default the first), scores every prunable weight by
-  ``|θ·g|`` with the gradient of that step taken at the weights ``θ`` it was
-  computed at, keeps the top ``N − round(sparsity·N)`` globally, and never
-  changes the mask again.
+  At the update with count ``start_step`` (default 0, the first; the one
+  event, so it is also the end: README, "Vocabulary"), scores every
+  prunable weight by ``|θ·g|`` with the gradient of that step taken at the
+  weights ``θ`` it was computed at, keeps the top ``N − round(sparsity·N)``
+  globally, and never changes the mask again.
 
   Deviations from the reference code: the kept weights are not
   re-initialised after the mask is chosen (they train on from the values
@@ -32,7 +33,8 @@ def snip(inner: optax.GradientTransformation, *, sparsity: float,
   default unstructured), as in every method.
   """
   return core.prune(
-      inner, score_fn=scores.snip, schedule=schedules.one_shot(sparsity, step),
+      inner, score_fn=scores.snip,
+      schedule=schedules.one_shot(sparsity, start_step),
       distribution=distribution, structure=structure, filter_fn=filter_fn,
       seed=seed, name="snip")
 

@@ -441,7 +441,10 @@ def st3(inner: optax.GradientTransformation,
       weights as ``params`` and the gradient at the effective weights.
     sparsity: ``S``, the final fraction of prunable weights at zero, [0, 1).
     start_step: ``t0 >= 0``: updates with count ``<= t0`` mask nothing.
-    end_step: ``t1 > t0``: updates with count ``>= t1`` target ``S``.
+    end_step: ``t1 > t0``: updates with count ``>= t1`` target ``S``
+      (README, "Vocabulary"; ST-3 re-selects its masks from the raw
+      weights at every update, also after ``t1``, at sparsity ``S``, until
+      ``freeze_step`` fixes them).
     power: exponent of the schedule, > 0 (3: cubic, as the paper).
     rescale: the per-output-channel rescaling ``scale_c`` (paper default on).
     sigma_normalized: ST-3σ: rank ``|w|/σ_l``, per-layer ``τ_l = τ·σ_l``.
@@ -462,7 +465,7 @@ def st3(inner: optax.GradientTransformation,
     :class:`flipout_jax.core.PruneState` with ``count`` (updates so far),
     ``masks`` (the masks of the current params; found by
     :func:`flipout_jax.get_masks`), ``method_state`` an :class:`ST3State`
-    (raw weights, thresholds, scales; see :func:`st3_raw_weights`), ``key``
+    (raw weights, thresholds, scales; see :func:`get_raw_weights`), ``key``
     (unused; ST-3 is deterministic) and ``inner_state``. ``update(grads,
     state, params, **extra)`` requires ``params`` (the current effective
     weights) and passes ``extra`` to ``inner``.
@@ -588,8 +591,17 @@ def find_st3_state(state: optax.OptState) -> core.PruneState:
   return core.find_prune_state(state, ST3State, "flipout_jax.st3")
 
 
-def st3_raw_weights(state: optax.OptState, params: PyTree | None = None) -> PyTree:
-  """The raw dense weights of an :func:`st3` state (also inside a chain).
+def _has_raw_weights(prune_state: core.PruneState) -> bool:
+  """A raw-weight method's state: a ``method_state`` NamedTuple with ``raw``."""
+  return "raw" in getattr(type(prune_state.method_state), "_fields", ())
+
+
+def get_raw_weights(state: optax.OptState, params: PyTree | None = None) -> PyTree:
+  """The raw dense weights of a raw-weight method's state (also in a chain).
+
+  Works for every transformation that keeps raw weights in its state
+  (:func:`st3` and :func:`flipout_jax.unipts.sparse_training`: a
+  ``method_state`` with a ``raw`` field).
 
   Args:
     state: the optimizer state.
@@ -600,19 +612,25 @@ def st3_raw_weights(state: optax.OptState, params: PyTree | None = None) -> PyTr
   Returns:
     The raw weights in mask layout (None at non-prunable leaves), or a
     params-shaped tree if ``params`` is given.
+
+  Raises:
+    ValueError: if ``state`` holds no raw-weight state, or more than one.
   """
-  raw = trees.user_view(find_st3_state(state).method_state.raw)
+  found = [s for s in core.find_prune_states(state) if _has_raw_weights(s)]
+  if len(found) != 1:
+    raise ValueError(
+        f"state: holds {len(found)} raw-weight states; pass the optimizer "
+        "state of (a chain holding) exactly one transformation with raw "
+        "weights (fj.st3, fj.unipts.sparse_training).")
+  raw = trees.user_view(found[0].method_state.raw)
   if params is None:
     return raw
   return trees.fill_from(raw, params)
 
 
-get_raw_weights = st3_raw_weights
-
-
 def st3_thresholds(state: optax.OptState) -> PyTree:
   """The thresholds of the last update (mask layout): ``τ_l`` per layer, or
-  per group for :func:`flipout_jax.nm.nm_st3` (see :class:`ST3State`)."""
+  per group of M with ``structure=fj.n_m(n, m)`` (see :class:`ST3State`)."""
   return trees.user_view(find_st3_state(state).method_state.thresholds)
 
 

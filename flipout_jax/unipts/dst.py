@@ -40,7 +40,7 @@ sparse params ``flipout_jax.trees.apply_masks(params, get_masks(state))``
 − p)``) and a kept one on ``w`` up to one rounding of ``p + (w − p)``; the
 raw weights, not the params, are the source of truth, so this never
 accumulates, and :func:`effective_params` gives the exact sparse weights
-(what :func:`flipout_jax.unipts.prune` returns). Their layer l has more than
+(what :func:`flipout_jax.unipts.run` returns). Their layer l has more than
 ``k_l`` zeros only if its raw weights hold more than ``k_l`` exact zeros
 (e.g. an already pruned checkpoint); the params could in addition show a
 kept weight as 0.0 if it shrank by a factor above 2^24 in one step.
@@ -160,7 +160,8 @@ def sparse_training(inner: optax.GradientTransformation,
     An ``optax.GradientTransformationExtraArgs`` whose state is a
     :class:`flipout_jax.core.PruneState`: ``masks`` are the masks of the
     current params (:func:`flipout_jax.get_masks`), ``method_state`` a
-    :class:`SparseTrainingState`. ``update`` needs ``params`` and passes
+    :class:`SparseTrainingState` (the raw weights:
+    :func:`flipout_jax.get_raw_weights`). ``update`` needs ``params`` and passes
     extra keyword arguments to ``inner``.
 
   Raises:
@@ -231,14 +232,6 @@ def find_state(state: optax.OptState) -> core.PruneState:
   """
   return core.find_prune_state(state, SparseTrainingState,
                                "flipout_jax.unipts.sparse_training")
-
-
-def raw_weights(state: optax.OptState, params: PyTree | None = None) -> PyTree:
-  """The dense raw weights (mask layout, or params-shaped if ``params`` given)."""
-  raw = trees.user_view(find_state(state).method_state.raw)
-  if params is None:
-    return raw
-  return trees.fill_from(raw, params)
 
 
 def effective_params(state: optax.OptState, params: PyTree) -> PyTree:

@@ -1,6 +1,6 @@
 """UniPTS end to end: dense model + calibration set -> sparse model.
 
-:func:`prune` runs the three stages of Xie et al. (CVPR 2024) on a Linen-style
+:func:`run` runs the three stages of Xie et al. (CVPR 2024) on a Linen-style
 model (SPEC §4):
 
 1. **search** (:mod:`.search`): the reducing-regrowing genetic search of the
@@ -68,7 +68,7 @@ ApplyFn = Callable[..., Any]
 
 @dataclasses.dataclass(frozen=True)
 class UniPTSConfig:
-  """Hyper-parameters of :func:`prune`. Defaults: a CPU-sized run.
+  """Hyper-parameters of :func:`run`. Defaults: a CPU-sized run.
 
   The paper's values are in :data:`PAPER_CONFIG` (where they differ: the
   search's ``population_size=25, generations=25, num_parents=10,
@@ -168,7 +168,7 @@ PAPER_CONFIG = UniPTSConfig(population_size=25, generations=25, num_parents=10,
 
 
 class UniPTSResult(NamedTuple):
-  """What :func:`prune` returns.
+  """What :func:`run` returns.
 
   Attributes:
     variables: the sparse model's variables (``params`` with exactly
@@ -303,10 +303,10 @@ def _layout(params, filter_fn):
   return trees.mask_like(params, prunable)
 
 
-# ------------------------------------------------------------------- prune
+# --------------------------------------------------------------------- run
 
 
-def prune(apply_fn: ApplyFn,
+def run(apply_fn: ApplyFn,
           variables: Mapping[str, Any],
           calibration_x,
           *,
