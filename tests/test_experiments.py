@@ -388,7 +388,7 @@ def test_config_diff_compares_only_what_a_run_uses(tmp_path):
                               "batch_size", "eval_batch_size", "num_epochs",
                               "lr", "lr_schedule", "lr_decay_epochs",
                               "lr_decay_factor", "weight_decay")}
-  flat.update(momentum=0.9, nesterov=False, every_epochs=9.0,
+  flat.update(momentum=0.9, nesterov=False, prune_every_epochs=9.0,
               prune_rate=0.5, prune_start_epoch=0.0, noise_scale=1.0,
               noise_on="all", flipout_p=2.0, sparsity=None, target=None,
               st3_power=3.0)
