@@ -79,7 +79,7 @@ def main(argv=None):
   def inner():
     return optax.sgd(0.1, momentum=0.9)
 
-  common = dict(sparsity=SPARSITY, update_every=UPDATE_EVERY,
+  common = dict(sparsity=SPARSITY, every=UPDATE_EVERY,
                 end_step=END_STEP)
   txs = {
       "sgd": inner(),

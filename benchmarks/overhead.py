@@ -30,7 +30,7 @@ EVENT = 1000  # the first pruning event (well after the timed steps)
 
 
 def methods(inner):
-  common = dict(sparsity=0.99, prune_every=EVENT)
+  common = dict(sparsity=0.99, every=EVENT)
   return {
       "sgd+momentum (plain)": inner,
       "global_magnitude": fj.global_magnitude(inner, **common),
@@ -45,8 +45,8 @@ def every_method(inner, params):
   """Every transformation of the library, at typical arguments (for memory)."""
   dense = {path: 0.9 for path, _ in fj.trees.leaves_with_paths(
       fj.trees.mask_like(params, fj.trees.prunable_tree(params)))}
-  common = dict(sparsity=0.9, prune_every=EVENT)
-  dst = dict(sparsity=0.9, update_every=100, end_step=EVENT)
+  common = dict(sparsity=0.9, every=EVENT)
+  dst = dict(sparsity=0.9, every=100, end_step=EVENT)
   nm24 = fj.n_m(2, 4, skip_incompatible=True)
   return {
       "global_magnitude": fj.global_magnitude(inner, **common),
@@ -59,7 +59,7 @@ def every_method(inner, params):
       "hoyer_square (regulariser)": optax.chain(fj.hoyer_square(1e-4), inner),
       "gradient_flow (abs θHg)": fj.gradient_flow(
           inner, measure="gradient_norm_preservation", sparsity=0.9, rounds=3,
-          steps_per_round=100),
+          every=100),
       "grasp": fj.grasp(inner, sparsity=0.9),
       "st3": fj.st3(inner, sparsity=0.9, start_step=0, end_step=EVENT),
       "dst_ee": fj.dst_ee(inner, **dst),
@@ -71,7 +71,7 @@ def every_method(inner, params):
                                 structure=nm24),
       "st3 2:4": fj.st3(inner, sparsity=0.5, start_step=0, end_step=EVENT,
                         structure=nm24),
-      "rigl 2:4": fj.rigl(inner, sparsity=0.5, update_every=100,
+      "rigl 2:4": fj.rigl(inner, sparsity=0.5, every=100,
                           end_step=EVENT, structure=nm24),
       "unipts sparse_training": fj.unipts.sparse_training(inner, sparsities=dense),
   }

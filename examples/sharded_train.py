@@ -85,9 +85,9 @@ def loss_fn(params, x, y):
 def make_tx(method: str):
   if method == "flipout":  # gradient noise on; events at steps 5, 10, ...
     return fj.flipout(optax.sgd(0.05, momentum=0.9), sparsity=0.9,
-                      prune_every=5, noise_scale=1.0, seed=3)
+                      every=5, noise_scale=1.0, seed=3)
   if method == "dst_ee":  # random sparse start, drop-and-grow every 5 steps
-    return fj.dst_ee(optax.adam(1e-2), sparsity=0.8, update_every=5,
+    return fj.dst_ee(optax.adam(1e-2), sparsity=0.8, every=5,
                      end_step=25, exploration=1e-3, seed=3)
   raise ValueError(f"method: unknown value {method!r}; valid: {METHODS}.")
 

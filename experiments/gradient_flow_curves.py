@@ -69,7 +69,7 @@ def _define_flags(fv: flags.FlagValues) -> None:
 def one_shot(inner, measure: str, sparsity: float, step: int):
   """Prune once at ``step`` by ``measure``, then fix the mask; reset moments."""
   return fj.core.prune(
-      inner, score_fn=fj.scores.gradient_flow_score(measure),
+      inner, score_fn=fj.methods.gradient_flow.gradient_flow_score(measure),
       schedule=fj.schedules.one_shot(sparsity, step),
       reset_moments="all", name="one_shot_" + measure)
 

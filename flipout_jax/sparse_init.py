@@ -13,7 +13,7 @@ any pruning transformation of this library and needs no change to the
 user's init code::
 
     tx = fj.sparse_init(fj.rigl(optax.sgd(0.1, momentum=0.9), sparsity=0.98,
-                                update_every=100, end_step=7500))
+                                every=100, end_step=7500))
 
 Math: the update with count 0 additionally moves every kept weight of unit
 ``c`` (the last axis; Flax kernels are ``(..., in, out)``) from ``θ`` to

@@ -3,7 +3,7 @@
 Each check takes a value and the argument's name, returns the value in
 canonical form (a Python ``int``, ``float``, ``bool`` or ``str``) and raises
 ``ValueError`` whose message starts with the argument's name and states its
-valid range. Booleans are never numbers here (``prune_every=True`` is an
+valid range. Booleans are never numbers here (``every=True`` is an
 error), strings never numbers (``sparsity='0.5'`` is an error), and every
 number must be finite.
 
@@ -240,7 +240,7 @@ def last_event_step(last: int, name: str, detail: str) -> None:
 
   Args:
     last: the step of the last event.
-    name: the argument that puts it there (e.g. ``prune_every``).
+    name: the argument that puts it there (e.g. ``every``).
     detail: how ``last`` follows from the arguments, for the message.
   """
   if last > MAX_STEP:

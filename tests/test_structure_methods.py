@@ -44,16 +44,16 @@ def loss(params, x=X, y=Y):
 # Keyword arguments that finish each method's schedule within STEPS updates
 # at the pattern's sparsity (0.5 for 2:4).
 METHODS = {
-    "global_magnitude": dict(sparsity=0.5, prune_every=2),
-    "flipout": dict(sparsity=0.5, prune_every=2),
-    "random_pruning": dict(sparsity=0.5, prune_every=2),
+    "global_magnitude": dict(sparsity=0.5, every=2),
+    "flipout": dict(sparsity=0.5, every=2),
+    "random_pruning": dict(sparsity=0.5, every=2),
     "snip": dict(sparsity=0.5),
     "movement": dict(sparsity=0.5, start_step=0, end_step=6),
-    "rigl": dict(sparsity=0.5, update_every=2, end_step=8),
-    "set_": dict(sparsity=0.5, update_every=2, end_step=8),
-    "dst_ee": dict(sparsity=0.5, update_every=2, end_step=8),
+    "rigl": dict(sparsity=0.5, every=2, end_step=8),
+    "set_": dict(sparsity=0.5, every=2, end_step=8),
+    "dst_ee": dict(sparsity=0.5, every=2, end_step=8),
     "gradient_flow": dict(measure="magnitude", sparsity=0.5, rounds=2,
-                          steps_per_round=2),
+                          every=2),
     "st3": dict(sparsity=0.5, start_step=0, end_step=6),
 }
 SPARSE_TRAINING = ("rigl", "set_", "dst_ee")
