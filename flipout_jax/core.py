@@ -120,7 +120,7 @@ def budget_table(distribution, masks: PyTree,
     at a constant sparsity has one row whatever its number of events); event
     ``k`` reads row ``schedule.target_index(k)``.
   """
-  structure = structure_lib.unstructured() if structure is None else structure
+  structure = structure_lib.check(structure)
   return structure.budget(distribution, layout(structure, masks),
                           tuple(schedule.targets), schedule.final_sparsity)
 
@@ -153,7 +153,7 @@ def shrink_masks(masks: PyTree, scores: PyTree, groups, keep,
   number alive keeps just the alive ones. Units and counts are the
   structure's (default :func:`flipout_jax.structure.unstructured`: weights).
   """
-  structure = structure_lib.unstructured() if structure is None else structure
+  structure = structure_lib.check(structure)
   new_leaves = structure.shrink(
       layout(structure, masks), trees.prunable_leaves(masks, masks),
       trees.prunable_leaves(masks, scores), groups, keep)
@@ -163,8 +163,7 @@ def shrink_masks(masks: PyTree, scores: PyTree, groups, keep,
 def shrink_rule(structure: structure_lib.Structure | None = None) -> MaskRule:
   """The mask rule of pruning methods: :func:`shrink_masks` in ``structure``,
   no restarts."""
-  structure = structure_lib.check(
-      structure_lib.unstructured() if structure is None else structure)
+  structure = structure_lib.check(structure)
 
   def rule(ctx: scores_lib.ScoreContext, scores: PyTree, groups,
            keep: jax.Array) -> MaskUpdate:
@@ -203,8 +202,7 @@ def drop_and_grow_rule(fraction: Callable[[jax.Array], jax.Array],
   Returns:
     A :data:`MaskRule`.
   """
-  structure = structure_lib.check(
-      structure_lib.unstructured() if structure is None else structure)
+  structure = structure_lib.check(structure)
   restart_regrown = validate.boolean(restart_regrown, "restart_regrown")
 
   def rule(ctx: scores_lib.ScoreContext, grow_scores, groups, keep):
@@ -239,8 +237,7 @@ def random_masks(sparsity: float, distribution="erk",
   Returns:
     ``(params, dense_masks, key) -> masks``, as :func:`prune` expects.
   """
-  structure = structure_lib.check(
-      structure_lib.unstructured() if structure is None else structure)
+  structure = structure_lib.check(structure)
 
   def init(params, dense_masks, key):
     del params
@@ -342,8 +339,7 @@ def prune(inner: optax.GradientTransformation,
     ``update`` are passed to the inner optimizer and to ``score_fn``.
   """
   validate.transformation(inner, "inner")
-  structure = structure_lib.check(
-      structure_lib.unstructured() if structure is None else structure)
+  structure = structure_lib.check(structure)
   mask_rule = shrink_rule(structure) if mask_rule is None else mask_rule
   for fn, fn_name in ((score_fn, "score_fn"), (mask_rule, "mask_rule")):
     if not callable(fn):

@@ -132,7 +132,10 @@ class Threshold(NamedTuple):
 
 
 def check(structure: Any, name: str = "structure") -> Structure:
-  """``structure`` if it is a :class:`Structure`, else a ValueError."""
+  """``structure`` if it is a :class:`Structure` (None: :func:`unstructured`),
+  else a ValueError naming ``name``."""
+  if structure is None:
+    return unstructured()
   if not isinstance(structure, Structure):
     raise ValueError(
         f"{name}: expected a flipout_jax structure (fj.unstructured(), "
@@ -657,15 +660,16 @@ def units(*, axis: int = -1, reduce: str = "sum", min_per_layer: int = 1,
     return jnp.any(to_units(mask), axis=0)
 
   def members_of(groups):
-    return [i for g in groups for i in g]
+    """The leaves in ``groups`` and the groups as indices into that list."""
+    idx = [i for g in groups for i in g]
+    pos = {i: j for j, i in enumerate(idx)}
+    return idx, tuple(tuple(pos[i] for i in g) for g in groups)
 
   def shrink(lay, masks, scores, groups, keep):
     del lay
-    idx = members_of(groups)
+    idx, sub = members_of(groups)
     if not idx:
       return list(masks)
-    pos = {i: j for j, i in enumerate(idx)}
-    sub = [tuple(pos[i] for i in g) for g in groups]
     alive = [alive_units(masks[i]) for i in idx]
     fscores = [unit_scores(scores[i]) for i in idx]
     guarded = [selection.top_k_mask(s, min(min_per_layer, s.shape[0]), a) & a
@@ -683,12 +687,10 @@ def units(*, axis: int = -1, reduce: str = "sum", min_per_layer: int = 1,
   def drop_and_grow(lay, masks, magnitudes, grow_scores, groups, keep,
                     fraction):
     del lay, keep
-    idx = members_of(groups)
+    idx, sub = members_of(groups)
     out, grown = list(masks), [jnp.zeros_like(x) for x in masks]
     if not idx:
       return out, grown
-    pos = {i: j for j, i in enumerate(idx)}
-    sub = [tuple(pos[i] for i in g) for g in groups]
     alive = [alive_units(masks[i]) for i in idx]
     active = _group_sums(alive, sub)
     n = num_to_drop(active, fraction)
@@ -702,12 +704,10 @@ def units(*, axis: int = -1, reduce: str = "sum", min_per_layer: int = 1,
     return out, grown
 
   def random(lay, key, groups, keep):
-    idx = members_of(groups)
+    idx, sub = members_of(groups)
     out = [jnp.ones(s, jnp.bool_) for s in lay.shapes]
     if not idx:
       return out
-    pos = {i: j for j, i in enumerate(idx)}
-    sub = tuple(tuple(pos[i] for i in g) for g in groups)
     kept = _random_top_k(key, tuple((lay.shapes[i][axis],) for i in idx), sub,
                          tuple(int(k) for k in keep))
     for i, kf in zip(idx, kept):

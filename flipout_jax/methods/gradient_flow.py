@@ -300,8 +300,7 @@ def _reset_mode(reset_moments) -> str:
 def _score_and_structure(measure: str, structure):
   """The measure's score in the form ``structure`` ranks, and the structure
   (units rank filter-form importances, broadcast: by their max)."""
-  structure = structure_lib.check(
-      structure_lib.unstructured() if structure is None else structure)
+  structure = structure_lib.check(structure)
   if structure.kind != "units":
     return gradient_flow_score(measure), structure
   options = dict(structure.options, reduce="max")

@@ -289,8 +289,7 @@ def threshold_rule(structure=None, *,
   Thresholds stored: float32 ``[]`` per leaf (``τ_l``), or ``τ_g`` per
   group of M, shape ``(..., in/M, ...)``, for N:M.
   """
-  structure = structure_lib.check(
-      structure_lib.unstructured() if structure is None else structure)
+  structure = structure_lib.check(structure)
   sigma_normalized = validate.boolean(sigma_normalized, "sigma_normalized")
 
   def layout(paths, shapes):
