@@ -4,7 +4,8 @@
 state carries the masks and the method's per-weight state. One ``update``:
 
 1. masks the gradient (pruned weights get none);
-2. optionally adds FlipOut's per-tensor gradient noise, then masks again;
+2. optionally adds a noise piece (FlipOut's per-tensor gradient noise,
+   :func:`flipout_jax.noise.gradient_noise`), then masks again;
 3. runs the inner optimizer on the masked gradient;
 4. lets the method's *tracker* observe the step (e.g. count sign flips);
 5. on scheduled steps only (``lax.cond``; no retracing, no host round trip),
@@ -16,7 +17,8 @@ state carries the masks and the method's per-weight state. One ``update``:
 
 A method is a score function (:mod:`flipout_jax.scores`), a schedule
 (:mod:`flipout_jax.schedules`), a distribution
-(:mod:`flipout_jax.distributions`) and at most a :class:`Tracker`.
+(:mod:`flipout_jax.distributions`), a structure (:mod:`flipout_jax.structure`),
+at most a :class:`Tracker` and a noise piece (:mod:`flipout_jax.noise`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ PyTree = Any
 # cannot keep it sparse; masked-weights methods zero it at pruned weights).
 _WEIGHT_COPY_STATES = (optax.contrib.ScheduleFreeState,)
 RESET_MOMENTS = ("none", "pruned", "grown", "changed", "all")
-NOISE_ON = ("all", "prunable")
+WEIGHTS = ("masked", "raw")
 
 
 class PruneState(NamedTuple):
@@ -143,6 +145,85 @@ class MaskUpdate(NamedTuple):
 
 MaskRule = Callable[[scores_lib.ScoreContext, PyTree, Any, jax.Array],
                     MaskUpdate]
+
+
+class RawSelection(NamedTuple):
+  """What a :class:`RawRule` makes of the raw weights (lists over the
+  prunable leaves).
+
+  Attributes:
+    effective: the effective weights, the raw weights' dtype, exactly +0.0
+      where ``masks`` is False: what the params become.
+    masks: bool, the kept entries.
+    state: None, or the rule's own per-leaf state: a NamedTuple whose fields
+      are lists over the prunable leaves (e.g. ST-3's thresholds and
+      scales); stored in mask layout in :attr:`RawState.rule`.
+  """
+  effective: list
+  masks: list
+  state: Any = None
+
+
+class RawRule(NamedTuple):
+  """How a ``weights="raw"`` method turns raw weights into params.
+
+  Attributes:
+    init: ``(layout, raw, sparsity, groups, keep) -> (masks, state)``: the
+      masks and rule state of the starting raw weights (a list) at the
+      schedule's step-0 target; runs once, eagerly, at ``init``.
+    select: ``(layout, raw, sparsity, groups, keep) -> RawSelection``,
+      traced inside every update with the stepped raw weights.
+      ``sparsity`` is the schedule's target in force (float32 ``[]``,
+      traced: a :func:`flipout_jax.schedules.ramp` moves every step);
+      ``groups`` and ``keep`` the budget of the structure's units for it
+      (int32 ``[num_groups]``; all kept before the first event).
+    reset: None, or ``state -> state``: the rule's state once the masks are
+      frozen (``freeze_step``), e.g. ST-3's thresholds 0 and scales 1.
+  """
+  init: Callable
+  select: Callable
+  reset: Callable | None = None
+
+
+class RawState(NamedTuple):
+  """``PruneState.method_state`` of a ``weights="raw"`` transformation.
+
+  Attributes:
+    raw: the dense raw weights, param dtype, at the prunable leaves (None
+      elsewhere: non-prunable params are trained in place, not copied).
+    rule: None or the :class:`RawRule`'s state, each field in mask layout.
+  """
+  raw: PyTree
+  rule: Any = None
+
+
+def hard_raw_rule(structure: structure_lib.Structure | None = None
+                  ) -> RawRule:
+  """The raw-weights rule of hard masks: keep the ``keep[g]`` largest
+  ``|w|`` of all units of each group (UniPTS's sparse training); effective
+  ``where(m, w, 0)``; no rule state."""
+  structure = structure_lib.check(structure)
+
+  def masks_of(lay, raw, groups, keep):
+    alive = [jnp.ones(w.shape, jnp.bool_) for w in raw]
+    return structure.shrink(lay, alive, [jnp.abs(w.astype(jnp.float32))
+                                         for w in raw], groups, keep)
+
+  def select(lay, raw, sparsity, groups, keep):
+    del sparsity
+    masks = masks_of(lay, raw, groups, keep)
+    return RawSelection([jnp.where(m, w, jnp.zeros_like(w))
+                         for m, w in zip(masks, raw)], masks)
+
+  # Jitted (cached per layout and shapes): an eager init would run the
+  # selection passes op by op, which takes seconds on a CPU.
+  init_masks = jax.jit(masks_of, static_argnums=(0, 2))
+
+  def init(lay, raw, sparsity, groups, keep):
+    del sparsity
+    return init_masks(lay, raw, groups, jnp.asarray(keep, jnp.int32)), None
+
+  return RawRule(init, select)
 
 
 def shrink_masks(masks: PyTree, scores: PyTree, groups, keep,
@@ -277,26 +358,53 @@ def _or_nones(tree: PyTree | None, masks: PyTree) -> PyTree:
 
 def prune(inner: optax.GradientTransformation,
           *,
-          score_fn: scores_lib.ScoreFn,
+          score_fn: scores_lib.ScoreFn | None = None,
           schedule: schedules_lib.AnySchedule,
           mask_rule: MaskRule | None = None,
           distribution: distributions_lib.Distribution = "global",
           structure: structure_lib.Structure | None = None,
-          noise_scale: float = 0.0,
-          noise_on: str = "all",
-          exact_noise: bool = False,
+          noise: noise_lib.GradientNoise | None = None,
           tracker: Tracker | None = None,
           reset_moments: str = "none",
           filter_fn: trees.FilterFn | None = None,
           initial_masks: PyTree | None = None,
           seed: int = 0,
+          weights: str = "masked",
+          raw_rule: RawRule | None = None,
+          freeze_step: int | None = None,
+          pruned_decay: float = 0.0,
           name: str = "prune") -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` so that it prunes on the schedule's events.
 
+  Two weight modes share this loop, its state (:class:`PruneState`), its
+  budgets (one count convention: a target ``s`` over ``n`` units prunes
+  ``round(s·n)``, half to even; README, "Vocabulary") and its checks:
+
+  * ``weights="masked"`` (every mask method): the params are the weights;
+    pruned ones sit at exactly 0.0 and get no gradient (steps above).
+  * ``weights="raw"`` (ST-3, UniPTS's sparse training): dense *raw*
+    weights live in the state (:class:`RawState`) and the params are their
+    effective copy. Every update steps the raw weights with ``inner``
+    (which gets them as its ``params``) by the gradient at the params
+    (straight-through: pruned weights learn too), then ``raw_rule.select``
+    re-selects the masks from the stepped raw weights at the schedule's
+    target in force and returns ``updates = effective − params``:
+    ``optax.apply_updates`` lands pruned entries on exactly +0.0 and kept
+    ones on the effective weights up to one rounding (the raw weights are
+    the source of truth, so it never accumulates). Must be the last
+    transformation of a chain. ``freeze_step``: updates with count
+    ``>= freeze_step`` fine-tune the weights of update ``freeze_step − 1``
+    (which also replaces the raw weights by its effective ones and resets
+    the rule's state) under its fixed masks: pruned weights get no gradient
+    and stay at exactly 0.0.
+
   Args:
-    inner: any optax optimizer; it sees the masked (and noised) gradients.
-    score_fn: importance score; on an event, the ``keep`` highest-scoring
-      alive weights of each group stay alive.
+    inner: any optax optimizer; it sees the masked (and noised) gradients
+      (``weights="raw"``: the straight-through gradients, and the raw
+      weights as ``params``).
+    score_fn: importance score (required with ``weights="masked"``, None
+      with ``"raw"``, whose rule ranks); on an event, the ``keep``
+      highest-scoring alive weights of each group stay alive.
     schedule: the pruning events (step, target sparsity).
     mask_rule: ``(ctx, scores, groups, keep) -> MaskUpdate`` on events; the
       default :func:`shrink_rule` of ``structure`` keeps the ``keep[g]`` best
@@ -308,12 +416,11 @@ def prune(inner: optax.GradientTransformation,
       :func:`flipout_jax.structure.unstructured` (default),
       ``n_m(n, m)`` or ``units(...)``; it counts the budgets and checks at
       ``init`` that the layers can hold it.
-    noise_scale: λ of FlipOut's gradient noise ``N(0, (λ‖g‖/√n)²)``; 0 = off.
-      Traceable: a jnp scalar (e.g. from ``optax.inject_hyperparams``) is
-      used as is inside the update, the noise then always drawn.
-    noise_on: ``"all"`` float leaves or ``"prunable"`` leaves only.
-    exact_noise: draw noise with ``jax.random.normal`` rather than the
-      cheaper 16-bit inverse-CDF normals of :func:`noise.normal16`.
+    noise: None (default) or a noise piece, ``(grads, masks, key) ->
+      grads`` applied to the masked gradient before the inner optimizer
+      (the result is masked again), e.g. FlipOut's
+      :func:`flipout_jax.noise.gradient_noise`; its key is drawn from the
+      state's key per step.
     tracker: per-weight state observed every step (default: none).
     reset_moments: after an event, zero the inner optimizer's per-parameter
       buffers of the weights ``"pruned"`` by it, ``"grown"`` by it,
@@ -332,6 +439,14 @@ def prune(inner: optax.GradientTransformation,
     seed: seed of the PRNG key kept in the state (initial masks, noise,
       events): an int, or a PRNG key, which may be traced (e.g. one key
       per seed inside ``jax.vmap``; see also :func:`reseed`).
+    weights: ``"masked"`` (default) or ``"raw"`` (see above).
+    raw_rule: ``weights="raw"`` only: the :class:`RawRule` that makes the
+      effective weights (e.g. ST-3's soft threshold, :func:`hard_raw_rule`).
+    freeze_step: ``weights="raw"`` only: None (never) or a step ``>= 1``
+      from which the masks are frozen (see above).
+    pruned_decay: ``weights="raw"`` only: ``λ >= 0`` added to the raw
+      weights' gradient as ``λ·(1 − m)⊙w`` (pruned raw weights decay
+      towards 0, UniPTS's SR-STE-like term); traceable.
     name: used in error messages.
 
   Returns:
@@ -340,22 +455,37 @@ def prune(inner: optax.GradientTransformation,
   """
   validate.transformation(inner, "inner")
   structure = structure_lib.check(structure)
+  validate.choice(weights, "weights", WEIGHTS)
+  if weights == "raw":
+    return _raw_prune(inner, raw_rule=raw_rule, schedule=schedule,
+                      score_fn=score_fn, mask_rule=mask_rule,
+                      distribution=distribution, structure=structure,
+                      noise=noise, tracker=tracker,
+                      reset_moments=reset_moments, filter_fn=filter_fn,
+                      initial_masks=initial_masks, freeze_step=freeze_step,
+                      pruned_decay=pruned_decay, name=name)
+  for arg, value in (("raw_rule", raw_rule), ("freeze_step", freeze_step)):
+    if value is not None:
+      raise ValueError(f"{arg}: only with weights='raw', got {value!r}.")
+  if isinstance(pruned_decay, (int, float)) and pruned_decay == 0.0:
+    pass
+  else:
+    raise ValueError(f"pruned_decay: only with weights='raw', got "
+                     f"{pruned_decay!r}.")
   mask_rule = shrink_rule(structure) if mask_rule is None else mask_rule
   for fn, fn_name in ((score_fn, "score_fn"), (mask_rule, "mask_rule")):
     if not callable(fn):
       raise ValueError(f"{fn_name}: must be callable, got {fn!r}.")
-  # Traceable: optax.inject_hyperparams may pass a (traced) jnp scalar; the
-  # noise is then always drawn and scaled by it.
-  noise_scale = validate.number(noise_scale, "noise_scale", low=0,
-                                traceable=True)
-  add_noise = validate.is_dynamic(noise_scale) or noise_scale > 0.0
-  validate.choice(noise_on, "noise_on", NOISE_ON)
-  validate.boolean(exact_noise, "exact_noise")
+  validate.optional_callable(noise, "noise")
   validate.choice(reset_moments, "reset_moments", RESET_MOMENTS)
   validate.optional_callable(filter_fn, "filter_fn")
   seed = validate.seed(seed)
   distributions_lib.validate_distribution(distribution)
   schedule = schedules_lib.as_schedule(schedule)
+  if isinstance(schedule, schedules_lib.Ramp):
+    raise ValueError("schedule: a schedules.ramp has no events; it drives "
+                     "weights='raw' only (use schedules.polynomial for "
+                     "events on the same curve).")
   tracker = no_tracker() if tracker is None else tracker
   inner = optax.with_extra_args_support(inner)
 
@@ -408,15 +538,8 @@ def prune(inner: optax.GradientTransformation,
     dense_grads = grads
     grads = trees.apply_masks(grads, masks)
     clean_grads = grads
-    if add_noise:
-      # Over the gradient's leaves (a None param has none), reading each
-      # leaf's mask (None: not prunable).
-      selected = jax.tree.map(
-          lambda g, m: m is not None if noise_on == "prunable" else True,
-          grads, masks)
-      grads = noise_lib.add_gradient_noise(grads, noise_key, noise_scale,
-                                           selected, exact=exact_noise)
-      grads = trees.apply_masks(grads, masks)
+    if noise is not None:
+      grads = trees.apply_masks(noise(grads, masks, noise_key), masks)
 
     updates, inner_state = inner.update(grads, state.inner_state, params,
                                         **extra_args)
@@ -486,6 +609,156 @@ def prune(inner: optax.GradientTransformation,
         inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _raw_prune(inner, *, raw_rule, schedule, score_fn, mask_rule,
+               distribution, structure, noise, tracker, reset_moments,
+               filter_fn, initial_masks, freeze_step, pruned_decay, name):
+  """:func:`prune` with ``weights="raw"`` (its docstring has the contract)."""
+  for arg, value in (("score_fn", score_fn), ("mask_rule", mask_rule),
+                     ("noise", noise), ("tracker", tracker),
+                     ("initial_masks", initial_masks)):
+    if value is not None:
+      raise ValueError(f"{arg}: not used with weights='raw' (the raw_rule "
+                       f"selects every step), got {value!r}.")
+  validate.choice(reset_moments, "reset_moments", ("none",))
+  if not isinstance(raw_rule, RawRule):
+    raise ValueError(f"raw_rule: must be a flipout_jax.core.RawRule with "
+                     f"weights='raw', got {raw_rule!r}.")
+  if freeze_step is not None:
+    freeze_step = validate.step(freeze_step, "freeze_step", low=1)
+  # Only enters the traced update: traceable (optax.inject_hyperparams).
+  pruned_decay = validate.number(pruned_decay, "pruned_decay", low=0,
+                                 traceable=True)
+  decays = validate.is_dynamic(pruned_decay) or pruned_decay > 0.0
+  validate.optional_callable(filter_fn, "filter_fn")
+  distributions_lib.validate_distribution(distribution)
+  schedule = schedules_lib.as_schedule(schedule)
+  inner = optax.with_extra_args_support(inner)
+  is_none = lambda x: x is None  # pylint: disable=unnecessary-lambda-assignment
+
+  def budget(masks):
+    """The layout and ``(groups, table)``: row 0 keeps everything (before
+    the first event), row ``1 + target_index(k)`` is event ``k``'s."""
+    lay = layout(structure, masks)
+    groups, table = structure.budget(
+        distribution, lay, (0.0,) + tuple(schedule.targets),
+        schedule.final_sparsity)
+    return lay, groups, table
+
+  def keep_at(table, count):
+    if not schedule.num_events:
+      return jnp.asarray(table)[0]
+    _, idx = schedule.event_index(count)
+    row = jnp.where(idx >= 0, 1 + schedule.target_index(idx), 0)
+    return jnp.asarray(table)[row]
+
+  def init_fn(params):
+    prunable = trees.prunable_tree(params, filter_fn)
+    masks = trees.mask_like(params, prunable)
+    paths = [p for p, _ in trees.leaves_with_paths(masks)]
+    distributions_lib.validate_distribution(distribution, paths)
+    n = sum(m.size for m in trees.prunable_leaves(masks, masks))
+    if n >= 2**31 - 1:
+      raise ValueError("params: 2**31 - 1 or more prunable weights; counts "
+                       "are int32.")
+    lay, groups, table = budget(masks)
+    _warn_empty_budget(name, masks, groups, table[1:])
+    raw = copy_raw_weights(masks, params)
+    mask_l, rule_state = raw_rule.init(
+        lay, trees.prunable_leaves(masks, raw), schedule.sparsity(0), groups,
+        keep_at(table, 0))
+    inner_state = trees.shard_like_params(inner.init(params), params)
+    check_no_weight_copy(inner_state, name)
+    # Per-weight buffers take their param's sharding (see the masked init).
+    return PruneState(
+        count=jnp.zeros([], jnp.int32),
+        masks=trees.shard_like_params(
+            trees.unflatten_prunable(masks, list(mask_l)), params),
+        method_state=RawState(raw, trees.shard_like_params(
+            _rule_tree(masks, rule_state), params)),
+        key=jax.random.PRNGKey(0),  # unused: raw rules are deterministic
+        inner_state=inner_state)
+
+  def update_fn(grads, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(f"{name}: update needs params (call "
+                       "tx.update(grads, state, params)).")
+    masks = state.masks
+    trees.check_same_structure(params, masks, what=name)
+    validate.same_tree(grads, params, "grads")
+    lay, groups, table = budget(masks)
+    count = state.count
+    raw = state.method_state.raw
+    if decays:
+      # g + λ·(1 − m)⊙w: pruned raw weights are pulled towards 0.
+      grads = jax.tree.map(
+          lambda m, g, w: g if m is None else
+          (g + pruned_decay * jnp.where(m, jnp.zeros_like(w), w)).astype(
+              g.dtype), masks, grads, raw, is_leaf=is_none)
+    frozen = None if freeze_step is None else count >= freeze_step
+    if frozen is not None:
+      # Fine-tuning: pruned weights get no gradient (they are pinned to 0
+      # below anyway; this keeps the inner moments from chasing them).
+      grads = jax.tree.map(
+          lambda m, g: g if m is None else jnp.where(m | ~frozen, g, 0),
+          masks, grads, is_leaf=is_none)
+    updates, inner_state, new_raw = step_raw_weights(
+        inner, grads, state.inner_state, params, masks, raw, **extra_args)
+    mask_l = trees.prunable_leaves(masks, masks)
+    old_rule = _rule_leaves(masks, state.method_state.rule)
+
+    def select_step(_):
+      sel = raw_rule.select(lay, new_raw, schedule.sparsity(count), groups,
+                            keep_at(table, count))
+      raw_out, rule_state = new_raw, sel.state
+      if freeze_step is not None:
+        # The last selecting update: from now on the raw weights are its
+        # effective ones and train as plain weights under its masks.
+        last = count == freeze_step - 1
+        raw_out = [jnp.where(last, e, r) for e, r in zip(sel.effective, raw_out)]
+        if rule_state is not None and raw_rule.reset is not None:
+          rule_state = jax.tree.map(lambda a, b: jnp.where(last, a, b),
+                                    raw_rule.reset(rule_state), rule_state)
+      return list(sel.effective), list(sel.masks), raw_out, rule_state
+
+    def fine_tune_step(_):
+      # Pruned raw weights are pinned to +0.0 (the inner moments of the
+      # selecting phase would move them otherwise).
+      raw_out = [jnp.where(m, r, jnp.zeros_like(r))
+                 for m, r in zip(mask_l, new_raw)]
+      return raw_out, mask_l, raw_out, old_rule
+
+    if frozen is None:
+      eff, new_mask_l, raw_out, rule_state = select_step(None)
+    else:
+      # cond, not where: the fine-tuning phase skips the selection passes.
+      eff, new_mask_l, raw_out, rule_state = jax.lax.cond(
+          frozen, fine_tune_step, select_step, None)
+    return updates_to(eff, updates, params, masks), PruneState(
+        count=optax.safe_increment(count),
+        masks=trees.unflatten_prunable(masks, new_mask_l),
+        method_state=RawState(trees.unflatten_prunable(masks, raw_out),
+                              _rule_tree(masks, rule_state)),
+        key=state.key,
+        inner_state=inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _rule_tree(masks: PyTree, state):
+  """A rule state of leaf lists → the same NamedTuple of mask-layout trees."""
+  if state is None:
+    return None
+  return type(state)(*[trees.unflatten_prunable(masks, list(f))
+                       for f in state])
+
+
+def _rule_leaves(masks: PyTree, state):
+  """The inverse of :func:`_rule_tree`."""
+  if state is None:
+    return None
+  return type(state)(*[trees.prunable_leaves(masks, f) for f in state])
 
 
 def _warn_empty_budget(name: str, masks: PyTree, groups, table) -> None:
@@ -618,14 +891,18 @@ def find_prune_states(state: optax.OptState) -> list[PruneState]:
 
 def find_prune_state(state: optax.OptState, method_state_type: type,
                      what: str) -> PruneState:
-  """The one :class:`PruneState` in ``state`` whose ``method_state`` is a
-  ``method_state_type`` (e.g. ST-3's raw weights inside a chain).
+  """The one :class:`PruneState` in ``state`` whose ``method_state`` (for
+  ``weights="raw"``: its rule state) is a ``method_state_type`` (e.g.
+  ST-3's inside a chain).
 
   Raises:
     ValueError: if ``state`` holds none or several, naming ``what``.
   """
+  def kind(s):  # a raw-weights state is known by its rule's state
+    return s.method_state.rule if isinstance(s.method_state, RawState) else (
+        s.method_state)
   found = [s for s in find_prune_states(state)
-           if isinstance(s.method_state, method_state_type)]
+           if isinstance(kind(s), method_state_type)]
   if len(found) != 1:
     raise ValueError(
         f"state: holds {len(found)} {what} states; pass the optimizer state "

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import jax.numpy as jnp
 import numpy as np
@@ -224,7 +224,77 @@ class PeriodicSchedule:
     return _target_sparsity(self, step)
 
 
-AnySchedule = Union[Schedule, PeriodicSchedule]
+@dataclasses.dataclass(frozen=True)
+class Ramp:
+  """A target that moves every step, no events: Zhu & Gupta's curve
+  :func:`polynomial_sparsity` evaluated at the (traced) step count.
+
+  It drives the ``weights="raw"`` mode of :func:`flipout_jax.core.prune`,
+  whose rule re-selects the masks from the raw weights at every update
+  (ST-3's cubic ramp), so no budget table per step exists: the rule counts
+  ``round(s_t·n)`` inside the update. Build it with :func:`ramp`.
+
+  Attributes:
+    target: ``S``, reached at ``end_step``, in [0, 1).
+    start_step: ``t0``; ``initial`` up to it.
+    end_step: ``t1 > t0``.
+    power: > 0; may be a traced scalar (``optax.inject_hyperparams``).
+    initial: ``s0`` in [0, S].
+  """
+  target: float
+  start_step: int
+  end_step: int
+  power: Any = 3.0
+  initial: float = 0.0
+
+  num_events = 0
+  steps = ()
+
+  @property
+  def targets(self) -> tuple[float, ...]:
+    """One budget row, the final target (what init checks and warns on)."""
+    return (self.target,)
+
+  @property
+  def final_sparsity(self) -> float:
+    return self.target
+
+  def event_index(self, step: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    del step
+    return jnp.bool_(False), jnp.int32(-1)
+
+  def target_index(self, index: jnp.ndarray) -> jnp.ndarray:
+    return jnp.zeros_like(index)
+
+  def sparsity(self, step: jnp.ndarray) -> jnp.ndarray:
+    """``s_t``, float32, at a (traced) step."""
+    return polynomial_sparsity(step, self.target, self.start_step,
+                               self.end_step, self.power, self.initial)
+
+
+def ramp(sparsity: float, start_step: int, end_step: int,
+         power: float = 3.0, initial: float = 0.0) -> Ramp:
+  """A :class:`Ramp` from ``initial`` at ``start_step`` to ``sparsity`` at
+  ``end_step`` (``power`` traceable).
+
+  Raises:
+    ValueError: naming the argument, for sparsities outside [0, 1),
+      ``initial > sparsity``, ``end_step <= start_step`` or ``power <= 0``.
+  """
+  sparsity = validate.sparsity(sparsity)
+  initial = validate.sparsity(initial, "initial")
+  if initial > sparsity:
+    raise ValueError(f"initial: must be <= sparsity={sparsity}, got "
+                     f"{initial}.")
+  start = validate.step(start_step, "start_step")
+  end = validate.step(end_step, "end_step")
+  validate.ordered(end, "end_step", start, "start_step")
+  power = validate.number(power, "power", low=0, low_open=True,
+                          traceable=True)
+  return Ramp(sparsity, start, end, power, initial)
+
+
+AnySchedule = Union[Schedule, PeriodicSchedule, Ramp]
 
 
 def events_needed(sparsity: float, rate: float) -> int:
@@ -377,7 +447,7 @@ def as_schedule(events: AnySchedule | Sequence[tuple[int, float]],
       increase strictly or leave ``[0, 2**31 − 2]``, and sparsities outside
       [0, 1) or decreasing.
   """
-  if isinstance(events, (Schedule, PeriodicSchedule)):
+  if isinstance(events, (Schedule, PeriodicSchedule, Ramp)):
     return events
   if isinstance(events, (str, bytes)) or not isinstance(events, Sequence):
     raise ValueError(

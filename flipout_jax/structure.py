@@ -228,11 +228,11 @@ def unstructured() -> Structure:
     del lay
     n = sum(math.prod(x.shape) for x in scores)
     k_pruned = num_pruned(sparsity, n)
-    # Exactly ⌊sN⌋ pruned: the N − ⌊sN⌋ largest scores are kept, ties broken
-    # by position. t, the (N − ⌊sN⌋ + 1)-th largest key, is the largest
+    # Exactly k = round(sN) pruned: the N − k largest scores are kept, ties
+    # broken by position. t, the (N − k + 1)-th largest key, is the largest
     # pruned score's: τ (0 when nothing is pruned; then the count N + 1
     # exceeds every candidate and t is key 0, below every real key).
-    # `key > t` keeps exactly N − ⌊sN⌋ unless scores tie at t; only then
+    # `key > t` keeps exactly N − k unless scores tie at t; only then
     # (lax.cond) top_k_masks breaks the tie by position.
     group = [list(range(len(scores)))]
     keep = jnp.reshape(n - k_pruned, (1,))
@@ -251,9 +251,11 @@ def unstructured() -> Structure:
 
 
 def num_pruned(sparsity, n: int) -> jax.Array:
-  """``⌊s·n⌋`` as int32 for a traced ``s`` (float32 product: exact for
-  ``n < 2^24``, else within ``n·2^-24``): the soft-threshold count."""
-  k = jnp.floor(jnp.asarray(sparsity, jnp.float32) * jnp.float32(n))
+  """``round(s·n)`` as int32 for a traced ``s``: the library's one count
+  convention (half to even, as the budgets' NumPy ``round``), here on the
+  float32 product (the same count for ``n < 2^24`` unless ``s·n`` lies
+  within float32 rounding of a half-integer)."""
+  k = jnp.round(jnp.asarray(sparsity, jnp.float32) * jnp.float32(n))
   return jnp.clip(k, 0, n).astype(jnp.int32)
 
 
@@ -716,7 +718,7 @@ def units(*, axis: int = -1, reduce: str = "sum", min_per_layer: int = 1,
 
   def threshold(lay, scores, sparsity):
     # Per layer (the group of units ranked together is the layer): the
-    # F − ⌊s·F⌋ units of largest score are kept (at least min_per_layer),
+    # F − round(s·F) units of largest score are kept (at least min_per_layer),
     # τ is the largest pruned unit score, and a kept unit of score r is
     # shrunk by the factor (r − τ)/r (group soft-thresholding: per entry
     # τ_e = score_e·τ/r), continuous as a unit reaches the threshold.

@@ -77,7 +77,7 @@ def _fixed_pruned(masks):
 
 def _st3_pruned(masks):
   n = sum(_sizes(masks))
-  return int(np.floor(np.float32(S) * np.float32(n)))
+  return int(np.round(np.float32(S) * np.float32(n)))
 
 
 def _paths(params):
@@ -159,7 +159,7 @@ CASES: dict[str, Case] = {
         i, sparsity=0.5, every=2, end_step=6, structure=fj.n_m(**NM),
         seed=seed), _half, random=True),
     "unipts.sparse_training": Case(lambda i, p, seed: unipts.sparse_training(
-        i, sparsities={path: S for path in _paths(p)}), _per_layer(math.floor),
+        i, sparsities={path: S for path in _paths(p)}), _per_layer(round),
                                    raw_weights=True),
     "movement": Case(lambda i, p, seed: fj.movement(
         i, sparsity=S, start_step=0, end_step=4, every=2, seed=seed),

@@ -279,6 +279,44 @@ class NoiseTest(parameterized.TestCase):
     updates, _ = tx.update(grads, tx.init(params), params)
     chex.assert_trees_all_equal(updates, jax.tree.map(lambda g: -g, grads))
 
+  def test_noise_piece_composes_into_core_prune(self):
+    # A method built from the pieces (score, schedule, noise) equals the
+    # constructor that uses them; a piece never puts noise on pruned weights.
+    params = mlp_params()
+    piece = fj.noise.gradient_noise(1.0, on="prunable")
+    self.assertIsInstance(piece, fj.noise.GradientNoise)
+    built = fj.core.prune(
+        optax.sgd(0.1), score_fn=fj.scores.magnitude,
+        schedule=fj.schedules.periodic(0.75, 2, 0.5), noise=piece, seed=3)
+    reference = fj.global_magnitude(optax.sgd(0.1), sparsity=0.75, every=2,
+                                    noise_scale=1.0, noise_on="prunable",
+                                    seed=3)
+    out = []
+    for tx in (built, reference):
+      p, state = params, tx.init(params)
+      for t in range(7):
+        grads = jax.grad(mlp_loss)(p, *batch(t))
+        updates, state = jax.jit(tx.update)(grads, state, p)
+        p = optax.apply_updates(p, updates)
+      out.append(p)
+      masks = fj.get_masks(state)
+      k = masks["dense0"]["kernel"]
+      self.assertLess(int(jnp.sum(k)), k.size)
+      self.assertTrue(bool(jnp.all(jnp.where(k, 0.0, p["dense0"]["kernel"])
+                                   == 0.0)))
+    chex.assert_trees_all_equal(*out)
+
+  def test_noise_piece_arguments(self):
+    self.assertIsNone(fj.noise.gradient_noise(0.0))
+    self.assertIsNotNone(fj.noise.gradient_noise(jnp.float32(0.0)))
+    with self.assertRaisesRegex(ValueError, "^noise_scale: "):
+      fj.noise.gradient_noise(-1.0)
+    with self.assertRaisesRegex(ValueError, "^noise_on: "):
+      fj.noise.gradient_noise(1.0, on="bias")
+    with self.assertRaisesRegex(ValueError, "^noise: "):
+      fj.core.prune(optax.sgd(0.1), score_fn=fj.scores.magnitude,
+                    schedule=fj.schedules.periodic(0.5, 2, 0.5), noise=1.0)
+
   def test_noise_on_prunable_only_leaves_biases_clean(self):
     params = mlp_params()
     grads = jax.grad(mlp_loss)(params, *batch(0))

@@ -38,8 +38,8 @@ def _steps(tx, params, n, grads_fn=_zero_grads):
   return params, state
 
 
-def test_st3_bf16_ties_prune_exactly_floor_s_n_by_position():
-  # 48 weights with 4 distinct bf16 magnitudes: ⌊0.5·48⌋ = 24 falls inside a
+def test_st3_bf16_ties_prune_exactly_round_s_n_by_position():
+  # 48 weights with 4 distinct bf16 magnitudes: round(0.3·48) = 14 falls inside a
   # run of equal values, which the strict `|w| > τ` rule pruned whole.
   w = jnp.repeat(jnp.array([0.5, 1.0, 1.5, 2.0], jnp.bfloat16), 12)
   w = w * jnp.where(jnp.arange(48) % 2 == 0, 1, -1).astype(jnp.bfloat16)
@@ -48,7 +48,7 @@ def test_st3_bf16_ties_prune_exactly_floor_s_n_by_position():
               rescale=False)
   out, state = _steps(tx, params, 2)
   masks = np.asarray(fj.get_masks(state)["w"]).ravel()
-  n_pruned = math.floor(np.float32(0.3) * np.float32(48))  # 14
+  n_pruned = round(np.float32(0.3) * np.float32(48))  # 14
   assert int(np.sum(~masks)) == n_pruned
   # Independent reference: a stable descending sort of |w| keeps the first
   # 48 − 14 (among equal magnitudes the earlier positions).
@@ -107,7 +107,7 @@ def test_unipts_prune_calls_a_model_without_train_argument():
     kernel = result.variables["params"]
     for k in path.split("/"):
       kernel = kernel[k]
-    assert int(np.sum(np.asarray(kernel) == 0)) == math.floor(0.5 * layer["size"])
+    assert int(np.sum(np.asarray(kernel) == 0)) == round(0.5 * layer["size"])
   bn = _BNNoTrain()
   bn_vars = bn.init(jax.random.PRNGKey(1), x[:2])
   with pytest.raises(ValueError, match="apply_fn: the model has BatchNorm "
@@ -242,10 +242,15 @@ def test_a_target_that_leaves_no_weight_warns_at_init():
                            prune_rate=0.9)
   with pytest.warns(UserWarning, match="leaves no weight in w"):
     tx.init(params)
-  # ST-3 prunes ⌊0.95·10⌋ = 9 and keeps one: no warning.
+  # ST-3 counts the same way (one convention): it warns too.
+  with pytest.warns(UserWarning, match="leaves no weight in w"):
+    fj.st3(optax.sgd(0.0), sparsity=0.95, start_step=0, end_step=1).init(params)
+  # At 0.9, round(9.0) = 9 leaves one weight: no warning from either.
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    fj.st3(optax.sgd(0.0), sparsity=0.95, start_step=0, end_step=1).init(params)
+    fj.st3(optax.sgd(0.0), sparsity=0.9, start_step=0, end_step=1).init(params)
+    fj.global_magnitude(optax.sgd(0.0), sparsity=0.9, every=1,
+                        prune_rate=0.9).init(params)
 
 
 def test_import_loads_none_of_the_experiments_stack():

@@ -90,7 +90,7 @@ class EffectiveWeightsTest(chex.TestCase):
     fn = self.variant(lambda p: st3_lib.st3_effective(p, 0.6))
     out = fn(params)
     n = _num_prunable(params)
-    self.assertEqual(_num_masked(out.masks), math.floor(0.6 * n))
+    self.assertEqual(_num_masked(out.masks), round(0.6 * n))
     tau = float(out.thresholds["dense_0"]["kernel"])
     for raw, eff, m in zip(_kernels(params), _kernels(out.effective),
                            _kernels(out.masks)):
@@ -184,7 +184,7 @@ class EffectiveWeightsTest(chex.TestCase):
     out = fn(params)
     n = sum(math.prod(s) for s in shapes)
     masked = sum(int(np.sum(~np.asarray(out.masks[k]))) for k in params)
-    self.assertEqual(masked, math.floor(0.5 * n))
+    self.assertEqual(masked, round(0.5 * n))
     tau = [float(out.thresholds[f"l{i}"]) * math.sqrt(sum(s))
            for i, s in enumerate(shapes)]
     np.testing.assert_allclose(tau, tau[0], rtol=1e-6)
@@ -274,7 +274,7 @@ class ST3TransformTest(chex.TestCase):
       params, state = step(params, state)[:2]
       masks = core.get_masks(state)
       masked = _num_masked(masks)
-      self.assertLessEqual(abs(masked - math.floor(s_t * n)), 1, msg=f"t={t}")
+      self.assertLessEqual(abs(masked - round(s_t * n)), 1, msg=f"t={t}")
       if t <= t0:
         # Until the schedule starts, ST-3 is the inner optimizer: nothing is
         # masked, every scale is exactly 1 and w_eff == w_raw.
@@ -286,7 +286,7 @@ class ST3TransformTest(chex.TestCase):
         raw = st3_lib.get_raw_weights(state, params)
         chex.assert_trees_all_close(params, raw, rtol=1e-6, atol=1e-7)
       if t >= t1:
-        self.assertLessEqual(abs(masked - math.floor(s_max * n)), 1)
+        self.assertLessEqual(abs(masked - round(s_max * n)), 1)
       for p, m in zip(_kernels(params), _kernels(masks)):
         np.testing.assert_array_equal(np.asarray(p) == 0.0, ~np.asarray(m))
       if prev is not None:
@@ -324,7 +324,7 @@ class ST3TransformTest(chex.TestCase):
     self.assertLess(losses[-1], losses[0])
 
     frozen_masks = history[freeze - 1][1]  # computed by the last ST-3 update
-    self.assertLessEqual(abs(_num_masked(frozen_masks) - math.floor(s_max * n)), 1)
+    self.assertLessEqual(abs(_num_masked(frozen_masks) - round(s_max * n)), 1)
     for t in range(freeze - 1, len(history)):
       p, masks, raw = history[t]
       chex.assert_trees_all_equal(masks, frozen_masks)  # the mask is frozen
@@ -357,7 +357,7 @@ class ST3TransformTest(chex.TestCase):
     masks = core.get_masks(state)
     self.assertIsNone(masks["dense_1"]["kernel"])
     self.assertEqual(int(np.sum(~np.asarray(masks["dense_0"]["kernel"]))),
-                     math.floor(0.5 * SIZES[0] * SIZES[1]))
+                     round(0.5 * SIZES[0] * SIZES[1]))
     self.assertTrue(np.all(np.asarray(params["dense_1"]["kernel"]) != 0.0))
     raw = st3_lib.get_raw_weights(state)
     self.assertIsNone(raw["dense_1"]["kernel"])  # not copied into the state
@@ -367,7 +367,8 @@ class ST3TransformTest(chex.TestCase):
     tx = st3_lib.st3(optax.sgd(0.1), sparsity=0.5, start_step=0, end_step=2)
     state = tx.init(params)
     self.assertIsInstance(state, core.PruneState)
-    self.assertIsInstance(state.method_state, st3_lib.ST3State)
+    self.assertIsInstance(state.method_state, core.RawState)
+    self.assertIsInstance(state.method_state.rule, st3_lib.ST3State)
     chex.assert_trees_all_equal(st3_lib.get_raw_weights(state, params), params)
     chained = optax.chain(optax.clip(1.0), tx).init(params)
     chex.assert_trees_all_equal(st3_lib.get_raw_weights(chained, params),
@@ -409,7 +410,7 @@ class ST3TransformTest(chex.TestCase):
     raw = st3_lib.get_raw_weights(opt.opt_state)
     self.assertEqual(int(np.sum(~np.asarray(masks["l1"]["kernel"]))) +
                      int(np.sum(~np.asarray(masks["l2"]["kernel"]))),
-                     math.floor(0.5 * (8 * 12 + 12 * 3)))
+                     round(0.5 * (8 * 12 + 12 * 3)))
     for layer, name in ((model.l1, "l1"), (model.l2, "l2")):
       kernel = np.asarray(layer.kernel[...])
       np.testing.assert_array_equal(kernel == 0.0,

@@ -123,7 +123,7 @@ CONSTRUCTORS = {
                                          {"dense/kernel": 1.0}, [0.5]])),
     "prune": (fj.prune, dict(score_fn=fj.scores.magnitude,
                              schedule=schedules.one_shot(0.5)),
-              dict(noise_scale=NONNEGATIVE, seed=SEED,
+              dict(weights=["abc", "mask"], seed=SEED,
                    schedule=["abc", [(1, 0.5), (2, 0.3)], [(2, 0.5), (1, 0.6)],
                              [(-1, 0.5)], [(1, 1.0)], [(1, "0.5")],
                              [(2**31, 0.5)]])),

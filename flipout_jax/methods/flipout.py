@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from flipout_jax import core
+from flipout_jax import noise
 from flipout_jax import schedules
 from flipout_jax import scores
 from flipout_jax import trees
@@ -113,8 +114,8 @@ def flipout(inner: optax.GradientTransformation, *, sparsity: float,
       schedule=periodic_schedule(sparsity, every, prune_rate,
                                  start_step, end_step),
       distribution=distribution, structure=structure,
-      noise_scale=noise_scale, noise_on=noise_on,
-      exact_noise=exact_noise, tracker=flip_counter(), filter_fn=filter_fn, seed=seed, name="flipout")
+      noise=noise.gradient_noise(noise_scale, on=noise_on, exact=exact_noise),
+      tracker=flip_counter(), filter_fn=filter_fn, seed=seed, name="flipout")
 
 
 def global_magnitude(inner: optax.GradientTransformation, *, sparsity: float,
@@ -133,9 +134,8 @@ def global_magnitude(inner: optax.GradientTransformation, *, sparsity: float,
       schedule=periodic_schedule(sparsity, every, prune_rate,
                                  start_step, end_step),
       distribution=distribution, structure=structure,
-      noise_scale=noise_scale, noise_on=noise_on,
-      exact_noise=exact_noise, filter_fn=filter_fn, seed=seed,
-      name="global_magnitude")
+      noise=noise.gradient_noise(noise_scale, on=noise_on, exact=exact_noise),
+      filter_fn=filter_fn, seed=seed, name="global_magnitude")
 
 
 def random_pruning(inner: optax.GradientTransformation, *, sparsity: float,

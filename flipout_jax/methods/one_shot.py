@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import jax
+
 import optax
 
 from flipout_jax import core

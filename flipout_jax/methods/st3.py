@@ -4,12 +4,13 @@ ST-3 trains dense *raw* weights ``w`` while the model computes with their
 soft-thresholded, rescaled copy, the *effective* weights::
 
     s_t   = S·(1 − (1 − (t − t0)/(t1 − t0))^power)    (0 before t0, S after t1)
-    τ_t   = the ⌊s_t·N⌋-th smallest score over all N prunable weights
-            (τ_t = 0 and nothing masked when ⌊s_t·N⌋ = 0)
+    k_t   = round(s_t·N)   (the library's count convention, README)
+    τ_t   = the k_t-th smallest score over all N prunable weights
+            (τ_t = 0 and nothing masked when k_t = 0)
     score = |w|              (ST-3)
           = |w| / σ_l        (ST-3σ), σ_l = 1/sqrt(sum of the tensor's dims)
     τ_l   = τ_t·σ_l          (ST-3: σ_l = 1, one global τ)
-    m     = keep the N − ⌊s_t·N⌋ largest scores (exactly; ties at τ broken
+    m     = keep the N − k_t largest scores (exactly; ties at τ broken
             by position, the earlier kept)
     w_soft = sign(w)·max(|w| − τ_l, 0)·m       (exactly 0 where m = 0,
                                                 continuous at |w| = τ_l)
@@ -110,11 +111,12 @@ _SCALE_OFFSET = 0.01  # scale_c = (1 + offset)/(r_c + offset).
 
 
 class ST3State(NamedTuple):
-  """``PruneState.method_state`` of :func:`st3` (all in mask layout).
+  """The rule state of :func:`st3` (``RawState.rule``; mask layout).
+
+  The raw weights are ``PruneState.method_state.raw``
+  (:class:`flipout_jax.core.RawState`, :func:`get_raw_weights`).
 
   Attributes:
-    raw: the raw dense weights, param dtype, at the prunable leaves (None
-      elsewhere: non-prunable params are trained in place, not copied).
     thresholds: float32 per prunable leaf, the ``thresholds`` of the
       :class:`ThresholdRule` at the last update (0 before start and after
       the freeze). Unstructured (ST-3 / ST-3σ) and units: shape ``[]``,
@@ -127,7 +129,6 @@ class ST3State(NamedTuple):
       ``ndim >= 2`` and ``[]`` otherwise: ``scale_c`` of the last update (all
       1 with ``rescale=False``, before start, and after the freeze).
   """
-  raw: PyTree
   thresholds: PyTree
   scales: PyTree
 
@@ -279,7 +280,7 @@ def threshold_rule(structure=None, *,
   The raw weights are scored by ``|w|`` (ST-3) or ``|w|/σ_l`` (ST-3σ,
   ``σ_l = 1/sqrt(Σ dims)``) and handed to the structure's
   :attr:`flipout_jax.structure.Structure.threshold`: unstructured (the
-  default) prunes exactly ``⌊s·N⌋`` of all ``N`` prunable weights, those of
+  default) prunes exactly ``round(s·N)`` of all ``N`` prunable weights, those of
   smallest score, ties by position, with one global ``τ`` (the largest
   pruned score; layer ``l`` is thresholded by ``τ·σ_l``); ``fj.n_m(n, m)``
   keeps ``n_t = clip(round((1 − s)·M), N, M)`` per group of M with the
@@ -463,9 +464,12 @@ def st3(inner: optax.GradientTransformation,
     An ``optax.GradientTransformationExtraArgs``. Its state is a
     :class:`flipout_jax.core.PruneState` with ``count`` (updates so far),
     ``masks`` (the masks of the current params; found by
-    :func:`flipout_jax.get_masks`), ``method_state`` an :class:`ST3State`
-    (raw weights, thresholds, scales; see :func:`get_raw_weights`), ``key``
-    (unused; ST-3 is deterministic) and ``inner_state``. ``update(grads,
+    :func:`flipout_jax.get_masks`), ``method_state`` a
+    :class:`flipout_jax.core.RawState` (the raw weights, see
+    :func:`get_raw_weights`, and an :class:`ST3State` of thresholds and
+    scales), ``key`` (unused; ST-3 is deterministic) and ``inner_state``.
+    It is ``core.prune(weights="raw")`` with :func:`st3_rule` and a
+    :func:`flipout_jax.schedules.ramp`. ``update(grads,
     state, params, **extra)`` requires ``params`` (the current effective
     weights) and passes ``extra`` to ``inner``.
 
@@ -477,105 +481,44 @@ def st3(inner: optax.GradientTransformation,
   """
   sparsity, start_step, end_step, power, freeze_step = _check_args(
       sparsity, start_step, end_step, power, freeze_step)
-  rule = threshold_rule(structure, sigma_normalized=sigma_normalized)
-  validate.transformation(inner, "inner")
   rescale = validate.boolean(rescale, "rescale")
-  validate.optional_callable(filter_fn, "filter_fn")
-  inner = optax.with_extra_args_support(inner)
-  is_none = lambda x: x is None  # pylint: disable=unnecessary-lambda-assignment
+  return core.prune(
+      inner, weights="raw",
+      raw_rule=st3_rule(structure, sigma_normalized=sigma_normalized,
+                        rescale=rescale),
+      schedule=schedules.ramp(sparsity, start_step, end_step, power),
+      structure=structure, freeze_step=freeze_step, filter_fn=filter_fn,
+      name="st3")
 
-  def init_fn(params):
-    prunable = trees.prunable_tree(params, filter_fn)
-    masks = trees.mask_like(params, prunable)
-    n = sum(m.size for m in trees.prunable_leaves(masks, masks))
-    if n >= 2**31 - 1:
-      raise ValueError("params: 2**31 - 1 or more prunable weights; counts are int32.")
-    raw = core.copy_raw_weights(masks, params)
-    thresholds = trees.unflatten_prunable(
-        masks, [jnp.asarray(x, jnp.float32)
-                for x in rule.init(_prunable_paths(masks))])
-    scales = trees.map_prunable(
-        lambda m: jnp.ones(m.shape[-1:] if m.ndim >= 2 else (), jnp.float32),
-        masks)
-    inner_state = trees.shard_like_params(inner.init(params), params)
-    core.check_no_weight_copy(inner_state, "st3")
-    # Per-weight buffers take their param's sharding (see core.prune's init).
-    return core.PruneState(
-        count=jnp.zeros([], jnp.int32),
-        masks=trees.shard_like_params(masks, params),
-        method_state=ST3State(raw, thresholds, scales),
-        key=jax.random.PRNGKey(0),
-        inner_state=inner_state)
 
-  def update_fn(grads, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError("st3: update needs params (call "
-                       "tx.update(grads, state, params)).")
-    masks = state.masks
-    trees.check_same_structure(params, masks, what="st3")
-    validate.same_tree(grads, params, "grads")
-    mstate = state.method_state
-    count = state.count
+def st3_rule(structure=None, *, sigma_normalized: bool = False,
+             rescale: bool = True) -> core.RawRule:
+  """ST-3's :class:`flipout_jax.core.RawRule`: the masks and thresholds of
+  :func:`threshold_rule` at the ramp's ``s_t``, then
+  :func:`soft_threshold_rescale`; its state is an :class:`ST3State`."""
+  rule = threshold_rule(structure, sigma_normalized=sigma_normalized)
+  rescale = validate.boolean(rescale, "rescale")
 
-    frozen = None if freeze_step is None else count >= freeze_step
-    if frozen is not None:
-      # Fine-tuning: pruned weights get no gradient (they are pinned to 0
-      # below anyway; this keeps the inner moments from chasing them).
-      grads = jax.tree.map(
-          lambda m, g: g if m is None else jnp.where(m | ~frozen, g, 0),
-          masks, grads, is_leaf=is_none)
-    # The inner optimizer steps the raw weights, so it gets them as params
-    # (weight decay then acts on raw weights, as in the reference).
-    updates, inner_state, new_raw_l = core.step_raw_weights(
-        inner, grads, state.inner_state, params, masks, mstate.raw,
-        **extra_args)
-    mask_l = trees.prunable_leaves(masks, masks)
+  def select(lay, raw, sparsity, groups, keep):
+    del groups, keep  # counted from the traced s_t by the structure
+    eff, masks, thr, scl = threshold_leaves(rule, raw, sparsity,
+                                            rescale=rescale, paths=lay.paths)
+    return core.RawSelection(eff, masks, ST3State(thr, scl))
 
-    def st3_step(_):
-      s = schedules.polynomial_sparsity(count, sparsity, start_step,
-                                        end_step, power)
-      eff, new_masks, thr, scl = threshold_leaves(
-          rule, new_raw_l, s, rescale=rescale,
-          paths=[p for p, _ in _prunable_paths(masks)])
-      # eff is +0.0 where masked, so the params land on 0.0 there.
-      raw_out = new_raw_l
-      if freeze_step is not None:
-        # The last ST-3 update: from now on the raw weights are the effective
-        # ones and train as plain weights under the frozen mask.
-        last = count == freeze_step - 1
-        raw_out = [jnp.where(last, e, r) for e, r in zip(eff, raw_out)]
-        thr = [jnp.where(last, jnp.zeros_like(x), x) for x in thr]
-        scl = [jnp.where(last, jnp.ones_like(x), x) for x in scl]
-      return eff, new_masks, raw_out, thr, scl
+  def init(lay, raw, sparsity, groups, keep):
+    del sparsity, groups, keep  # s_0 = 0: nothing masked yet
+    thresholds = [jnp.asarray(x, jnp.float32)
+                  for x in rule.init(list(zip(lay.paths, raw)))]
+    scales = [jnp.ones(w.shape[-1:] if w.ndim >= 2 else (), jnp.float32)
+              for w in raw]
+    return [jnp.ones(w.shape, jnp.bool_) for w in raw], ST3State(
+        thresholds, scales)
 
-    def fine_tune_step(_):
-      # Pruned raw weights are pinned to +0.0 (the inner moments of the ST-3
-      # phase would move them otherwise); updates as in the ST-3 phase.
-      raw_out = [jnp.where(m, r, jnp.zeros_like(r))
-                 for m, r in zip(mask_l, new_raw_l)]
-      return (raw_out, mask_l, raw_out,
-              trees.prunable_leaves(masks, mstate.thresholds),
-              trees.prunable_leaves(masks, mstate.scales))
+  def reset(state):
+    return ST3State([jnp.zeros_like(x) for x in state.thresholds],
+                    [jnp.ones_like(x) for x in state.scales])
 
-    if frozen is None:
-      eff_l, new_mask_l, raw_out_l, thr_l, scl_l = st3_step(None)
-    else:
-      # cond, not where: the fine-tuning phase skips the 32-pass selection.
-      eff_l, new_mask_l, raw_out_l, thr_l, scl_l = jax.lax.cond(
-          frozen, fine_tune_step, st3_step, None)
-
-    updates = core.updates_to(eff_l, updates, params, masks)
-    new_state = ST3State(trees.unflatten_prunable(masks, raw_out_l),
-                         trees.unflatten_prunable(masks, thr_l),
-                         trees.unflatten_prunable(masks, scl_l))
-    return updates, core.PruneState(
-        count=optax.safe_increment(count),
-        masks=trees.unflatten_prunable(masks, new_mask_l),
-        method_state=new_state,
-        key=state.key,
-        inner_state=inner_state)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return core.RawRule(init, select, reset)
 
 
 # ------------------------------------------------------------------ accessors
@@ -588,11 +531,6 @@ def find_st3_state(state: optax.OptState) -> core.PruneState:
     ValueError: if ``state`` holds no ST-3 state, or more than one.
   """
   return core.find_prune_state(state, ST3State, "flipout_jax.st3")
-
-
-def _has_raw_weights(prune_state: core.PruneState) -> bool:
-  """A raw-weight method's state: a ``method_state`` NamedTuple with ``raw``."""
-  return "raw" in getattr(type(prune_state.method_state), "_fields", ())
 
 
 def get_raw_weights(state: optax.OptState, params: PyTree | None = None) -> PyTree:
@@ -615,7 +553,8 @@ def get_raw_weights(state: optax.OptState, params: PyTree | None = None) -> PyTr
   Raises:
     ValueError: if ``state`` holds no raw-weight state, or more than one.
   """
-  found = [s for s in core.find_prune_states(state) if _has_raw_weights(s)]
+  found = [s for s in core.find_prune_states(state)
+           if isinstance(s.method_state, core.RawState)]
   if len(found) != 1:
     raise ValueError(
         f"state: holds {len(found)} raw-weight states; pass the optimizer "
@@ -630,12 +569,12 @@ def get_raw_weights(state: optax.OptState, params: PyTree | None = None) -> PyTr
 def st3_thresholds(state: optax.OptState) -> PyTree:
   """The thresholds of the last update (mask layout): ``τ_l`` per layer, or
   per group of M with ``structure=fj.n_m(n, m)`` (see :class:`ST3State`)."""
-  return trees.user_view(find_st3_state(state).method_state.thresholds)
+  return trees.user_view(find_st3_state(state).method_state.rule.thresholds)
 
 
 def st3_scales(state: optax.OptState) -> PyTree:
   """The per-output-channel scales of the last update (mask layout)."""
-  return trees.user_view(find_st3_state(state).method_state.scales)
+  return trees.user_view(find_st3_state(state).method_state.rule.scales)
 
 
 def st3_sparsity(step, *, sparsity: float, start_step: int, end_step: int,

@@ -35,17 +35,15 @@ from flipout_jax.unipts.search import SearchResult
 from flipout_jax.unipts.search import decode_genome
 from flipout_jax.unipts.search import evolutionary_search
 from flipout_jax.unipts.search import num_pruned
-from flipout_jax.unipts.dst import SparseTrainingState
 from flipout_jax.unipts.dst import effective_params
 from flipout_jax.unipts.dst import layer_magnitude_masks
 from flipout_jax.unipts.dst import sparse_training
-from flipout_jax.unipts.dst import straight_through_grads
 
 __all__ = [
-    "PAPER_CONFIG", "SearchResult", "SparseTrainingState", "UniPTSConfig",
+    "PAPER_CONFIG", "SearchResult", "UniPTSConfig",
     "UniPTSResult", "batch_stats_momentum", "decode_genome",
     "distillation_loss", "effective_params", "evolutionary_search",
     "has_batch_stats", "layer_magnitude_masks",
     "num_pruned", "recalibrate_batch_stats", "run", "sparse_training",
-    "straight_through_grads", "tau_schedule",
+    "tau_schedule",
 ]

@@ -1,7 +1,7 @@
 """UniPTS's dynamic sparse training as an optax transformation (SPEC §4 (c)).
 
 Layer l (``n_l`` weights) has a fixed sparsity ``p_l`` (from the search) and
-so a fixed count ``k_l = ⌊p_l·n_l⌋`` of pruned weights. The optimizer state
+so a fixed count ``k_l = round(p_l·n_l)`` of pruned weights. The optimizer state
 keeps the dense *raw* weights ``w``; the model computes with ``m⊙w``, ``m``
 the per-layer magnitude mask that zeroes exactly the ``k_l`` smallest ``|w|``
 of the layer (ties: the later position is pruned; :mod:`flipout_jax.
@@ -48,30 +48,20 @@ kept weight as 0.0 if it shrank by a factor above 2^24 in one step.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from flipout_jax import core
+from flipout_jax import schedules
 from flipout_jax import selection
 from flipout_jax import trees
 from flipout_jax import validate
 
 PyTree = Any
 DEFAULT_DECAY = 5e-5
-
-
-class SparseTrainingState(NamedTuple):
-  """``PruneState.method_state`` of :func:`sparse_training`.
-
-  Attributes:
-    raw: the dense raw weights at the prunable leaves (mask layout; None at
-      the other leaves, which are trained in place).
-  """
-  raw: PyTree
 
 
 def layer_magnitude_masks(weights: Sequence[jax.Array],
@@ -100,33 +90,6 @@ def _magnitude_masks(weights, pruned):
       [[i] for i in range(len(weights))], sizes - pruned)
 
 
-def pruned_counts(sparsities: Mapping[str, float],
-                  masks: PyTree) -> list[int]:
-  """``⌊p_l·n_l⌋`` (float64) for each prunable leaf of ``masks``, in order;
-  0 for prunable leaves ``sparsities`` does not name."""
-  return [math.floor(float(sparsities.get(path, 0.0)) * m.size)
-          for path, m in trees.leaves_with_paths(masks)]
-
-
-def straight_through_grads(grads: PyTree, raw: PyTree, masks: PyTree,
-                           decay: float = DEFAULT_DECAY) -> PyTree:
-  """The raw weights' gradient ``g + λ·(1 − m)⊙w`` (``g`` elsewhere).
-
-  Args:
-    grads: params-shaped gradient at the effective weights.
-    raw: the raw weights (params-shaped or mask layout).
-    masks: mask tree (None at non-prunable leaves).
-    decay: ``λ >= 0``.
-
-  Returns:
-    A params-shaped tree.
-  """
-  return jax.tree.map(
-      lambda m, g, w: g if m is None else
-      (g + decay * jnp.where(m, jnp.zeros_like(w), w)).astype(g.dtype),
-      masks, grads, raw, is_leaf=lambda x: x is None)
-
-
 def check_sparsities(sparsities) -> dict[str, float]:
   """Validates ``{path: sparsity in [0, 1)}``; returns a plain dict."""
   if not isinstance(sparsities, Mapping):
@@ -141,9 +104,14 @@ def sparse_training(inner: optax.GradientTransformation,
                     *,
                     sparsities: Mapping[str, float],
                     decay: float = DEFAULT_DECAY,
-                    filter_fn: trees.FilterFn | None = None
+                    filter_fn: trees.FilterFn | None = None,
+                    structure=None
                     ) -> optax.GradientTransformationExtraArgs:
   """UniPTS dynamic sparse training (module docstring for the math).
+
+  ``core.prune(weights="raw")`` with :func:`flipout_jax.core.hard_raw_rule`,
+  the per-layer counts of ``sparsities`` (a ``{path: p}`` distribution, one
+  event at step 0) and ``pruned_decay=decay``.
 
   Args:
     inner: the raw weights' optimizer (UniPTS: ``optax.chain(
@@ -155,14 +123,18 @@ def sparse_training(inner: optax.GradientTransformation,
     decay: ``λ >= 0`` of the pruned weights' decay (paper: 5e-5).
     filter_fn: ``(path, leaf) -> bool`` selecting the prunable leaves
       (default: float leaves with ndim >= 2).
+    structure: the sparsity pattern (:mod:`flipout_jax.structure`):
+      unstructured (default), ``fj.units(...)`` (the ``p_l`` of a layer's
+      units) or ``fj.n_m(n, m)`` (every named ``p_l`` must then be
+      ``1 − n/m``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
     :class:`flipout_jax.core.PruneState`: ``masks`` are the masks of the
     current params (:func:`flipout_jax.get_masks`), ``method_state`` a
-    :class:`SparseTrainingState` (the raw weights:
-    :func:`flipout_jax.get_raw_weights`). ``update`` needs ``params`` and passes
-    extra keyword arguments to ``inner``.
+    :class:`flipout_jax.core.RawState` (the raw weights:
+    :func:`flipout_jax.get_raw_weights`; no rule state). ``update`` needs
+    ``params`` and passes extra keyword arguments to ``inner``.
 
   Raises:
     ValueError: for sparsities outside [0, 1), a negative ``decay``, or (at
@@ -171,67 +143,44 @@ def sparse_training(inner: optax.GradientTransformation,
   sparsities = check_sparsities(sparsities)
   # Only used inside the update: traceable (optax.inject_hyperparams).
   decay = validate.number(decay, "decay", low=0, traceable=True)
-  validate.transformation(inner, "inner")
   validate.optional_callable(filter_fn, "filter_fn")
-  inner = optax.with_extra_args_support(inner)
+  tx = core.prune(
+      inner, weights="raw", raw_rule=core.hard_raw_rule(structure),
+      # One event at step 0: the budget row of {path: p_l} as given.
+      schedule=schedules.one_shot(max(sparsities.values(), default=0.0), 0),
+      distribution=sparsities, structure=structure, pruned_decay=decay,
+      filter_fn=filter_fn, name="unipts.sparse_training")
 
   def init_fn(params):
+    # Named after the user's argument (the loop would say "distribution").
     prunable = trees.prunable_tree(params, filter_fn)
-    layout = trees.mask_like(params, prunable)
-    paths = [p for p, _ in trees.leaves_with_paths(layout)]
+    paths = [p for p, _ in trees.leaves_with_paths(
+        trees.mask_like(params, prunable))]
     unknown = sorted(set(sparsities) - set(paths))
     if unknown:
       raise ValueError(
           f"sparsities: {unknown} are not prunable leaves of params; the "
           f"prunable paths are {paths}.")
-    raw = core.copy_raw_weights(layout, params)
-    masks = trees.unflatten_prunable(layout, layer_magnitude_masks(
-        trees.prunable_leaves(layout, raw), pruned_counts(sparsities, layout)))
-    inner_state = trees.shard_like_params(inner.init(params), params)
-    core.check_no_weight_copy(inner_state, "unipts.sparse_training")
-    return core.PruneState(
-        count=jnp.zeros([], jnp.int32),
-        masks=trees.shard_like_params(masks, params),
-        method_state=SparseTrainingState(raw),
-        key=jax.random.PRNGKey(0),  # unused: the method is deterministic
-        inner_state=inner_state)
+    return tx.init(params)
 
-  def update_fn(grads, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError("sparse_training: update needs params (call "
-                       "tx.update(grads, state, params)).")
-    masks = state.masks
-    trees.check_same_structure(params, masks, what="sparse_training")
-    validate.same_tree(grads, params, "grads")
-    raw = state.method_state.raw
-    grads = straight_through_grads(grads, raw, masks, decay)
-    updates, inner_state, new_raw = core.step_raw_weights(
-        inner, grads, state.inner_state, params, masks, raw, **extra_args)
-    new_mask_l = layer_magnitude_masks(new_raw,
-                                       pruned_counts(sparsities, masks))
-    # where(m, w, 0): masked params land on exactly +0.0.
-    out = core.updates_to(
-        [jnp.where(m, r, jnp.zeros_like(r)) for m, r in zip(new_mask_l, new_raw)],
-        updates, params, masks)
-    return out, core.PruneState(
-        count=optax.safe_increment(state.count),
-        masks=trees.unflatten_prunable(masks, new_mask_l),
-        method_state=SparseTrainingState(
-            trees.unflatten_prunable(masks, new_raw)),
-        key=state.key,
-        inner_state=inner_state)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, tx.update)
 
 
 def find_state(state: optax.OptState) -> core.PruneState:
-  """The one :func:`sparse_training` ``PruneState`` inside ``state``.
+  """The one :func:`sparse_training` ``PruneState`` inside ``state``: the
+  raw-weights state without a rule state.
 
   Raises:
     ValueError: if ``state`` holds none, or more than one.
   """
-  return core.find_prune_state(state, SparseTrainingState,
-                               "flipout_jax.unipts.sparse_training")
+  found = [s for s in core.find_prune_states(state)
+           if isinstance(s.method_state, core.RawState)
+           and s.method_state.rule is None]
+  if len(found) != 1:
+    raise ValueError(
+        f"state: holds {len(found)} flipout_jax.unipts.sparse_training "
+        "states; pass the optimizer state of (a chain holding) exactly one.")
+  return found[0]
 
 
 def effective_params(state: optax.OptState, params: PyTree) -> PyTree:

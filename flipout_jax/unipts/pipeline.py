@@ -6,7 +6,7 @@ model (SPEC §4):
 1. **search** (:mod:`.search`): the reducing-regrowing genetic search of the
    per-layer sparsities ``p_l``; a candidate's fitness is the top-1 accuracy
    of the dense weights under per-layer magnitude masks (exactly
-   ``⌊p_l·n_l⌋`` zeros per layer) after BatchNorm recalibration on the
+   ``round(p_l·n_l)`` zeros per layer) after BatchNorm recalibration on the
    calibration subset (:mod:`.batchnorm`; skipped for models without BN);
 2. **masks**: the best ``p_l``, applied to the dense weights, BN recalibrated;
 3. **sparse training** (:mod:`.dst`): dynamic sparse training on
@@ -36,7 +36,7 @@ statistics recalibrated in stage 2 and runs in training mode (batch
 statistics, running averages updated), as in the reference. τ_e uses the
 0-based epoch of the calibration set. The per-step learning rate is
 ``lr·(t + 1)/W`` for the ``W`` warm-up steps, then a cosine to 0 at the last
-step. Masks use ``⌊p_l·n_l⌋`` computed in float64 in every stage, so the
+step. Masks use ``round(p_l·n_l)`` computed in float64 in every stage, so the
 searched, the trained and the returned models prune the same counts.
 
 Defaults are scaled for CPU (:class:`UniPTSConfig`); the paper's are
@@ -172,7 +172,7 @@ class UniPTSResult(NamedTuple):
 
   Attributes:
     variables: the sparse model's variables (``params`` with exactly
-      ``⌊p_l·n_l⌋`` zeros per prunable layer, recalibrated ``batch_stats``
+      ``round(p_l·n_l)`` zeros per prunable layer, recalibrated ``batch_stats``
       if the model has BatchNorm, other collections unchanged).
     sparsities: ``{path: pruned_l / n_l}`` per prunable layer (paths as in
       :func:`flipout_jax.trees.leaves_with_paths` of ``params``).

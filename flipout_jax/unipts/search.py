@@ -9,8 +9,8 @@ budget ``A = r·N`` (``r = 0.05``)::
 Every layer is over-pruned to ``P + r``; then the ``A`` weights (5% of all)
 are regrown, layer l getting the share ``a_l``. When neither clamp binds,
 ``Σ n_l·p_l = (P + r)·N − A·Σ a_l = P·N``: the global sparsity is exactly P
-(up to the later ``⌊p_l·n_l⌋``, which prunes at most one weight fewer per
-layer). The clamps make every genome decode to a valid model:
+(up to the later ``round(p_l·n_l)``, at most half a weight per layer either
+way). The clamps make every genome decode to a valid model:
 
 * ``max(0, ·)`` (the paper's): a layer cannot regrow more than it pruned. By
   default the unused share is lost (as in the authors' code), so a clamped
@@ -142,7 +142,8 @@ def decode_genome(genome, sizes: Sequence[int], sparsity: float,
 
 
 def num_pruned(sparsities, sizes: Sequence[int]) -> np.ndarray:
-  """``⌊p_l·n_l⌋`` per layer, int64, computed in float64.
+  """``round(p_l·n_l)`` per layer (half to even, the library's count
+  convention), int64, computed in float64.
 
   This is the count of zeros every UniPTS mask has (search fitness and
   sparse training alike), so both stages agree on it exactly.
@@ -151,7 +152,7 @@ def num_pruned(sparsities, sizes: Sequence[int]) -> np.ndarray:
   p = np.asarray(sparsities, np.float64)
   if p.shape != sizes.shape:
     raise ValueError(f"sparsities: shape {p.shape} != ({sizes.size},).")
-  return np.clip(np.floor(p * sizes), 0, sizes).astype(np.int64)
+  return np.clip(np.round(p * sizes), 0, sizes).astype(np.int64)
 
 
 def is_valid(sparsities) -> bool:
