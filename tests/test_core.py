@@ -494,6 +494,91 @@ class ValidationTest(parameterized.TestCase):
       tx.update(params, tx.init(params), params)
 
 
+class RawWeightsModeTest(parameterized.TestCase):
+  """``core.prune(weights="raw")``: its arguments, and the loop against a
+  NumPy reference of straight-through hard masks."""
+
+  def _raw(self, **kw):
+    args = dict(weights="raw", raw_rule=fj.core.hard_raw_rule(),
+                schedule=fj.schedules.one_shot(0.5, 0))
+    args.update(kw)
+    return fj.core.prune(optax.sgd(0.1), **args)
+
+  @parameterized.parameters(
+      (dict(score_fn=fj.scores.magnitude), "score_fn: not used with "
+       "weights='raw'"),
+      (dict(mask_rule=fj.core.shrink_rule()), "mask_rule: not used"),
+      (dict(noise=fj.noise.gradient_noise(1.0)), "noise: not used"),
+      (dict(tracker=fj.core.no_tracker()), "tracker: not used"),
+      (dict(initial_masks={}), "initial_masks: not used"),
+      (dict(reset_moments="all"), "reset_moments"),
+      (dict(raw_rule=None), "raw_rule: must be a flipout_jax.core.RawRule"),
+      (dict(raw_rule=lambda *a: a), "raw_rule: must be"),
+      (dict(freeze_step=0), "freeze_step"),
+      (dict(freeze_step=1.5), "freeze_step"),
+      (dict(pruned_decay=-1.0), "pruned_decay"),
+      (dict(weights="rawish"), "weights"),
+  )
+  def test_bad_raw_arguments(self, kwargs, message):
+    with self.assertRaisesRegex(ValueError, message):
+      self._raw(**kwargs)
+
+  @parameterized.parameters(
+      (dict(raw_rule=fj.core.hard_raw_rule()), "raw_rule: only with "
+       "weights='raw'"),
+      (dict(freeze_step=3), "freeze_step: only with weights='raw'"),
+      (dict(pruned_decay=0.1), "pruned_decay: only with weights='raw'"),
+      (dict(schedule=fj.schedules.ramp(0.5, 0, 10)), "schedule: a "
+       "schedules.ramp has no events"),
+  )
+  def test_raw_only_arguments_rejected_in_masked_mode(self, kwargs, message):
+    args = dict(score_fn=fj.scores.magnitude,
+                schedule=fj.schedules.one_shot(0.5, 0))
+    args.update(kwargs)
+    with self.assertRaisesRegex(ValueError, message):
+      fj.core.prune(optax.sgd(0.1), **args)
+
+  def test_straight_through_hard_masks_match_numpy(self):
+    # Plain SGD on the raw weights with the gradient taken at the params;
+    # the params are the raw weights masked to the round(0.5·n) largest |raw|
+    # per layer (uniform), re-selected by the first 4 updates (the 4th is the
+    # last selecting one: freeze_step=4 counts from 0); frozen after it.
+    lr, freeze = 0.1, 4
+    tx = self._raw(distribution="uniform", freeze_step=freeze)
+    params = mlp_params()
+    state = tx.init(params)
+    params = fj.sparse_params(params, state)
+    kernels = [k for k in params if params[k]["kernel"].ndim == 2]
+    raw = {k: np.asarray(mlp_params()[k]["kernel"]) for k in kernels}
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    frozen_mask = {}
+    for t in range(7):
+      g = jax.jit(jax.grad(mlp_loss))(params, *batch(t))
+      updates, state = step(g, state, params)
+      params = optax.apply_updates(params, updates)
+      for k in kernels:
+        w = np.asarray(params[k]["kernel"])
+        if t < freeze:  # reference: SGD on raw, then top-k of |raw|
+          # float32 as optax.sgd: raw + (−lr)·g.
+          raw[k] = raw[k] + np.float32(-lr) * np.asarray(g[k]["kernel"])
+          n = raw[k].size
+          keep = n - round(0.5 * n)
+          order = np.argsort(-np.abs(raw[k]).ravel(), kind="stable")
+          mask = np.zeros(n, bool)
+          mask[order[:keep]] = True
+          mask = mask.reshape(raw[k].shape)
+          np.testing.assert_array_equal(w != 0, mask)
+          np.testing.assert_allclose(w[mask], raw[k][mask], rtol=1e-5,
+                                     atol=1e-6)
+          assert np.all(w[~mask] == 0.0)
+          if t == freeze - 1:
+            frozen_mask[k] = mask
+        else:  # frozen: the mask of the last selecting step, pruned == +0.0
+          np.testing.assert_array_equal(w != 0, frozen_mask[k])
+          got_raw = np.asarray(fj.get_raw_weights(state)[k]["kernel"])
+          np.testing.assert_array_equal(got_raw, w)
+
+
 class HoyerSquareTest(parameterized.TestCase):
 
   def test_gradient_matches_closed_form(self):

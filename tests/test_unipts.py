@@ -358,6 +358,67 @@ def test_dst_rejects_bad_arguments():
     tx.init({"fc1": {"kernel": jnp.ones((3, 2))}})
 
 
+@pytest.mark.parametrize("structure", ["2:4", "units"])
+def test_dst_with_a_structure_keeps_its_pattern_every_step(structure):
+  # 16-8-4 MLP: fc1 (16, 8) pruned at 1/2, fc2 (8, 4) the classifier.
+  keys = jax.random.split(jax.random.PRNGKey(5), 3)
+  params = {"fc1": {"kernel": jax.random.normal(keys[0], (16, 8))},
+            "fc2": {"kernel": jax.random.normal(keys[1], (8, 4))}}
+  x = jax.random.normal(keys[2], (24, 16))
+  y = jnp.arange(24) % 4
+
+  def loss(p):
+    h = jax.nn.relu(x @ p["fc1"]["kernel"])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        h @ p["fc2"]["kernel"], y).mean()
+
+  pattern = fj.n_m(2, 4) if structure == "2:4" else fj.units()
+  p = {"fc1/kernel": 0.5}
+  if structure == "2:4":
+    p["fc2/kernel"] = 0.5
+  tx = unipts.sparse_training(optax.sgd(0.5), sparsities=p, decay=0.01,
+                              structure=pattern)
+  state = tx.init(params)
+  params = fj.sparse_params(params, state)
+  step = jax.jit(lambda q, s: tx.update(jax.grad(loss)(q), s, q))
+  for _ in range(6):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+    w = np.asarray(params["fc1"]["kernel"])
+    raw = np.asarray(fj.get_raw_weights(state)["fc1"]["kernel"])
+    if structure == "2:4":
+      # Every group of 4 consecutive inputs of an output keeps exactly 2,
+      # the 2 largest raw magnitudes of the group.
+      for name in ("fc1", "fc2"):
+        v = np.asarray(params[name]["kernel"])
+        groups = (v != 0).reshape(v.shape[0] // 4, 4, v.shape[1])
+        np.testing.assert_array_equal(groups.sum(1), 2)
+      order = np.argsort(-np.abs(raw.reshape(4, 4, 8)), axis=1, kind="stable")
+      top = np.zeros((4, 4, 8), bool)
+      np.put_along_axis(top, order[:, :2], True, axis=1)
+      np.testing.assert_array_equal(top.reshape(16, 8), w != 0)
+    else:
+      # Half of fc1's 8 output units are whole zeros, the 4 of largest raw
+      # L1 norm ("sum" of |w|) stay whole; the classifier stays dense.
+      alive = np.any(w != 0, axis=0)
+      assert alive.sum() == 4
+      np.testing.assert_array_equal(np.all(w != 0, axis=0), alive)
+      best = np.argsort(-np.abs(raw).sum(0), kind="stable")[:4]
+      assert set(np.flatnonzero(alive)) == set(best.tolist())
+      assert np.all(np.asarray(params["fc2"]["kernel"]) != 0)
+  # Straight-through: the raw weights under the pruned ones are kept (and
+  # trained), not pinned to zero as the params are.
+  assert np.all(raw[w == 0] != 0)
+
+
+def test_dst_n_m_needs_the_pattern_sparsity():
+  tx = unipts.sparse_training(optax.sgd(0.1), sparsities={"w": 0.3},
+                              structure=fj.n_m(2, 4))
+  with pytest.raises(ValueError, match=r"sparsities: .*n_m\(2, 4\).*0\.5; "
+                     r"got 0\.3"):
+    tx.init({"w": jnp.ones((8, 4))})
+
+
 # ---------------------------------------------------------------- pipeline
 
 

@@ -161,7 +161,12 @@ def sparse_training(inner: optax.GradientTransformation,
       raise ValueError(
           f"sparsities: {unknown} are not prunable leaves of params; the "
           f"prunable paths are {paths}.")
-    return tx.init(params)
+    try:
+      return tx.init(params)
+    except ValueError as e:  # The pattern's own check, in the user's words.
+      if str(e).startswith("sparsity: "):
+        raise ValueError(f"sparsities: {str(e)[len('sparsity: '):]}") from None
+      raise
 
   return optax.GradientTransformationExtraArgs(init_fn, tx.update)
 
