@@ -65,9 +65,10 @@ TABLES = sorted(os.path.basename(os.path.dirname(p)) for p in
 # Tables whose methods changed shape (N:M: the nm_* constructors became
 # structure=; UniPTS: post-training became a phase of the harness) and whose
 # sweeps are still to be re-run with today's command; the README says so.
-STALE = ("nm_lenet300100", "unipts_lenet5_mnist5k")
+STALE = ()
 
 
+@pytest.mark.skipif(not STALE, reason="no table is waiting to be re-run")
 def test_stale_tables_are_declared_in_the_readme():
   with open(os.path.join(os.path.dirname(RESULTS), "..", "README.md")) as f:
     readme = f.read()
