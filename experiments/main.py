@@ -6,19 +6,12 @@ r"""Train one config: `python -m experiments.main [--config path.py] [--config.k
         --config.target=99.61 --workdir runs/vgg19_99.61
     python -m experiments.main --resume              # continue (or skip) a run
 
-Flags: --config (default experiments/configs/flipout_lenet300100_mnist5k.py;
-`path.py:arg` passes `arg` to get_config), --config.<field>=<value>,
---workdir (default runs/<config name>/seed<seed>), --resume, --overwrite,
---[no]progress.
-
-Writes to the workdir: checkpoints/, config.json, metrics.jsonl, sparsity.md,
-curves.png, final_params.npz, final.json, and ends with the line
-`final test_accuracy=<float> sparsity=<float>`. Run again on a finished
-workdir (with or without --resume), it prints that line from final.json at
-once; an unfinished one needs --resume (or --overwrite, not both). A bad flag
-or config value, an unwritable or busy workdir (another live run holds its
-lock, .lock), a non-finite training loss or a full disk stops with a one-line
-`error: ...` on stderr (exit status 1).
+Writes the run's files into --workdir (default runs/<config name>/seed<seed>;
+see experiments.train) and ends with `final test_accuracy=<float>
+sparsity=<float>`, printed at once from final.json for a finished workdir.
+An unfinished one needs --resume (or --overwrite, not both). A bad flag or
+config value, an unwritable or busy workdir, a non-finite loss or a full disk
+stops with a one-line `error: ...` on stderr (exit status 1).
 """
 
 from __future__ import annotations
@@ -37,8 +30,8 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
 HELP = ("--help", "-h", "--helpfull", "--helpshort", "-?")
 
 
-def one_line(text: str) -> str:
-  """``text`` (e.g. an exception) on one line, for one-line CLI errors."""
+def one_line(text) -> str:
+  """``text`` (an exception) on one line, for one-line CLI errors."""
   return " ".join(str(text).split())
 
 

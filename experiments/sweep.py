@@ -10,7 +10,8 @@ in ``<out>/runs/<k1=v1>/<k2=v2>/.../seed<k>`` with ``--resume``: a finished run
 continues, so a sweep re-launched after an interruption only runs what is
 missing. The first grid key gives the rows of the Markdown table written to
 ``<out>/results.md`` (test accuracy, mean ± std over seeds), the second key
-its columns; ``<out>/results.json`` keeps every run's result. Other
+its columns; ``<out>/results.json`` keeps every run's result and
+``<out>/accuracy_vs_sparsity.png`` plots the rows. Other
 ``--config.<field>=<value>`` arguments are passed on to every run.
 
 On Linux the runs die with the sweep (``PR_SET_PDEATHSIG``): a sweep killed
@@ -205,6 +206,40 @@ def table(runs: Sequence[Run], rows: Sequence[str], cols: Sequence[str],
   return "\n".join(lines)
 
 
+def plot(runs: Sequence[Run], rows: Sequence[str], path: str,
+         title: str) -> None:
+  """Test accuracy (mean ± std over seeds) against the fraction of weights
+  left (mean measured sparsity), one line per row, log scale."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for row in rows:
+    points = []
+    for tag in dict.fromkeys(r.tag for r in runs if r.method == row):
+      res = [r.result for r in runs if r.method == row and r.tag == tag
+             and r.result]
+      if res:
+        m, s = mean_std([100 * x["test_accuracy"] for x in res])
+        left = 1 - sum(x["sparsity"] for x in res) / len(res)
+        points.append((max(left, 1e-5), m, 0 if math.isnan(s) else s))
+    if points:
+      x, y, err = zip(*sorted(points))
+      ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=row)
+  ax.set_xscale("log")
+  ax.invert_xaxis()
+  ax.set_xlabel("fraction of weights left (1 − sparsity), log scale")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3, which="both")
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def write_json(runs: Sequence[Run], path: str) -> None:
   with open(path, "w") as f:
     json.dump([{k: v for k, v in dataclasses.asdict(r).items()
@@ -253,6 +288,58 @@ def plan(grid: list[tuple[str, list[str]]], seeds: Sequence[int],
   return runs
 
 
+def forwarded_overrides(argv: Sequence[str], swept) -> list[str]:
+  """The ``--config.<field>=<value>`` arguments of ``argv`` (``--config.x v``
+  joined), minus the fields in ``swept`` (said on stderr)."""
+  out = []
+  for i, arg in enumerate(argv):
+    if not arg.startswith("--config."):
+      continue
+    if "=" not in arg and i + 1 < len(argv):  # "--config.x value" form.
+      arg = f"{arg}={argv[i + 1]}"
+    field = arg[len("--config."):].split("=", 1)[0]
+    if field in swept or field.split(".")[0] in swept:
+      print(f"note: --config.{field} is set by the sweep; ignoring {arg}",
+            file=sys.stderr)
+    else:
+      out.append(arg)
+  return out
+
+
+def launch(runs: list[Run], config_path: str, forwarded: Sequence[str],
+           workers: int, out: str, dry_run: bool) -> bool:
+  """Validates every run (failing fast), then runs them (False: dry run)."""
+  validate_runs(runs, config_path, forwarded)
+  print(f"{len(runs)} runs, {workers} in parallel, into {out}", flush=True)
+  if dry_run:
+    for r in runs:
+      print(" ".join(r.overrides + list(forwarded)), f"--config.seed={r.seed}")
+    return False
+  os.makedirs(out, exist_ok=True)
+  run_all(runs, config_path, forwarded, workers)
+  return True
+
+
+def write_results(runs: Sequence[Run], out: str, text: str) -> None:
+  """``results.md`` (``text``, printed) and ``results.json``; exits with an
+  error when a run failed."""
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(text)
+  write_json(runs, os.path.join(out, "results.json"))
+  print(text)
+  failed = sum(1 for r in runs if not r.result)
+  if failed:
+    raise SystemExit(f"error: {failed} of {len(runs)} runs failed; see "
+                     "results.md and the run.log files")
+
+
+def parse_ints(values: Sequence[str], flag: str) -> list[int]:
+  try:
+    return [int(v) for v in values]
+  except ValueError as e:
+    raise SystemExit(f"error: --{flag}: {e}") from None
+
+
 def main(argv=None) -> None:
   from experiments import main as main_lib  # pylint: disable=g-import-not-at-top
   argv = list(sys.argv if argv is None else argv)
@@ -262,42 +349,26 @@ def main(argv=None) -> None:
   out = os.path.abspath(fv["out"].value or
                         os.path.join(REPO, "experiments", "results", name))
   grid = parse_grid(fv["grid"].value)
-  try:
-    seeds = [int(s) for s in fv["seeds"].value]
-  except ValueError as e:
-    raise SystemExit(f"error: --seeds: {e}") from None
-  swept = {k for k, _ in grid} | {"seed"}
-  forwarded = [a for a in argv[1:] if a.startswith("--config.")
-               and a[len("--config."):].split("=", 1)[0] not in swept]
+  seeds = parse_ints(fv["seeds"].value, "seeds")
+  forwarded = forwarded_overrides(argv[1:], {k for k, _ in grid} | {"seed"})
   runs = plan(grid, seeds, out)
-  validate_runs(runs, config_path, forwarded)
-  print(f"{len(runs)} runs, {fv['workers'].value} in parallel, into {out}",
-        flush=True)
-  if fv["dry_run"].value:
-    for r in runs:
-      print(" ".join(r.overrides + forwarded), f"--config.seed={r.seed}")
+  if not launch(runs, config_path, forwarded, fv["workers"].value, out,
+                fv["dry_run"].value):
     return
-  os.makedirs(out, exist_ok=True)
-  run_all(runs, config_path, forwarded, fv["workers"].value)
   rows = grid[0][1]
   cols = grid[1][1] if len(grid) > 1 else ["result"]
   command = "python -m experiments.sweep " + " ".join(
       a if " " not in a else repr(a) for a in argv[1:])
-  text = "\n".join([
+  plot(runs, rows, os.path.join(out, "accuracy_vs_sparsity.png"),
+       fv["title"].value or name)
+  write_results(runs, out, "\n".join([
       f"# {fv['title'].value or name}", "",
       f"Test accuracy (%), mean ± std over seeds {', '.join(map(str, seeds))}.",
       f"Rows: `{grid[0][0]}`" + (f"; columns: `{grid[1][0]}`." if len(grid) > 1 else "."),
       "", table(runs, rows, cols, row_label=grid[0][0]), "",
       "Measured sparsity (%):", "",
       table(runs, rows, cols, key="sparsity", row_label=grid[0][0]), "",
-      f"Command: `{command}`", ""])
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(text)
-  write_json(runs, os.path.join(out, "results.json"))
-  print(text)
-  failed = sum(1 for r in runs if not r.result)
-  if failed:
-    raise SystemExit(f"error: {failed} of {len(runs)} runs failed; see run.log files")
+      f"Command: `{command}`", ""]))
 
 
 if __name__ == "__main__":

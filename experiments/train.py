@@ -1,36 +1,25 @@
 """The train loop: one jitted step, per-epoch evaluation, checkpoints, resume.
 
-:func:`run` trains ``config`` in ``workdir`` and returns the final result:
+:func:`run` trains ``config`` in ``workdir``. After every epoch: a line of
+``metrics.jsonl`` (epoch, step, phase, train_loss, test_accuracy, sparsity,
+lr, time) and an Orbax checkpoint (state, the phase's ``aux``, epoch, step,
+time); at the end ``sparsity.md``, ``curves.png``, ``final_params.npz``,
+``final.json`` and the line ``final test_accuracy=<float> sparsity=<float>``.
 
-* one jitted step (loss, gradients, ``tx.update``, ``apply_updates``;
-  BatchNorm statistics updated for the models that have them);
-* after every epoch: test accuracy, a line in ``metrics.jsonl`` (epoch, step,
-  train_loss, test_accuracy, sparsity, lr, time, phase) and an Orbax
-  checkpoint (params, batch_stats, optimizer state, the phase's ``aux``,
-  epoch, step, elapsed time);
-* at the end: ``sparsity.md`` (per-layer report), ``curves.png``,
-  ``final_params.npz``, ``final.json`` and the line
-  ``final test_accuracy=<float> sparsity=<float>``.
+Faults end the run with one line (:class:`RunError`, :class:`ConfigError`),
+not a traceback: a non-finite loss (checked on each epoch's fetched losses,
+naming the step; that epoch is not saved), a full disk (earlier checkpoints
+stay intact), an unwritable workdir, a workdir another live run holds (an
+exclusive ``flock`` on ``<workdir>/.lock``, released by the kernel when the
+holder dies). A checkpoint that does not restore is moved to
+``checkpoints.bad/`` with a warning, and the run resumes from an older one.
 
-Faults end the run with a one-line error (:class:`RunError` or
-:class:`ConfigError`) rather than a traceback: a non-finite training loss
-(checked once per epoch on the losses fetched then, naming its step; nothing
-of that epoch is saved), a full disk ("no space left on <workdir>"; the
-checkpoints committed before stay intact), an unwritable workdir (before any
-setup) and a workdir another live process trains in: each run holds an
-exclusive ``flock`` on ``<workdir>/.lock``, which holds its pid (the kernel
-drops the lock when the process dies, so a dead run's file does not block).
-A latest checkpoint that does not restore is moved to ``checkpoints.bad/``
-with a warning and the run resumes from the newest one that does.
-
-Resume: the latest checkpoint holds everything that changes during training;
-the optimizer state (masks, flip counts, momentum, the PRNG key of the
-pruning noise) is restored into the structure of ``tx.init(params)``, and the
-data order depends only on ``(seed, epoch)``. A run killed at any point and
-resumed therefore ends with the same bits as an uninterrupted one. Phases
-(e.g. Hoyer-Square's fine-tuning) are a pure function of the epoch count; the
-switch to a phase is re-run from the checkpoint of the previous phase's last
-epoch.
+Resume: the checkpoint holds everything that changes (the optimizer state,
+masks and noise key included, restored into ``tx.init(params)``'s
+structure) and the data order depends only on ``(seed, epoch)``, so a run
+killed anywhere and resumed ends with the same bits. Phases (e.g.
+Hoyer-Square's fine-tuning) are a function of the epoch; a phase switch is
+re-run from the previous phase's last checkpoint.
 """
 
 from __future__ import annotations
@@ -82,27 +71,24 @@ MAX_TO_KEEP = 2
 def validate(config: ConfigDict) -> list[recipe.Phase]:
   """Resolves and builds ``config`` without data (1,000 nominal steps per
   epoch; built again with the real ones); raises ConfigError."""
-  required = ("method", "model", "width", "dataset", "seed", "batch_size",
-              "eval_batch_size", "num_epochs")
-  missing = [k for k in required if k not in config]
+  ints = {"seed": 0, "batch_size": 1, "eval_batch_size": 1, "num_epochs": 1}
+  missing = [k for k in ("method", "model", "width", "dataset", *ints)
+             if k not in config]
   if missing:
     raise ConfigError(f"config: missing fields {', '.join(missing)}")
-  if config.model not in models_lib.MODEL_NAMES:
-    raise ConfigError(f"model: unknown model {config.model!r}; valid models are: "
-                      f"{', '.join(models_lib.MODEL_NAMES)}")
-  if config.dataset not in data_lib.DATASETS:
-    raise ConfigError(f"dataset: unknown data set {config.dataset!r}; valid data "
-                      f"sets are: {', '.join(data_lib.DATASETS)}")
+  for key, valid in (("model", models_lib.MODEL_NAMES),
+                     ("dataset", data_lib.DATASETS)):
+    if config[key] not in valid:
+      raise ConfigError(f"{key}: unknown {key} {config[key]!r}; valid: "
+                        f"{', '.join(valid)}")
   try:
     models_lib.check_width(config.width)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  for key in ("seed", "batch_size", "eval_batch_size", "num_epochs"):
+  for key, low in ints.items():
     v = config[key]
-    if not (isinstance(v, int) and not isinstance(v, bool)
-            and v >= (0 if key == "seed" else 1)):
-      raise ConfigError(f"{key}: got {v!r}; must be an int >= "
-                        f"{0 if key == 'seed' else 1}")
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+      raise ConfigError(f"{key}: got {v!r}; must be an int >= {low}")
   spec = recipe.resolve(config_json(config))
   phases = recipe.phases(spec, 1000)
   for phase in phases:
@@ -185,10 +171,9 @@ def _setup(config: ConfigDict) -> _Setup:
     starts = list(np.cumsum([0] + [p.num_epochs for p in phases[:-1]]).tolist())
     dummy = jnp.zeros((1, *ds.train.image_shape), jnp.float32)
     # Jitted: eager init compiles every op of a deep model one by one.
-    key = ("init", config.model, config.width, config.dataset)
-    if key not in _STEP_CACHE:
-      _STEP_CACHE[key] = jax.jit(lambda rng, x: model.init(rng, x, train=False))
-    variables = dict(_STEP_CACHE[key](jax.random.PRNGKey(config.seed), dummy))
+    init = _cached(("init", config.model, config.width, config.dataset),
+                   lambda: jax.jit(lambda r, x: model.init(r, x, train=False)))
+    variables = dict(init(jax.random.PRNGKey(config.seed), dummy))
     if config.init_from:
       variables = load_variables(config.init_from, variables)
     setup = _Setup(config, ds, model, models_lib.uses_batchnorm(config.model),
@@ -209,32 +194,30 @@ def _setup(config: ConfigDict) -> _Setup:
 # --- Steps ----------------------------------------------------------------------------
 
 
+def _logits(model, has_bn, params, batch_stats, images, train):
+  """``(logits, batch_stats)``; BatchNorm statistics updated when training."""
+  if not has_bn:
+    return model.apply({"params": params}, images, train=train), batch_stats
+  variables = {"params": params, "batch_stats": batch_stats}
+  if not train:
+    return model.apply(variables, images, train=False), batch_stats
+  logits, updated = model.apply(variables, images, train=True,
+                                mutable=["batch_stats"])
+  return logits, updated["batch_stats"]
+
+
 def _make_train_step(model, tx, has_bn: bool):
   def train_step(state, images, labels):
-    def loss_fn(params):
-      variables = {"params": params}
-      if has_bn:
-        variables["batch_stats"] = state["batch_stats"]
-        logits, updated = model.apply(variables, images, train=True,
-                                      mutable=["batch_stats"])
-        batch_stats = updated["batch_stats"]
-      else:
-        logits = model.apply(variables, images, train=True)
-        batch_stats = state["batch_stats"]
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, batch_stats
+    def loss_fn(params, train=True, temperature=1.0):
+      logits, stats = _logits(model, has_bn, params, state["batch_stats"],
+                              images, train)
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits / temperature, labels).mean(), stats
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"])
-    def eval_loss(params, *, temperature=1.0):
-      """The batch's loss, eval-mode BatchNorm, for methods that score with
-      it (traced only by those)."""
-      variables = {"params": params}
-      if has_bn:
-        variables["batch_stats"] = state["batch_stats"]
-      logits = model.apply(variables, images, train=False) / temperature
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
+    # The batch's eval-mode loss, for the methods that score with it.
+    eval_loss = lambda p, *, temperature=1.0: loss_fn(p, False, temperature)[0]
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"],
                                    loss_fn=eval_loss)
     params = optax.apply_updates(state["params"], updates)
@@ -244,29 +227,30 @@ def _make_train_step(model, tx, has_bn: bool):
   return jax.jit(train_step)
 
 
-# Jitted steps of phases whose transformation depends on the config only (no
-# ``enter``/aux), so that runs of the same config in one process (tests,
-# time-sliced jobs) compile once.
+# Jitted functions, keyed by what they depend on, so that runs of the same
+# config in one process (tests, time-sliced jobs) compile once.
 _STEP_CACHE: dict[tuple[Any, ...], Any] = {}
 
 
-def _train_step_for(setup: _Setup, j: int, tx):
-  if setup.phases[j].enter is not None:
-    return _make_train_step(setup.model, tx, setup.has_bn)
-  key = (json.dumps(config_json(setup.config), sort_keys=True), j)
+def _cached(key, make):
   if key not in _STEP_CACHE:
     if len(_STEP_CACHE) >= 16:
       _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
-    _STEP_CACHE[key] = _make_train_step(setup.model, tx, setup.has_bn)
+    _STEP_CACHE[key] = make()
   return _STEP_CACHE[key]
+
+
+def _train_step_for(setup: _Setup, j: int, tx):
+  """A phase with ``enter`` builds its tx from data (aux): not cached."""
+  if setup.phases[j].enter is not None:
+    return _make_train_step(setup.model, tx, setup.has_bn)
+  return _cached((json.dumps(config_json(setup.config), sort_keys=True), j),
+                 lambda: _make_train_step(setup.model, tx, setup.has_bn))
 
 
 def _make_eval_step(model, has_bn: bool):
   def eval_step(params, batch_stats, images, labels):
-    variables = {"params": params}
-    if has_bn:
-      variables["batch_stats"] = batch_stats
-    logits = model.apply(variables, images, train=False)
+    logits, _ = _logits(model, has_bn, params, batch_stats, images, False)
     return jnp.sum(jnp.argmax(logits, -1) == labels)
   return jax.jit(eval_step)
 
@@ -327,18 +311,10 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def lock_workdir(workdir: str):
-  """Creates ``workdir`` and takes its lock: the first write of a run.
-
-  The lock is an exclusive ``fcntl.flock`` on ``<workdir>/.lock``, which then
-  holds this process's pid. The kernel releases it when the process ends,
-  however it ends, so the file a dead run left does not block. Close the
-  returned file to release it.
-
-  Raises:
-    ConfigError: ``workdir`` cannot be created or written (one line, before
-      any expensive setup), or a live process holds its lock (naming its
-      pid).
-  """
+  """Creates ``workdir`` and takes its lock (an exclusive ``flock`` on
+  ``.lock``, which then holds our pid): the run's first write. Close the
+  returned file to release it. ConfigError (one line, before any setup):
+  not writable, or a live process holds the lock (naming its pid)."""
   path = os.path.join(workdir, LOCK_FILE)
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -368,11 +344,8 @@ def lock_workdir(workdir: str):
 
 
 def is_no_space(e: BaseException) -> bool:
-  """Whether ``e`` or an exception it came from is a full disk (ENOSPC).
-
-  Checkpoint libraries re-raise I/O errors as their own types; the chain or
-  the message still shows it.
-  """
+  """Whether ``e`` or an exception it came from is a full disk (ENOSPC):
+  checkpoint libraries re-raise I/O errors as their own types."""
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
@@ -385,8 +358,8 @@ def is_no_space(e: BaseException) -> bool:
 
 
 class _QuietNoSpace(logging.Filter):
-  """Drops logged tracebacks of a full disk (Orbax's background saves log
-  theirs); :func:`run` reports it in one line."""
+  """Drops the full-disk tracebacks Orbax's background saves log; :func:`run`
+  says it in one line."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not (record.exc_info and is_no_space(record.exc_info[1]))
@@ -522,28 +495,21 @@ def _report_finished(config: ConfigDict, workdir: str) -> dict[str, Any]:
 def run(config: ConfigDict, workdir: str, *, resume: bool = False,
         overwrite: bool = False, progress: bool = True,
         stop_after_epochs: int | None = None) -> dict[str, Any] | None:
-  """Trains ``config`` in ``workdir``; returns the final result.
-
-  A finished run (``final.json`` of the same config) is reported at once:
-  its final line is printed and its result returned, with or without
-  ``resume``, unless ``overwrite``.
+  """Trains ``config`` (``experiments/configs/_base.py``) in ``workdir``;
+  returns the final result (at once for a finished run of the same config,
+  unless ``overwrite``).
 
   Args:
-    config: the experiment config (see ``experiments/configs/_base.py``).
-    workdir: where checkpoints, metrics and results go.
     resume: continue from the newest checkpoint that restores (from scratch,
       saying so, if there is none).
     overwrite: delete a previous run in ``workdir`` first.
-    progress: show a tqdm bar (only on a terminal).
-    stop_after_epochs: stop (without final results, returning None) once this
-      many epochs are done in total, as if the job were killed after the
-      checkpoint; for tests and time-sliced jobs.
+    progress: a tqdm bar (on a terminal).
+    stop_after_epochs: stop, returning None, once this many epochs are done,
+      as if killed after the checkpoint (tests, time-sliced jobs).
 
   Raises:
-    ConfigError: a bad config or workdir, or ``resume`` with ``overwrite``
-      (one-line message).
-    RunError: a non-finite training loss, or no space left on the device of
-      ``workdir`` (one-line message).
+    ConfigError: a bad config or workdir, or both ``resume`` and ``overwrite``.
+    RunError: a non-finite training loss, or no space left in ``workdir``.
   """
   t_start = time.time()
   if resume and overwrite:
@@ -594,12 +560,9 @@ def _restore(setup: _Setup, mgr, step: int):
 
 
 def _restore_newest(setup: _Setup, workdir: str):
-  """``(manager, step, restored)`` from the newest checkpoint that restores.
-
-  Checkpoints that do not restore (truncated, corrupt) are moved to
-  ``checkpoints.bad/`` with a warning naming each, so that training saves
-  their steps again; ``step`` is None (and ``restored`` too) if none is left.
-  """
+  """``(manager, step, restored)`` of the newest checkpoint that restores
+  (None, None if none does); the others are moved to ``checkpoints.bad/``
+  with a warning each, so that training saves their steps again."""
   mgr = _manager(workdir)
   bad = []
   found = None, None
@@ -631,10 +594,8 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
 
   spe = setup.steps_per_epoch
   total_epochs = setup.total_epochs
-  key = ("eval", config.model, config.width, config.dataset)
-  if key not in _STEP_CACHE:
-    _STEP_CACHE[key] = _make_eval_step(setup.model, setup.has_bn)
-  eval_step = _STEP_CACHE[key]
+  eval_step = _cached(("eval", config.model, config.width, config.dataset),
+                      lambda: _make_eval_step(setup.model, setup.has_bn))
 
   # Restore, or start from the initial variables.
   state = {"params": setup.params0, "batch_stats": setup.batch_stats0,

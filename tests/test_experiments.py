@@ -22,7 +22,6 @@ import pytest
 
 from experiments import main
 from experiments import recipe
-from experiments import reproduce_flipout
 from experiments import sweep
 from experiments import train
 from experiments.configs import _base
@@ -192,8 +191,9 @@ def test_error_in_a_real_process_is_one_line_without_traceback(tmp_path):
 # --- End to end, every method ---------------------------------------------------
 
 
-@pytest.mark.parametrize("method", sorted(reproduce_flipout.ALL_METHODS
-                                          + ("dense", "movement")))
+@pytest.mark.parametrize("method", [
+    "dense", "flipout", "global_magnitude", "hoyer_square", "movement",
+    "noisy_global_magnitude", "random", "snip"])
 def test_cli_trains_every_method_to_its_target(tmp_path, capsys, method):
   extra = [f"--config.method={method}"]
   if method == "snip":
@@ -324,34 +324,35 @@ def test_resume_across_the_hoyer_finetune_phase_is_bit_identical(tmp_path):
 # --- The reproduction sweep -------------------------------------------------------
 
 
-def test_sweep_plan_overrides_and_table(tmp_path):
-  runs = reproduce_flipout.plan(["flipout", "snip", "hoyer_square"], [75.0, 99.61],
-                                [42, 43], ["1e-4"], dense=True, out=str(tmp_path))
-  assert len(runs) == 2 * (1 + 2 + 2 + 1)
-  fl = [r for r in runs if r.method == "flipout" and r.info["target"] == 99.61][0]
-  assert "--config.target=99.61" in fl.overrides
-  assert f"--config.sparsity={1 - 0.5 ** 8!r}" in fl.overrides
-  assert fl.workdir == str(tmp_path / "runs" / "flipout" / "s99.61" / "seed42")
-  fwd = reproduce_flipout.forwarded_overrides(
+def test_flipout_sweep_overrides_and_plot(tmp_path):
+  """The FlipOut table's grid: target sets the paper's sparsity; λ is a
+  nested preset field; swept fields given again are dropped."""
+  grid = sweep.parse_grid(["method=flipout,snip,hoyer_square", "target=75,99.61"])
+  runs = sweep.plan(grid, [42, 43], str(tmp_path))
+  assert len(runs) == 3 * 2 * 2
+  fl = [r for r in runs if r.method == "flipout" and r.tag == "99.61"][0]
+  assert fl.overrides == ["--config.method=flipout", "--config.target=99.61"]
+  assert fl.workdir == str(tmp_path / "runs" / "method=flipout" / "target=99.61" / "seed42")
+  fwd = sweep.forwarded_overrides(
       ["--config.num_epochs=2", "--config.method=x", "--workers=2",
-       "--config.seed", "5", "--config.width", "0.5"])
+       "--config.seed", "5", "--config.width", "0.5",
+       "--config.presets.hoyer_square.strength=1"],
+      {"method", "seed", "presets.hoyer_square.strength"})
   assert fwd == ["--config.num_epochs=2", "--config.width=0.5"]
-  # Every planned run's config validates against the main job's config.
   for r in runs:
-    train.validate(load_config(MAIN_CONFIG, *r.overrides, f"--config.seed={r.seed}"))
-
+    config = load_config(MAIN_CONFIG, *r.overrides, f"--config.seed={r.seed}")
+    train.validate(config)
+    kw = recipe.resolve(train.config_json(config))["method_kw"]
+    if r.method != "hoyer_square":  # 2 / 8 halvings of the paper's schedule
+      assert kw["sparsity"] == 1 - 0.5 ** {"75": 2, "99.61": 8}[r.tag]
+  config = load_config(MAIN_CONFIG, "--config.method=hoyer_square",
+                       "--config.presets.hoyer_square.strength=3e-3")
+  assert recipe.resolve(train.config_json(config))["method_kw"]["strength"] == 3e-3
   for i, r in enumerate(runs):
-    acc = 0.9 + 0.01 * (i % 3)
-    sp = {"dense": 0.0, "hoyer_square": 0.97}.get(r.method, 1 - 0.5 ** (
-        reproduce_flipout.events_for_target(r.info["target"] or 75)))
-    r.result = {"test_accuracy": acc, "sparsity": sp}
+    r.result = {"test_accuracy": 0.9 + 0.01 * (i % 3),
+                "sparsity": 0.5 + 0.1 * (i % 4)}
   runs[-1].result = None
-  text = reproduce_flipout.summarize(runs, load_config(), "cfg")
-  assert "| FlipOut |" in text and "| SNIP |" in text and "99.61%" in text
-  assert "Hoyer-Square" in text and "| 0.0001 |" in text
-  assert "not comparable in absolute value" in text and "VGG19 99.90%" in text
-  assert "Failed runs" in text
-  reproduce_flipout.plot(runs, str(tmp_path / "p.png"), "t")
+  sweep.plot(runs, ["flipout", "snip", "hoyer_square"], str(tmp_path / "p.png"), "t")
   assert os.path.getsize(tmp_path / "p.png") > 0
 
 
@@ -436,3 +437,34 @@ def test_batchnorm_model_trains_and_resumes_bit_identical(tmp_path, monkeypatch)
   # The running statistics were trained, checkpointed and restored.
   assert np.abs(a["batch_stats/bn/mean"]).max() > 0
   assert not np.allclose(a["batch_stats/bn/var"], 1.0)
+
+
+# --- Gradient-flow loss curves -----------------------------------------------------
+
+
+def test_gradient_flow_curves_start_from_the_same_dense_model():
+  from experiments import gradient_flow_curves as gfc  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from experiments import data as data_lib  # pylint: disable=g-import-not-at-top
+  from flipout_jax import models  # pylint: disable=g-import-not-at-top
+  config = load_config(os.path.join(CONFIG_DIR, "gradient_flow_lenet300100_mnist5k.py"),
+                       *[a for a in TINY if a.startswith("--config.")
+                         and "every_epochs" not in a])
+  measures = ["magnitude", "loss_preservation"]
+  out, spe = gfc.curves(config, measures, [0.9], [0], 1, [0], eval_examples=100)
+  assert spe == 22 and sorted(out) == [(0, 0.9, m) for m in sorted(measures)]
+  a, b = out[(0, 0.9, "magnitude")][0], out[(0, 0.9, "loss_preservation")][0]
+  # The loss before the prune, then after each step; the same model until
+  # the prune, different masks after it.
+  assert a.shape == b.shape == (spe + 1,) and np.isfinite(a).all()
+  assert a[0] == b[0] and a[1] != b[1]
+  # At initialisation: the loss of the seed's initial params on the subset.
+  ds = data_lib.load("digits")
+  model = models.get_model(config.model, num_classes=10, width=config.width)
+  x, y = ds.train.read(np.linspace(0, ds.train.num_examples - 1, 100).round()
+                       .astype(np.int64))
+  params = model.init(jax.random.PRNGKey(0), x[:1], train=False)["params"]
+  loss = optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": params}, x, train=False), y).mean()
+  np.testing.assert_allclose(a[0], loss, rtol=1e-6)

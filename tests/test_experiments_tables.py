@@ -2,8 +2,7 @@
 
 For each run in ``experiments/results/*/results.json`` (which keeps the
 config each run recorded in its ``final.json``), the config its table's
-command gives today — the command in ``results.md``, or the FlipOut
-reproduction's plan — must make the same run (``train.config_diff``, which
+command gives today — the sweep commands in ``results.md`` — must make the same run (``train.config_diff``, which
 compares only what a run uses and upgrades configs recorded before
 ``method_kw``): so a sweep re-launched on the runs' workdirs skips every
 finished one instead of training it again.
@@ -20,13 +19,11 @@ import shlex
 import pytest
 
 from experiments import main
-from experiments import reproduce_flipout
 from experiments import sweep
 from experiments import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "experiments", "results")
-FLIPOUT_TABLE = "flipout_lenet300100_mnist5k"
 
 
 def commands(table: str) -> list[list[str]]:
@@ -39,20 +36,12 @@ def commands(table: str) -> list[list[str]]:
 def planned(table: str) -> dict[str, tuple[str, list[str], int]]:
   """Run workdir below ``runs/`` -> (config path, overrides, seed)."""
   out = {}
-  if table == FLIPOUT_TABLE:
-    path = os.path.join(REPO, "experiments", "configs", f"{table}.py")
-    runs = reproduce_flipout.plan(
-        list(reproduce_flipout.ALL_METHODS), [75, 93.75, 98.44, 99.61, 99.9],
-        [42, 43, 44], ["1e-4", "1e-3", "3e-3", "1e-2", "3e-2"], True, "/o")
-    return {r.workdir.split("/runs/")[1]: (path, r.overrides, r.seed)
-            for r in runs}
   for args in commands(table):
     fv = main.parse_flags(["sweep", *args], sweep._define_flags)  # pylint: disable=protected-access
     i = [a.split("=")[0] for a in args].index("--config")
     path = args[i].split("=", 1)[1] if "=" in args[i] else args[i + 1]
     swept = {k for k, _ in sweep.parse_grid(fv["grid"].value)} | {"seed"}
-    forwarded = [a for a in args if a.startswith("--config.")
-                 and a[len("--config."):].split("=", 1)[0] not in swept]
+    forwarded = sweep.forwarded_overrides(args, swept)
     for r in sweep.plan(sweep.parse_grid(fv["grid"].value),
                         [int(s) for s in fv["seeds"].value], "/o"):
       overrides = sweep.with_seed(forwarded + r.overrides, r.seed)
@@ -65,7 +54,7 @@ TABLES = sorted(os.path.basename(os.path.dirname(p)) for p in
 # Tables whose methods changed shape (N:M: the nm_* constructors became
 # structure=; UniPTS: post-training became a phase of the harness) and whose
 # sweeps are still to be re-run with today's command; the README says so.
-STALE = ()
+STALE = ("flipout_lenet300100_mnist5k",)
 
 
 @pytest.mark.skipif(not STALE, reason="no table is waiting to be re-run")

@@ -13,6 +13,13 @@ cores; ~91 % test accuracy at 99.61 % (dense: ~95 %).
     python -m experiments.main --config.method=global_magnitude
     python -m experiments.main --config.sparsity=0.99      # 7 events, exactly 99 %
     python -m experiments.main --config.target=99.9        # the paper's schedule, scaled
+
+The FlipOut table (experiments/results/flipout_lenet300100_mnist5k): the sweep
+``--grid method=flipout,global_magnitude,noisy_global_magnitude,random,snip
+--grid target=75,93.75,98.44,99.61,99.9``, Hoyer-Square's
+``--grid method=hoyer_square --grid presets.hoyer_square.strength=...`` (its
+sparsity follows from λ) and ``--grid method=dense``; the commands are in
+its results.md.
 """
 
 from experiments.configs import _base

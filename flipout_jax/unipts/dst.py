@@ -23,10 +23,11 @@ the straight-through estimator passes ``g`` to every weight, pruned weights
 keep learning and can come back. Non-prunable leaves (biases, norm scales)
 are trained normally by ``inner`` and are not copied into the state.
 
-This is the pattern of :func:`flipout_jax.st3` (raw weights in
-``PruneState.method_state``, ``updates = effective − params``, so a user's
-train step is the ordinary one), with magnitude masks instead of ST-3's
-soft-thresholding. As there: put weight decay *inside* ``inner`` (it then
+It is :func:`flipout_jax.core.prune` in raw mode (``weights="raw"``, the
+loop of :func:`flipout_jax.st3` too: raw weights in ``core.RawState``,
+``updates = effective − params``, so a user's train step is the ordinary
+one) with :func:`flipout_jax.core.hard_raw_rule` (magnitude masks) instead
+of ST-3's soft threshold and ``pruned_decay=λ``. As there: put weight decay *inside* ``inner`` (it then
 decays the raw weights, as in the reference), gradient clipping before this
 transformation, and this transformation last in a chain.
 
