@@ -11,8 +11,9 @@ names it, and its errors come back with the config key they came from.
 Methods are ``fj.registry`` names, and four of the harness: "dense" (the
 optimizer alone), "hoyer_square" (the regulariser, then threshold and
 fine-tune under the fixed mask) and the post-training methods "magnitude"
-(one shot, ⌈global⌉ or per-layer ``distribution``, BatchNorm recalibrated on
-the calibration set) and "unipts" (``fj.unipts.run``), which run as the
+(one shot, global or per-layer ``distribution``), "wanda" and "sparsegpt"
+(``fj.post_training.prune``) and "unipts" (``fj.unipts.run``), BatchNorm
+recalibrated on the calibration set, which run as the
 only phase of a run that starts from a dense run's final params
 (``init_from``).
 """
@@ -47,11 +48,16 @@ HARNESS = {
                          finetune_lr=0.01, finetune_lr_schedule="constant",
                          finetune_lr_decay_epochs=()),
     "magnitude": dict(sparsity=REQUIRED, distribution="global"),
+    **{m: dict(sparsity=REQUIRED, allocation="uniform", structure=None,
+               owl_threshold=5.0, owl_lambda=0.08,
+               **(dict(block_size=128, dampening=0.01) if m == "sparsegpt"
+                  else {}))
+       for m in ("wanda", "sparsegpt")},
     "unipts": dict(sparsity=REQUIRED, seed=0, search=True, **{
         f.name: f.default for f in
         dataclasses.fields(fj.unipts.UniPTSConfig)}),
 }
-POST_TRAINING = ("magnitude", "unipts")
+POST_TRAINING = ("magnitude", "unipts", "wanda", "sparsegpt")
 
 
 class ConfigError(ValueError):
@@ -316,6 +322,9 @@ def phases(spec: dict[str, Any], spe: int) -> list[Phase]:
     if spec["calibration_labels"] not in CALIBRATION_LABELS:
       raise ConfigError(f"calibration_labels: {spec['calibration_labels']!r}; "
                         f"valid: {', '.join(CALIBRATION_LABELS)}")
+    if name in ("wanda", "sparsegpt"):  # Check the arguments now.
+      _library(name, source, lambda: fj.post_training.check_arguments(
+          name, kw["allocation"], kw["structure"], kw["sparsity"]))
     if name == "unipts":  # Check the arguments now.
       _library(name, source, lambda: fj.unipts.UniPTSConfig(**{
           k: v for k, v in kw.items() if k not in ("sparsity", "seed", "search")}))
@@ -376,15 +385,28 @@ def post_train(name, kw, spec, model, variables, ds):
     r = _library(name, {k: k for k in kw}, lambda: fj.unipts.run(
         model.apply, variables, x, calibration_y=labels, log_fn=print, **kw))
     return jax.device_get(r.variables), r.masks, dict(r.report, **report)
+  if name in ("wanda", "sparsegpt"):
+    r = _library(name, {k: k for k in kw}, lambda: fj.post_training.prune(
+        lambda v, xb: model.apply(v, xb, train=False), variables, x,
+        method=name, **kw))
+    sparse, masks = r.variables, r.masks
+    report["post_training"] = r.report
+  else:
+    sparse, masks = _magnitude(kw, variables)
+  if fj.unipts.has_batch_stats(sparse):
+    sparse = fj.unipts.recalibrate_batch_stats(model.apply, sparse, x)
+  return jax.device_get(sparse), masks, report
+
+
+def _magnitude(kw, variables):
+  """One-shot |θ| (``distribution`` global or uniform) of the harness."""
+  import jax  # pylint: disable=g-import-not-at-top
   params = variables["params"]
-  tx = _library(name, {k: k for k in kw}, lambda: fj.prune(
+  tx = _library("magnitude", {k: k for k in kw}, lambda: fj.prune(
       optax.identity(), score_fn=fj.scores.magnitude,
       schedule=fj.schedules.one_shot(kw["sparsity"], 0),
       distribution=kw["distribution"]))
   _, state = tx.update(jax.tree.map(lambda p: 0 * p, params),
                        tx.init(params), params)
   masks = fj.get_masks(state)
-  sparse = dict(variables, params=fj.trees.apply_masks(params, masks))
-  if fj.unipts.has_batch_stats(sparse):
-    sparse = fj.unipts.recalibrate_batch_stats(model.apply, sparse, x)
-  return jax.device_get(sparse), masks, report
+  return dict(variables, params=fj.trees.apply_masks(params, masks)), masks

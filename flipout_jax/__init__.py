@@ -8,6 +8,7 @@
 
 from flipout_jax import distributions
 from flipout_jax import hessian
+from flipout_jax import post_training
 from flipout_jax import registry
 from flipout_jax import schedules
 from flipout_jax import scores

@@ -259,12 +259,17 @@ def num_pruned(sparsity, n: int) -> jax.Array:
   return jnp.clip(k, 0, n).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _random_top_k(key, shapes, groups, keep):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _random_top_k(key, shapes, groups, keep, guard=0):
   # Jitted and cached on the static layout: ``init`` usually runs eagerly
-  # (e.g. in nnx.Optimizer), where op-by-op selection is slow.
+  # (e.g. in nnx.Optimizer), where op-by-op selection is slow. ``guard``:
+  # each leaf keeps at least min(guard, size) of its entries (its highest
+  # draws, ranked above every other; ``keep`` already counts them).
   keys = jax.random.split(key, max(len(shapes), 1))
   noise = [jax.random.uniform(k, s) for k, s in zip(keys, shapes)]
+  if guard:
+    noise = [jnp.where(selection.top_k_mask(x, min(guard, x.size)), 2.0, x)
+             for x in noise]
   return selection.top_k_masks(noise, groups, jnp.asarray(keep, jnp.int32))
 
 
@@ -711,7 +716,7 @@ def units(*, axis: int = -1, reduce: str = "sum", min_per_layer: int = 1,
     if not idx:
       return out
     kept = _random_top_k(key, tuple((lay.shapes[i][axis],) for i in idx), sub,
-                         tuple(int(k) for k in keep))
+                         tuple(int(k) for k in keep), min_per_layer)
     for i, kf in zip(idx, kept):
       out[i] = from_units(kf, lay.shapes[i])
     return out

@@ -211,7 +211,8 @@ def post_config(method, dense_workdir, sparsity=0.9):
 
 
 @pytest.mark.parametrize("method", ["magnitude", "magnitude_uniform",
-                                    "unipts", "unipts_uniform"])
+                                    "unipts", "unipts_uniform", "wanda",
+                                    "sparsegpt"])
 def test_post_training_phase_from_a_dense_run(dense, tmp_path, method):
   config = post_config(method, dense)
   result = train.run(config, str(tmp_path), progress=False)
@@ -219,7 +220,8 @@ def test_post_training_phase_from_a_dense_run(dense, tmp_path, method):
   assert abs(result["sparsity"] - 0.9) <= 0.01
   zeros = zeros_of(tmp_path)
   assert sum(int(z.sum()) for z in zeros.values()) >= result["pruned_weights"] > 0.85 * n
-  if method.endswith("_uniform"):  # P in every layer
+  if method.endswith("_uniform") or method in ("wanda", "sparsegpt"):
+    # P in every layer
     for layer in result["layers"].values():
       assert abs(layer - 0.9) < 0.02
   report = json.loads((tmp_path / "report.json").read_text())
@@ -237,6 +239,17 @@ def test_calibration_set_is_deterministic_and_seeded():
   assert len(set(a.tolist())) == 64 and np.all(np.diff(a) > 0)
   with pytest.raises(recipe.ConfigError, match="calibration_size"):
     recipe.calibration_indices(10, 64, 42)
+
+
+def test_wanda_and_sparsegpt_arguments_fail_at_validation(dense):
+  c = post_config("wanda", dense)
+  c.method_kw.allocation = "global"
+  with pytest.raises(recipe.ConfigError, match="method_kw.allocation: .*magnitude"):
+    train.validate(c)
+  c = post_config("sparsegpt", dense, sparsity=0.6)
+  c.method_kw.structure = "2:4"
+  with pytest.raises(recipe.ConfigError, match="sparsity"):
+    train.validate(c)
 
 
 def test_post_training_errors(tmp_path, dense):

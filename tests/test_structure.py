@@ -198,6 +198,23 @@ def test_random_masks_exact_counts():
     assert int(v["kernel"].sum()) == n - round(0.75 * n)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_random_unit_masks_keep_min_per_layer(seed):
+  """A global random start of whole units: every layer keeps at least
+  min_per_layer units (drawn among its own), the global count is exact."""
+  masks = {"big": {"kernel": jnp.ones((3, 100), bool)},
+           "tiny": {"kernel": jnp.ones((3, 4), bool)}}
+  st = fj.units(min_per_layer=2, exclude=None)
+  out = core.random_masks(0.95, "global", st)(None, masks,
+                                              jax.random.PRNGKey(seed))
+  units = {k: np.asarray(v["kernel"]).all(axis=0) for k, v in out.items()}
+  for k, v in out.items():  # whole units only
+    m = np.asarray(v["kernel"])
+    assert np.all(m.all(axis=0) | ~m.any(axis=0)), k
+  assert units["big"].sum() >= 2 and units["tiny"].sum() >= 2
+  assert units["big"].sum() + units["tiny"].sum() == 104 - round(0.95 * 104)
+
+
 def test_structure_argument_checked():
   with pytest.raises(ValueError, match="structure: expected"):
     fj.prune(optax.sgd(0.1), score_fn=fj.scores.magnitude,

@@ -1,0 +1,308 @@
+"""fj.post_training: input capture from the jaxpr, Wanda and SparseGPT against
+independent NumPy implementations, OWL's allocation, sequential pruning."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flipout_jax as fj
+from flipout_jax import post_training as pt
+from flipout_jax.post_training import capture
+
+
+def rng_data(seed, n, d, scales=True):
+  r = np.random.default_rng(seed)
+  x = r.normal(size=(n, d)).astype(np.float32)
+  if scales:  # heterogeneous feature scales: what Wanda / SparseGPT exploit
+    x *= np.exp(r.normal(size=d)).astype(np.float32)
+  return x
+
+
+def one_layer(w):
+  return (lambda v, x: x @ v["params"]["w"]), {"params": {"w": jnp.asarray(w)}}
+
+
+# --- Capture ---------------------------------------------------------------------
+
+
+def test_conv_and_dense_inputs_match_their_outputs():
+  """A conv's captured Gram G satisfies W2ᵀ G W2 = YᵀY for its output Y
+  (so the receptive fields line up with the kernel's flattening)."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      y = nn.Conv(5, (3, 3), strides=2, padding="SAME", use_bias=False)(x)
+      return nn.Dense(3, use_bias=False)(jnp.tanh(y).reshape(x.shape[0], -1))
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 9, 9, 6))
+  net = Net()
+  v = net.init(jax.random.PRNGKey(1), x)
+  params = v["params"]
+  paths = [p for p, _ in fj.trees.leaves_with_paths(params)]
+  fn = lambda p: net.apply({"params": p}, x)
+  assert capture.usage_order(fn, params, paths) == ["Conv_0/kernel", "Dense_0/kernel"]
+  view, sq, g = capture.layer_stats(fn, params, "Conv_0/kernel", paths, gram=True)
+  w = params["Conv_0"]["kernel"]
+  assert view.num_in == 3 * 3 * 6 and view.num_out == 5 and view.last_in == 6
+  w2 = view.to_matrix(w)
+  np.testing.assert_array_equal(view.from_matrix(w2, w.shape), w)
+  y = nn.Conv(5, (3, 3), strides=2, padding="SAME", use_bias=False).apply(
+      {"params": params["Conv_0"]}, x).reshape(-1, 5)
+  np.testing.assert_allclose(w2.T @ g @ w2, y.T @ y, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(sq, jnp.diag(g), rtol=1e-5)
+  _, sq, g = capture.layer_stats(fn, params, "Dense_0/kernel", paths, gram=True)
+  h = jnp.tanh(y.reshape(4, 5, 5, 5)).reshape(4, -1)
+  np.testing.assert_allclose(g, h.T @ h, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_as_left_operand_and_through_jit():
+  """Equinox's layout (``W @ x``, W [out, in]) inside a jitted function."""
+  x = rng_data(0, 10, 7)
+  w = np.random.default_rng(1).normal(size=(4, 7)).astype(np.float32)
+  fn = jax.jit(lambda p: jnp.einsum("oi,bi->bo", p["w"], x))
+  view, sq, _ = capture.layer_stats(fn, {"w": w}, "w", ["w"], gram=False)
+  assert view.perm == (1, 0) and (view.num_in, view.num_out) == (7, 4)
+  np.testing.assert_allclose(sq, (x ** 2).sum(0), rtol=1e-5)
+
+
+def test_a_kernel_not_used_as_a_weight_is_named():
+  fn = lambda p: jnp.ones((2, 3)) @ (2.0 * p["w"])
+  with pytest.raises(ValueError, match="w: not used as the weight"):
+    capture.layer_stats(fn, {"w": jnp.ones((3, 2))}, "w", ["w"], gram=False)
+
+
+# --- Wanda ------------------------------------------------------------------------
+
+
+def wanda_reference(w, x, k):
+  """NumPy: |W|·‖X_i‖, per output the lowest counts pruned, later row first
+  among ties; output j prunes ⌊k/out⌋ + [j < k mod out]."""
+  score = np.abs(w) * np.sqrt((x.astype(np.float64) ** 2).sum(0))[:, None]
+  num_in, num_out = w.shape
+  keep = np.ones_like(w, bool)
+  for j in range(num_out):
+    c = k // num_out + (j < k % num_out)
+    order = sorted(range(num_in), key=lambda i: (score[i, j], -i))
+    keep[order[:c], j] = False
+  return keep
+
+
+def test_wanda_equals_numpy_reference_with_exact_per_output_counts():
+  x = rng_data(0, 64, 24)
+  w = np.random.default_rng(1).normal(size=(24, 5)).astype(np.float32)
+  apply_fn, v = one_layer(w)
+  r = pt.prune(apply_fn, v, x, sparsity=0.55, method="wanda")
+  k = round(0.55 * w.size)  # 66: outputs 0 prunes 14, the others 13
+  keep = np.asarray(r.masks["w"])
+  np.testing.assert_array_equal(keep, wanda_reference(w, x, k))
+  assert list((~keep).sum(0)) == [14, 13, 13, 13, 13]
+  out = np.asarray(r.variables["params"]["w"])
+  np.testing.assert_array_equal(out, np.where(keep, w, 0))  # no update
+  assert r.report["layers"]["w"]["pruned"] == k
+
+
+def test_wanda_two_four():
+  x = rng_data(2, 32, 16)
+  w = np.random.default_rng(3).normal(size=(16, 6)).astype(np.float32)
+  apply_fn, v = one_layer(w)
+  r = pt.prune(apply_fn, v, x, sparsity=None, method="wanda",
+               structure=fj.n_m(2, 4))
+  keep = np.asarray(r.masks["w"])
+  score = np.abs(w) * np.sqrt((x ** 2).sum(0))[:, None]
+  for g in range(4):
+    rows = slice(4 * g, 4 * g + 4)
+    assert (keep[rows].sum(0) == 2).all()
+    top2 = np.argsort(-score[rows], axis=0, kind="stable")[:2]
+    for j in range(6):
+      assert set(np.flatnonzero(keep[rows, j])) == set(top2[:, j])
+
+
+# --- SparseGPT --------------------------------------------------------------------
+
+
+def sparsegpt_reference(w, x, counts=None, n_m=None, block=128, damp=0.01):
+  """NumPy float64, following SPEC §7 (the reference's loop, [out, in])."""
+  wt = w.astype(np.float64).T.copy()
+  h = x.astype(np.float64).T @ x.astype(np.float64)
+  num_out, num_in = wt.shape
+  dead = np.diag(h) == 0
+  h[dead, dead] = 1
+  wt[:, dead] = 0
+  h += damp * np.mean(np.diag(h)) * np.eye(num_in)
+  u = np.linalg.cholesky(np.linalg.inv(h)).T
+  pruned_all = np.zeros_like(wt, bool)
+  for i1 in range(0, num_in, block):
+    i2 = min(i1 + block, num_in)
+    w1 = wt[:, i1:i2].copy()
+    u1 = u[i1:i2, i1:i2]
+    d = np.diag(u1)
+    q1 = np.zeros_like(w1)
+    e1 = np.zeros_like(w1)
+    pruned = np.zeros_like(w1, bool)
+    if n_m is None:
+      tmp = w1 ** 2 / d[None, :] ** 2
+      for j in range(num_out):
+        c = int(round(counts[j] * i2 / num_in) - round(counts[j] * i1 / num_in))
+        order = sorted(range(i2 - i1), key=lambda i: (tmp[j, i], -i))
+        pruned[j, order[:c]] = True
+    for i in range(i2 - i1):
+      if n_m is not None and i % n_m[1] == 0:
+        tmp = w1[:, i:i + n_m[1]] ** 2 / d[None, i:i + n_m[1]] ** 2
+        for j in range(num_out):
+          low = sorted(range(n_m[1]), key=lambda t: (-tmp[j, t], t))[n_m[0]:]
+          pruned[j, [i + t for t in low]] = True
+      q = np.where(pruned[:, i], 0.0, w1[:, i])
+      e = (w1[:, i] - q) / d[i]
+      w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+      q1[:, i], e1[:, i] = q, e
+    wt[:, i1:i2] = q1
+    wt[:, i2:] -= e1 @ u[i1:i2, i2:]
+    pruned_all[:, i1:i2] = pruned
+  return ~pruned_all.T, wt.T
+
+
+def recon_error(x, w, w_hat):
+  x = x.astype(np.float64)
+  return np.linalg.norm(x @ w - x @ np.asarray(w_hat, np.float64))
+
+
+@pytest.mark.parametrize("structure", [None, fj.n_m(2, 4)])
+def test_sparsegpt_equals_numpy_reference_and_beats_wanda_and_magnitude(structure):
+  x = rng_data(4, 200, 40)
+  w = np.random.default_rng(5).normal(size=(40, 6)).astype(np.float32)
+  apply_fn, v = one_layer(w)
+  sparsity = 0.5
+  r = pt.prune(apply_fn, v, x, sparsity=sparsity, method="sparsegpt",
+               structure=structure, block_size=16)  # blocks 16, 16, 8
+  counts = pt.solvers.output_counts(round(sparsity * w.size), 40, 6)
+  keep_ref, w_ref = sparsegpt_reference(
+      w, x, counts, None if structure is None else (2, 4), block=16)
+  keep = np.asarray(r.masks["w"])
+  np.testing.assert_array_equal(keep, keep_ref)
+  out = np.asarray(r.variables["params"]["w"])
+  np.testing.assert_allclose(out, w_ref, rtol=2e-3, atol=2e-4)
+  assert (out[~keep] == 0).all() and (~keep).sum() == round(sparsity * w.size)
+  if structure is not None:
+    assert (keep.reshape(10, 4, 6).sum(1) == 2).all()
+  # The same budget; the default block (128: one block of these 40 inputs,
+  # so the adaptive selection sees each output's whole row, as Wanda does).
+  errors = {m: recon_error(x, w, pt.prune(apply_fn, v, x, sparsity=sparsity,
+                                          method=m, structure=structure)
+                           .variables["params"]["w"])
+            for m in ("magnitude", "wanda", "sparsegpt")}
+  assert errors["sparsegpt"] < min(errors["magnitude"], errors["wanda"]), errors
+
+
+# --- OWL and sequential pruning ---------------------------------------------------
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(32, name="a")(x))
+    x = nn.relu(nn.Dense(24, name="b")(x))
+    return nn.Dense(10, name="c")(x)
+
+
+def mlp(seed=0):
+  x = rng_data(seed, 96, 20)
+  net = MLP()
+  v = net.init(jax.random.PRNGKey(seed), x[:1])
+  return net, v, x
+
+
+def test_owl_layer_sparsities_in_range_and_global_count_exact():
+  net, v, x = mlp()
+  s, lam = 0.7, 0.08
+  r = pt.prune(net.apply, v, x, sparsity=s, method="wanda", allocation="owl",
+               owl_lambda=lam)
+  layers = r.report["layers"]
+  n = sum(l["size"] for l in layers.values())
+  assert sum(l["pruned"] for l in layers.values()) == round(s * n)
+  for p, l in layers.items():
+    assert s - lam - 1 / l["size"] <= l["sparsity"] <= s + lam + 1 / l["size"], p
+  assert len({round(l["sparsity"], 3) for l in layers.values()}) > 1
+  # D_l of the first layer, independently: Wanda scores on the dense model.
+  w = np.asarray(v["params"]["a"]["kernel"])
+  score = np.abs(w) * np.sqrt((x.astype(np.float64) ** 2).sum(0))[:, None]
+  np.testing.assert_allclose(r.report["outlier_ratios"]["a/kernel"],
+                             np.mean(score > 5 * score.mean()), atol=1e-6)
+  # Higher outlier ratio, lower sparsity.
+  ratios = r.report["outlier_ratios"]
+  order = sorted(layers, key=lambda p: ratios[p])
+  assert layers[order[0]]["sparsity"] >= layers[order[-1]]["sparsity"]
+
+
+def test_split_count_is_exact_and_near():
+  # Wanted 25.5, 30.3, 27.0 of 83: the largest remainder (0.5) gets the 1.
+  assert list(pt.split_count(83, [0.51, 0.303, 0.9], [50, 100, 30])) == [26, 30, 27]
+  assert list(pt.split_count(82, [0.51, 0.303, 0.9], [50, 100, 30])) == [25, 30, 27]
+
+
+def test_layers_are_pruned_sequentially_through_the_pruned_ones():
+  """Layer b's inputs come from the already pruned layer a."""
+  net, v, x = mlp(1)
+  r = pt.prune(net.apply, v, x, sparsity=0.6, method="wanda")
+  assert r.report["order"] == ["a/kernel", "b/kernel", "c/kernel"]
+  p = jax.tree.map(np.asarray, v["params"])
+  wa, wb = p["a"]["kernel"], p["b"]["kernel"]
+  keep_a = wanda_reference(wa, x, round(0.6 * wa.size))
+  h = np.maximum(x @ np.where(keep_a, wa, 0) + p["a"]["bias"], 0)
+  keep_b = wanda_reference(wb, h, round(0.6 * wb.size))
+  np.testing.assert_array_equal(np.asarray(r.masks["a"]["kernel"]), keep_a)
+  np.testing.assert_array_equal(np.asarray(r.masks["b"]["kernel"]), keep_b)
+  assert r.masks["a"]["bias"] is None
+  # Through the dense layer a instead, b's mask would differ here.
+  h_dense = np.maximum(x @ wa + p["a"]["bias"], 0)
+  assert (wanda_reference(wb, h_dense, round(0.6 * wb.size)) != keep_b).any()
+
+
+def test_global_magnitude_and_lenet5_conv_layers():
+  from flipout_jax import models  # pylint: disable=g-import-not-at-top
+  m = models.get_model("lenet5", width=0.25)
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 28, 28, 1))
+  v = m.init(jax.random.PRNGKey(1), x[:1], train=False)
+  f = lambda v, x: m.apply(v, x, train=False)
+  r = pt.prune(f, v, x, sparsity=0.8, method="magnitude", allocation="global")
+  flat = dict(fj.trees.leaves_with_paths(v["params"]))
+  ks = [p for p in flat if p.endswith("kernel")]
+  allw = np.concatenate([np.abs(np.asarray(flat[p])).ravel() for p in ks])
+  n = allw.size
+  assert sum(l["pruned"] for l in r.report["layers"].values()) == round(0.8 * n)
+  thr = np.sort(allw)[round(0.8 * n)]
+  for p in ks:
+    kept = np.asarray(r.masks[p.split("/")[0]]["kernel"])
+    assert (np.abs(np.asarray(flat[p]))[kept] >= thr).all()
+  r = pt.prune(f, v, x, sparsity=0.5, method="sparsegpt")
+  assert r.report["order"] == ks and all(
+      abs(l["sparsity"] - 0.5) <= 1 / l["size"] for l in r.report["layers"].values())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="obs"), "method"),
+    (dict(method="wanda", allocation="global"), "allocation"),
+    (dict(structure=fj.n_m(2, 4), allocation="owl"), "allocation"),
+    (dict(structure=fj.n_m(2, 4), sparsity=0.6), "sparsity"),
+    (dict(structure=fj.units()), "structure"),
+    (dict(sparsity=1.0), "sparsity"),
+    (dict(block_size=0), "block_size"),
+])
+def test_bad_arguments_are_named(kwargs, match):
+  net, v, x = mlp()
+  kw = {"sparsity": 0.5, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    pt.prune(net.apply, v, x, **kw)
+
+
+def test_n_m_incompatible_layer_is_named_or_skipped():
+  net, v, x = mlp()  # a: 20 inputs, b: 32, c: 24; m=8 fits b and c only
+  with pytest.raises(ValueError, match="a/kernel"):
+    pt.prune(net.apply, v, x, sparsity=None, structure=fj.n_m(2, 8))
+  r = pt.prune(net.apply, v, x, sparsity=None,
+               structure=fj.n_m(2, 8, skip_incompatible=True))
+  assert r.report["skipped"] == ["a/kernel"] and sorted(r.sparsities) == [
+      "b/kernel", "c/kernel"]
