@@ -1,8 +1,12 @@
 """Step-time and memory overhead of each pruning method over its inner optimizer.
 
     python -m benchmarks.overhead [--repeats 200] [--batch 128]
+    python -m benchmarks.overhead --models gpt [--gpt_blocks 4]
 
-For LeNet-300-100 and LeNet-5 (Flax, MNIST-shaped random data) it times, in
+For LeNet-300-100 and LeNet-5 (Flax, MNIST-shaped random data), or the
+GPT-style decoder (``--models gpt``: ``models.get_gpt("gpt_tiny")``, d_model
+128, 4 heads, MLP 512, vocabulary 1000, ``--gpt_blocks`` blocks, random
+tokens, batch 8 of 64 tokens whatever ``--batch`` says) it times, in
 one process and interleaved round-robin so that machine load hits all
 candidates alike, the median of a jitted train step (forward, backward,
 ``tx.update``, ``apply_updates``) for the plain inner optimizer and for every
@@ -35,7 +39,7 @@ def methods(inner):
       "sgd+momentum (plain)": inner,
       "global_magnitude": fj.global_magnitude(inner, **common),
       "random_pruning": fj.random_pruning(inner, **common),
-      "snip (after its event)": fj.snip(inner, sparsity=0.99, step=EVENT),
+      "snip": fj.snip(inner, sparsity=0.99, start_step=EVENT),
       "noisy_global_magnitude": fj.global_magnitude(inner, noise_scale=1.0, **common),
       "flipout": fj.flipout(inner, **common),
   }
@@ -79,10 +83,25 @@ def every_method(inner, params):
   }
 
 
-def state_memory(name):
-  """Extra optimizer-state bytes of every method over the inner optimizer."""
+GPT_BATCH, GPT_SEQ = 8, 64
+
+
+def model_and_batch(name, batch, gpt_blocks=4):
+  """``(model, x, y)``: the model ``name`` and a random batch for it."""
+  kx, ky = jax.random.PRNGKey(0), jax.random.PRNGKey(1)
+  if name == "gpt":
+    model = models.get_gpt("gpt_tiny", num_layers=gpt_blocks)
+    shape = (GPT_BATCH, GPT_SEQ)
+    x = jax.random.randint(kx, shape, 0, model.vocab_size)
+    return model, x, jax.random.randint(ky, shape, 0, model.vocab_size)
   model = models.get_model(name)
-  x = jnp.zeros((1, 28, 28, 1))
+  x = jax.random.normal(kx, (batch, 28, 28, 1))
+  return model, x, jax.random.randint(ky, (batch,), 0, 10)
+
+
+def state_memory(name, gpt_blocks=4):
+  """Extra optimizer-state bytes of every method over the inner optimizer."""
+  model, x, _ = model_and_batch(name, 1, gpt_blocks)
   params = model.init(jax.random.PRNGKey(2), x)["params"]
   n_params = sum(p.size for p in jax.tree.leaves(params))
   n_prunable = sum(m.size for m in jax.tree.leaves(
@@ -132,10 +151,9 @@ def state_bytes(state) -> int:
   return sum(np.asarray(x).nbytes for x in jax.tree.leaves(state))
 
 
-def bench_model(name, repeats, batch):
-  model = models.get_model(name)
-  x = jax.random.normal(jax.random.PRNGKey(0), (batch, 28, 28, 1))
-  y = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, 10)
+def bench_model(name, repeats, batch, gpt_blocks=4):
+  model, x, y = model_and_batch(name, batch, gpt_blocks)
+  batch = x.shape[0]
   params = model.init(jax.random.PRNGKey(2), x)["params"]
   n_params = sum(p.size for p in jax.tree.leaves(params))
   inner = optax.sgd(0.01, momentum=0.9)
@@ -185,19 +203,22 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=200)
   parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--models", default="lenet300100,lenet5")
+  parser.add_argument("--models", default="lenet300100,lenet5",
+                      help="comma-separated: lenet300100, lenet5, gpt")
+  parser.add_argument("--gpt_blocks", type=int, default=4,
+                      help="depth of the GPT (--models gpt)")
   parser.add_argument("--memory_only", action="store_true",
                       help="only the optimizer-state memory of every method")
   args = parser.parse_args()
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
         f"{jax.device_count()} device(s)")
   for name in args.models.split(","):
-    state_memory(name)
+    state_memory(name, args.gpt_blocks)
   if args.memory_only:
     return
   for name in args.models.split(","):
     bench_model(name, args.repeats if name == "lenet300100" else max(20, args.repeats // 5),
-                args.batch)
+                args.batch, args.gpt_blocks)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,13 @@ which models need that.
 Conv and Dense layers keep Flax's `kernel`/`bias` parameter names, so the
 weight matrices and conv kernels (ndim >= 2) are what the pruning library
 prunes by default, while biases and BatchNorm scales/offsets (ndim 1) are not.
+
+The GPT-style decoder (`GPT`, in `flipout_jax.models.gpt`) takes int32 tokens
+`(batch, seq)` and returns logits `(batch, seq, vocab_size)`; it has a
+vocabulary instead of `num_classes` and no `width` multiplier, so it is not
+one of `MODEL_NAMES` / `get_model`. Build it directly or from a named config:
+`get_gpt("gpt_tiny", num_layers=12)` (`GPT_NAMES`, `GPT_CONFIGS`). The
+default filter also prunes its embedding tables (ndim 2); see its docstring.
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ from typing import Callable
 
 import flax.linen as nn
 
+from flipout_jax.models.gpt import (GPT, GPT_CONFIGS, GPT_NAMES,
+                                    CausalSelfAttention, check_gpt_config,
+                                    get_gpt)
 from flipout_jax.models.lenet import LeNet5, LeNet300100, check_width, scaled
 from flipout_jax.models.resnet import (BasicBlock, CifarResNet, ResNet18,
                                        ResNet20, ResNet56)
@@ -42,6 +52,10 @@ MODEL_HAS_BATCHNORM: dict[str, bool] = {
 
 
 def _check_name(name: str) -> str:
+  if name in GPT_NAMES:
+    raise ValueError(
+        f"{name!r} is a GPT config, not an image model: build it with "
+        f"get_gpt({name!r}) (it takes tokens and has no num_classes/width)")
   if name not in _REGISTRY:
     raise ValueError(
         f"Unknown model name {name!r}; valid names are: "
@@ -73,7 +87,11 @@ def get_model(name: str, *, num_classes: int = 10,
 
 __all__ = [
     "BasicBlock",
+    "CausalSelfAttention",
     "CifarResNet",
+    "GPT",
+    "GPT_CONFIGS",
+    "GPT_NAMES",
     "LeNet300100",
     "LeNet5",
     "MODEL_HAS_BATCHNORM",
@@ -86,7 +104,9 @@ __all__ = [
     "VGG13",
     "VGG16",
     "VGG19",
+    "check_gpt_config",
     "check_width",
+    "get_gpt",
     "get_model",
     "scaled",
     "uses_batchnorm",

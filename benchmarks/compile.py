@@ -1,0 +1,341 @@
+"""Compile, init and step cost of every registered method on a GPT-style model.
+
+    python -m benchmarks.compile [--blocks 4,12,24] [--methods all]
+                                 [--repeats 20]
+
+For the GPT decoder of :mod:`flipout_jax.models.gpt` (d_model 128, 4 heads,
+MLP 512, vocabulary 1000, sequences of 64, batch 8; ``optax.adamw(1e-3)``;
+the default filter, so the 6 kernels of every block, the head kernel and
+the two embedding tables are prunable) at each depth of ``--blocks``, and
+for plain adamw and every method of ``fj.registry`` (``--methods``), it
+measures in one process:
+
+* **compile**: seconds of ``jax.jit(step).lower(...).compile()`` of the full
+  train step (forward, backward, ``tx.update``, ``apply_updates``), with
+  ``jax.clear_caches()`` before each, and its ratio to plain adamw's at the
+  same depth; the line counts of the lowered StableHLO (``as_text()``) and
+  of the compiled, optimised HLO;
+* **init**: seconds of the first ``tx.init(params)`` (eager, so including
+  the compiles of its ops; caches cleared before it);
+* **steady / event**: the median time of the compiled step on a state whose
+  step counter sits between events (steady) and on an event (event), as a
+  ratio to plain adamw's steady step; all candidates and both states are
+  timed interleaved, round by round, so machine load hits them alike;
+* **update**: the median time of a jitted ``tx.update`` +
+  ``optax.apply_updates`` on precomputed gradients (no forward or backward),
+  as a ratio to plain adamw's;
+* the optimizer-state bytes beyond adamw's, per parameter.
+
+Beside the event ratio it prints how many mask entries the event step
+flipped, which shows that the timed event really ran.
+
+Every method is built with ``fj.registry.build`` at sparsity 0.9 on a
+schedule whose first event comes after the timed steps (step ``EVENT``).
+Timings reuse fixed inputs (the state is not carried), so every call does
+the same work. ``grasp`` and ``gradient_flow`` (measure
+``gradient_norm_preservation``, the paper's proposal) need ``loss_fn`` in
+``update``: they get the model's loss on the batch, used only inside their
+event branch (so their "update" column does include the model's Hessian-
+vector product in the compiled program, not in the steady time). ST-3 and
+UniPTS's sparse training re-select their masks at every update and have no
+separate event step; ST-3's steady state sits mid-ramp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import flipout_jax as fj
+from flipout_jax import models
+
+EVENT = 1000  # the first event of every schedule (well after the timed steps)
+SPARSITY = 0.9
+BATCH, SEQ = 8, 64
+PLAIN = "adamw (plain)"
+NEEDS_LOSS_FN = ("grasp", "gradient_flow")
+
+
+@dataclasses.dataclass
+class Spec:
+  """How one method is built and timed.
+
+  Attributes:
+    kwargs: ``params -> keyword arguments`` for ``fj.registry.build``.
+    steady: the step count of the steady state (no event).
+    event: the step count of an event, or None (no separate event step).
+  """
+  kwargs: Callable[[Any], dict[str, Any]]
+  steady: int = 0
+  event: int | None = EVENT
+
+
+def _prunable_paths(params) -> list[str]:
+  masks = fj.trees.mask_like(params, fj.trees.prunable_tree(params))
+  return [path for path, _ in fj.trees.leaves_with_paths(masks)]
+
+
+def _fixed_masks(params):
+  # Keeps every tenth weight (row-major) of each prunable leaf.
+  prunable = fj.trees.prunable_tree(params)
+  return jax.tree.map(
+      lambda p, s: (jnp.arange(p.size).reshape(p.shape) % 10 == 0)
+      if s else None, params, prunable)
+
+
+def specs() -> dict[str, Spec]:
+  """Every registered method at sparsity 0.9, first event at ``EVENT``."""
+  periodic = lambda p: dict(sparsity=SPARSITY, every=EVENT)
+  dst = lambda p: dict(sparsity=SPARSITY, every=EVENT, end_step=2 * EVENT)
+  out = {
+      "prune": Spec(lambda p: dict(
+          score_fn=fj.scores.magnitude,
+          schedule=fj.schedules.one_shot(SPARSITY, EVENT))),
+      "flipout": Spec(periodic),
+      "global_magnitude": Spec(periodic),
+      "random_pruning": Spec(periodic),
+      "snip": Spec(lambda p: dict(sparsity=SPARSITY, start_step=EVENT)),
+      "fixed_mask": Spec(lambda p: dict(masks=_fixed_masks(p)), event=None),
+      "st3": Spec(lambda p: dict(sparsity=SPARSITY, start_step=0,
+                                 end_step=EVENT),
+                  steady=EVENT // 2, event=None),
+      "dst": Spec(dst),
+      "dst_ee": Spec(dst),
+      "rigl": Spec(dst),
+      "set_": Spec(dst),
+      "gradient_flow": Spec(lambda p: dict(
+          measure="gradient_norm_preservation", sparsity=SPARSITY, rounds=2,
+          every=EVENT)),
+      "grasp": Spec(lambda p: dict(sparsity=SPARSITY, start_step=EVENT)),
+      "unipts.sparse_training": Spec(lambda p: dict(
+          sparsities={path: SPARSITY for path in _prunable_paths(p)}),
+                                     event=None),
+      "movement": Spec(lambda p: dict(sparsity=SPARSITY, start_step=EVENT,
+                                      end_step=3 * EVENT, every=EVENT),
+                       event=2 * EVENT),
+  }
+  missing = sorted(set(fj.registry.names()) - set(out))
+  if missing:
+    raise ValueError(f"benchmarks.compile has no Spec for the registered "
+                     f"methods {missing}; add one to specs().")
+  return out
+
+
+def _with_count(state, count: int | None):
+  if count is None or not isinstance(state, fj.PruneState):
+    return state
+  return state._replace(count=jnp.asarray(count, state.count.dtype))
+
+
+def _nbytes(tree) -> int:
+  return sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _lines(text: str) -> int:
+  return text.count("\n") + 1
+
+
+@dataclasses.dataclass
+class Run:
+  """One candidate at one depth: what was measured and what is timed."""
+  name: str
+  init_s: float = float("nan")
+  lower_s: float = float("nan")
+  compile_s: float = float("nan")
+  hlo_lines: int = 0
+  compiled_lines: int = 0
+  state_bytes: int = 0
+  step: Any = None
+  update: Any = None
+  steady_state: Any = None
+  event_state: Any = None
+  times: dict[str, list[float]] = dataclasses.field(
+      default_factory=lambda: {"steady": [], "event": [], "update": []})
+  event_changes: int | None = None
+  error: str | None = None
+
+
+def _mask_changes(before, after) -> int:
+  """Mask entries an event step flipped (checks that the event ran)."""
+  a, b = fj.get_masks(before), fj.get_masks(after)
+  return sum(int(jnp.sum(m != n)) for m, n in zip(
+      fj.trees.prunable_leaves(a, a), fj.trees.prunable_leaves(a, b)))
+
+
+def _timed(fn):
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn())
+  return out, time.perf_counter() - t0
+
+
+def bench_depth(num_layers: int, names: list[str], repeats: int) -> None:
+  model = models.get_gpt("gpt_tiny", num_layers=num_layers, vocab_size=1000,
+                         d_model=128, num_heads=4, mlp_dim=512, max_len=SEQ)
+  kx, ky, kp = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.randint(kx, (BATCH, SEQ), 0, model.vocab_size, jnp.int32)
+  y = jax.random.randint(ky, (BATCH, SEQ), 0, model.vocab_size, jnp.int32)
+  params = jax.jit(model.init)(kp, x)["params"]
+  n_params = sum(p.size for p in jax.tree.leaves(params))
+  n_prunable = len(_prunable_paths(params))
+
+  def loss_fn(p, x, y):
+    logits = model.apply({"params": p}, x, train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  grads = jax.jit(jax.grad(loss_fn))(params, x, y)
+  all_specs = specs()
+  inner = optax.adamw(1e-3)
+  inner_bytes = _nbytes(inner.init(params))
+  print(f"\n### GPT, {num_layers} blocks: {n_params:,} params, {n_prunable} "
+        f"prunable leaves; batch {BATCH} x seq {SEQ}, adamw(1e-3), "
+        f"sparsity {SPARSITY}, first event at step {EVENT}; median of "
+        f"{repeats} (load average at start "
+        f"{', '.join(f'{v:.1f}' for v in os.getloadavg())})\n", flush=True)
+
+  runs = []
+  for name in [PLAIN] + names:
+    run = Run(name)
+    runs.append(run)
+    try:
+      if name == PLAIN:
+        tx, spec = inner, Spec(lambda p: {}, event=None)
+      else:
+        spec = all_specs[name]
+        tx = fj.registry.build(name, inner, **spec.kwargs(params))
+      if name in NEEDS_LOSS_FN:
+        extra = lambda x, y: dict(loss_fn=lambda p: loss_fn(p, x, y))
+      else:
+        extra = lambda x, y: {}
+
+      jax.clear_caches()
+      state, run.init_s = _timed(lambda: tx.init(params))
+      run.state_bytes = _nbytes(state) - inner_bytes
+
+      def step(p, s, x, y, tx=tx, extra=extra):
+        loss, g = jax.value_and_grad(loss_fn)(p, x, y)
+        updates, s = tx.update(g, s, p, **extra(x, y))
+        return optax.apply_updates(p, updates), s, loss
+
+      def update(g, s, p, tx=tx, extra=extra):
+        updates, s = tx.update(g, s, p, **extra(x, y))
+        return optax.apply_updates(p, updates), s
+
+      run.steady_state = _with_count(state, spec.steady)
+      run.event_state = (None if spec.event is None
+                         else _with_count(state, spec.event))
+      jax.clear_caches()
+      lowered, run.lower_s = _timed(
+          lambda: jax.jit(step).lower(params, run.steady_state, x, y))
+      run.step, run.compile_s = _timed(lowered.compile)
+      run.hlo_lines = _lines(lowered.as_text())
+      run.compiled_lines = _lines(run.step.as_text())
+      run.update = jax.jit(update).lower(
+          grads, run.steady_state, params).compile()
+      # Warm-up calls (first executions allocate).
+      jax.block_until_ready(run.step(params, run.steady_state, x, y))
+      if run.event_state is not None:
+        after = jax.block_until_ready(
+            run.step(params, run.event_state, x, y))[1]
+        run.event_changes = _mask_changes(run.event_state, after)
+      jax.block_until_ready(run.update(grads, run.steady_state, params))
+    except Exception as e:  # pylint: disable=broad-except
+      run.error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    status = (f"failed: {run.error}" if run.error else
+              f"init {run.init_s:.2f} s, lower {run.lower_s:.2f} s, "
+              f"compile {run.compile_s:.2f} s")
+    print(f"  {name}: {status}", flush=True)
+
+  ok = [r for r in runs if r.error is None]
+  for _ in range(repeats):
+    for r in ok:
+      _, t = _timed(lambda: r.step(params, r.steady_state, x, y))
+      r.times["steady"].append(t)
+      if r.event_state is not None:
+        _, t = _timed(lambda: r.step(params, r.event_state, x, y))
+        r.times["event"].append(t)
+      _, t = _timed(lambda: r.update(grads, r.steady_state, params))
+      r.times["update"].append(t)
+
+  base = runs[0]
+  if base.error is not None:
+    print(f"plain adamw failed ({base.error}); no ratios.")
+    return
+  med = lambda r, k: statistics.median(r.times[k]) if r.times[k] else None
+  base_compile = base.lower_s + base.compile_s
+  base_steady, base_update = med(base, "steady"), med(base, "update")
+  print(f"\nplain adamw: compile {base_compile:.2f} s, steady step "
+        f"{1e3 * base_steady:.2f} ms, update only {1e3 * base_update:.2f} ms; "
+        f"load average at end "
+        f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}\n")
+  print("| method | compile s (lower + compile) | x plain | HLO lines "
+        "(lowered / compiled) | init s | steady x | event x (masks flipped) "
+        "| update x | extra state B/param |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+  for r in runs:
+    if r.error is not None:
+      print(f"| {r.name} | failed: {r.error} | | | | | | | |")
+      continue
+    total = r.lower_s + r.compile_s
+    ev = med(r, "event")
+    ev_s = ("-" if ev is None else
+            f"{ev / base_steady:.2f}x ({r.event_changes:,})")
+    print(f"| {r.name} | {total:.2f} ({r.lower_s:.2f} + {r.compile_s:.2f}) | "
+          f"{total / base_compile:.2f}x | {r.hlo_lines:,} / "
+          f"{r.compiled_lines:,} | {r.init_s:.2f} | "
+          f"{med(r, 'steady') / base_steady:.2f}x | {ev_s} | "
+          f"{med(r, 'update') / base_update:.2f}x | "
+          f"{r.state_bytes / n_params:.2f} |", flush=True)
+
+
+def _parse_blocks(text: str) -> list[int]:
+  try:
+    blocks = [int(b) for b in text.split(",")]
+  except ValueError:
+    raise SystemExit(f"--blocks: expected comma-separated ints, got {text!r}")
+  if not blocks or min(blocks) < 1:
+    raise SystemExit(f"--blocks: every depth must be >= 1, got {text!r}")
+  return blocks
+
+
+def _parse_methods(text: str) -> list[str]:
+  valid = fj.registry.names()
+  if text == "all":
+    return list(valid)
+  names = [n for n in text.split(",") if n]
+  unknown = [n for n in names if n not in valid]
+  if unknown or not names:
+    raise SystemExit(f"--methods: unknown {unknown or text!r}; valid: all or "
+                     f"a comma-separated list of {', '.join(valid)}")
+  return names
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--blocks", default="4,12,24",
+                      help="comma-separated depths (default 4,12,24)")
+  parser.add_argument("--methods", default="all",
+                      help="'all' or comma-separated fj.registry names")
+  parser.add_argument("--repeats", type=int, default=20,
+                      help="interleaved timing rounds (default 20)")
+  args = parser.parse_args(argv)
+  if args.repeats < 1:
+    raise SystemExit(f"--repeats: must be >= 1, got {args.repeats}")
+  blocks, names = _parse_blocks(args.blocks), _parse_methods(args.methods)
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
+        f"{jax.device_count()} device(s), {os.cpu_count()} CPU(s); "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  for num_layers in blocks:
+    bench_depth(num_layers, names, args.repeats)
+
+
+if __name__ == "__main__":
+  main()
