@@ -241,6 +241,10 @@ def test_split_count_is_exact_and_near():
   # Wanted 25.5, 30.3, 27.0 of 83: the largest remainder (0.5) gets the 1.
   assert list(pt.split_count(83, [0.51, 0.303, 0.9], [50, 100, 30])) == [26, 30, 27]
   assert list(pt.split_count(82, [0.51, 0.303, 0.9], [50, 100, 30])) == [25, 30, 27]
+  # OWL at a high S: S + λ > 1 is capped (one weight stays), the excess goes
+  # to the layers with room, the total stays exact.
+  k = pt.split_count(round(0.95 * 180), [1.03, 0.9, 0.93], [50, 100, 30])
+  assert k.sum() == 171 and k[0] == 49 and (k <= [49, 99, 29]).all()
 
 
 def test_layers_are_pruned_sequentially_through_the_pruned_ones():

@@ -25,8 +25,9 @@ Allocation of the per-layer sparsities ``S_l``:
   ``t̄`` its mean weighted by the layer sizes ``n_l``, ``κ = min(2λ,
   λ / max|t_l − t̄|)`` (the reference's spread ``2λ``, shrunk only when
   needed to stay in ``[S − λ, S + λ]``), ``λ = owl_lambda``; then the
-  global count ``round(S·N)`` is split over the layers by largest
-  remainders, so it is exact.
+  global count ``round(S·N)`` is split over the layers (:func:`split_count`:
+  largest remainders, a layer capped at ``n_l − 1`` pruned, what it cannot
+  take going to the others), so it is exact.
 
 BatchNorm statistics are not recalibrated here
 (:func:`flipout_jax.unipts.recalibrate_batch_stats` does it). Leaves the
@@ -84,13 +85,25 @@ def owl_sparsities(outlier_ratios, sizes, sparsity: float,
 
 
 def split_count(total: int, sparsities, sizes) -> np.ndarray:
-  """Integer counts ``k_l`` near ``S_l·n_l`` summing to ``total`` exactly
-  (largest remainders; ties: the earlier layer)."""
-  want = np.asarray(sparsities, np.float64) * np.asarray(sizes, np.float64)
-  k = np.floor(want).astype(np.int64)
-  k = np.minimum(k, np.asarray(sizes) - 1)
-  rest = int(total) - int(k.sum())
-  order = np.argsort(-(want - k), kind="stable")
+  """Integer counts ``k_l`` near ``S_l·n_l`` summing to ``total`` exactly.
+
+  Each layer prunes at most ``n_l − 1`` (one weight stays) and at least 0:
+  what a layer cannot take (``S_l`` near 1, e.g. OWL's ``S + λ`` at a high
+  ``S``) goes to the others in proportion to their room; the last units by
+  largest remainders (ties: the earlier layer).
+  """
+  sizes = np.asarray(sizes, np.int64)
+  cap = np.maximum(sizes - 1, 0)
+  want = np.clip(np.asarray(sparsities, np.float64) * sizes, 0, cap)
+  total = int(min(max(int(total), 0), cap.sum()))
+  excess = total - want.sum()
+  if excess > 0:  # room left in the layers below their cap
+    want = want + excess * (cap - want) / max((cap - want).sum(), 1e-300)
+  elif excess < 0:
+    want = want + excess * want / max(want.sum(), 1e-300)
+  k = np.minimum(np.floor(want + 1e-9).astype(np.int64), cap)
+  rest = total - int(k.sum())
+  order = [i for i in np.argsort(-(want - k), kind="stable") if k[i] < cap[i]]
   for i in order[:max(rest, 0)]:
     k[i] += 1
   return k
