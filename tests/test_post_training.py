@@ -66,6 +66,7 @@ def test_kernel_as_left_operand_and_through_jit():
   fn = jax.jit(lambda p: jnp.einsum("oi,bi->bo", p["w"], x))
   view, sq, _ = capture.layer_stats(fn, {"w": w}, "w", ["w"], gram=False)
   assert view.perm == (1, 0) and (view.num_in, view.num_out) == (7, 4)
+  assert capture.kernel_view(fn, {"w": w}, "w", ["w"]) == view
   np.testing.assert_allclose(sq, (x ** 2).sum(0), rtol=1e-5)
 
 
@@ -73,6 +74,8 @@ def test_a_kernel_not_used_as_a_weight_is_named():
   fn = lambda p: jnp.ones((2, 3)) @ (2.0 * p["w"])
   with pytest.raises(ValueError, match="w: not used as the weight"):
     capture.layer_stats(fn, {"w": jnp.ones((3, 2))}, "w", ["w"], gram=False)
+  with pytest.raises(ValueError, match="target: 'v' is not a leaf"):
+    capture.kernel_view(fn, {"w": jnp.ones((3, 2))}, "v", ["w"])
 
 
 # --- Wanda ------------------------------------------------------------------------

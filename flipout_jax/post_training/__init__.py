@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flipout_jax import selection
 from flipout_jax import structure as structure_lib
 from flipout_jax import trees
 from flipout_jax import validate
@@ -194,7 +195,7 @@ def prune(apply_fn: Callable[..., Any], variables: PyTree,
   if n_m is not None:
     ok = []
     for p in order:
-      last = capture.layer_stats(fn, params, p, paths, gram=False)[0].last_in
+      last = capture.kernel_view(fn, params, p, paths).last_in
       if last % n_m[1]:
         if not structure.options["skip_incompatible"]:
           raise ValueError(
@@ -225,7 +226,6 @@ def prune(apply_fn: Callable[..., Any], variables: PyTree,
   layers = {}
   if allocation == "global":
     scores = [jnp.abs(flat[p].astype(jnp.float32)) for p in order]
-    from flipout_jax import selection  # pylint: disable=g-import-not-at-top
     keep = selection.top_k_masks(
         scores, [list(range(len(order)))],
         jnp.asarray([int(sizes.sum() - round(sparsity * sizes.sum()))]))

@@ -86,7 +86,7 @@ def _matrix_of(x: jax.Array, contract: tuple[int, ...]) -> jax.Array:
   return x.reshape(-1, math.prod(x.shape[len(rest):]) if contract else 1)
 
 
-def _dot_stats(eqn, invals, side: int, gram: bool):
+def _dot_stats(eqn, invals, side: int):
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   if lb or rb:
     raise ValueError("batch dimensions in the kernel's dot_general")
@@ -149,7 +149,7 @@ def _eval(jaxpr, consts, args, tags, target, gram, found):
     if any(is_t) and name in ("dot_general", "conv_general_dilated"):
       try:
         if name == "dot_general" and not all(is_t):
-          view, x2 = _dot_stats(eqn, invals, is_t.index(True), gram)
+          view, x2 = _dot_stats(eqn, invals, is_t.index(True))
         elif name == "conv_general_dilated" and is_t == [False, True]:
           view, x2 = _conv_stats(eqn, invals)
         else:
@@ -192,6 +192,26 @@ def layer_stats(fn: Callable[[PyTree], Any], params: PyTree, target: str,
     ValueError: the kernel is not the weight operand of any matrix product
       or convolution, or of several with different shapes.
   """
+  stats, leaves, view = _stats_fn(fn, params, target, paths, gram)
+  sq, g = jax.jit(stats)(*leaves)
+  return view[0], sq, g
+
+
+def kernel_view(fn: Callable[[PyTree], Any], params: PyTree, target: str,
+                paths: list[str]) -> KernelView:
+  """The :class:`KernelView` of ``target`` (as :func:`layer_stats`), found
+  by tracing alone: nothing is compiled or run."""
+  stats, leaves, view = _stats_fn(fn, params, target, paths, False)
+  jax.eval_shape(stats, *leaves)
+  return view[0]
+
+
+def _stats_fn(fn, params, target, paths, gram):
+  """``(stats, leaves, view)``: ``stats(*leaves) -> (sq, gram)``; tracing it
+  appends the kernel's view to the list ``view``."""
+  if target not in paths:
+    raise ValueError(f"target: {target!r} is not a leaf of params; valid: "
+                     f"{', '.join(paths)}")
   leaves, treedef = jax.tree.flatten(params)
   index = paths.index(target)
 
@@ -220,8 +240,7 @@ def layer_stats(fn: Callable[[PyTree], Any], params: PyTree, target: str,
     view.append(v)
     return sq, g
 
-  sq, g = jax.jit(stats)(*leaves)
-  return view[0], sq, g
+  return stats, leaves, view
 
 
 def usage_order(fn: Callable[[PyTree], Any], params: PyTree,
