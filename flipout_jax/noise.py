@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flipout_jax import trees
 from flipout_jax import validate
 
 PyTree = Any
@@ -81,15 +82,37 @@ def add_gradient_noise(grads: PyTree, key: jax.Array, scale: float,
     ``grads`` with noise added to the selected floating-point leaves.
   """
   keys = optax.tree.split_key_like(key, grads)
+  leaves, treedef = jax.tree.flatten(grads)
+  key_leaves = treedef.flatten_up_to(keys)
+  chosen = [i for i, (g, sel) in enumerate(
+      zip(leaves, treedef.flatten_up_to(selected)))
+            if sel and jnp.issubdtype(g.dtype, jnp.floating)]
+  out = list(leaves)
+  # Leaves of one (shape, dtype) are noised as one stacked array (one
+  # vmapped draw, each leaf with its own key: the numbers of a per-leaf
+  # draw), so the program grows with the distinct shapes, not the leaves.
+  for members in trees.same_shape_groups([leaves[i] for i in chosen]):
+    idx = [chosen[j] for j in members]
+    shape = leaves[idx[0]].shape
+    draw = ((lambda k: jax.random.normal(k, shape, jnp.float32)) if exact
+            else (lambda k: normal16(k, shape)))
+    if len(idx) == 1:  # the program of a per-leaf draw, op for op
+      g = leaves[idx[0]]
+      out[idx[0]] = (g + noise_std(g, scale) * draw(key_leaves[idx[0]])
+                     ).astype(g.dtype)
+      continue
+    def noised(args):
+      g, k = args
+      return (g + noise_std(g, scale) * draw(k)).astype(g.dtype)
 
-  def noisy(g, k, sel):
-    if not sel or not jnp.issubdtype(g.dtype, jnp.floating):
-      return g
-    eps = (jax.random.normal(k, g.shape, jnp.float32) if exact
-           else normal16(k, g.shape))
-    return (g + noise_std(g, scale) * eps).astype(g.dtype)
-
-  return jax.tree.map(noisy, grads, keys, selected)
+    # A loop over the group, not a vmap: sliced out of one batched
+    # expression, the draw would be fused into (compiled once for) the slice
+    # of every leaf; a loop body is compiled once per shape.
+    noisy = jax.lax.map(noised, (jnp.stack([leaves[i] for i in idx]),
+                                 jnp.stack([key_leaves[i] for i in idx])))
+    for n, i in enumerate(idx):
+      out[i] = noisy[n]
+  return treedef.unflatten(out)
 
 
 class GradientNoise(NamedTuple):

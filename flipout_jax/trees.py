@@ -161,6 +161,19 @@ def unflatten_prunable(masks: PyTree, leaves: Sequence[Any]) -> PyTree:
       lambda m: None if m is None else next(it), masks, is_leaf=_is_none)
 
 
+def same_shape_groups(arrays: Sequence[Any]) -> list[list[int]]:
+  """Indices of ``arrays`` grouped by (shape, dtype), in first-seen order.
+
+  The batching unit of per-leaf work: a computation vmapped over a stacked
+  group compiles once per distinct shape instead of once per tensor (a GPT
+  of any depth has a handful of distinct kernel shapes).
+  """
+  groups: dict[tuple[Any, Any], list[int]] = {}
+  for i, x in enumerate(arrays):
+    groups.setdefault((tuple(jnp.shape(x)), jnp.result_type(x)), []).append(i)
+  return list(groups.values())
+
+
 def check_same_structure(params: PyTree, masks: PyTree, *, what: str,
                          prefix: bool = False) -> None:
   """Raises ValueError if params no longer matches the tree ``init`` saw.
