@@ -174,6 +174,81 @@ class _Source:
     return jnp.reshape(self.key_fn(index, *self.arrays), self.shape)
 
 
+class _Bucket(NamedTuple):
+  """Same-shape tensors streamed by one loop: the unit of compiled code.
+
+  Attributes:
+    arrays: the members' arrays, each list stacked on a new leading axis.
+    key_fn: as :class:`_Source`'s, for one member's blocks.
+    shape: one member's shape.
+    members: the indices of the member tensors (in the caller's list).
+    groups: each member's group, int32 ``[B]`` (a NumPy constant).
+    offsets: each member's first position within its group, int32 ``[B]``.
+  """
+  arrays: list
+  key_fn: Callable[..., jax.Array]
+  shape: tuple
+  members: tuple
+  groups: np.ndarray
+  offsets: np.ndarray
+
+  def source(self, m, blocking: _Blocking) -> _Source:
+    """Member ``m`` (a traced or Python int) as a :class:`_Source`."""
+    if len(self.members) == 1:
+      arrays = [a[0] for a in self.arrays]
+    else:
+      arrays = [jax.lax.dynamic_index_in_dim(a, m, keepdims=False)
+                for a in self.arrays]
+    return _Source(arrays, self.key_fn, self.shape, blocking)
+
+
+def _buckets(arrays: Sequence[Sequence[jax.Array]], key_fn, groups
+             ) -> list[_Bucket]:
+  """The grouped tensors of ``arrays[i]`` (each a list of like-shaped arrays:
+  scores, eligibility) bucketed by shape and dtypes, in first-seen order.
+
+  Every tensor of a bucket has the same compiled code (one loop over the
+  stacked members), so a program grows with the distinct shapes of the
+  tensors, not with their number. Stacking copies the members once.
+  """
+  group_of, offset_of = {}, {}
+  for g, members in enumerate(groups):
+    start = 0
+    for i in members:
+      group_of[i], offset_of[i] = g, start
+      start += int(np.prod(jnp.shape(arrays[i][0]), dtype=np.int64))
+  found: dict[tuple, list[int]] = {}
+  for i in sorted(group_of):
+    sig = tuple((tuple(jnp.shape(a)), jnp.result_type(a)) for a in arrays[i])
+    found.setdefault(sig, []).append(i)
+  out = []
+  for members in found.values():
+    stacked = [jnp.stack([arrays[i][j] for i in members])
+               for j in range(len(arrays[members[0]]))]
+    out.append(_Bucket(
+        stacked, key_fn, tuple(jnp.shape(arrays[members[0]][0])),
+        tuple(members), np.asarray([group_of[i] for i in members], np.int32),
+        np.asarray([offset_of[i] for i in members], np.int32)))
+  return out
+
+
+def _stream_bucket(bucket: _Bucket, blocking: _Blocking, fn, carry):
+  """Folds ``carry = fn(carry, index, parts, g, offset)`` over every block
+  of every member of ``bucket`` (``g`` and ``offset``: the member's group
+  and position offset, traced int32 scalars when the bucket is a loop)."""
+  if len(bucket.members) == 1:
+    return _stream(bucket.source(0, blocking),
+                   functools.partial(fn, g=int(bucket.groups[0]),
+                                     offset=int(bucket.offsets[0])), carry)
+  groups, offsets = jnp.asarray(bucket.groups), jnp.asarray(bucket.offsets)
+
+  def member(m, c):
+    return _stream(bucket.source(m, blocking),
+                   functools.partial(fn, g=groups[m], offset=offsets[m]), c)
+
+  return jax.lax.fori_loop(0, len(bucket.members), member, carry)
+
+
 def _flat_index(shape, starts, sizes, like: jax.Array) -> jax.Array:
   """Row-major flat indices (int32) of the block ``starts``/``sizes``.
 
@@ -513,8 +588,9 @@ def _select_digit(hist: jax.Array, k: jax.Array, above: jax.Array):
   return (r * cols + c).astype(jnp.uint32), take(ge, c) - ties, ties
 
 
-def _radix_select(sources: Sequence[_Source], groups, k: jax.Array, *,
-                  key_bits: int = 32, position_bits: int = 0):
+def _radix_select(buckets: Sequence[_Bucket], num_groups: int, k: jax.Array,
+                  blocking: _Blocking, *, key_bits: int = 32,
+                  position_bits: int = 0):
   """Per group, the k-th largest key and, if needed, the tie cut.
 
   Ranks entries by the composite key ``(key, q)`` with ``q = 2^b − 2 − p``
@@ -529,13 +605,16 @@ def _radix_select(sources: Sequence[_Source], groups, k: jax.Array, *,
   t}``); otherwise every tie is kept and ``q_t = 0``. All groups share the
   passes: each fills one ``[G, 2^w]`` histogram (every tensor scatters into
   its group's row) and one batched suffix sum picks every group's digit. The
-  passes are one ``while_loop`` over one traced body, so the program holds
-  one scatter per tensor however many passes run.
+  passes are one ``while_loop`` over one traced body, and the tensors of a
+  bucket one loop in it, so the program holds one scatter per distinct
+  tensor shape however many tensors and passes there are.
 
   Args:
-    sources: the tensors; keys below ``2^key_bits``.
-    groups: tensor indices per group.
+    buckets: the grouped tensors, bucketed by shape (:func:`_buckets`);
+      keys below ``2^key_bits``.
+    num_groups: G.
     k: int32 ``[G]``.
+    blocking: how tensors are cut into streamed blocks.
     key_bits: bits of the keys.
     position_bits: ``b`` with ``2^b >= size + 2`` of every group, or 0 for
       no tie cut (then ``q_t`` is always 0).
@@ -547,19 +626,13 @@ def _radix_select(sources: Sequence[_Source], groups, k: jax.Array, *,
     ``key == t and q >= q_t`` are exactly the ``clip(k, 0, size)`` best
     (``q_t = 0``: every tie).
   """
-  num_groups = len(groups)
-  n = sum(s.size for s in sources)
+  n = sum(len(b.members) * math.prod(b.shape) for b in buckets)
   width = _digit_width(n, num_groups, max(key_bits, position_bits))
   bins = 1 << width
   key_passes = -(-key_bits // width)
   pos_passes = -(-position_bits // width)
   key_top, pos_top = key_passes * width, pos_passes * width
-  offsets = {}
-  for members in groups:
-    offset = 0
-    for i in members:
-      offsets[i] = offset
-      offset += sources[i].size
+  q_top = jnp.uint32((1 << position_bits) - 2 if position_bits else 0)
 
   def one_pass(carry):
     p, prefix, q_prefix, above, _, partial = carry
@@ -569,34 +642,33 @@ def _radix_select(sources: Sequence[_Source], groups, k: jax.Array, *,
     shift = jnp.clip(key_top - width - width * p, 0, 32).astype(jnp.uint32)
     q_shift = jnp.clip(pos_top - width - width * (p - key_passes), 0,
                        32).astype(jnp.uint32)
+
+    def add_block(h, index, parts, key_fn, g, offset):
+      key = key_fn(index, *parts)
+      mask = jnp.uint32(bins - 1)
+      if position_bits:
+        q = (q_top - jnp.asarray(offset).astype(jnp.uint32)
+             - index.astype(jnp.uint32))
+        digit = jnp.where(on_key, (key >> shift) & mask,
+                          (q >> q_shift) & mask)
+        match = jnp.where(
+            on_key, (key >> (shift + width)) == prefix[g],
+            (key == prefix[g]) & ((q >> (q_shift + width)) == q_prefix[g]))
+      else:
+        digit = (key >> shift) & mask
+        match = (key >> (shift + width)) == prefix[g]
+      # Entries outside the group's prefix go past the end, which
+      # mode="drop" discards: one scatter filters and counts.
+      index = jnp.where(match, digit.astype(jnp.int32) + g * bins,
+                        num_groups * bins)
+      return h.at[index].add(1, mode="drop",
+                             out_sharding=_replicated_if_explicit(index))
+
     hist = jnp.zeros((num_groups * bins,), jnp.int32)
-    for g, members in enumerate(groups):
-      for i in members:
-        src = sources[i]
-        q_base = jnp.uint32((1 << position_bits) - 2 - offsets[i]
-                            if position_bits else 0)
-
-        def add_block(h, index, parts, g=g, src=src, q_base=q_base):
-          key = src.key_fn(index, *parts)
-          mask = jnp.uint32(bins - 1)
-          if position_bits:
-            q = q_base - index.astype(jnp.uint32)
-            digit = jnp.where(on_key, (key >> shift) & mask,
-                              (q >> q_shift) & mask)
-            match = jnp.where(
-                on_key, (key >> (shift + width)) == prefix[g],
-                (key == prefix[g]) & ((q >> (q_shift + width)) == q_prefix[g]))
-          else:
-            digit = (key >> shift) & mask
-            match = (key >> (shift + width)) == prefix[g]
-          # Entries outside the group's prefix go past the end, which
-          # mode="drop" discards: one scatter filters and counts.
-          index = jnp.where(match, digit.astype(jnp.int32) + g * bins,
-                            num_groups * bins)
-          return h.at[index].add(1, mode="drop",
-                                 out_sharding=_replicated_if_explicit(index))
-
-        hist = _stream(src, add_block, hist)
+    for bucket in buckets:
+      hist = _stream_bucket(
+          bucket, blocking,
+          functools.partial(add_block, key_fn=bucket.key_fn), hist)
     digit, new_above, new_ties = _select_digit(
         hist.reshape(num_groups, bins), k, above)
     prefix = jnp.where(on_key, (prefix << width) | digit, prefix)
@@ -681,9 +753,8 @@ def kth_largest_keys(keys: Sequence[jax.Array],
 
 @functools.partial(jax.jit, static_argnums=(1, 3))
 def _kth_largest_keys(keys, groups, k, blocking):
-  sources = [_Source([x], lambda index, x: x, x.shape, blocking)
-             for x in keys]
-  return _radix_select(sources, groups, k)[0]
+  buckets = _buckets([[x] for x in keys], lambda index, x: x, groups)
+  return _radix_select(buckets, len(groups), k, blocking)[0]
 
 
 def top_k_masks(scores: Sequence[jax.Array],
@@ -738,34 +809,44 @@ def _top_k_masks(scores, groups, k, eligible, blocking):
   # the same stored scores.
   scores = jax.lax.optimization_barrier(list(scores))
   if eligible is None:
-    sources = [_Source([s], lambda index, s: sortable_key(s), jnp.shape(s),
-                       blocking) for s in scores]
+    arrays = [[x] for x in scores]
+    key_fn = lambda index, s: sortable_key(s)
   else:
-    sources = [_Source([s, e], lambda index, s, e: _keys(s, e), jnp.shape(s),
-                       blocking) for s, e in zip(scores, eligible)]
-  group_of = {i: g for g, members in enumerate(groups) for i in members}
-  largest = max((sum(sources[i].size for i in g) for g in groups), default=0)
+    arrays = [[x, e] for x, e in zip(scores, eligible)]
+    key_fn = lambda index, s, e: _keys(s, e)
+  buckets = _buckets(arrays, key_fn, groups)
+  largest = max((sum(math.prod(jnp.shape(scores[i])) for i in g)
+                 for g in groups), default=0)
   bits = int(largest + 1).bit_length()  # 2^bits >= size + 2
-  t, q_t = _radix_select(sources, groups, k, position_bits=bits)
+  t, q_t = _radix_select(buckets, len(groups), k, blocking,
+                         position_bits=bits)
+  q_top = jnp.uint32((1 << bits) - 2)
 
-  masks, offset = [None] * len(sources), {}
-  for members in groups:
-    start = 0
-    for i in members:
-      offset[i], start = start, start + sources[i].size
-  for i, src in enumerate(sources):
-    if i not in group_of:
-      masks[i] = jnp.zeros(src.shape, jnp.bool_)
-      continue
-    g = group_of[i]
+  def member_masks(arrays, g, offset):
     # Elementwise in the tensor's own shape (fused; keys recomputed, never
     # stored), so the mask keeps the scores' sharding.
+    src = _Source(arrays, key_fn, jnp.shape(arrays[0]), blocking)
     key = src.keys()
     shape = src.block_shape
     index = jnp.reshape(
         _flat_index(shape, (0,) * len(shape), shape, src.arrays[0]), src.shape)
-    q = jnp.uint32((1 << bits) - 2 - offset[i]) - index.astype(jnp.uint32)
-    masks[i] = (key > t[g]) | ((key == t[g]) & (q >= q_t[g]))
+    q = q_top - jnp.asarray(offset).astype(jnp.uint32) - index.astype(
+        jnp.uint32)
+    return (key > t[g]) | ((key == t[g]) & (q >= q_t[g]))
+
+  masks = [jnp.zeros(jnp.shape(x), jnp.bool_) for x in scores]
+  for b in buckets:
+    if len(b.members) == 1:
+      masks[b.members[0]] = member_masks(
+          [a[0] for a in b.arrays], int(b.groups[0]), int(b.offsets[0]))
+      continue
+    # One loop body per shape (sliced out of one batched expression, the
+    # masks would be compiled once per tensor).
+    stacked = jax.lax.map(
+        lambda xs: member_masks(list(xs[:-2]), xs[-2], xs[-1]),
+        (*b.arrays, jnp.asarray(b.groups), jnp.asarray(b.offsets)))
+    for n, i in enumerate(b.members):
+      masks[i] = stacked[n]
   return masks
 
 
