@@ -489,26 +489,13 @@ def prune(inner: optax.GradientTransformation,
   tracker = no_tracker() if tracker is None else tracker
   inner = optax.with_extra_args_support(inner)
 
-  def init_fn(params):
-    prunable = trees.prunable_tree(params, filter_fn)
-    paths = [p for (p, _), s in zip(trees.leaves_with_paths(params),
-                                    jax.tree.leaves(prunable)) if s]
-    distributions_lib.validate_distribution(distribution, paths)
-    masks = trees.mask_like(params, prunable)
-    base = seed if isinstance(seed, jax.Array) else jax.random.PRNGKey(seed)
-    init_key, key = jax.random.split(base)
-    given = initial_masks
-    # A function, not a mask tree that happens to be callable (an Equinox
-    # module of masks has a __call__): mask trees hold arrays.
-    if callable(given) and not any(
-        hasattr(x, "shape") for x in jax.tree.leaves(given)):
-      given = given(params, masks, init_key)
+  def build_state(params, given, key, prunable):
+    # One compiled program (cached per layout) instead of an eager op chain
+    # per leaf: the first init of a deep model would compile each op anew.
+    masks = trees.mask_like(params, jax.tree.unflatten(*prunable))
     if given is not None:
-      trees.check_same_structure(params, given, what=f"{name} initial_masks")
       masks = trees.map_prunable(
           lambda m, g: jnp.asarray(g, jnp.bool_).reshape(m.shape), masks, given)
-    _warn_empty_budget(name, masks, *budget_table(distribution, masks,
-                                                  schedule, structure))
     # Per-weight state (masks, tracker counts, inner moments) is sharded like
     # the params under jax.sharding, also when built by jnp.zeros, by a
     # jitted initial-mask function or under jit(tx.init); no-op on one device.
@@ -523,6 +510,29 @@ def prune(inner: optax.GradientTransformation,
         # of the weights it keeps (schedule-free's z) starts sparse too.
         inner_state=trees.shard_like_params(
             inner.init(trees.apply_masks(params, masks)), params))
+
+  build_state = jax.jit(build_state, static_argnums=3)
+
+  def init_fn(params):
+    prunable = trees.prunable_tree(params, filter_fn)
+    paths = [p for (p, _), s in zip(trees.leaves_with_paths(params),
+                                    jax.tree.leaves(prunable)) if s]
+    distributions_lib.validate_distribution(distribution, paths)
+    masks = jax.eval_shape(lambda p: trees.mask_like(p, prunable), params)
+    base = seed if isinstance(seed, jax.Array) else jax.random.PRNGKey(seed)
+    init_key, key = jax.random.split(base)
+    given = initial_masks
+    # A function, not a mask tree that happens to be callable (an Equinox
+    # module of masks has a __call__): mask trees hold arrays.
+    if callable(given) and not any(
+        hasattr(x, "shape") for x in jax.tree.leaves(given)):
+      given = given(params, trees.mask_like(params, prunable), init_key)
+    if given is not None:
+      trees.check_same_structure(params, given, what=f"{name} initial_masks")
+    _warn_empty_budget(name, masks, *budget_table(distribution, masks,
+                                                  schedule, structure))
+    flat, treedef = jax.tree.flatten(prunable)
+    return build_state(params, given, key, (treedef, tuple(flat)))
 
   def update_fn(grads, state, params=None, **extra_args):
     if params is None:
@@ -664,6 +674,13 @@ def _raw_prune(inner, *, raw_rule, schedule, score_fn, mask_rule,
                        "are int32.")
     lay, groups, table = budget(masks)
     _warn_empty_budget(name, masks, groups, table[1:])
+    flat, treedef = jax.tree.flatten(prunable)
+    return build_state(params, (treedef, tuple(flat)))
+
+  def build_state(params, prunable):
+    # One compiled program per layout (see the masked init).
+    masks = trees.mask_like(params, jax.tree.unflatten(*prunable))
+    lay, groups, table = budget(masks)
     raw = copy_raw_weights(masks, params)
     mask_l, rule_state = raw_rule.init(
         lay, trees.prunable_leaves(masks, raw), schedule.sparsity(0), groups,
@@ -679,6 +696,8 @@ def _raw_prune(inner, *, raw_rule, schedule, score_fn, mask_rule,
             _rule_tree(masks, rule_state), params)),
         key=jax.random.PRNGKey(0),  # unused: raw rules are deterministic
         inner_state=inner_state)
+
+  build_state = jax.jit(build_state, static_argnums=1)
 
   def update_fn(grads, state, params=None, **extra_args):
     if params is None:

@@ -266,10 +266,25 @@ def _random_top_k(key, shapes, groups, keep, guard=0):
   # each leaf keeps at least min(guard, size) of its entries (its highest
   # draws, ranked above every other; ``keep`` already counts them).
   keys = jax.random.split(key, max(len(shapes), 1))
-  noise = [jax.random.uniform(k, s) for k, s in zip(keys, shapes)]
+  noise = [None] * len(shapes)
+  # One loop per distinct shape (each leaf with its own key: the numbers of
+  # a draw per leaf), so the program does not grow with the leaves.
+  by_shape: dict[tuple, list[int]] = {}
+  for i, shape in enumerate(shapes):
+    by_shape.setdefault(tuple(shape), []).append(i)
+  for shape, members in by_shape.items():
+    if len(members) == 1:
+      draws = [jax.random.uniform(keys[members[0]], shape)]
+    else:
+      draws = jax.lax.map(lambda k: jax.random.uniform(k, shape),
+                          keys[np.asarray(members)])
+    for n, i in enumerate(members):
+      noise[i] = draws[n]
   if guard:
-    noise = [jnp.where(selection.top_k_mask(x, min(guard, x.size)), 2.0, x)
-             for x in noise]
+    top = selection.top_k_masks(
+        noise, [[i] for i in range(len(noise))],
+        jnp.asarray([min(guard, x.size) for x in noise], jnp.int32))
+    noise = [jnp.where(t, 2.0, x) for t, x in zip(top, noise)]
   return selection.top_k_masks(noise, groups, jnp.asarray(keep, jnp.int32))
 
 
