@@ -15,8 +15,12 @@ measures in one process:
   ``jax.clear_caches()`` before each, and its ratio to plain adamw's at the
   same depth; the line counts of the lowered StableHLO (``as_text()``) and
   of the compiled, optimised HLO;
-* **init**: seconds of the first ``tx.init(params)`` (eager, so including
-  the compiles of its ops; caches cleared before it);
+* **init**: seconds of the first ``tx.init(params)`` (caches cleared
+  before it, so including its compiles);
+* beside the wall seconds of compile and init, the process's CPU seconds
+  (all threads), which a loaded machine does not inflate, and the CPU
+  seconds of compiling the update alone (no model), with its ratio to
+  plain adamw's;
 * **steady / event**: the median time of the compiled step on a state whose
   step counter sits between events (steady) and on an event (event), as a
   ratio to plain adamw's steady step; all candidates and both states are
@@ -151,6 +155,12 @@ class Run:
   init_s: float = float("nan")
   lower_s: float = float("nan")
   compile_s: float = float("nan")
+  # Process CPU seconds (all threads) of init, of lowering + compiling the
+  # step and of lowering + compiling the update alone: what the work costs
+  # whatever else loads the machine.
+  init_cpu: float = float("nan")
+  compile_cpu: float = float("nan")
+  update_compile_cpu: float = float("nan")
   hlo_lines: int = 0
   compiled_lines: int = 0
   state_bytes: int = 0
@@ -175,6 +185,13 @@ def _timed(fn):
   t0 = time.perf_counter()
   out = jax.block_until_ready(fn())
   return out, time.perf_counter() - t0
+
+
+def _cpu_timed(fn):
+  """``(fn(), wall seconds, process CPU seconds)``."""
+  c0 = time.process_time()
+  out, wall = _timed(fn)
+  return out, wall, time.process_time() - c0
 
 
 def bench_depth(num_layers: int, names: list[str], repeats: int) -> None:
@@ -217,7 +234,7 @@ def bench_depth(num_layers: int, names: list[str], repeats: int) -> None:
         extra = lambda x, y: {}
 
       jax.clear_caches()
-      state, run.init_s = _timed(lambda: tx.init(params))
+      state, run.init_s, run.init_cpu = _cpu_timed(lambda: tx.init(params))
       run.state_bytes = _nbytes(state) - inner_bytes
 
       def step(p, s, x, y, tx=tx, extra=extra):
@@ -233,13 +250,17 @@ def bench_depth(num_layers: int, names: list[str], repeats: int) -> None:
       run.event_state = (None if spec.event is None
                          else _with_count(state, spec.event))
       jax.clear_caches()
+      c0 = time.process_time()
       lowered, run.lower_s = _timed(
           lambda: jax.jit(step).lower(params, run.steady_state, x, y))
       run.step, run.compile_s = _timed(lowered.compile)
+      run.compile_cpu = time.process_time() - c0
       run.hlo_lines = _lines(lowered.as_text())
       run.compiled_lines = _lines(run.step.as_text())
-      run.update = jax.jit(update).lower(
-          grads, run.steady_state, params).compile()
+      jax.clear_caches()
+      run.update, _, run.update_compile_cpu = _cpu_timed(
+          lambda: jax.jit(update).lower(grads, run.steady_state,
+                                        params).compile())
       # Warm-up calls (first executions allocate).
       jax.block_until_ready(run.step(params, run.steady_state, x, y))
       if run.event_state is not None:
@@ -276,21 +297,26 @@ def bench_depth(num_layers: int, names: list[str], repeats: int) -> None:
         f"{1e3 * base_steady:.2f} ms, update only {1e3 * base_update:.2f} ms; "
         f"load average at end "
         f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}\n")
-  print("| method | compile s (lower + compile) | x plain | HLO lines "
-        "(lowered / compiled) | init s | steady x | event x (masks flipped) "
-        "| update x | extra state B/param |")
-  print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+  print("| method | compile s (lower + compile) | x plain | compile CPU s | "
+        "x plain (CPU) | update compile CPU s (x plain) | HLO lines "
+        "(lowered / compiled) | init s (CPU s) | steady x | event x (masks "
+        "flipped) | update x | extra state B/param |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for r in runs:
     if r.error is not None:
-      print(f"| {r.name} | failed: {r.error} | | | | | | | |")
+      print(f"| {r.name} | failed: {r.error} | | | | | | | | | | |")
       continue
     total = r.lower_s + r.compile_s
     ev = med(r, "event")
     ev_s = ("-" if ev is None else
             f"{ev / base_steady:.2f}x ({r.event_changes:,})")
     print(f"| {r.name} | {total:.2f} ({r.lower_s:.2f} + {r.compile_s:.2f}) | "
-          f"{total / base_compile:.2f}x | {r.hlo_lines:,} / "
-          f"{r.compiled_lines:,} | {r.init_s:.2f} | "
+          f"{total / base_compile:.2f}x | {r.compile_cpu:.2f} | "
+          f"{r.compile_cpu / base.compile_cpu:.2f}x | "
+          f"{r.update_compile_cpu:.2f} "
+          f"({r.update_compile_cpu / base.update_compile_cpu:.2f}x) | "
+          f"{r.hlo_lines:,} / {r.compiled_lines:,} | "
+          f"{r.init_s:.2f} ({r.init_cpu:.2f}) | "
           f"{med(r, 'steady') / base_steady:.2f}x | {ev_s} | "
           f"{med(r, 'update') / base_update:.2f}x | "
           f"{r.state_bytes / n_params:.2f} |", flush=True)
