@@ -30,8 +30,9 @@ group must cut its ties. No cumulative sum over the entries is ever formed.
 All groups share the passes: each pass fills one ``[G, 2^w]`` histogram
 (every tensor scatters into its group's row) and one batched suffix sum
 picks every group's digit; the passes are one ``while_loop`` over one traced
-body, so the compiled program holds one scatter per tensor, whatever the
-number of groups and passes.
+body, and the tensors of one shape and dtype one loop inside it, so the
+compiled program holds one scatter per distinct tensor shape, whatever the
+number of tensors, groups and passes (a GPT of any depth: a handful).
 
 **Memory.** Keys are never stored: each pass recomputes them from the scores
 block by block (``lax.fori_loop`` over blocks of about 2^16 entries per
@@ -40,7 +41,8 @@ one block's keys and digits and
 the histograms (at most ``max(n/4, 2^18)`` int32 words), whatever n is.
 Peak memory is the scores plus the boolean masks (n bytes) plus O(2^16)
 words, not the O(n) keys, ranks and cumulative sums of a sort or of a
-cumsum-based tie break.
+cumsum-based tie break; tensors that share their shape with another are
+also stacked once (a copy of their scores and eligibility) for their loop.
 
 **Sharding.** Nothing is flattened or gathered by this module. With several
 devices a block takes evenly spaced entries along every axis (strided
