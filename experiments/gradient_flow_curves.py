@@ -1,24 +1,20 @@
 r"""Training-loss curves right after a one-shot prune, per gradient-flow measure.
 
-Lubana & Dick (ICLR 2021) argue from the gradient flow that magnitude-based
-pruning removes the weights that contribute least to the loss's decrease,
-so magnitude-pruned models converge faster after pruning than models pruned
-by loss preservation (|θg|, SNIP-like). This script checks that on the CPU
-scale: train the dense model for ``--prune_epochs`` epochs (0: prune at
-initialisation), prune once to each sparsity by each measure (momentum
-reset), train ``--epochs_after`` more epochs, and record the full
-training-set loss (on a fixed subset of ``--eval_examples`` training images,
-eval mode) after every step from the prune on, averaged over seeds.
+Lubana & Dick (ICLR 2021): magnitude-pruned models converge faster after
+pruning than loss-preservation-pruned ones (|θg|, SNIP-like). Checked at CPU
+scale: train dense for ``--prune_epochs`` epochs (0: at init), prune once to
+each sparsity by each measure (momentum reset), train ``--epochs_after`` more;
+record the training loss (eval mode, a fixed subset of ``--eval_examples``
+images) after every step from the prune on, averaged over seeds.
 
     python -m experiments.gradient_flow_curves \
         --config experiments/configs/gradient_flow_lenet300100_mnist5k.py \
         --sparsities 0.9,0.98 --prune_epochs 0,1 --epochs_after 3 \
         --out experiments/results/gradient_flow_curves
 
-Writes ``<out>.png`` (one panel per prune time × sparsity) and ``<out>.json``
-(the curves and a summary: the loss right after the prune and 1 and
-``epochs_after`` epochs later). The config gives the model, data set,
-optimizer and ``hvp_temperature``; its schedule fields are not used.
+Writes ``<out>.png`` (a panel per prune time × sparsity) and ``<out>.json``
+(curves; summary: the loss right after the prune, 1 and ``epochs_after``
+epochs later). The config's schedule fields are not used.
 """
 
 from __future__ import annotations

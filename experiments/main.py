@@ -25,14 +25,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from experiments import one_line
+
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                               "configs", "flipout_lenet300100_mnist5k.py")
 HELP = ("--help", "-h", "--helpfull", "--helpshort", "-?")
-
-
-def one_line(text) -> str:
-  """``text`` (an exception) on one line, for one-line CLI errors."""
-  return " ".join(str(text).split())
 
 
 def _define_main_flags(fv: flags.FlagValues) -> None:
@@ -45,11 +42,6 @@ def _define_main_flags(fv: flags.FlagValues) -> None:
                     "and start over.", flag_values=fv)
   flags.DEFINE_bool("progress", True, "Show a progress bar (only when stderr "
                     "is a terminal).", flag_values=fv)
-
-
-def _overridden_fields(argv: Sequence[str]) -> list[str]:
-  return [m.group(1) for a in argv
-          for m in [re.match(r"^--?(?:no)?config\.([^=]+)", a)] if m]
 
 
 def _aliased(argv: Sequence[str], config) -> list[str]:
@@ -74,15 +66,10 @@ def parse_flags(argv: Sequence[str],
                 define: Callable[[flags.FlagValues], None] = _define_main_flags,
                 default_config: str = DEFAULT_CONFIG,
                 doc: str | None = None) -> flags.FlagValues:
-  """Parses ``argv`` (argv[0] is the program) into a fresh FlagValues.
-
-  A fresh FlagValues per call (rather than absl's global FLAGS) lets tests run
-  the CLI in-process several times with different ``--config.*`` overrides.
-
-  Raises:
-    SystemExit: with a one-line ``error: ...`` for a bad flag, an unknown
-      config field or an unreadable config file; with status 0 after --help.
-  """
+  """Parses ``argv`` (argv[0] is the program) into a fresh FlagValues (not
+  absl's global FLAGS: the CLI runs in-process many times in tests). Raises
+  SystemExit: a one-line ``error: ...`` for a bad flag, an unknown config
+  field or an unreadable config file; status 0 after --help."""
   argv = list(argv)
   overrides = [a for a in argv if re.match(r"^--?(no)?config\.", a)]
 
@@ -111,8 +98,9 @@ def parse_flags(argv: Sequence[str],
     try:
       return parse(argv) if overrides else base
     except (KeyError, AttributeError) as e:  # A field the config lacks.
-      unknown = [f for f in _overridden_fields(argv)
-                 if f.split(".")[0] not in config]
+      unknown = [m.group(1) for a in argv
+                 for m in [re.match(r"^--?(?:no)?config\.([^=]+)", a)]
+                 if m and m.group(1).split(".")[0] not in config]
       names = unknown or [one_line(e).strip("\"'")]
       raise SystemExit(
           f"error: config: unknown field {', '.join(names)}; valid fields: "
@@ -130,16 +118,9 @@ def config_name(fv: flags.FlagValues) -> str:
   return os.path.splitext(os.path.basename(path.split(":")[0]))[0]
 
 
-def default_workdir(config, name: str) -> str:
-  return os.path.join("runs", name, f"seed{config.seed}")
-
-
 def run_main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-  """The CLI: parses ``argv`` (default sys.argv), trains, returns the result.
-
-  Raises:
-    SystemExit: ``error: ...`` (one line) for bad flags or config values.
-  """
+  """The CLI: parses ``argv`` (default sys.argv), trains, returns the result;
+  SystemExit ``error: ...`` (one line) for bad flags or config values."""
   argv = list(sys.argv if argv is None else argv)
   fv = parse_flags(argv)
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
@@ -147,7 +128,8 @@ def run_main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
   from experiments import train  # pylint: disable=g-import-not-at-top
 
   config = fv["config"].value
-  workdir = fv["workdir"].value or default_workdir(config, config_name(fv))
+  workdir = fv["workdir"].value or os.path.join("runs", config_name(fv),
+                                               f"seed{config.seed}")
   try:
     return train.run(config, workdir, resume=fv["resume"].value,
                      overwrite=fv["overwrite"].value,

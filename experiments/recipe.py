@@ -1,21 +1,17 @@
 """A config's method: resolved by name, built into the phases of a run.
 
 :func:`resolve` turns a config (as JSON) into the run's *spec*: the method's
-registry name and exactly the keyword arguments it takes (epoch values still
-in epochs), the optimizer and the fields of the run. Two configs with the
-same spec make the same run, which is how a sweep skips finished runs
-(:func:`same_run`). :func:`phases` builds the spec into :class:`Phase` es
-with a data set's steps per epoch; the library checks every argument and
-names it, and its errors come back with the config key they came from.
+name and exactly the keyword arguments it takes (epoch values in epochs), the
+optimizer and the run's fields; two configs with the same spec make the same
+run (:func:`same_run`: how a sweep skips finished runs). :func:`phases` builds
+a spec into :class:`Phase` s; the library checks every argument and its errors
+come back naming the config key.
 
-Methods are ``fj.registry`` names, and four of the harness: "dense" (the
-optimizer alone), "hoyer_square" (the regulariser, then threshold and
-fine-tune under the fixed mask) and the post-training methods "magnitude"
-(one shot, global or per-layer ``distribution``), "wanda" and "sparsegpt"
-(``fj.post_training.prune``) and "unipts" (``fj.unipts.run``), BatchNorm
-recalibrated on the calibration set, which run as the
-only phase of a run that starts from a dense run's final params
-(``init_from``).
+Methods are ``fj.registry`` names and the harness's ``HARNESS``: "dense" (the
+optimizer alone), "hoyer_square" (regulariser, then threshold and fine-tune
+under the fixed mask), and the post-training ``POST_TRAINING`` methods, the
+only phase of a run from a dense run's final params (``init_from``; BatchNorm
+recalibrated on the calibration set).
 """
 
 from __future__ import annotations
@@ -28,6 +24,7 @@ import numpy as np
 import optax
 
 import flipout_jax as fj
+from experiments import one_line
 from experiments.configs import _base
 
 REQUIRED = fj.registry.REQUIRED
@@ -44,9 +41,7 @@ RUN_FIELDS = ("model", "width", "dataset", "data_dir", "augment", "seed",
               "init_from")
 HARNESS = {
     "dense": {},
-    "hoyer_square": dict(strength=REQUIRED, threshold=1e-4, finetune_epochs=0,
-                         finetune_lr=0.01, finetune_lr_schedule="constant",
-                         finetune_lr_decay_epochs=()),
+    "hoyer_square": dict(_base.PRESETS["hoyer_square"], strength=REQUIRED),
     "magnitude": dict(sparsity=REQUIRED, distribution="global"),
     **{m: dict(sparsity=REQUIRED, allocation="uniform", structure=None,
                owl_threshold=5.0, owl_lambda=0.08,
@@ -64,28 +59,17 @@ class ConfigError(ValueError):
   """A bad config value; the message is one line."""
 
 
-def one_line(text) -> str:
-  return " ".join(str(text).split())
-
-
 @dataclasses.dataclass(frozen=True)
 class Phase:
-  """One phase of a run.
-
-  ``make_tx(aux)`` builds its transformation from what ``enter(params,
-  opt_state)`` returned when the phase started (``aux`` is checkpointed, so
-  every phase resumes); ``post(model, variables, ds, config)`` is a
-  post-training phase, run once, returning ``(variables, masks, report)``.
-  """
+  """One phase: ``make_tx(aux)`` from the (checkpointed) ``aux`` that
+  ``enter(params)`` returned; ``post(model, variables, ds)``: a
+  post-training phase, run once, returning ``(variables, masks, report)``."""
   name: str
   num_epochs: int
   make_tx: Callable[[Any], optax.GradientTransformation] | None = None
   learning_rate: Callable[[int], float] = lambda step: 0.0
-  enter: Callable[[Any, Any], tuple[Any, Any]] | None = None
+  enter: Callable[[Any], tuple[Any, Any]] | None = None
   post: Callable[..., tuple[Any, Any, dict]] | None = None
-
-
-# --- Resolution ---------------------------------------------------------------
 
 
 def keywords(name: str) -> dict[str, Any]:
@@ -212,9 +196,6 @@ def same_run(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
   ka, kb = a["method_kw"], b["method_kw"]
   return diff + sorted(f"method_kw.{k}" for k in set(ka) | set(kb)
                        if ka.get(k) != kb.get(k))
-
-
-# --- Building -------------------------------------------------------------------
 
 
 def learning_rate_fn(lr, schedule, decay_epochs, decay_factor, num_epochs,
@@ -357,11 +338,8 @@ def phases(spec: dict[str, Any], spe: int) -> list[Phase]:
     out.append(Phase(
         "finetune", kw["finetune_epochs"],
         lambda masks: fj.fixed_mask(optimizer(spec, ft_lr), masks), ft_lr,
-        enter=lambda params, _: fj.threshold_prune(params, kw["threshold"])))
+        enter=lambda params: fj.threshold_prune(params, kw["threshold"])))
   return out
-
-
-# --- Post-training ---------------------------------------------------------------
 
 
 def calibration_indices(num_train: int, size: int, seed: int) -> np.ndarray:

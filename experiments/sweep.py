@@ -4,19 +4,14 @@
         --grid method=dst_ee,rigl,set,static_random --grid sparsity=0.9,0.95,0.98 \
         --seeds 42,43,44 --workers 2 --out experiments/results/dst_lenet300100
 
-Every point of the grid × every seed is one subprocess of ``experiments.main``
-in ``<out>/runs/<k1=v1>/<k2=v2>/.../seed<k>`` with ``--resume``: a finished run
-(its ``final.json`` holds the same config) is skipped and a killed one
-continues, so a sweep re-launched after an interruption only runs what is
-missing. The first grid key gives the rows of the Markdown table written to
-``<out>/results.md`` (test accuracy, mean ± std over seeds), the second key
-its columns; ``<out>/results.json`` keeps every run's result and
-``<out>/accuracy_vs_sparsity.png`` plots the rows. Other
-``--config.<field>=<value>`` arguments are passed on to every run.
-
-On Linux the runs die with the sweep (``PR_SET_PDEATHSIG``): a sweep killed
-and launched again never finds its previous runs still training (and each
-workdir's lock would refuse a second writer anyway).
+Every grid point × seed is a subprocess of ``experiments.main --resume`` in
+``<out>/runs/<k1=v1>/<k2=v2>/.../seed<k>``: a finished run of the same config
+is skipped and a killed one continues, so a re-launched sweep only runs what
+is missing. The first grid key gives the rows of ``<out>/results.md`` (test
+accuracy, mean ± std over seeds), the second its columns; ``results.json``
+keeps every result, ``accuracy_vs_sparsity.png`` plots the rows. Other
+``--config.<field>=<value>`` arguments go to every run. On Linux the runs die
+with the sweep (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -74,26 +69,18 @@ def _libc_prctl():
 _PRCTL = _libc_prctl()
 
 
-def _die_with_parent(parent: int):
-  """A ``preexec_fn``: the child gets SIGTERM when its parent dies.
-
-  Checks ``getppid`` after ``prctl``: a parent that died between fork and
-  ``prctl`` would not signal it.
-  """
-  def preexec():
-    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:
-      os._exit(1)  # pylint: disable=protected-access
-  return preexec
-
-
 def spawn(cmd: Sequence[str], **kwargs) -> subprocess.Popen:
-  """``subprocess.Popen(cmd, **kwargs)`` that dies with this process (Linux).
-
-  Elsewhere a plain Popen: the child outlives a killed sweep.
-  """
+  """``subprocess.Popen(cmd, **kwargs)`` whose child gets SIGTERM when this
+  process dies (Linux; elsewhere it outlives a killed sweep). The child checks
+  ``getppid`` after ``prctl``: a parent dead before ``prctl`` signals nothing."""
   if _PRCTL is not None:
-    kwargs["preexec_fn"] = _die_with_parent(os.getpid())
+    parent = os.getpid()
+
+    def preexec():
+      _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+      if os.getppid() != parent:
+        os._exit(1)  # pylint: disable=protected-access
+    kwargs["preexec_fn"] = preexec
   return subprocess.Popen(cmd, **kwargs)  # pylint: disable=consider-using-with
 
 
@@ -240,13 +227,6 @@ def plot(runs: Sequence[Run], rows: Sequence[str], path: str,
   plt.close(fig)
 
 
-def write_json(runs: Sequence[Run], path: str) -> None:
-  with open(path, "w") as f:
-    json.dump([{k: v for k, v in dataclasses.asdict(r).items()
-                if k not in ("overrides", "config")} for r in runs],
-              f, indent=1, default=str)
-
-
 def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_multi_string(
       "grid", [], "key=v1,v2,...: a config field and its values; the first "
@@ -306,40 +286,6 @@ def forwarded_overrides(argv: Sequence[str], swept) -> list[str]:
   return out
 
 
-def launch(runs: list[Run], config_path: str, forwarded: Sequence[str],
-           workers: int, out: str, dry_run: bool) -> bool:
-  """Validates every run (failing fast), then runs them (False: dry run)."""
-  validate_runs(runs, config_path, forwarded)
-  print(f"{len(runs)} runs, {workers} in parallel, into {out}", flush=True)
-  if dry_run:
-    for r in runs:
-      print(" ".join(r.overrides + list(forwarded)), f"--config.seed={r.seed}")
-    return False
-  os.makedirs(out, exist_ok=True)
-  run_all(runs, config_path, forwarded, workers)
-  return True
-
-
-def write_results(runs: Sequence[Run], out: str, text: str) -> None:
-  """``results.md`` (``text``, printed) and ``results.json``; exits with an
-  error when a run failed."""
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(text)
-  write_json(runs, os.path.join(out, "results.json"))
-  print(text)
-  failed = sum(1 for r in runs if not r.result)
-  if failed:
-    raise SystemExit(f"error: {failed} of {len(runs)} runs failed; see "
-                     "results.md and the run.log files")
-
-
-def parse_ints(values: Sequence[str], flag: str) -> list[int]:
-  try:
-    return [int(v) for v in values]
-  except ValueError as e:
-    raise SystemExit(f"error: --{flag}: {e}") from None
-
-
 def main(argv=None) -> None:
   from experiments import main as main_lib  # pylint: disable=g-import-not-at-top
   argv = list(sys.argv if argv is None else argv)
@@ -349,26 +295,46 @@ def main(argv=None) -> None:
   out = os.path.abspath(fv["out"].value or
                         os.path.join(REPO, "experiments", "results", name))
   grid = parse_grid(fv["grid"].value)
-  seeds = parse_ints(fv["seeds"].value, "seeds")
+  try:
+    seeds = [int(v) for v in fv["seeds"].value]
+  except ValueError as e:
+    raise SystemExit(f"error: --seeds: {e}") from None
   forwarded = forwarded_overrides(argv[1:], {k for k, _ in grid} | {"seed"})
   runs = plan(grid, seeds, out)
-  if not launch(runs, config_path, forwarded, fv["workers"].value, out,
-                fv["dry_run"].value):
+  validate_runs(runs, config_path, forwarded)  # Fails fast on a bad config.
+  workers = fv["workers"].value
+  print(f"{len(runs)} runs, {workers} in parallel, into {out}", flush=True)
+  if fv["dry_run"].value:
+    for r in runs:
+      print(" ".join(r.overrides + list(forwarded)), f"--config.seed={r.seed}")
     return
+  os.makedirs(out, exist_ok=True)
+  run_all(runs, config_path, forwarded, workers)
   rows = grid[0][1]
   cols = grid[1][1] if len(grid) > 1 else ["result"]
   command = "python -m experiments.sweep " + " ".join(
       a if " " not in a else repr(a) for a in argv[1:])
   plot(runs, rows, os.path.join(out, "accuracy_vs_sparsity.png"),
        fv["title"].value or name)
-  write_results(runs, out, "\n".join([
+  text = "\n".join([
       f"# {fv['title'].value or name}", "",
       f"Test accuracy (%), mean ± std over seeds {', '.join(map(str, seeds))}.",
       f"Rows: `{grid[0][0]}`" + (f"; columns: `{grid[1][0]}`." if len(grid) > 1 else "."),
       "", table(runs, rows, cols, row_label=grid[0][0]), "",
       "Measured sparsity (%):", "",
       table(runs, rows, cols, key="sparsity", row_label=grid[0][0]), "",
-      f"Command: `{command}`", ""]))
+      f"Command: `{command}`", ""])
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump([{k: v for k, v in dataclasses.asdict(r).items()
+                if k not in ("overrides", "config")} for r in runs],
+              f, indent=1, default=str)
+  print(text)
+  failed = sum(1 for r in runs if not r.result)
+  if failed:
+    raise SystemExit(f"error: {failed} of {len(runs)} runs failed; see "
+                     "results.md and the run.log files")
 
 
 if __name__ == "__main__":

@@ -1,25 +1,18 @@
 """The train loop: one jitted step, per-epoch evaluation, checkpoints, resume.
 
-:func:`run` trains ``config`` in ``workdir``. After every epoch: a line of
-``metrics.jsonl`` (epoch, step, phase, train_loss, test_accuracy, sparsity,
-lr, time) and an Orbax checkpoint (state, the phase's ``aux``, epoch, step,
-time); at the end ``sparsity.md``, ``curves.png``, ``final_params.npz``,
+:func:`run` trains ``config`` in ``workdir``: after every epoch a line of
+``metrics.jsonl`` and an Orbax checkpoint (state, the phase's ``aux``, epoch,
+step, time); at the end ``sparsity.md``, ``curves.png``, ``final_params.npz``,
 ``final.json`` and the line ``final test_accuracy=<float> sparsity=<float>``.
 
-Faults end the run with one line (:class:`RunError`, :class:`ConfigError`),
-not a traceback: a non-finite loss (checked on each epoch's fetched losses,
-naming the step; that epoch is not saved), a full disk (earlier checkpoints
-stay intact), an unwritable workdir, a workdir another live run holds (an
-exclusive ``flock`` on ``<workdir>/.lock``, released by the kernel when the
-holder dies). A checkpoint that does not restore is moved to
-``checkpoints.bad/`` with a warning, and the run resumes from an older one.
-
-Resume: the checkpoint holds everything that changes (the optimizer state,
-masks and noise key included, restored into ``tx.init(params)``'s
-structure) and the data order depends only on ``(seed, epoch)``, so a run
-killed anywhere and resumed ends with the same bits. Phases (e.g.
-Hoyer-Square's fine-tuning) are a function of the epoch; a phase switch is
-re-run from the previous phase's last checkpoint.
+Faults end the run with one line (:class:`RunError`, :class:`ConfigError`):
+a non-finite loss (that epoch is not saved), a full disk (earlier checkpoints
+stay intact), an unwritable workdir, a workdir another live run holds (a
+``flock`` on ``<workdir>/.lock``). A checkpoint that does not restore is moved
+to ``checkpoints.bad/`` and the run resumes from an older one. The checkpoint
+holds everything that changes and the data order depends only on ``(seed,
+epoch)``, so a run killed anywhere and resumed ends with the same bits; a
+phase switch is re-run from the previous phase's last checkpoint.
 """
 
 from __future__ import annotations
@@ -28,6 +21,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -45,8 +39,8 @@ from ml_collections import config_dict
 
 import flipout_jax as fj
 from experiments import data as data_lib
-from flipout_jax import models as models_lib
 from experiments import recipe
+from flipout_jax import models as models_lib
 
 ConfigError = recipe.ConfigError
 ConfigDict = config_dict.ConfigDict
@@ -60,17 +54,12 @@ CHECKPOINT_DIR = "checkpoints"
 BAD_CHECKPOINT_DIR = "checkpoints.bad"
 LOCK_FILE = ".lock"
 RUN_FILES = ("metrics.jsonl", "final.json", "sparsity.md", "curves.png",
-             "report.json",
-             "final_params.npz", "config.json")
+             "report.json", "final_params.npz", "config.json")
 MAX_TO_KEEP = 2
 
 
-# --- Config validation ------------------------------------------------------------
-
-
 def validate(config: ConfigDict) -> list[recipe.Phase]:
-  """Resolves and builds ``config`` without data (1,000 nominal steps per
-  epoch; built again with the real ones); raises ConfigError."""
+  """Builds ``config`` at 1,000 nominal steps per epoch; raises ConfigError."""
   ints = {"seed": 0, "batch_size": 1, "eval_batch_size": 1, "num_epochs": 1}
   missing = [k for k in ("method", "model", "width", "dataset", *ints)
              if k not in config]
@@ -83,21 +72,16 @@ def validate(config: ConfigDict) -> list[recipe.Phase]:
                         f"{', '.join(valid)}")
   try:
     models_lib.check_width(config.width)
+    for key, low in ints.items():
+      fj.validate.integer(config[key], key, low=low)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  for key, low in ints.items():
-    v = config[key]
-    if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
-      raise ConfigError(f"{key}: got {v!r}; must be an int >= {low}")
   spec = recipe.resolve(config_json(config))
   phases = recipe.phases(spec, 1000)
   for phase in phases:
     if phase.make_tx is not None and phase.enter is None:
       phase.make_tx(None)
   return phases
-
-
-# --- State ----------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -125,13 +109,8 @@ class _Setup:
 
   def template_aux(self, j: int):
     """An ``aux`` with phase ``j``'s structure (from the initial params)."""
-    phase = self.phases[j]
-    if phase.enter is None:
-      return None
-    prev = None
-    if j > 0:
-      prev = self.phases[j - 1].make_tx(self.template_aux(j - 1)).init(self.params0)
-    return phase.enter(self.params0, prev)[1]
+    enter = self.phases[j].enter
+    return None if enter is None else enter(self.params0)[1]
 
 
 def load_variables(workdir: str, template) -> dict[str, Any]:
@@ -141,20 +120,17 @@ def load_variables(workdir: str, template) -> dict[str, Any]:
     raise ConfigError(f"init_from: {workdir} holds no finished run (no "
                       "final.json); finish it first (experiments.main --resume)")
   saved = load_final_params(workdir)
-  out = {}
-  for collection, tree in template.items():
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    leaves = []
-    for path, leaf in flat:
-      key = f"{collection}/{fj.trees.path_str(path)}"
-      if key not in saved or saved[key].shape != leaf.shape:
-        raise ConfigError(
-            f"init_from: {workdir}/final_params.npz does not match the model: "
-            f"{key} is {saved[key].shape if key in saved else 'missing'}, "
-            f"expected {leaf.shape}")
-      leaves.append(jnp.asarray(saved[key], leaf.dtype))
-    out[collection] = jax.tree_util.tree_unflatten(treedef, leaves)
-  return out
+
+  def load(collection, path, leaf):
+    key = f"{collection}/{fj.trees.path_str(path)}"
+    if key not in saved or saved[key].shape != leaf.shape:
+      raise ConfigError(
+          f"init_from: {workdir}/final_params.npz does not match the model: "
+          f"{key} is {saved[key].shape if key in saved else 'missing'}, "
+          f"expected {leaf.shape}")
+    return jnp.asarray(saved[key], leaf.dtype)
+  return {c: jax.tree_util.tree_map_with_path(functools.partial(load, c), tree)
+          for c, tree in template.items()}
 
 
 def _setup(config: ConfigDict) -> _Setup:
@@ -189,9 +165,6 @@ def _setup(config: ConfigDict) -> _Setup:
   except (ValueError, data_lib.DatasetNotPreparedError) as e:
     raise ConfigError(recipe.one_line(e)) from None
   return setup
-
-
-# --- Steps ----------------------------------------------------------------------------
 
 
 def _logits(model, has_bn, params, batch_stats, images, train):
@@ -264,17 +237,7 @@ def evaluate(setup: _Setup, eval_step, params, batch_stats) -> float:
 
 def masks_of(opt_state):
   """The masks of a flipout_jax state, or None for a plain optimizer."""
-  if fj.core.find_prune_states(opt_state):
-    return fj.get_masks(opt_state)
-  return None
-
-
-def sparsity_of(params, opt_state) -> float:
-  """Global sparsity: from the masks if the optimizer prunes, else zeros."""
-  return fj.sparsity_report(params, masks_of(opt_state)).sparsity
-
-
-# --- Checkpoints -----------------------------------------------------------------------
+  return fj.get_masks(opt_state) if fj.core.find_prune_states(opt_state) else None
 
 
 def _flat(prefix: str, tree) -> dict[str, Any]:
@@ -288,9 +251,7 @@ def _unflat(prefix: str, template, restored: dict[str, Any]):
 
 
 def _checkpoint_item(state, aux, meta: dict[str, Any]) -> dict[str, Any]:
-  item = {**_flat("s", state), **_flat("a", aux)}
-  item.update(meta)
-  return item
+  return {**_flat("s", state), **_flat("a", aux), **meta}
 
 
 def _manager(workdir: str) -> ocp.CheckpointManager:
@@ -300,30 +261,26 @@ def _manager(workdir: str) -> ocp.CheckpointManager:
                                            cleanup_tmp_directories=True))
 
 
-# --- Files --------------------------------------------------------------------------------
-
-
 def _atomic_write(path: str, text: str) -> None:
   tmp = path + ".tmp"
-  with open(path + ".tmp", "w") as f:
+  with open(tmp, "w") as f:
     f.write(text)
   os.replace(tmp, path)
 
 
 def lock_workdir(workdir: str):
   """Creates ``workdir`` and takes its lock (an exclusive ``flock`` on
-  ``.lock``, which then holds our pid): the run's first write. Close the
-  returned file to release it. ConfigError (one line, before any setup):
-  not writable, or a live process holds the lock (naming its pid)."""
-  path = os.path.join(workdir, LOCK_FILE)
+  ``.lock``, then holding our pid); close the returned file to release it.
+  ConfigError: not writable, or a live process holds it (naming its pid)."""
+  f = None
   try:
     os.makedirs(workdir, exist_ok=True)
-    f = open(path, "a+")  # pylint: disable=consider-using-with
-  except OSError as e:
-    raise ConfigError(f"workdir: cannot write to {workdir}: "
-                      f"{e.strerror or e}") from None
-  try:
+    f = open(os.path.join(workdir, LOCK_FILE), "a+")  # pylint: disable=consider-using-with
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
   except BlockingIOError:
     f.seek(0)
     holder = f.read().strip() or "unknown"
@@ -331,21 +288,17 @@ def lock_workdir(workdir: str):
     raise ConfigError(
         f"workdir: {workdir} is in use by another run (pid {holder}); wait "
         "for it to end, stop it, or use another --workdir") from None
-  try:
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
   except OSError as e:
-    f.close()
+    if f is not None:
+      f.close()
     raise ConfigError(f"workdir: cannot write to {workdir}: "
                       f"{e.strerror or e}") from None
   return f
 
 
 def is_no_space(e: BaseException) -> bool:
-  """Whether ``e`` or an exception it came from is a full disk (ENOSPC):
-  checkpoint libraries re-raise I/O errors as their own types."""
+  """Whether ``e`` or an exception it came from (re-raised by Orbax as its
+  own type) is a full disk (ENOSPC)."""
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
@@ -358,8 +311,7 @@ def is_no_space(e: BaseException) -> bool:
 
 
 class _QuietNoSpace(logging.Filter):
-  """Drops the full-disk tracebacks Orbax's background saves log; :func:`run`
-  says it in one line."""
+  """Drops the full-disk tracebacks Orbax's background saves log."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not (record.exc_info and is_no_space(record.exc_info[1]))
@@ -375,13 +327,10 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The parseable lines of ``metrics.jsonl`` (a killed run may leave half a line)."""
   path = os.path.join(workdir, "metrics.jsonl")
   rows = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError:
-          pass
+  with contextlib.suppress(FileNotFoundError), open(path) as f:
+    for line in f:
+      with contextlib.suppress(json.JSONDecodeError):
+        rows.append(json.loads(line))
   return rows
 
 
@@ -444,9 +393,8 @@ def _check_workdir(config: ConfigDict, workdir: str, resume: bool,
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-  """The fields in which the runs of two configs (as :func:`config_json`)
-  differ: only those a run uses (``recipe.same_run``); a config recorded in
-  the shape before ``method_kw`` is upgraded first (``experiments.legacy``)."""
+  """The fields a run uses in which two configs (as :func:`config_json`)
+  differ (``recipe.same_run``: old-shape configs upgraded first)."""
   try:
     return recipe.same_run(old, new)
   except ConfigError as e:  # Not a config of a run this harness makes.
@@ -468,48 +416,17 @@ def check_same_config(config: ConfigDict, workdir: str) -> None:
         "--workdir")
 
 
-# --- The loop ---------------------------------------------------------------------------
-
-
-def _say(bar, text: str) -> None:
-  if bar is not None and not bar.disable:
-    bar.write(text)
-  else:
-    print(text, flush=True)
-
-
-def _warn(text: str) -> None:
-  print(f"warning: {text}", file=sys.stderr, flush=True)
-
-
-def _report_finished(config: ConfigDict, workdir: str) -> dict[str, Any]:
-  """The result of a finished run of ``config`` in ``workdir``, printed."""
-  check_same_config(config, workdir)
-  with open(os.path.join(workdir, "final.json")) as f:
-    result = json.load(f)
-  print(f"{workdir}: finished before (final.json); skipped.", flush=True)
-  print(final_line(result), flush=True)
-  return result
-
-
 def run(config: ConfigDict, workdir: str, *, resume: bool = False,
         overwrite: bool = False, progress: bool = True,
         stop_after_epochs: int | None = None) -> dict[str, Any] | None:
-  """Trains ``config`` (``experiments/configs/_base.py``) in ``workdir``;
-  returns the final result (at once for a finished run of the same config,
-  unless ``overwrite``).
+  """Trains ``config`` in ``workdir``; returns the final result (at once for
+  a finished run of the same config, unless ``overwrite``: delete it first).
 
-  Args:
-    resume: continue from the newest checkpoint that restores (from scratch,
-      saying so, if there is none).
-    overwrite: delete a previous run in ``workdir`` first.
-    progress: a tqdm bar (on a terminal).
-    stop_after_epochs: stop, returning None, once this many epochs are done,
-      as if killed after the checkpoint (tests, time-sliced jobs).
-
-  Raises:
-    ConfigError: a bad config or workdir, or both ``resume`` and ``overwrite``.
-    RunError: a non-finite training loss, or no space left in ``workdir``.
+  ``resume``: from the newest checkpoint that restores (from scratch, saying
+  so, if none); ``progress``: a tqdm bar on a terminal; ``stop_after_epochs``:
+  return None once this many epochs are done, as if killed (tests, jobs).
+  Raises ConfigError (bad config or workdir, both resume and overwrite) or
+  RunError (non-finite loss, no space left).
   """
   t_start = time.time()
   if resume and overwrite:
@@ -518,7 +435,12 @@ def run(config: ConfigDict, workdir: str, *, resume: bool = False,
                       "it and starts over)")
   validate(config)
   if not overwrite and os.path.exists(os.path.join(workdir, "final.json")):
-    return _report_finished(config, workdir)
+    check_same_config(config, workdir)
+    with open(os.path.join(workdir, "final.json")) as f:
+      result = json.load(f)
+    print(f"{workdir}: finished before (final.json); skipped.", flush=True)
+    print(final_line(result), flush=True)
+    return result
   lock = lock_workdir(workdir)
   quiet = _QuietNoSpace()
   logging.getLogger().addFilter(quiet)
@@ -548,9 +470,8 @@ def _restore(setup: _Setup, mgr, step: int):
   template_aux = setup.template_aux(ckpt_phase)
   state = {"params": setup.params0, "batch_stats": setup.batch_stats0}
   template = dict(state, opt_state=phase.make_tx(template_aux).init(setup.params0))
-  meta = {"epoch": 0, "step": 0, "elapsed": 0.0}
-  restored = mgr.restore(step, args=ocp.args.StandardRestore(
-      _checkpoint_item(template, template_aux, meta)))
+  restored = mgr.restore(step, args=ocp.args.StandardRestore(_checkpoint_item(
+      template, template_aux, {"epoch": 0, "step": 0, "elapsed": 0.0})))
   # Restored arrays come back committed to a device; fresh uncommitted
   # copies keep the jitted steps' cache keys (same program either way).
   restored = {k: jnp.asarray(np.asarray(v)) if isinstance(v, jax.Array) else v
@@ -572,8 +493,9 @@ def _restore_newest(setup: _Setup, workdir: str):
       break
     except Exception as e:  # pylint: disable=broad-except
       path = os.path.join(workdir, CHECKPOINT_DIR, str(step))
-      _warn(f"checkpoint {path} does not restore ({recipe.one_line(e)[:300]}); "
-            f"moved to {BAD_CHECKPOINT_DIR}/, trying an older one")
+      print(f"warning: checkpoint {path} does not restore "
+            f"({recipe.one_line(e)[:300]}); moved to {BAD_CHECKPOINT_DIR}/, "
+            "trying an older one", file=sys.stderr, flush=True)
       bad.append(step)
   if bad:
     mgr.close()
@@ -641,7 +563,7 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
       if j > ckpt_phase:  # A fresh start of phase j.
         aux = None
         if phase.enter is not None:
-          params, aux = phase.enter(state["params"], state["opt_state"])
+          params, aux = phase.enter(state["params"])
           state = dict(state, params=params)
         tx = phase.make_tx(aux)
         state = dict(state, opt_state=tx.init(state["params"]))
@@ -669,16 +591,14 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
         completed = epoch + 1
         accuracy = evaluate(setup, eval_step, state["params"], state["batch_stats"])
         row = {
-            "epoch": completed,
-            "step": completed * spe,
-            "phase": phase.name,
+            "epoch": completed, "step": completed * spe, "phase": phase.name,
             # The float32 running sum, in step order.
             "train_loss": float(np.cumsum(losses, dtype=np.float32)[-1]) / spe,
             "test_accuracy": accuracy,
-            "sparsity": sparsity_of(state["params"], state["opt_state"]),
+            "sparsity": fj.sparsity_report(
+                state["params"], masks_of(state["opt_state"])).sparsity,
             "lr": float(phase.learning_rate((completed - start) * spe - 1)),
-            "time": round(elapsed0 + time.time() - t_start, 3),
-        }
+            "time": round(elapsed0 + time.time() - t_start, 3)}
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
         mgr.save(completed, args=ocp.args.StandardSave(_checkpoint_item(
@@ -687,10 +607,10 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{accuracy:.4f}",
                         sparsity=f"{row['sparsity']:.4f}")
         if bar.disable:
-          _say(bar, f"epoch {completed}/{total_epochs} [{phase.name}] "
-               f"loss {row['train_loss']:.4f} test_accuracy {accuracy:.4f} "
-               f"sparsity {row['sparsity']:.4f} lr {row['lr']:.3g} "
-               f"({row['time']:.1f}s)")
+          print(f"epoch {completed}/{total_epochs} [{phase.name}] "
+                f"loss {row['train_loss']:.4f} test_accuracy {accuracy:.4f} "
+                f"sparsity {row['sparsity']:.4f} lr {row['lr']:.3g} "
+                f"({row['time']:.1f}s)", flush=True)
         if stop_after_epochs is not None and completed >= stop_after_epochs:
           mgr.wait_until_finished()
           failed = False
@@ -725,29 +645,19 @@ def _finish(setup: _Setup, workdir: str, state, completed: int,
           f"test accuracy {100 * accuracy:.2f}%.\n\n{report}\n")
   print(report, flush=True)
   _atomic_write(os.path.join(workdir, "sparsity.md"), text)
-  flat = {f"params/{p}": np.asarray(x)
-          for p, x in fj.trees.leaves_with_paths(params)}
-  flat.update({f"batch_stats/{p}": np.asarray(x)
-               for p, x in fj.trees.leaves_with_paths(state["batch_stats"])})
+  flat = {f"{c}/{p}": np.asarray(x) for c in ("params", "batch_stats")
+          for p, x in fj.trees.leaves_with_paths(state[c])}
   np.savez(os.path.join(workdir, "final_params.npz"), **flat)
   plot_curves(workdir, f"{config.method}: {config.model} on {config.dataset}, "
               f"seed {config.seed}")
   result = {
-      "test_accuracy": accuracy,
-      "sparsity": report.sparsity,
-      "zero_fraction": zeros.sparsity,
-      "prunable_weights": report.size,
-      "pruned_weights": report.zeros,
-      "layers": report.as_dict(),
-      "epochs": completed,
-      "steps": completed * setup.steps_per_epoch,
-      "method": config.method,
-      "model": config.model,
-      "dataset": config.dataset,
-      "seed": config.seed,
-      "time": round(elapsed, 3),
-      "config": config_json(config),
-  }
+      "test_accuracy": accuracy, "sparsity": report.sparsity,
+      "zero_fraction": zeros.sparsity, "prunable_weights": report.size,
+      "pruned_weights": report.zeros, "layers": report.as_dict(),
+      "epochs": completed, "steps": completed * setup.steps_per_epoch,
+      "method": config.method, "model": config.model,
+      "dataset": config.dataset, "seed": config.seed,
+      "time": round(elapsed, 3), "config": config_json(config)}
   _atomic_write(os.path.join(workdir, "final.json"),
                 json.dumps(result, indent=2, sort_keys=True))
   print(final_line(result), flush=True)

@@ -1,8 +1,5 @@
-"""FlipOut on LeNet-5 on the embedded `mnist_5k` (CPU scale).
-
-Same recipe as the LeNet-300-100 main job: 80 epochs, an event every 9 epochs,
-8 halvings to 99.61 % sparsity. LeNet-5 has 61,706 parameters (60,850 prunable).
-"""
+"""`flipout_lenet300100_mnist5k.py` on LeNet-5 (61,706 parameters, 60,850
+prunable): 80 epochs, an event every 9 epochs, 8 halvings to 99.61 %."""
 
 from experiments.configs import _base
 

@@ -1,10 +1,6 @@
-"""ST-3 / ST-3σ on LeNet-5, mnist_5k (CPU scale, issue 4).
-
-As `st3_lenet300100_mnist5k.py` but LeNet-5 for 12 epochs (a LeNet-5 step
-costs ~10x a LeNet-300-100 step): SGD lr 0.05 momentum 0.9 weight decay 5e-4,
-cosine lr; the cubic ramp from epoch 0.375 to 6 (the reference's 5 → 80 of
-160); the last epoch fine-tunes under the frozen mask. Sparsity: `target`
-(75, 93.75, 98.44, 99.61, 99.9 %) or `sparsity`.
+"""`st3_lenet300100_mnist5k.py` on LeNet-5 for 12 epochs (a step costs ~10x),
+cosine lr; the ramp from epoch 0.375 to 6 (5 → 80 of 160); the last epoch
+fine-tunes under the frozen mask.
 
     python -m experiments.sweep --config experiments/configs/st3_lenet5_mnist5k.py \
         --grid method=st3,st3_sigma --grid target=75,93.75,98.44,99.61 \
