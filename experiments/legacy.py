@@ -1,9 +1,6 @@
-"""Configs recorded before ``method_kw`` (flat ``st3_*``, ``dst_*`` fields),
-upgraded to the current shape, so that finished runs of the committed
-results tables are still recognised by :func:`experiments.recipe.same_run`
-(a sweep skips them; ``--resume`` accepts them). Only for reading old
-``config.json`` / ``final.json`` files: new configs are written in the
-current shape.
+"""Configs recorded before ``method_kw`` (flat ``st3_*``, ``dst_*`` fields) in
+the current shape, so that :func:`experiments.recipe.same_run` recognises the
+committed tables' finished runs (a sweep skips them, ``--resume`` accepts them).
 """
 
 from __future__ import annotations

@@ -6,12 +6,10 @@ r"""Train one config: `python -m experiments.main [--config path.py] [--config.k
         --config.target=99.61 --workdir runs/vgg19_99.61
     python -m experiments.main --resume              # continue (or skip) a run
 
-Writes the run's files into --workdir (default runs/<config name>/seed<seed>;
-see experiments.train) and ends with `final test_accuracy=<float>
-sparsity=<float>`, printed at once from final.json for a finished workdir.
-An unfinished one needs --resume (or --overwrite, not both). A bad flag or
-config value, an unwritable or busy workdir, a non-finite loss or a full disk
-stops with a one-line `error: ...` on stderr (exit status 1).
+Writes the run into --workdir (default runs/<config name>/seed<seed>) and ends
+with `final test_accuracy=<float> sparsity=<float>` (at once for a finished
+workdir; an unfinished one needs --resume or --overwrite). Errors (a bad flag or
+value, a busy workdir, a non-finite loss, a full disk): one `error: ...` line.
 """
 
 from __future__ import annotations
@@ -36,12 +34,11 @@ def _define_main_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("workdir", None, "Run directory (default "
                       "runs/<config name>/seed<seed>).", flag_values=fv)
   flags.DEFINE_bool("resume", False, "Continue from the newest checkpoint in "
-                    "--workdir that restores (or start fresh if there is "
-                    "none).", flag_values=fv)
+                    "--workdir that restores (or start fresh).", flag_values=fv)
   flags.DEFINE_bool("overwrite", False, "Delete a previous run in --workdir "
                     "and start over.", flag_values=fv)
-  flags.DEFINE_bool("progress", True, "Show a progress bar (only when stderr "
-                    "is a terminal).", flag_values=fv)
+  flags.DEFINE_bool("progress", True, "A progress bar (when stderr is a "
+                    "terminal).", flag_values=fv)
 
 
 def _aliased(argv: Sequence[str], config) -> list[str]:
@@ -73,25 +70,23 @@ def parse_flags(argv: Sequence[str],
   argv = list(argv)
   overrides = [a for a in argv if re.match(r"^--?(no)?config\.", a)]
 
-  def parse(args):
+  def parse(args, help_only=False):
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config", default_config, "Config file (get_config()); override its "
         "fields with --config.<field>=<value>.", flag_values=fv,
         sys_argv=args, lock_config=True)
     define(fv)
+    if help_only:  # Without loading the config.
+      print((doc or __doc__).strip() + "\n\n" + fv.get_help())
+      raise SystemExit(0)
     fv(args)
     fv["config"].value.keys()  # A config that failed to load raises here.
     return fv
 
   try:
     if any(a in HELP for a in argv[1:]):
-      fv = flags.FlagValues()
-      config_flags.DEFINE_config_file("config", default_config, "Config file "
-                                      "(get_config()).", flag_values=fv)
-      define(fv)
-      print((doc or __doc__).strip() + "\n\n" + fv.get_help())
-      raise SystemExit(0)
+      parse(argv, help_only=True)
     base = parse([a for a in argv if a not in overrides])
     config = base["config"].value
     argv = _aliased(argv, config)

@@ -1,17 +1,14 @@
 """A config's method: resolved by name, built into the phases of a run.
 
-:func:`resolve` turns a config (as JSON) into the run's *spec*: the method's
-name and exactly the keyword arguments it takes (epoch values in epochs), the
-optimizer and the run's fields; two configs with the same spec make the same
-run (:func:`same_run`: how a sweep skips finished runs). :func:`phases` builds
-a spec into :class:`Phase` s; the library checks every argument and its errors
-come back naming the config key.
-
-Methods are ``fj.registry`` names and the harness's ``HARNESS``: "dense" (the
-optimizer alone), "hoyer_square" (regulariser, then threshold and fine-tune
-under the fixed mask), and the post-training ``POST_TRAINING`` methods, the
-only phase of a run from a dense run's final params (``init_from``; BatchNorm
-recalibrated on the calibration set).
+:func:`resolve` turns a config (JSON) into the run's *spec*: the method's name,
+exactly the keyword arguments it takes (epoch values in epochs), the optimizer
+and the run's fields; the same spec is the same run (:func:`same_run`, how a
+sweep skips finished runs). :func:`phases` builds a spec into :class:`Phase` s;
+the library checks every argument, its errors naming the config key. Methods:
+``fj.registry`` names and ``HARNESS``: "dense" (the optimizer alone),
+"hoyer_square" (regulariser, then threshold and fine-tune under the fixed mask)
+and ``POST_TRAINING``, the only phase of a run from a dense run's final params
+(``init_from``; BatchNorm recalibrated on the calibration set).
 """
 
 from __future__ import annotations
@@ -140,8 +137,7 @@ def resolve(c: dict[str, Any]) -> dict[str, Any]:
       merged["sparsity"] = 1.0 - 0.5 ** n
   if "sparsity" in valid and merged.get("sparsity") is None:
     merged["sparsity"] = _structure_sparsity(merged.get("structure"))
-    if merged["sparsity"] is None and _events(merged, c["num_epochs"]):
-      n = _events(merged, c["num_epochs"])
+    if merged["sparsity"] is None and (n := _events(merged, c["num_epochs"])):
       merged["sparsity"] = 1.0 - (1.0 - merged.get("prune_rate", 0.5)) ** n
   if (valid.get("end_step") is REQUIRED and "end_epoch" not in merged
       and "end_step" not in merged and merged.get("every_epochs")

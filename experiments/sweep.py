@@ -6,17 +6,17 @@
 
 Every grid point × seed is a subprocess of ``experiments.main --resume`` in
 ``<out>/runs/<k1=v1>/<k2=v2>/.../seed<k>``: a finished run of the same config
-is skipped and a killed one continues, so a re-launched sweep only runs what
-is missing. The first grid key gives the rows of ``<out>/results.md`` (test
-accuracy, mean ± std over seeds), the second its columns; ``results.json``
-keeps every result, ``accuracy_vs_sparsity.png`` plots the rows. Other
-``--config.<field>=<value>`` arguments go to every run. On Linux the runs die
-with the sweep (``PR_SET_PDEATHSIG``).
+is skipped, a killed one continues. The first grid key gives the rows of
+``<out>/results.md`` (test accuracy, mean ± std over seeds), the second its
+columns; ``results.json`` keeps every result, ``accuracy_vs_sparsity.png``
+plots the rows. Other ``--config.<field>=<value>`` arguments go to every run.
+On Linux the runs die with the sweep (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -55,18 +55,11 @@ class Run:
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _libc_prctl():
-  """libc's ``prctl`` on Linux, else None (looked up here, not in the child)."""
-  if not sys.platform.startswith("linux"):
-    return None
-  try:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6",
-                       use_errno=True).prctl
-  except (OSError, AttributeError):
-    return None
-
-
-_PRCTL = _libc_prctl()
+_PRCTL = None  # libc's ``prctl`` on Linux, looked up here (not in the child).
+if sys.platform.startswith("linux"):
+  with contextlib.suppress(OSError, AttributeError):
+    _PRCTL = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6",
+                         use_errno=True).prctl
 
 
 def spawn(cmd: Sequence[str], **kwargs) -> subprocess.Popen:
@@ -235,8 +228,7 @@ def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("workers", 2, "Runs in parallel.", flag_values=fv)
   flags.DEFINE_string("out", None, "Output directory.", flag_values=fv)
   flags.DEFINE_string("title", None, "Title of results.md.", flag_values=fv)
-  flags.DEFINE_bool("dry_run", False, "Print the runs, run nothing.",
-                    flag_values=fv)
+  flags.DEFINE_bool("dry_run", False, "Print the runs, run nothing.", flag_values=fv)
 
 
 def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[str]]]:

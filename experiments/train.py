@@ -4,15 +4,12 @@
 ``metrics.jsonl`` and an Orbax checkpoint (state, the phase's ``aux``, epoch,
 step, time); at the end ``sparsity.md``, ``curves.png``, ``final_params.npz``,
 ``final.json`` and the line ``final test_accuracy=<float> sparsity=<float>``.
-
-Faults end the run with one line (:class:`RunError`, :class:`ConfigError`):
-a non-finite loss (that epoch is not saved), a full disk (earlier checkpoints
-stay intact), an unwritable workdir, a workdir another live run holds (a
-``flock`` on ``<workdir>/.lock``). A checkpoint that does not restore is moved
-to ``checkpoints.bad/`` and the run resumes from an older one. The checkpoint
-holds everything that changes and the data order depends only on ``(seed,
-epoch)``, so a run killed anywhere and resumed ends with the same bits; a
-phase switch is re-run from the previous phase's last checkpoint.
+Faults end it with one line (:class:`RunError`, :class:`ConfigError`): a
+non-finite loss (that epoch unsaved), a full disk (earlier checkpoints intact),
+an unwritable workdir or one a live run holds (``flock`` on ``.lock``). A
+checkpoint that does not restore goes to ``checkpoints.bad/``. Checkpoints hold
+all that changes and the data order depends only on ``(seed, epoch)``: a run
+killed anywhere and resumed ends with the same bits.
 """
 
 from __future__ import annotations
@@ -55,7 +52,6 @@ BAD_CHECKPOINT_DIR = "checkpoints.bad"
 LOCK_FILE = ".lock"
 RUN_FILES = ("metrics.jsonl", "final.json", "sparsity.md", "curves.png",
              "report.json", "final_params.npz", "config.json")
-MAX_TO_KEEP = 2
 
 
 def validate(config: ConfigDict) -> list[recipe.Phase]:
@@ -257,7 +253,7 @@ def _checkpoint_item(state, aux, meta: dict[str, Any]) -> dict[str, Any]:
 def _manager(workdir: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
-      options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=True,
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
                                            cleanup_tmp_directories=True))
 
 
@@ -302,9 +298,8 @@ def is_no_space(e: BaseException) -> bool:
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-      return True
-    if os.strerror(errno.ENOSPC) in str(e):
+    if ((isinstance(e, OSError) and e.errno == errno.ENOSPC)
+        or os.strerror(errno.ENOSPC) in str(e)):
       return True
     e = e.__cause__ or e.__context__
   return False
@@ -523,22 +518,17 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
   state = {"params": setup.params0, "batch_stats": setup.batch_stats0,
            "opt_state": None}
   completed, elapsed0, ckpt_phase, aux = 0, 0.0, -1, None
-  if resume:
-    mgr, latest, restored = _restore_newest(setup, workdir)
-  else:
-    mgr, latest = _manager(workdir), None
+  mgr, latest, restored = (_restore_newest(setup, workdir) if resume
+                           else (_manager(workdir), None, None))
   if latest is not None:
     completed = int(latest)
     ckpt_phase, state, aux, elapsed0 = restored
-    _truncate_metrics(workdir, completed)
     print(f"{workdir}: resumed after epoch {completed}/{total_epochs} "
           f"(phase {setup.phases[ckpt_phase].name}).", flush=True)
-  else:
-    if resume:
-      print(f"{workdir}: nothing to resume (no checkpoint); starting fresh.",
-            flush=True)
-    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-      _truncate_metrics(workdir, 0)
+  elif resume:
+    print(f"{workdir}: nothing to resume (no checkpoint); starting fresh.",
+          flush=True)
+  _truncate_metrics(workdir, completed)
 
   from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm.tqdm(total=total_epochs * spe, initial=completed * spe, unit="step",

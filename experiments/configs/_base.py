@@ -3,32 +3,29 @@
 A config names its method and passes its keyword arguments straight to it
 (big_vision style; override any field with ``--config.<field>=<value>``):
 
-  method       a name of ``fj.registry`` ("flipout", "st3", "rigl", ...), a
-               harness method ("dense", "hoyer_square", the post-training
-               methods, run from ``init_from``), or a key of ``presets``.
-  method_kw    its keyword arguments (a config shared by several methods holds
-               the union: each gets the keys it takes). ``<name>_epoch(s)`` is
-               in epochs, passed as ``<name>`` (or ``<name>_step``) in steps,
-               ⌊epochs·steps_per_epoch⌋. ``structure``: "2:4" (``fj.n_m``),
-               "2:4+skip" (incompatible layers stay dense), "units". ``seed``
-               defaults to the run's. ``sparsity`` None: 1 − (1 −
-               prune_rate)^N for the N events at start + k·prune_every <
-               num_epochs (the FlipOut paper's rule).
-  presets      name -> {"method": registry name, **method_kw overrides}: the
-               variants a sweep's ``--grid method=...`` names (``PRESETS``).
-  target       the FlipOut paper's sparsity in percent (75, 93.75, 98.44,
-               99.61, 99.9): every_epochs = the paper's × num_epochs / 350.
-  optimizer, optimizer_kw   ``optax.<optimizer>(lr, **optimizer_kw)`` after
-               coupled ``weight_decay``; ``lr_schedule`` "piecewise" (×
-               lr_decay_factor at each of lr_decay_epochs), "cosine" or
-               "constant"; ``grad_clip`` (global norm, before the method) and
-               ``sparse_init`` (``fj.sparse_init``) wrap the method.
-  hvp_temperature  logits / T of the ``loss_fn`` a method scores with (None:
-               200 for the θHg measure and GraSP, else 1).
-  init_from    the workdir of a finished run to start from (its final params).
-  calibration_size, calibration_labels  the post-training calibration set:
-               that many train images drawn by the seed, labelled "teacher"
-               (the model's argmax) or "true".
+* ``method``: a ``fj.registry`` name ("flipout", "st3", "rigl", ...), a harness
+  method ("dense", "hoyer_square", the post-training ones, from ``init_from``)
+  or a key of ``presets``.
+* ``method_kw``: its keyword arguments (a config shared by several methods holds
+  the union; each gets the keys it takes). ``<name>_epoch(s)`` is in epochs,
+  passed as ``<name>`` (or ``<name>_step``) in ⌊epochs·steps_per_epoch⌋ steps.
+  ``structure``: "2:4" (``fj.n_m``), "2:4+skip" (incompatible layers stay
+  dense), "units". ``seed`` defaults to the run's. ``sparsity`` None: 1 − (1 −
+  prune_rate)^N for the N events at start + k·prune_every < num_epochs.
+* ``presets``: name -> {"method": registry name, **method_kw overrides}, the
+  variants a sweep's ``--grid method=...`` names (``PRESETS``).
+* ``target``: the FlipOut paper's sparsity in percent (75, 93.75, 98.44, 99.61,
+  99.9): every_epochs = the paper's × num_epochs / 350.
+* ``optimizer``, ``optimizer_kw``: ``optax.<optimizer>(lr, **optimizer_kw)``
+  after coupled ``weight_decay``; ``lr_schedule`` "piecewise" (× lr_decay_factor
+  at each of lr_decay_epochs), "cosine" or "constant"; ``grad_clip`` (global
+  norm, before the method) and ``sparse_init`` (``fj.sparse_init``) wrap it.
+* ``hvp_temperature``: logits / T of the ``loss_fn`` a method scores with
+  (None: 200 for the θHg measure and GraSP, else 1).
+* ``init_from``: a finished run's workdir to start from (its final params);
+  ``calibration_size``, ``calibration_labels``: the post-training calibration
+  set, that many train images drawn by the seed, labelled "teacher" (the
+  model's argmax) or "true".
 """
 
 from ml_collections import config_dict

@@ -11,10 +11,7 @@ test accuracy at 99.61 % (dense: ~95 %).
     python -m experiments.main --config.sparsity=0.99      # 7 events, exactly 99 %
     python -m experiments.main --config.target=99.9        # the paper's schedule, scaled
 
-The FlipOut table's sweeps (``--grid method=flipout,global_magnitude,
-noisy_global_magnitude,random,snip --grid target=75,93.75,98.44,99.61,99.9``,
-Hoyer-Square's ``--grid presets.hoyer_square.strength=...``, ``--grid
-method=dense``) are in experiments/results/flipout_lenet300100_mnist5k/results.md.
+The FlipOut table's sweeps: experiments/results/flipout_lenet300100_mnist5k/results.md.
 """
 
 from experiments.configs import _base

@@ -1,23 +1,15 @@
 """UniPTS post-training sparsity of a dense LeNet-5 on the embedded `mnist_5k`.
 
 Two phases: the **dense teacher** (`method=dense`: 30 epochs of SGD, cosine lr
-from 0.05; ~98 %, about a minute on 2 CPU cores), then from its final params
+from 0.05; ~98 %, about a minute), then from its final params
 (`--config.init_from=<its workdir>`) "unipts" (search + sparse training with
 distillation, `fj.unipts.run`; `method_kw`: any `UniPTSConfig` field),
 "unipts_uniform" (P in every layer), "magnitude" (one-shot global |θ|) and
 "magnitude_uniform" (per layer), on 512 train images labelled by the teacher.
 `redistribute=True`: the paper's decoding loses the regrowth budget of layers
-clamped at sparsity 0 (LeNet-5's conv1), ending sparser than P;
-redistributing it makes the sparsity P, like-for-like with magnitude pruning.
-
-    python -m experiments.sweep --config experiments/configs/unipts_lenet5_mnist5k.py \
-        --grid method=dense --seeds 42,43,44 --workers 1 \
-        --out experiments/results/unipts_lenet5_mnist5k/dense
-    python -m experiments.sweep --config experiments/configs/unipts_lenet5_mnist5k.py \
-        --grid method=magnitude,magnitude_uniform,unipts_uniform,unipts \
-        --grid sparsity=0.9,0.95 --seeds 42,43,44 --workers 1 \
-        --config.init_from=experiments/results/unipts_lenet5_mnist5k/dense/runs/method=dense/seed{seed} \
-        --out experiments/results/unipts_lenet5_mnist5k
+clamped at sparsity 0 (LeNet-5's conv1), ending sparser than P; redistributed,
+the sparsity is P. The tables' commands:
+experiments/results/unipts_lenet5_mnist5k/{dense/,}results.md.
 """
 
 from experiments.configs import _base
