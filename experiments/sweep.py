@@ -4,13 +4,12 @@
         --grid method=dst_ee,rigl,set,static_random --grid sparsity=0.9,0.95,0.98 \
         --seeds 42,43,44 --workers 2 --out experiments/results/dst_lenet300100
 
-Every grid point × seed is a subprocess of ``experiments.main --resume`` in
-``<out>/runs/<k1=v1>/<k2=v2>/.../seed<k>``: a finished run of the same config
-is skipped, a killed one continues. The first grid key gives the rows of
-``<out>/results.md`` (test accuracy, mean ± std over seeds), the second its
-columns; ``results.json`` keeps every result, ``accuracy_vs_sparsity.png``
-plots the rows. Other ``--config.<field>=<value>`` arguments go to every run.
-On Linux the runs die with the sweep (``PR_SET_PDEATHSIG``).
+Each grid point × seed: ``experiments.main --resume`` in a subprocess (dying with
+the sweep on Linux), in ``<out>/runs/<k1=v1>/.../seed<k>``; a finished run of the
+same config is skipped. The first grid key gives the rows of ``results.md``
+(test accuracy, mean ± std over seeds), the second its columns; ``results.json``
+keeps every result, ``accuracy_vs_sparsity.png`` plots the rows. Other
+``--config.<field>=<value>`` arguments go to every run.
 """
 
 from __future__ import annotations
@@ -32,6 +31,8 @@ from typing import Any, Sequence
 
 from absl import flags
 from ml_collections import config_flags
+
+from experiments import main as main_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,9 +64,8 @@ if sys.platform.startswith("linux"):
 
 
 def spawn(cmd: Sequence[str], **kwargs) -> subprocess.Popen:
-  """``subprocess.Popen(cmd, **kwargs)`` whose child gets SIGTERM when this
-  process dies (Linux; elsewhere it outlives a killed sweep). The child checks
-  ``getppid`` after ``prctl``: a parent dead before ``prctl`` signals nothing."""
+  """``subprocess.Popen`` whose child gets SIGTERM when this process dies
+  (Linux), checking ``getppid`` after ``prctl`` (a parent dead before it)."""
   if _PRCTL is not None:
     parent = os.getpid()
 
@@ -89,9 +89,8 @@ def run_one(run: Run, config_path: str, forwarded: Sequence[str]) -> Run:
   if os.path.exists(final):
     with open(final) as f:
       result = json.load(f)
-    # Skip only a run of the same config (fields added since, at their
-    # defaults, do not count); otherwise experiments.main refuses to resume
-    # it, and the run is reported as failed.
+    # Only a run of the same config is skipped; experiments.main refuses to
+    # resume another, and the run is reported as failed.
     from experiments import train  # pylint: disable=g-import-not-at-top
     if run.config is None or not train.config_diff(result.get("config", {}),
                                                    run.config):
@@ -119,7 +118,6 @@ def run_one(run: Run, config_path: str, forwarded: Sequence[str]) -> Run:
 def validate_runs(runs: Sequence[Run], config_path: str,
                   forwarded: Sequence[str]) -> None:
   """Builds and validates every run's config here, failing fast on a bad one."""
-  from experiments import main as main_lib  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top
   for r in runs:
     argv = ["sweep", f"--config={config_path}",
@@ -171,8 +169,7 @@ def table(runs: Sequence[Run], rows: Sequence[str], cols: Sequence[str],
           key: str = "test_accuracy", row_label: str = "method") -> str:
   """A Markdown table of ``result[key]`` (mean ± std over seeds) by
   ``run.method`` × ``run.tag``; marks cells where not every seed finished."""
-  lines = [f"| {row_label} | " + " | ".join(cols) + " |",
-           "|---|" + "---:|" * len(cols)]
+  lines = [f"| {row_label} | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
   for row in rows:
     cells = []
     for col in cols:
@@ -207,11 +204,9 @@ def plot(runs: Sequence[Run], rows: Sequence[str], path: str,
     if points:
       x, y, err = zip(*sorted(points))
       ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=row)
-  ax.set_xscale("log")
+  ax.set(xscale="log", xlabel="fraction of weights left (1 − sparsity), log scale",
+         ylabel="test accuracy (%)", title=title)
   ax.invert_xaxis()
-  ax.set_xlabel("fraction of weights left (1 − sparsity), log scale")
-  ax.set_ylabel("test accuracy (%)")
-  ax.set_title(title)
   ax.grid(alpha=0.3, which="both")
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=8)
@@ -279,7 +274,6 @@ def forwarded_overrides(argv: Sequence[str], swept) -> list[str]:
 
 
 def main(argv=None) -> None:
-  from experiments import main as main_lib  # pylint: disable=g-import-not-at-top
   argv = list(sys.argv if argv is None else argv)
   fv = main_lib.parse_flags(argv, _define_flags, main_lib.DEFAULT_CONFIG, __doc__)
   config_path = config_flags.get_config_filename(fv["config"])

@@ -1,15 +1,13 @@
 """The train loop: one jitted step, per-epoch evaluation, checkpoints, resume.
 
-:func:`run` trains ``config`` in ``workdir``: after every epoch a line of
-``metrics.jsonl`` and an Orbax checkpoint (state, the phase's ``aux``, epoch,
-step, time); at the end ``sparsity.md``, ``curves.png``, ``final_params.npz``,
+:func:`run` writes into ``workdir`` a ``metrics.jsonl`` line and an Orbax
+checkpoint per epoch, then ``sparsity.md``, ``curves.png``, ``final_params.npz``,
 ``final.json`` and the line ``final test_accuracy=<float> sparsity=<float>``.
-Faults end it with one line (:class:`RunError`, :class:`ConfigError`): a
-non-finite loss (that epoch unsaved), a full disk (earlier checkpoints intact),
-an unwritable workdir or one a live run holds (``flock`` on ``.lock``). A
-checkpoint that does not restore goes to ``checkpoints.bad/``. Checkpoints hold
-all that changes and the data order depends only on ``(seed, epoch)``: a run
-killed anywhere and resumed ends with the same bits.
+Faults (:class:`RunError`, :class:`ConfigError`) are one line: a non-finite loss
+(that epoch unsaved), a full disk, an unwritable workdir or one a live run holds
+(``flock`` on ``.lock``); a checkpoint that does not restore goes to
+``checkpoints.bad/``. Checkpoints hold all that changes and the data order
+depends only on ``(seed, epoch)``: a run killed and resumed ends with the same bits.
 """
 
 from __future__ import annotations
@@ -61,7 +59,7 @@ def validate(config: ConfigDict) -> list[recipe.Phase]:
              if k not in config]
   if missing:
     raise ConfigError(f"config: missing fields {', '.join(missing)}")
-  for key, valid in (("model", models_lib.MODEL_NAMES),
+  for key, valid in (("model", models_lib.MODEL_NAMES + models_lib.GPT_NAMES),
                      ("dataset", data_lib.DATASETS)):
     if config[key] not in valid:
       raise ConfigError(f"{key}: unknown {key} {config[key]!r}; valid: "
@@ -91,6 +89,7 @@ class _Setup:
   starts: list[int]  # first global epoch of each phase
   params0: Any
   batch_stats0: Any
+  eval_step: Any
 
   @property
   def total_epochs(self) -> int:
@@ -98,10 +97,8 @@ class _Setup:
 
   def phase_of_epoch(self, epoch: int) -> int:
     """The phase that trains global epoch ``epoch`` (phases with epochs)."""
-    for j in reversed(range(len(self.phases))):
-      if self.phases[j].num_epochs and self.starts[j] <= epoch:
-        return j
-    raise AssertionError(epoch)
+    return max(j for j, p in enumerate(self.phases)
+               if p.num_epochs and self.starts[j] <= epoch)
 
   def template_aux(self, j: int):
     """An ``aux`` with phase ``j``'s structure (from the initial params)."""
@@ -110,8 +107,7 @@ class _Setup:
 
 
 def load_variables(workdir: str, template) -> dict[str, Any]:
-  """The final variables of the finished run in ``workdir``, in the structure
-  of ``template`` (``{"params": ..., "batch_stats": ...}``)."""
+  """The finished run in ``workdir``'s final variables, shaped as ``template``."""
   if not os.path.exists(os.path.join(workdir, "final.json")):
     raise ConfigError(f"init_from: {workdir} holds no finished run (no "
                       "final.json); finish it first (experiments.main --resume)")
@@ -130,29 +126,40 @@ def load_variables(workdir: str, template) -> dict[str, Any]:
 
 
 def _setup(config: ConfigDict) -> _Setup:
-  validate(config)
+  """The data, model, phases and initial variables of a validated ``config``."""
   try:
-    ds = data_lib.load(config.dataset, data_dir=config.data_dir)
+    ds = data_lib.load(config.dataset, data_dir=config.data_dir,
+                       **dict(config.get("data_kw") or {}))
     spe = data_lib.steps_per_epoch(ds, config.batch_size)
     if config.augment and not ds.augment:
       raise ConfigError(f"augment: {config.dataset} has no augmentation (CIFAR "
                         "data sets only); set augment=None or False")
-    model = models_lib.get_model(config.model, num_classes=ds.train.num_classes,
-                                 width=config.width)
+    is_gpt = config.model in models_lib.GPT_NAMES
+    if is_gpt != isinstance(ds.train, data_lib.TextSplit):
+      raise ConfigError(f"model: {config.model} does not take {config.dataset}'s"
+                        " inputs (GPT models: text data sets; others: images)")
+    if is_gpt:  # The data's vocabulary and window; model_kw the rest.
+      model = models_lib.get_gpt(config.model, vocab_size=ds.train.num_classes,
+                                 max_len=ds.train.seq_len, **config.get("model_kw", {}))
+    else:
+      model = models_lib.get_model(
+          config.model, num_classes=ds.train.num_classes, width=config.width)
     phases = recipe.phases(recipe.resolve(config_json(config)), spe)
     starts = list(np.cumsum([0] + [p.num_epochs for p in phases[:-1]]).tolist())
-    dummy = jnp.zeros((1, *ds.train.image_shape), jnp.float32)
+    has_bn = not is_gpt and models_lib.uses_batchnorm(config.model)
     # Jitted: eager init compiles every op of a deep model one by one.
-    init = _cached(("init", config.model, config.width, config.dataset),
-                   lambda: jax.jit(lambda r, x: model.init(r, x, train=False)))
+    init, eval_step = _cached(
+        (config.model, config.width, config.dataset, str(config.get("model_kw")),
+         str(config.get("data_kw"))),
+        lambda: (jax.jit(lambda r, x: model.init(r, x, train=False)),
+                 _make_eval_step(model, has_bn)))
+    dummy = jnp.zeros_like(ds.train.read(np.arange(1))[0])
     variables = dict(init(jax.random.PRNGKey(config.seed), dummy))
     if config.init_from:
       variables = load_variables(config.init_from, variables)
-    setup = _Setup(config, ds, model, models_lib.uses_batchnorm(config.model),
-                   spe, phases, starts, variables["params"],
-                   variables.get("batch_stats", {}))
-    # Build (and init) every phase's transformation now, so that a bad value
-    # fails before training rather than at a phase switch.
+    setup = _Setup(config, ds, model, has_bn, spe, phases, starts,
+                   variables["params"], variables.get("batch_stats", {}), eval_step)
+    # Every phase's tx built now: a bad value fails before training.
     for j, phase in enumerate(phases):
       if phase.make_tx is not None:
         phase.make_tx(setup.template_aux(j)).init(setup.params0)
@@ -170,8 +177,7 @@ def _logits(model, has_bn, params, batch_stats, images, train):
   variables = {"params": params, "batch_stats": batch_stats}
   if not train:
     return model.apply(variables, images, train=False), batch_stats
-  logits, updated = model.apply(variables, images, train=True,
-                                mutable=["batch_stats"])
+  logits, updated = model.apply(variables, images, train=True, mutable=["batch_stats"])
   return logits, updated["batch_stats"]
 
 
@@ -190,14 +196,12 @@ def _make_train_step(model, tx, has_bn: bool):
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"],
                                    loss_fn=eval_loss)
     params = optax.apply_updates(state["params"], updates)
-    return {"params": params, "batch_stats": batch_stats,
-            "opt_state": opt_state}, loss
+    return {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}, loss
 
   return jax.jit(train_step)
 
 
-# Jitted functions, keyed by what they depend on, so that runs of the same
-# config in one process (tests, time-sliced jobs) compile once.
+# Jitted functions by what they depend on: runs in one process compile once.
 _STEP_CACHE: dict[tuple[Any, ...], Any] = {}
 
 
@@ -220,15 +224,22 @@ def _train_step_for(setup: _Setup, j: int, tx):
 def _make_eval_step(model, has_bn: bool):
   def eval_step(params, batch_stats, images, labels):
     logits, _ = _logits(model, has_bn, params, batch_stats, images, False)
-    return jnp.sum(jnp.argmax(logits, -1) == labels)
+    return (jnp.sum(jnp.argmax(logits, -1) == labels),
+            optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum())
   return jax.jit(eval_step)
 
 
-def evaluate(setup: _Setup, eval_step, params, batch_stats) -> float:
-  correct = 0
-  for images, labels in data_lib.eval_batches(setup.ds, setup.config.eval_batch_size):
-    correct += int(eval_step(params, batch_stats, images, labels))
-  return correct / setup.ds.test.num_examples
+def evaluate(setup: _Setup, params, batch_stats) -> dict[str, float]:
+  """``test_accuracy`` of every label (text: every position); for text also
+  ``val_loss`` (mean next-byte cross-entropy) and ``val_perplexity`` (its exp)."""
+  correct, loss, n = 0, 0.0, 0
+  for x, labels in data_lib.eval_batches(setup.ds, setup.config.eval_batch_size):
+    c, s = setup.eval_step(params, batch_stats, x, labels)
+    correct, loss, n = correct + int(c), loss + float(s), n + labels.size
+  if not isinstance(setup.ds.test, data_lib.TextSplit):
+    return {"test_accuracy": correct / n}
+  return {"test_accuracy": correct / n, "val_loss": loss / n,
+          "val_perplexity": float(np.exp(loss / n))}
 
 
 def masks_of(opt_state):
@@ -265,9 +276,8 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def lock_workdir(workdir: str):
-  """Creates ``workdir`` and takes its lock (an exclusive ``flock`` on
-  ``.lock``, then holding our pid); close the returned file to release it.
-  ConfigError: not writable, or a live process holds it (naming its pid)."""
+  """Creates ``workdir`` and locks it (``flock`` on ``.lock``, holding our pid;
+  close the file to release); ConfigError: not writable, or held (its pid)."""
   f = None
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -293,8 +303,7 @@ def lock_workdir(workdir: str):
 
 
 def is_no_space(e: BaseException) -> bool:
-  """Whether ``e`` or an exception it came from (re-raised by Orbax as its
-  own type) is a full disk (ENOSPC)."""
+  """Whether ``e`` or an exception it came from is a full disk (ENOSPC)."""
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
@@ -305,11 +314,9 @@ def is_no_space(e: BaseException) -> bool:
   return False
 
 
-class _QuietNoSpace(logging.Filter):
-  """Drops the full-disk tracebacks Orbax's background saves log."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.exc_info and is_no_space(record.exc_info[1]))
+def _not_no_space(record: logging.LogRecord) -> bool:
+  """A filter: drops the full-disk tracebacks Orbax's background saves log."""
+  return not (record.exc_info and is_no_space(record.exc_info[1]))
 
 
 def first_non_finite(losses: np.ndarray) -> int | None:
@@ -345,13 +352,12 @@ def plot_curves(workdir: str, title: str = "") -> str:
   epochs = [r["epoch"] for r in rows]
   fig, ax = plt.subplots(figsize=(7, 4))
   ax.plot(epochs, [100 * r["test_accuracy"] for r in rows], "C0-", label="test accuracy")
-  ax.set_xlabel("epoch")
+  ax.set(xlabel="epoch", title=title)
   ax.set_ylabel("test accuracy (%)", color="C0")
   ax2 = ax.twinx()
   ax2.plot(epochs, [100 * r["sparsity"] for r in rows], "C1--", label="sparsity")
   ax2.set_ylabel("sparsity (%)", color="C1")
   ax2.set_ylim(0, 100)
-  ax.set_title(title)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   path = os.path.join(workdir, "curves.png")
@@ -362,7 +368,9 @@ def plot_curves(workdir: str, title: str = "") -> str:
 
 def final_line(result: dict[str, Any]) -> str:
   return (f"final test_accuracy={result['test_accuracy']!r} "
-          f"sparsity={result['sparsity']!r}")
+          f"sparsity={result['sparsity']!r}" + "".join(
+              f" {k}={result[k]!r}" for k in ("val_loss", "val_perplexity")
+              if k in result))
 
 
 def config_json(config: ConfigDict) -> dict[str, Any]:
@@ -437,7 +445,7 @@ def run(config: ConfigDict, workdir: str, *, resume: bool = False,
     print(final_line(result), flush=True)
     return result
   lock = lock_workdir(workdir)
-  quiet = _QuietNoSpace()
+  quiet = _not_no_space
   logging.getLogger().addFilter(quiet)
   logging.getLogger("absl").addFilter(quiet)
   try:
@@ -467,8 +475,7 @@ def _restore(setup: _Setup, mgr, step: int):
   template = dict(state, opt_state=phase.make_tx(template_aux).init(setup.params0))
   restored = mgr.restore(step, args=ocp.args.StandardRestore(_checkpoint_item(
       template, template_aux, {"epoch": 0, "step": 0, "elapsed": 0.0})))
-  # Restored arrays come back committed to a device; fresh uncommitted
-  # copies keep the jitted steps' cache keys (same program either way).
+  # Fresh uncommitted copies keep the jitted steps' cache keys.
   restored = {k: jnp.asarray(np.asarray(v)) if isinstance(v, jax.Array) else v
               for k, v in restored.items()}
   return (ckpt_phase, _unflat("s", template, restored),
@@ -476,9 +483,8 @@ def _restore(setup: _Setup, mgr, step: int):
 
 
 def _restore_newest(setup: _Setup, workdir: str):
-  """``(manager, step, restored)`` of the newest checkpoint that restores
-  (None, None if none does); the others are moved to ``checkpoints.bad/``
-  with a warning each, so that training saves their steps again."""
+  """``(manager, step, restored)`` of the newest checkpoint that restores (or
+  None, None); newer ones go to ``checkpoints.bad/``, with a warning each."""
   mgr = _manager(workdir)
   bad = []
   found = None, None
@@ -509,12 +515,8 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
   _atomic_write(os.path.join(workdir, "config.json"),
                 json.dumps(config_json(config), indent=2, sort_keys=True))
 
-  spe = setup.steps_per_epoch
-  total_epochs = setup.total_epochs
-  eval_step = _cached(("eval", config.model, config.width, config.dataset),
-                      lambda: _make_eval_step(setup.model, setup.has_bn))
+  spe, total_epochs = setup.steps_per_epoch, setup.total_epochs
 
-  # Restore, or start from the initial variables.
   state = {"params": setup.params0, "batch_stats": setup.batch_stats0,
            "opt_state": None}
   completed, elapsed0, ckpt_phase, aux = 0, 0.0, -1, None
@@ -526,8 +528,7 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
     print(f"{workdir}: resumed after epoch {completed}/{total_epochs} "
           f"(phase {setup.phases[ckpt_phase].name}).", flush=True)
   elif resume:
-    print(f"{workdir}: nothing to resume (no checkpoint); starting fresh.",
-          flush=True)
+    print(f"{workdir}: nothing to resume (no checkpoint); starting fresh.", flush=True)
   _truncate_metrics(workdir, completed)
 
   from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
@@ -579,12 +580,13 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
               f"stopped without saving that epoch: lower lr (now "
               f"{config.lr}) or guard the optimizer (optax.apply_if_finite)")
         completed = epoch + 1
-        accuracy = evaluate(setup, eval_step, state["params"], state["batch_stats"])
+        scores = evaluate(setup, state["params"], state["batch_stats"])
+        accuracy = scores["test_accuracy"]
         row = {
             "epoch": completed, "step": completed * spe, "phase": phase.name,
             # The float32 running sum, in step order.
             "train_loss": float(np.cumsum(losses, dtype=np.float32)[-1]) / spe,
-            "test_accuracy": accuracy,
+            **scores,
             "sparsity": fj.sparsity_report(
                 state["params"], masks_of(state["opt_state"])).sparsity,
             "lr": float(phase.learning_rate((completed - start) * spe - 1)),
@@ -597,10 +599,11 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{accuracy:.4f}",
                         sparsity=f"{row['sparsity']:.4f}")
         if bar.disable:
+          val = "".join(f" {k} {v:.4f}" for k, v in scores.items() if k[:4] == "val_")
           print(f"epoch {completed}/{total_epochs} [{phase.name}] "
                 f"loss {row['train_loss']:.4f} test_accuracy {accuracy:.4f} "
                 f"sparsity {row['sparsity']:.4f} lr {row['lr']:.3g} "
-                f"({row['time']:.1f}s)", flush=True)
+                f"({row['time']:.1f}s){val}", flush=True)
         if stop_after_epochs is not None and completed >= stop_after_epochs:
           mgr.wait_until_finished()
           failed = False
@@ -611,20 +614,20 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
   finally:
     bar.close()
     metrics_file.close()
-    # After a failure (e.g. a full disk) closing may fail the same way; the
-    # first error is the one to report.
+    # After a failure closing may fail the same way: report the first error.
     with contextlib.suppress(Exception) if failed else contextlib.nullcontext():
       mgr.close()
 
   return _finish(setup, workdir, state, completed,
-                 elapsed0 + time.time() - t_start, eval_step, masks)
+                 elapsed0 + time.time() - t_start, masks)
 
 
 def _finish(setup: _Setup, workdir: str, state, completed: int,
-            elapsed: float, eval_step, masks=None) -> dict[str, Any]:
+            elapsed: float, masks=None) -> dict[str, Any]:
   config = setup.config
   params = state["params"]
-  accuracy = evaluate(setup, eval_step, params, state["batch_stats"])
+  scores = evaluate(setup, params, state["batch_stats"])
+  accuracy = scores["test_accuracy"]
   if masks is None:
     masks = masks_of(state["opt_state"])
   report = fj.sparsity_report(params, masks)
@@ -641,13 +644,13 @@ def _finish(setup: _Setup, workdir: str, state, completed: int,
   plot_curves(workdir, f"{config.method}: {config.model} on {config.dataset}, "
               f"seed {config.seed}")
   result = {
-      "test_accuracy": accuracy, "sparsity": report.sparsity,
+      **scores, "sparsity": report.sparsity,
       "zero_fraction": zeros.sparsity, "prunable_weights": report.size,
       "pruned_weights": report.zeros, "layers": report.as_dict(),
       "epochs": completed, "steps": completed * setup.steps_per_epoch,
       "method": config.method, "model": config.model,
       "dataset": config.dataset, "seed": config.seed,
-      "time": round(elapsed, 3), "config": config_json(config)}
+      "time": round(elapsed, 3), "config": config_json(config), **setup.ds.info}
   _atomic_write(os.path.join(workdir, "final.json"),
                 json.dumps(result, indent=2, sort_keys=True))
   print(final_line(result), flush=True)

@@ -18,9 +18,7 @@ from experiments.configs import _base
 
 
 def get_config():
-  c = _base.mnist5k_config("lenet300100", method="flipout",
-                           every_epochs=9.0)
+  c = _base.mnist5k_config("lenet300100", method="flipout", every_epochs=9.0)
   # Hoyer-Square (--config.method=hoyer_square): 80 epochs + 20 fine-tune.
-  c.presets.hoyer_square.update(strength=3e-5, finetune_epochs=20,
-                                finetune_lr=0.005)
+  c.presets.hoyer_square.update(strength=3e-5, finetune_epochs=20, finetune_lr=0.005)
   return c

@@ -19,6 +19,5 @@ def get_config(model: str = "lenet300100", **kw):
   c.target = 99.61  # 1 - 0.5^8, the FlipOut main job's sparsity
   # The FlipOut family on this config: the paper's events from epoch 0.
   for name in ("flipout", "global_magnitude"):
-    c.presets[name] = dict(c.presets.get(name, {}), start_epoch=0.0,
-                           end_epoch=None)
+    c.presets[name] = dict(c.presets.get(name, {}), start_epoch=0.0, end_epoch=None)
   return c
