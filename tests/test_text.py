@@ -14,6 +14,7 @@ import pytest
 
 from experiments import data
 from experiments import main
+from experiments import train
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "experiments", "configs", "gpt_stdlib.py")
@@ -89,3 +90,13 @@ def test_pin_mismatch_and_image_model_are_one_line_cli_errors(tmp_path):
     with pytest.raises(SystemExit) as err:
       main.run_main(["prog", *TINY, *args, f"--workdir={tmp_path}"])
     assert str(err.value.code).startswith(want), err.value.code
+
+
+def test_text_run_killed_after_an_epoch_resumes_bit_identical(tmp_path):
+  main.run_main(["prog", *TINY, f"--workdir={tmp_path / 'a'}"])
+  config = main.parse_flags(["prog", *TINY])["config"].value
+  train.run(config, str(tmp_path / "b"), progress=False, stop_after_epochs=1)
+  main.run_main(["prog", *TINY, "--resume", f"--workdir={tmp_path / 'b'}"])
+  a, b = (train.load_final_params(str(tmp_path / w)) for w in "ab")
+  assert sorted(a) == sorted(b)
+  assert all(a[k].tobytes() == b[k].tobytes() for k in a)
