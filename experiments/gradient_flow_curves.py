@@ -1,24 +1,18 @@
 r"""Training-loss curves right after a one-shot prune, per gradient-flow measure.
 
-Lubana & Dick (ICLR 2021) argue from the gradient flow that magnitude-based
-pruning removes the weights that contribute least to the loss's decrease,
-so magnitude-pruned models converge faster after pruning than models pruned
-by loss preservation (|θg|, SNIP-like). This script checks that on the CPU
-scale: train the dense model for ``--prune_epochs`` epochs (0: prune at
-initialisation), prune once to each sparsity by each measure (momentum
-reset), train ``--epochs_after`` more epochs, and record the full
-training-set loss (on a fixed subset of ``--eval_examples`` training images,
-eval mode) after every step from the prune on, averaged over seeds.
+Lubana & Dick (ICLR 2021): magnitude-pruned models converge faster after pruning
+than loss-preservation-pruned ones (|θg|, SNIP-like). At CPU scale: train dense
+``--prune_epochs`` epochs (0: at init), prune once to each sparsity by each
+measure (momentum reset), train ``--epochs_after`` more; the training loss (eval
+mode, ``--eval_examples`` fixed images) after every step from the prune on, mean
+over seeds, into ``<out>.png`` (a panel per prune time × sparsity) and
+``<out>.json`` (curves; the loss right after the prune, 1 and ``epochs_after``
+epochs later). Schedule fields are not used.
 
     python -m experiments.gradient_flow_curves \
         --config experiments/configs/gradient_flow_lenet300100_mnist5k.py \
         --sparsities 0.9,0.98 --prune_epochs 0,1 --epochs_after 3 \
         --out experiments/results/gradient_flow_curves
-
-Writes ``<out>.png`` (one panel per prune time × sparsity) and ``<out>.json``
-(the curves and a summary: the loss right after the prune and 1 and
-``epochs_after`` epochs later). The config gives the model, data set,
-optimizer and ``hvp_temperature``; its schedule fields are not used.
 """
 
 from __future__ import annotations
@@ -40,38 +34,23 @@ from flipout_jax import models as models_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "experiments", "configs",
                               "gradient_flow_lenet300100_mnist5k.py")
-COLORS = {"magnitude": "C0", "loss_preservation": "C1",
-          "loss_preservation_magnitude": "C2", "gradient_norm": "C3",
-          "gradient_norm_preservation": "C4"}
 LABELS = {"magnitude": "|θ| (magnitude)", "loss_preservation": "|θg| (SNIP-like)",
-          "loss_preservation_magnitude": "|θ²g|",
-          "gradient_norm": "θHg (GraSP-like)",
+          "loss_preservation_magnitude": "|θ²g|", "gradient_norm": "θHg (GraSP-like)",
           "gradient_norm_preservation": "|θHg|"}
+COLORS = {m: f"C{i}" for i, m in enumerate(LABELS)}
 
 
 def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_list("measures", list(COLORS), "Measures.", flag_values=fv)
-  flags.DEFINE_list("sparsities", ["0.9", "0.98"], "Sparsities.",
-                    flag_values=fv)
-  flags.DEFINE_list("prune_epochs", ["0", "1"], "Dense epochs before the "
-                    "one-shot prune (0: at initialisation).", flag_values=fv)
-  flags.DEFINE_integer("epochs_after", 3, "Epochs trained after the prune.",
-                       flag_values=fv)
+  flags.DEFINE_list("sparsities", ["0.9", "0.98"], "Sparsities.", flag_values=fv)
+  flags.DEFINE_list("prune_epochs", ["0", "1"], "Dense epochs before the one-shot "
+                    "prune (0: at initialisation).", flag_values=fv)
+  flags.DEFINE_integer("epochs_after", 3, "Epochs after the prune.", flag_values=fv)
   flags.DEFINE_list("seeds", ["42", "43", "44"], "Seeds.", flag_values=fv)
-  flags.DEFINE_integer("eval_examples", 1000, "Training images (a fixed "
-                       "evenly spaced subset) the loss is measured on.",
-                       flag_values=fv)
-  flags.DEFINE_string("out", os.path.join(REPO, "experiments", "results",
-                                          "gradient_flow_curves"),
-                      "Output path without extension.", flag_values=fv)
-
-
-def one_shot(inner, measure: str, sparsity: float, step: int):
-  """Prune once at ``step`` by ``measure``, then fix the mask; reset moments."""
-  return fj.core.prune(
-      inner, score_fn=fj.methods.gradient_flow.gradient_flow_score(measure),
-      schedule=fj.schedules.one_shot(sparsity, step),
-      reset_moments="all", name="one_shot_" + measure)
+  flags.DEFINE_integer("eval_examples", 1000, "Training images (evenly spaced) "
+                       "the loss is measured on.", flag_values=fv)
+  out = os.path.join(REPO, "experiments", "results", "gradient_flow_curves")
+  flags.DEFINE_string("out", out, "Output path without extension.", flag_values=fv)
 
 
 def curves(config, measures, sparsities, prune_epochs, epochs_after, seeds,
@@ -101,18 +80,21 @@ def curves(config, measures, sparsities, prune_epochs, epochs_after, seeds,
       for m in measures:
         spec = recipe.resolve(dict(train.config_json(config), method_kw={
             "measure": m}, method="gradient_flow"))
-        tx = recipe.with_temperature(one_shot(recipe.optimizer(
-            spec, recipe.learning_rate_fn(
-                spec["lr"], spec["lr_schedule"], spec["lr_decay_epochs"],
-                spec["lr_decay_factor"], spec["num_epochs"], spe)), m, p, step0),
+        lr = recipe.learning_rate_fn(
+            spec["lr"], spec["lr_schedule"], spec["lr_decay_epochs"],
+            spec["lr_decay_factor"], spec["num_epochs"], spe)
+        score = fj.methods.gradient_flow.gradient_flow_score(m)
+        # Prune once at step0 by m, then the mask fixed; moments reset.
+        tx = recipe.with_temperature(fj.core.prune(
+            recipe.optimizer(spec, lr), score_fn=score, reset_moments="all",
+            schedule=fj.schedules.one_shot(p, step0), name="one_shot_" + m),
             spec["hvp_temperature"])
         step = train._make_train_step(model, tx, False)  # pylint: disable=protected-access
 
         runs = []
         for seed in seeds:
           params = init(jax.random.PRNGKey(seed))
-          state = {"params": params, "batch_stats": {},
-                   "opt_state": tx.init(params)}
+          state = {"params": params, "batch_stats": {}, "opt_state": tx.init(params)}
           losses, k = [], 0
           for epoch in range(total_epochs):
             for images, labels in data_lib.train_batches(
@@ -140,8 +122,7 @@ def plot(out, spe, path, title):
   prune_epochs = sorted({k[0] for k in out})
   sparsities = sorted({k[1] for k in out})
   fig, axes = plt.subplots(len(prune_epochs), len(sparsities), squeeze=False,
-                           figsize=(5.5 * len(sparsities),
-                                    3.8 * len(prune_epochs)))
+                           figsize=(5.5 * len(sparsities), 3.8 * len(prune_epochs)))
   for i, e0 in enumerate(prune_epochs):
     for j, p in enumerate(sparsities):
       ax = axes[i][j]
@@ -153,11 +134,9 @@ def plot(out, spe, path, title):
         ax.plot(x, mean, color=COLORS.get(m), label=LABELS.get(m, m))
         ax.fill_between(x, runs.min(0), runs.max(0), color=COLORS.get(m),
                         alpha=0.15, lw=0)
-      ax.set_yscale("log")
-      ax.set_title(f"prune {100 * p:g}% " + ("at init" if e0 == 0 else
-                                             f"after {e0} epoch(s)"))
-      ax.set_xlabel("epochs after the prune")
-      ax.set_ylabel("training-set loss")
+      when = "at init" if e0 == 0 else f"after {e0} epoch(s)"
+      ax.set(yscale="log", title=f"prune {100 * p:g}% {when}",
+             xlabel="epochs after the prune", ylabel="training-set loss")
       ax.grid(alpha=0.3, which="both")
   axes[0][0].legend(fontsize=8)
   fig.suptitle(title)

@@ -1,9 +1,6 @@
-"""Configs recorded before ``method_kw`` (flat ``st3_*``, ``dst_*`` fields),
-upgraded to the current shape, so that finished runs of the committed
-results tables are still recognised by :func:`experiments.recipe.same_run`
-(a sweep skips them; ``--resume`` accepts them). Only for reading old
-``config.json`` / ``final.json`` files: new configs are written in the
-current shape.
+"""Configs recorded before ``method_kw`` (flat ``st3_*``, ``dst_*`` fields) in
+the current shape, so that :func:`experiments.recipe.same_run` recognises the
+committed tables' finished runs (a sweep skips them, ``--resume`` accepts them).
 """
 
 from __future__ import annotations
@@ -19,21 +16,18 @@ COMMON = ("method", "model", "width", "dataset", "data_dir", "augment", "seed",
           "hvp_temperature")
 # old field -> method_kw key
 RENAMED = {
-    "sparsity": "sparsity", "prune_every_epochs": "every_epochs",
-    "prune_rate": "prune_rate", "prune_start_epoch": "start_epoch",
-    "prune_end_epoch": "end_epoch", "noise_scale": "noise_scale",
-    "noise_on": "noise_on", "flipout_p": "p",
-    "measure": "measure", "rounds": "rounds",
-    "round_epochs": "every_epochs", "reset_moments": "reset_moments",
-    "st3_power": "power", "st3_rescale": "rescale",
+    **{k: k for k in ("sparsity", "prune_rate", "noise_scale", "noise_on",
+                      "measure", "rounds", "reset_moments")},
+    "prune_every_epochs": "every_epochs", "prune_start_epoch": "start_epoch",
+    "prune_end_epoch": "end_epoch", "flipout_p": "p",
+    "round_epochs": "every_epochs", "st3_power": "power", "st3_rescale": "rescale",
 }
 DST = {"dst_update_every_epochs": "every_epochs",
        "dst_drop_fraction": "drop_fraction", "dst_exploration": "exploration",
        "dst_epsilon": "epsilon", "dst_distribution": "distribution"}
 HOYER = {"hoyer_lambda": "strength", "hoyer_threshold": "threshold",
-         "finetune_epochs": "finetune_epochs", "finetune_lr": "finetune_lr",
-         "finetune_lr_schedule": "finetune_lr_schedule",
-         "finetune_lr_decay_epochs": "finetune_lr_decay_epochs"}
+         **{k: k for k in ("finetune_epochs", "finetune_lr", "finetune_lr_schedule",
+                           "finetune_lr_decay_epochs")}}
 # Flags of the results tables' commands -> the fields they set now
 # (``--config.<key>=v`` of a key in ``method_kw`` needs no entry).
 FLAGS = {"dst_exploration": "method_kw.exploration",

@@ -1,21 +1,13 @@
 """A config's method: resolved by name, built into the phases of a run.
 
-:func:`resolve` turns a config (as JSON) into the run's *spec*: the method's
-registry name and exactly the keyword arguments it takes (epoch values still
-in epochs), the optimizer and the fields of the run. Two configs with the
-same spec make the same run, which is how a sweep skips finished runs
-(:func:`same_run`). :func:`phases` builds the spec into :class:`Phase` es
-with a data set's steps per epoch; the library checks every argument and
-names it, and its errors come back with the config key they came from.
-
-Methods are ``fj.registry`` names, and four of the harness: "dense" (the
-optimizer alone), "hoyer_square" (the regulariser, then threshold and
-fine-tune under the fixed mask) and the post-training methods "magnitude"
-(one shot, global or per-layer ``distribution``), "wanda" and "sparsegpt"
-(``fj.post_training.prune``) and "unipts" (``fj.unipts.run``), BatchNorm
-recalibrated on the calibration set, which run as the
-only phase of a run that starts from a dense run's final params
-(``init_from``).
+:func:`resolve`: a config (JSON) -> the run's *spec*, the method and exactly the
+keyword arguments it takes (epoch values in epochs), the optimizer and the run's
+fields; the same spec is the same run (:func:`same_run`: a sweep skips it).
+:func:`phases` builds a spec into :class:`Phase` s; the library checks every
+argument, its errors naming the config key. Methods: ``fj.registry`` names and
+``HARNESS``: "dense" (the optimizer alone), "hoyer_square" (regulariser, then
+threshold and fine-tune under the fixed mask) and ``POST_TRAINING``, the only
+phase of a run from a dense run's params (``init_from``; BatchNorm recalibrated).
 """
 
 from __future__ import annotations
@@ -28,6 +20,7 @@ import numpy as np
 import optax
 
 import flipout_jax as fj
+from experiments import one_line
 from experiments.configs import _base
 
 REQUIRED = fj.registry.REQUIRED
@@ -41,12 +34,10 @@ RUN_FIELDS = ("model", "width", "dataset", "data_dir", "augment", "seed",
               "batch_size", "eval_batch_size", "num_epochs", "optimizer",
               "optimizer_kw", "weight_decay", "lr", "lr_schedule",
               "lr_decay_epochs", "lr_decay_factor", "grad_clip", "sparse_init",
-              "init_from")
+              "init_from", "model_kw", "data_kw")
 HARNESS = {
     "dense": {},
-    "hoyer_square": dict(strength=REQUIRED, threshold=1e-4, finetune_epochs=0,
-                         finetune_lr=0.01, finetune_lr_schedule="constant",
-                         finetune_lr_decay_epochs=()),
+    "hoyer_square": dict(_base.PRESETS["hoyer_square"], strength=REQUIRED),
     "magnitude": dict(sparsity=REQUIRED, distribution="global"),
     **{m: dict(sparsity=REQUIRED, allocation="uniform", structure=None,
                owl_threshold=5.0, owl_lambda=0.08,
@@ -64,28 +55,16 @@ class ConfigError(ValueError):
   """A bad config value; the message is one line."""
 
 
-def one_line(text) -> str:
-  return " ".join(str(text).split())
-
-
 @dataclasses.dataclass(frozen=True)
 class Phase:
-  """One phase of a run.
-
-  ``make_tx(aux)`` builds its transformation from what ``enter(params,
-  opt_state)`` returned when the phase started (``aux`` is checkpointed, so
-  every phase resumes); ``post(model, variables, ds, config)`` is a
-  post-training phase, run once, returning ``(variables, masks, report)``.
-  """
+  """``make_tx(aux)``, ``aux`` (checkpointed) from ``enter(params)``; or a
+  post-training ``post(model, variables, ds) -> (variables, masks, report)``."""
   name: str
   num_epochs: int
   make_tx: Callable[[Any], optax.GradientTransformation] | None = None
   learning_rate: Callable[[int], float] = lambda step: 0.0
-  enter: Callable[[Any, Any], tuple[Any, Any]] | None = None
+  enter: Callable[[Any], tuple[Any, Any]] | None = None
   post: Callable[..., tuple[Any, Any, dict]] | None = None
-
-
-# --- Resolution ---------------------------------------------------------------
 
 
 def keywords(name: str) -> dict[str, Any]:
@@ -156,14 +135,12 @@ def resolve(c: dict[str, Any]) -> dict[str, Any]:
       merged["sparsity"] = 1.0 - 0.5 ** n
   if "sparsity" in valid and merged.get("sparsity") is None:
     merged["sparsity"] = _structure_sparsity(merged.get("structure"))
-    if merged["sparsity"] is None and _events(merged, c["num_epochs"]):
-      n = _events(merged, c["num_epochs"])
+    if merged["sparsity"] is None and (n := _events(merged, c["num_epochs"])):
       merged["sparsity"] = 1.0 - (1.0 - merged.get("prune_rate", 0.5)) ** n
   if (valid.get("end_step") is REQUIRED and "end_epoch" not in merged
       and "end_step" not in merged and merged.get("every_epochs")
       and 0 <= (merged.get("sparsity") or -1) < 1):  # FlipOut's last event
-    n = fj.schedules.events_needed(merged["sparsity"],
-                                   merged.get("prune_rate", 0.5))
+    n = fj.schedules.events_needed(merged["sparsity"], merged.get("prune_rate", 0.5))
     merged["end_epoch"] = ((merged.get("start_epoch") or 0.0)
                            + n * merged["every_epochs"])
   for k, v in preset.items():  # A preset key replaces its keyword's.
@@ -191,7 +168,8 @@ def resolve(c: dict[str, Any]) -> dict[str, Any]:
     kw["seed"] = c["seed"]
   defaults = _base.base_config()  # a field added since: at its default
   spec = {k: c[k] if k in c else defaults.get(k) for k in RUN_FIELDS}
-  spec["optimizer_kw"] = dict(spec["optimizer_kw"] or {})
+  for k in ("optimizer_kw", "model_kw", "data_kw"):  # None (absent) == {}
+    spec[k] = dict(spec[k] or {})
   t = c.get("hvp_temperature")
   if t is None:
     t = AUTHORS_TEMPERATURE if (name == "grasp" or kw.get("measure")
@@ -214,9 +192,6 @@ def same_run(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                        if ka.get(k) != kb.get(k))
 
 
-# --- Building -------------------------------------------------------------------
-
-
 def learning_rate_fn(lr, schedule, decay_epochs, decay_factor, num_epochs,
                      steps_per_epoch) -> optax.Schedule:
   """``piecewise``: ×decay_factor at each of decay_epochs; ``cosine`` to 0."""
@@ -236,8 +211,7 @@ def learning_rate_fn(lr, schedule, decay_epochs, decay_factor, num_epochs,
 
 def optimizer(spec, lr: optax.Schedule) -> optax.GradientTransformation:
   """Coupled weight decay (every parameter, as PyTorch's SGD), then
-  ``optax.<optimizer>``; inside the method, so FlipOut's noise is computed
-  from the loss gradient."""
+  ``optax.<optimizer>``; inside the method (FlipOut's noise: the loss gradient's)."""
   make = getattr(optax, str(spec["optimizer"]), None)
   if not callable(make):
     raise ConfigError(f"optimizer: optax has no optimizer {spec['optimizer']!r}")
@@ -341,8 +315,7 @@ def phases(spec: dict[str, Any], spe: int) -> list[Phase]:
       tx = optax.chain(_library(name, source, lambda: fj.hoyer_square(
           kw["strength"])), inner)
     else:
-      tx = _library(name, source,
-                    lambda: fj.registry.build(name, inner, **kw))
+      tx = _library(name, source, lambda: fj.registry.build(name, inner, **kw))
     if spec["sparse_init"]:
       tx = fj.sparse_init(tx)
     if spec["grad_clip"] is not None:  # before the method (ST-3 must be last)
@@ -357,11 +330,8 @@ def phases(spec: dict[str, Any], spe: int) -> list[Phase]:
     out.append(Phase(
         "finetune", kw["finetune_epochs"],
         lambda masks: fj.fixed_mask(optimizer(spec, ft_lr), masks), ft_lr,
-        enter=lambda params, _: fj.threshold_prune(params, kw["threshold"])))
+        enter=lambda params: fj.threshold_prune(params, kw["threshold"])))
   return out
-
-
-# --- Post-training ---------------------------------------------------------------
 
 
 def calibration_indices(num_train: int, size: int, seed: int) -> np.ndarray:
@@ -406,7 +376,6 @@ def _magnitude(kw, variables):
       optax.identity(), score_fn=fj.scores.magnitude,
       schedule=fj.schedules.one_shot(kw["sparsity"], 0),
       distribution=kw["distribution"]))
-  _, state = tx.update(jax.tree.map(lambda p: 0 * p, params),
-                       tx.init(params), params)
+  _, state = tx.update(jax.tree.map(lambda p: 0 * p, params), tx.init(params), params)
   masks = fj.get_masks(state)
   return dict(variables, params=fj.trees.apply_masks(params, masks)), masks

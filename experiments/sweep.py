@@ -4,24 +4,18 @@
         --grid method=dst_ee,rigl,set,static_random --grid sparsity=0.9,0.95,0.98 \
         --seeds 42,43,44 --workers 2 --out experiments/results/dst_lenet300100
 
-Every point of the grid × every seed is one subprocess of ``experiments.main``
-in ``<out>/runs/<k1=v1>/<k2=v2>/.../seed<k>`` with ``--resume``: a finished run
-(its ``final.json`` holds the same config) is skipped and a killed one
-continues, so a sweep re-launched after an interruption only runs what is
-missing. The first grid key gives the rows of the Markdown table written to
-``<out>/results.md`` (test accuracy, mean ± std over seeds), the second key
-its columns; ``<out>/results.json`` keeps every run's result and
-``<out>/accuracy_vs_sparsity.png`` plots the rows. Other
-``--config.<field>=<value>`` arguments are passed on to every run.
-
-On Linux the runs die with the sweep (``PR_SET_PDEATHSIG``): a sweep killed
-and launched again never finds its previous runs still training (and each
-workdir's lock would refuse a second writer anyway).
+Each grid point × seed: ``experiments.main --resume`` in a subprocess (dying with
+the sweep on Linux), in ``<out>/runs/<k1=v1>/.../seed<k>``; a finished run of the
+same config is skipped. The first grid key gives the rows of ``results.md``
+(test accuracy, mean ± std over seeds), the second its columns; ``results.json``
+keeps every result, ``accuracy_vs_sparsity.png`` plots the rows. Other
+``--config.<field>=<value>`` arguments go to every run.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -37,6 +31,8 @@ from typing import Any, Sequence
 
 from absl import flags
 from ml_collections import config_flags
+
+from experiments import main as main_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,40 +56,24 @@ class Run:
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _libc_prctl():
-  """libc's ``prctl`` on Linux, else None (looked up here, not in the child)."""
-  if not sys.platform.startswith("linux"):
-    return None
-  try:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6",
-                       use_errno=True).prctl
-  except (OSError, AttributeError):
-    return None
-
-
-_PRCTL = _libc_prctl()
-
-
-def _die_with_parent(parent: int):
-  """A ``preexec_fn``: the child gets SIGTERM when its parent dies.
-
-  Checks ``getppid`` after ``prctl``: a parent that died between fork and
-  ``prctl`` would not signal it.
-  """
-  def preexec():
-    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:
-      os._exit(1)  # pylint: disable=protected-access
-  return preexec
+_PRCTL = None  # libc's ``prctl`` on Linux, looked up here (not in the child).
+if sys.platform.startswith("linux"):
+  with contextlib.suppress(OSError, AttributeError):
+    _PRCTL = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6",
+                         use_errno=True).prctl
 
 
 def spawn(cmd: Sequence[str], **kwargs) -> subprocess.Popen:
-  """``subprocess.Popen(cmd, **kwargs)`` that dies with this process (Linux).
-
-  Elsewhere a plain Popen: the child outlives a killed sweep.
-  """
+  """``subprocess.Popen`` whose child gets SIGTERM when this process dies
+  (Linux), checking ``getppid`` after ``prctl`` (a parent dead before it)."""
   if _PRCTL is not None:
-    kwargs["preexec_fn"] = _die_with_parent(os.getpid())
+    parent = os.getpid()
+
+    def preexec():
+      _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+      if os.getppid() != parent:
+        os._exit(1)  # pylint: disable=protected-access
+    kwargs["preexec_fn"] = preexec
   return subprocess.Popen(cmd, **kwargs)  # pylint: disable=consider-using-with
 
 
@@ -109,9 +89,8 @@ def run_one(run: Run, config_path: str, forwarded: Sequence[str]) -> Run:
   if os.path.exists(final):
     with open(final) as f:
       result = json.load(f)
-    # Skip only a run of the same config (fields added since, at their
-    # defaults, do not count); otherwise experiments.main refuses to resume
-    # it, and the run is reported as failed.
+    # Only a run of the same config is skipped; experiments.main refuses to
+    # resume another, and the run is reported as failed.
     from experiments import train  # pylint: disable=g-import-not-at-top
     if run.config is None or not train.config_diff(result.get("config", {}),
                                                    run.config):
@@ -139,7 +118,6 @@ def run_one(run: Run, config_path: str, forwarded: Sequence[str]) -> Run:
 def validate_runs(runs: Sequence[Run], config_path: str,
                   forwarded: Sequence[str]) -> None:
   """Builds and validates every run's config here, failing fast on a bad one."""
-  from experiments import main as main_lib  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top
   for r in runs:
     argv = ["sweep", f"--config={config_path}",
@@ -191,8 +169,7 @@ def table(runs: Sequence[Run], rows: Sequence[str], cols: Sequence[str],
           key: str = "test_accuracy", row_label: str = "method") -> str:
   """A Markdown table of ``result[key]`` (mean ± std over seeds) by
   ``run.method`` × ``run.tag``; marks cells where not every seed finished."""
-  lines = [f"| {row_label} | " + " | ".join(cols) + " |",
-           "|---|" + "---:|" * len(cols)]
+  lines = [f"| {row_label} | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
   for row in rows:
     cells = []
     for col in cols:
@@ -227,24 +204,15 @@ def plot(runs: Sequence[Run], rows: Sequence[str], path: str,
     if points:
       x, y, err = zip(*sorted(points))
       ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=row)
-  ax.set_xscale("log")
+  ax.set(xscale="log", xlabel="fraction of weights left (1 − sparsity), log scale",
+         ylabel="test accuracy (%)", title=title)
   ax.invert_xaxis()
-  ax.set_xlabel("fraction of weights left (1 − sparsity), log scale")
-  ax.set_ylabel("test accuracy (%)")
-  ax.set_title(title)
   ax.grid(alpha=0.3, which="both")
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
-
-
-def write_json(runs: Sequence[Run], path: str) -> None:
-  with open(path, "w") as f:
-    json.dump([{k: v for k, v in dataclasses.asdict(r).items()
-                if k not in ("overrides", "config")} for r in runs],
-              f, indent=1, default=str)
 
 
 def _define_flags(fv: flags.FlagValues) -> None:
@@ -255,8 +223,7 @@ def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("workers", 2, "Runs in parallel.", flag_values=fv)
   flags.DEFINE_string("out", None, "Output directory.", flag_values=fv)
   flags.DEFINE_string("title", None, "Title of results.md.", flag_values=fv)
-  flags.DEFINE_bool("dry_run", False, "Print the runs, run nothing.",
-                    flag_values=fv)
+  flags.DEFINE_bool("dry_run", False, "Print the runs, run nothing.", flag_values=fv)
 
 
 def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -306,42 +273,7 @@ def forwarded_overrides(argv: Sequence[str], swept) -> list[str]:
   return out
 
 
-def launch(runs: list[Run], config_path: str, forwarded: Sequence[str],
-           workers: int, out: str, dry_run: bool) -> bool:
-  """Validates every run (failing fast), then runs them (False: dry run)."""
-  validate_runs(runs, config_path, forwarded)
-  print(f"{len(runs)} runs, {workers} in parallel, into {out}", flush=True)
-  if dry_run:
-    for r in runs:
-      print(" ".join(r.overrides + list(forwarded)), f"--config.seed={r.seed}")
-    return False
-  os.makedirs(out, exist_ok=True)
-  run_all(runs, config_path, forwarded, workers)
-  return True
-
-
-def write_results(runs: Sequence[Run], out: str, text: str) -> None:
-  """``results.md`` (``text``, printed) and ``results.json``; exits with an
-  error when a run failed."""
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(text)
-  write_json(runs, os.path.join(out, "results.json"))
-  print(text)
-  failed = sum(1 for r in runs if not r.result)
-  if failed:
-    raise SystemExit(f"error: {failed} of {len(runs)} runs failed; see "
-                     "results.md and the run.log files")
-
-
-def parse_ints(values: Sequence[str], flag: str) -> list[int]:
-  try:
-    return [int(v) for v in values]
-  except ValueError as e:
-    raise SystemExit(f"error: --{flag}: {e}") from None
-
-
 def main(argv=None) -> None:
-  from experiments import main as main_lib  # pylint: disable=g-import-not-at-top
   argv = list(sys.argv if argv is None else argv)
   fv = main_lib.parse_flags(argv, _define_flags, main_lib.DEFAULT_CONFIG, __doc__)
   config_path = config_flags.get_config_filename(fv["config"])
@@ -349,26 +281,46 @@ def main(argv=None) -> None:
   out = os.path.abspath(fv["out"].value or
                         os.path.join(REPO, "experiments", "results", name))
   grid = parse_grid(fv["grid"].value)
-  seeds = parse_ints(fv["seeds"].value, "seeds")
+  try:
+    seeds = [int(v) for v in fv["seeds"].value]
+  except ValueError as e:
+    raise SystemExit(f"error: --seeds: {e}") from None
   forwarded = forwarded_overrides(argv[1:], {k for k, _ in grid} | {"seed"})
   runs = plan(grid, seeds, out)
-  if not launch(runs, config_path, forwarded, fv["workers"].value, out,
-                fv["dry_run"].value):
+  validate_runs(runs, config_path, forwarded)  # Fails fast on a bad config.
+  workers = fv["workers"].value
+  print(f"{len(runs)} runs, {workers} in parallel, into {out}", flush=True)
+  if fv["dry_run"].value:
+    for r in runs:
+      print(" ".join(r.overrides + list(forwarded)), f"--config.seed={r.seed}")
     return
+  os.makedirs(out, exist_ok=True)
+  run_all(runs, config_path, forwarded, workers)
   rows = grid[0][1]
   cols = grid[1][1] if len(grid) > 1 else ["result"]
   command = "python -m experiments.sweep " + " ".join(
       a if " " not in a else repr(a) for a in argv[1:])
   plot(runs, rows, os.path.join(out, "accuracy_vs_sparsity.png"),
        fv["title"].value or name)
-  write_results(runs, out, "\n".join([
+  text = "\n".join([
       f"# {fv['title'].value or name}", "",
       f"Test accuracy (%), mean ± std over seeds {', '.join(map(str, seeds))}.",
       f"Rows: `{grid[0][0]}`" + (f"; columns: `{grid[1][0]}`." if len(grid) > 1 else "."),
       "", table(runs, rows, cols, row_label=grid[0][0]), "",
       "Measured sparsity (%):", "",
       table(runs, rows, cols, key="sparsity", row_label=grid[0][0]), "",
-      f"Command: `{command}`", ""]))
+      f"Command: `{command}`", ""])
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump([{k: v for k, v in dataclasses.asdict(r).items()
+                if k not in ("overrides", "config")} for r in runs],
+              f, indent=1, default=str)
+  print(text)
+  failed = sum(1 for r in runs if not r.result)
+  if failed:
+    raise SystemExit(f"error: {failed} of {len(runs)} runs failed; see "
+                     "results.md and the run.log files")
 
 
 if __name__ == "__main__":

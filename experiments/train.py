@@ -1,25 +1,13 @@
 """The train loop: one jitted step, per-epoch evaluation, checkpoints, resume.
 
-:func:`run` trains ``config`` in ``workdir``. After every epoch: a line of
-``metrics.jsonl`` (epoch, step, phase, train_loss, test_accuracy, sparsity,
-lr, time) and an Orbax checkpoint (state, the phase's ``aux``, epoch, step,
-time); at the end ``sparsity.md``, ``curves.png``, ``final_params.npz``,
+:func:`run` writes into ``workdir`` a ``metrics.jsonl`` line and an Orbax
+checkpoint per epoch, then ``sparsity.md``, ``curves.png``, ``final_params.npz``,
 ``final.json`` and the line ``final test_accuracy=<float> sparsity=<float>``.
-
-Faults end the run with one line (:class:`RunError`, :class:`ConfigError`),
-not a traceback: a non-finite loss (checked on each epoch's fetched losses,
-naming the step; that epoch is not saved), a full disk (earlier checkpoints
-stay intact), an unwritable workdir, a workdir another live run holds (an
-exclusive ``flock`` on ``<workdir>/.lock``, released by the kernel when the
-holder dies). A checkpoint that does not restore is moved to
-``checkpoints.bad/`` with a warning, and the run resumes from an older one.
-
-Resume: the checkpoint holds everything that changes (the optimizer state,
-masks and noise key included, restored into ``tx.init(params)``'s
-structure) and the data order depends only on ``(seed, epoch)``, so a run
-killed anywhere and resumed ends with the same bits. Phases (e.g.
-Hoyer-Square's fine-tuning) are a function of the epoch; a phase switch is
-re-run from the previous phase's last checkpoint.
+Faults (:class:`RunError`, :class:`ConfigError`) are one line: a non-finite loss
+(that epoch unsaved), a full disk, an unwritable workdir or one a live run holds
+(``flock`` on ``.lock``); a checkpoint that does not restore goes to
+``checkpoints.bad/``. Checkpoints hold all that changes and the data order
+depends only on ``(seed, epoch)``: a run killed and resumed ends with the same bits.
 """
 
 from __future__ import annotations
@@ -28,6 +16,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -45,8 +34,8 @@ from ml_collections import config_dict
 
 import flipout_jax as fj
 from experiments import data as data_lib
-from flipout_jax import models as models_lib
 from experiments import recipe
+from flipout_jax import models as models_lib
 
 ConfigError = recipe.ConfigError
 ConfigDict = config_dict.ConfigDict
@@ -60,44 +49,33 @@ CHECKPOINT_DIR = "checkpoints"
 BAD_CHECKPOINT_DIR = "checkpoints.bad"
 LOCK_FILE = ".lock"
 RUN_FILES = ("metrics.jsonl", "final.json", "sparsity.md", "curves.png",
-             "report.json",
-             "final_params.npz", "config.json")
-MAX_TO_KEEP = 2
-
-
-# --- Config validation ------------------------------------------------------------
+             "report.json", "final_params.npz", "config.json")
 
 
 def validate(config: ConfigDict) -> list[recipe.Phase]:
-  """Resolves and builds ``config`` without data (1,000 nominal steps per
-  epoch; built again with the real ones); raises ConfigError."""
+  """Builds ``config`` at 1,000 nominal steps per epoch; raises ConfigError."""
   ints = {"seed": 0, "batch_size": 1, "eval_batch_size": 1, "num_epochs": 1}
   missing = [k for k in ("method", "model", "width", "dataset", *ints)
              if k not in config]
   if missing:
     raise ConfigError(f"config: missing fields {', '.join(missing)}")
-  for key, valid in (("model", models_lib.MODEL_NAMES),
+  for key, valid in (("model", models_lib.MODEL_NAMES + models_lib.GPT_NAMES),
                      ("dataset", data_lib.DATASETS)):
     if config[key] not in valid:
       raise ConfigError(f"{key}: unknown {key} {config[key]!r}; valid: "
                         f"{', '.join(valid)}")
   try:
     models_lib.check_width(config.width)
+    for key, low in ints.items():
+      fj.validate.integer(config[key], key, low=low)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  for key, low in ints.items():
-    v = config[key]
-    if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
-      raise ConfigError(f"{key}: got {v!r}; must be an int >= {low}")
   spec = recipe.resolve(config_json(config))
   phases = recipe.phases(spec, 1000)
   for phase in phases:
     if phase.make_tx is not None and phase.enter is None:
       phase.make_tx(None)
   return phases
-
-
-# --- State ----------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -111,6 +89,7 @@ class _Setup:
   starts: list[int]  # first global epoch of each phase
   params0: Any
   batch_stats0: Any
+  eval_step: Any
 
   @property
   def total_epochs(self) -> int:
@@ -118,69 +97,69 @@ class _Setup:
 
   def phase_of_epoch(self, epoch: int) -> int:
     """The phase that trains global epoch ``epoch`` (phases with epochs)."""
-    for j in reversed(range(len(self.phases))):
-      if self.phases[j].num_epochs and self.starts[j] <= epoch:
-        return j
-    raise AssertionError(epoch)
+    return max(j for j, p in enumerate(self.phases)
+               if p.num_epochs and self.starts[j] <= epoch)
 
   def template_aux(self, j: int):
     """An ``aux`` with phase ``j``'s structure (from the initial params)."""
-    phase = self.phases[j]
-    if phase.enter is None:
-      return None
-    prev = None
-    if j > 0:
-      prev = self.phases[j - 1].make_tx(self.template_aux(j - 1)).init(self.params0)
-    return phase.enter(self.params0, prev)[1]
+    enter = self.phases[j].enter
+    return None if enter is None else enter(self.params0)[1]
 
 
 def load_variables(workdir: str, template) -> dict[str, Any]:
-  """The final variables of the finished run in ``workdir``, in the structure
-  of ``template`` (``{"params": ..., "batch_stats": ...}``)."""
+  """The finished run in ``workdir``'s final variables, shaped as ``template``."""
   if not os.path.exists(os.path.join(workdir, "final.json")):
     raise ConfigError(f"init_from: {workdir} holds no finished run (no "
                       "final.json); finish it first (experiments.main --resume)")
   saved = load_final_params(workdir)
-  out = {}
-  for collection, tree in template.items():
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    leaves = []
-    for path, leaf in flat:
-      key = f"{collection}/{fj.trees.path_str(path)}"
-      if key not in saved or saved[key].shape != leaf.shape:
-        raise ConfigError(
-            f"init_from: {workdir}/final_params.npz does not match the model: "
-            f"{key} is {saved[key].shape if key in saved else 'missing'}, "
-            f"expected {leaf.shape}")
-      leaves.append(jnp.asarray(saved[key], leaf.dtype))
-    out[collection] = jax.tree_util.tree_unflatten(treedef, leaves)
-  return out
+
+  def load(collection, path, leaf):
+    key = f"{collection}/{fj.trees.path_str(path)}"
+    if key not in saved or saved[key].shape != leaf.shape:
+      raise ConfigError(
+          f"init_from: {workdir}/final_params.npz does not match the model: "
+          f"{key} is {saved[key].shape if key in saved else 'missing'}, "
+          f"expected {leaf.shape}")
+    return jnp.asarray(saved[key], leaf.dtype)
+  return {c: jax.tree_util.tree_map_with_path(functools.partial(load, c), tree)
+          for c, tree in template.items()}
 
 
 def _setup(config: ConfigDict) -> _Setup:
-  validate(config)
+  """The data, model, phases and initial variables of a validated ``config``."""
   try:
-    ds = data_lib.load(config.dataset, data_dir=config.data_dir)
+    ds = data_lib.load(config.dataset, data_dir=config.data_dir,
+                       **dict(config.get("data_kw") or {}))
     spe = data_lib.steps_per_epoch(ds, config.batch_size)
     if config.augment and not ds.augment:
       raise ConfigError(f"augment: {config.dataset} has no augmentation (CIFAR "
                         "data sets only); set augment=None or False")
-    model = models_lib.get_model(config.model, num_classes=ds.train.num_classes,
-                                 width=config.width)
+    is_gpt = config.model in models_lib.GPT_NAMES
+    if is_gpt != isinstance(ds.train, data_lib.TextSplit):
+      raise ConfigError(f"model: {config.model} does not take {config.dataset}'s"
+                        " inputs (GPT models: text data sets; others: images)")
+    if is_gpt:  # The data's vocabulary and window; model_kw the rest.
+      model = models_lib.get_gpt(config.model, vocab_size=ds.train.num_classes,
+                                 max_len=ds.train.seq_len, **config.get("model_kw", {}))
+    else:
+      model = models_lib.get_model(
+          config.model, num_classes=ds.train.num_classes, width=config.width)
     phases = recipe.phases(recipe.resolve(config_json(config)), spe)
     starts = list(np.cumsum([0] + [p.num_epochs for p in phases[:-1]]).tolist())
-    dummy = jnp.zeros((1, *ds.train.image_shape), jnp.float32)
+    has_bn = not is_gpt and models_lib.uses_batchnorm(config.model)
     # Jitted: eager init compiles every op of a deep model one by one.
-    init = _cached(("init", config.model, config.width, config.dataset),
-                   lambda: jax.jit(lambda r, x: model.init(r, x, train=False)))
+    init, eval_step = _cached(
+        (config.model, config.width, config.dataset, str(config.get("model_kw")),
+         str(config.get("data_kw"))),
+        lambda: (jax.jit(lambda r, x: model.init(r, x, train=False)),
+                 _make_eval_step(model, has_bn)))
+    dummy = jnp.zeros_like(ds.train.read(np.arange(1))[0])
     variables = dict(init(jax.random.PRNGKey(config.seed), dummy))
     if config.init_from:
       variables = load_variables(config.init_from, variables)
-    setup = _Setup(config, ds, model, models_lib.uses_batchnorm(config.model),
-                   spe, phases, starts, variables["params"],
-                   variables.get("batch_stats", {}))
-    # Build (and init) every phase's transformation now, so that a bad value
-    # fails before training rather than at a phase switch.
+    setup = _Setup(config, ds, model, has_bn, spe, phases, starts,
+                   variables["params"], variables.get("batch_stats", {}), eval_step)
+    # Every phase's tx built now: a bad value fails before training.
     for j, phase in enumerate(phases):
       if phase.make_tx is not None:
         phase.make_tx(setup.template_aux(j)).init(setup.params0)
@@ -191,9 +170,6 @@ def _setup(config: ConfigDict) -> _Setup:
   return setup
 
 
-# --- Steps ----------------------------------------------------------------------------
-
-
 def _logits(model, has_bn, params, batch_stats, images, train):
   """``(logits, batch_stats)``; BatchNorm statistics updated when training."""
   if not has_bn:
@@ -201,8 +177,7 @@ def _logits(model, has_bn, params, batch_stats, images, train):
   variables = {"params": params, "batch_stats": batch_stats}
   if not train:
     return model.apply(variables, images, train=False), batch_stats
-  logits, updated = model.apply(variables, images, train=True,
-                                mutable=["batch_stats"])
+  logits, updated = model.apply(variables, images, train=True, mutable=["batch_stats"])
   return logits, updated["batch_stats"]
 
 
@@ -221,14 +196,12 @@ def _make_train_step(model, tx, has_bn: bool):
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"],
                                    loss_fn=eval_loss)
     params = optax.apply_updates(state["params"], updates)
-    return {"params": params, "batch_stats": batch_stats,
-            "opt_state": opt_state}, loss
+    return {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}, loss
 
   return jax.jit(train_step)
 
 
-# Jitted functions, keyed by what they depend on, so that runs of the same
-# config in one process (tests, time-sliced jobs) compile once.
+# Jitted functions by what they depend on: runs in one process compile once.
 _STEP_CACHE: dict[tuple[Any, ...], Any] = {}
 
 
@@ -251,30 +224,27 @@ def _train_step_for(setup: _Setup, j: int, tx):
 def _make_eval_step(model, has_bn: bool):
   def eval_step(params, batch_stats, images, labels):
     logits, _ = _logits(model, has_bn, params, batch_stats, images, False)
-    return jnp.sum(jnp.argmax(logits, -1) == labels)
+    return (jnp.sum(jnp.argmax(logits, -1) == labels),
+            optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum())
   return jax.jit(eval_step)
 
 
-def evaluate(setup: _Setup, eval_step, params, batch_stats) -> float:
-  correct = 0
-  for images, labels in data_lib.eval_batches(setup.ds, setup.config.eval_batch_size):
-    correct += int(eval_step(params, batch_stats, images, labels))
-  return correct / setup.ds.test.num_examples
+def evaluate(setup: _Setup, params, batch_stats) -> dict[str, float]:
+  """``test_accuracy`` of every label (text: every position); for text also
+  ``val_loss`` (mean next-byte cross-entropy) and ``val_perplexity`` (its exp)."""
+  correct, loss, n = 0, 0.0, 0
+  for x, labels in data_lib.eval_batches(setup.ds, setup.config.eval_batch_size):
+    c, s = setup.eval_step(params, batch_stats, x, labels)
+    correct, loss, n = correct + int(c), loss + float(s), n + labels.size
+  if not isinstance(setup.ds.test, data_lib.TextSplit):
+    return {"test_accuracy": correct / n}
+  return {"test_accuracy": correct / n, "val_loss": loss / n,
+          "val_perplexity": float(np.exp(loss / n))}
 
 
 def masks_of(opt_state):
   """The masks of a flipout_jax state, or None for a plain optimizer."""
-  if fj.core.find_prune_states(opt_state):
-    return fj.get_masks(opt_state)
-  return None
-
-
-def sparsity_of(params, opt_state) -> float:
-  """Global sparsity: from the masks if the optimizer prunes, else zeros."""
-  return fj.sparsity_report(params, masks_of(opt_state)).sparsity
-
-
-# --- Checkpoints -----------------------------------------------------------------------
+  return fj.get_masks(opt_state) if fj.core.find_prune_states(opt_state) else None
 
 
 def _flat(prefix: str, tree) -> dict[str, Any]:
@@ -288,42 +258,35 @@ def _unflat(prefix: str, template, restored: dict[str, Any]):
 
 
 def _checkpoint_item(state, aux, meta: dict[str, Any]) -> dict[str, Any]:
-  item = {**_flat("s", state), **_flat("a", aux)}
-  item.update(meta)
-  return item
+  return {**_flat("s", state), **_flat("a", aux), **meta}
 
 
 def _manager(workdir: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
-      options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=True,
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
                                            cleanup_tmp_directories=True))
-
-
-# --- Files --------------------------------------------------------------------------------
 
 
 def _atomic_write(path: str, text: str) -> None:
   tmp = path + ".tmp"
-  with open(path + ".tmp", "w") as f:
+  with open(tmp, "w") as f:
     f.write(text)
   os.replace(tmp, path)
 
 
 def lock_workdir(workdir: str):
-  """Creates ``workdir`` and takes its lock (an exclusive ``flock`` on
-  ``.lock``, which then holds our pid): the run's first write. Close the
-  returned file to release it. ConfigError (one line, before any setup):
-  not writable, or a live process holds the lock (naming its pid)."""
-  path = os.path.join(workdir, LOCK_FILE)
+  """Creates ``workdir`` and locks it (``flock`` on ``.lock``, holding our pid;
+  close the file to release); ConfigError: not writable, or held (its pid)."""
+  f = None
   try:
     os.makedirs(workdir, exist_ok=True)
-    f = open(path, "a+")  # pylint: disable=consider-using-with
-  except OSError as e:
-    raise ConfigError(f"workdir: cannot write to {workdir}: "
-                      f"{e.strerror or e}") from None
-  try:
+    f = open(os.path.join(workdir, LOCK_FILE), "a+")  # pylint: disable=consider-using-with
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
   except BlockingIOError:
     f.seek(0)
     holder = f.read().strip() or "unknown"
@@ -331,38 +294,29 @@ def lock_workdir(workdir: str):
     raise ConfigError(
         f"workdir: {workdir} is in use by another run (pid {holder}); wait "
         "for it to end, stop it, or use another --workdir") from None
-  try:
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
   except OSError as e:
-    f.close()
+    if f is not None:
+      f.close()
     raise ConfigError(f"workdir: cannot write to {workdir}: "
                       f"{e.strerror or e}") from None
   return f
 
 
 def is_no_space(e: BaseException) -> bool:
-  """Whether ``e`` or an exception it came from is a full disk (ENOSPC):
-  checkpoint libraries re-raise I/O errors as their own types."""
+  """Whether ``e`` or an exception it came from is a full disk (ENOSPC)."""
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-      return True
-    if os.strerror(errno.ENOSPC) in str(e):
+    if ((isinstance(e, OSError) and e.errno == errno.ENOSPC)
+        or os.strerror(errno.ENOSPC) in str(e)):
       return True
     e = e.__cause__ or e.__context__
   return False
 
 
-class _QuietNoSpace(logging.Filter):
-  """Drops the full-disk tracebacks Orbax's background saves log; :func:`run`
-  says it in one line."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.exc_info and is_no_space(record.exc_info[1]))
+def _not_no_space(record: logging.LogRecord) -> bool:
+  """A filter: drops the full-disk tracebacks Orbax's background saves log."""
+  return not (record.exc_info and is_no_space(record.exc_info[1]))
 
 
 def first_non_finite(losses: np.ndarray) -> int | None:
@@ -375,13 +329,10 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The parseable lines of ``metrics.jsonl`` (a killed run may leave half a line)."""
   path = os.path.join(workdir, "metrics.jsonl")
   rows = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError:
-          pass
+  with contextlib.suppress(FileNotFoundError), open(path) as f:
+    for line in f:
+      with contextlib.suppress(json.JSONDecodeError):
+        rows.append(json.loads(line))
   return rows
 
 
@@ -401,13 +352,12 @@ def plot_curves(workdir: str, title: str = "") -> str:
   epochs = [r["epoch"] for r in rows]
   fig, ax = plt.subplots(figsize=(7, 4))
   ax.plot(epochs, [100 * r["test_accuracy"] for r in rows], "C0-", label="test accuracy")
-  ax.set_xlabel("epoch")
+  ax.set(xlabel="epoch", title=title)
   ax.set_ylabel("test accuracy (%)", color="C0")
   ax2 = ax.twinx()
   ax2.plot(epochs, [100 * r["sparsity"] for r in rows], "C1--", label="sparsity")
   ax2.set_ylabel("sparsity (%)", color="C1")
   ax2.set_ylim(0, 100)
-  ax.set_title(title)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   path = os.path.join(workdir, "curves.png")
@@ -418,7 +368,9 @@ def plot_curves(workdir: str, title: str = "") -> str:
 
 def final_line(result: dict[str, Any]) -> str:
   return (f"final test_accuracy={result['test_accuracy']!r} "
-          f"sparsity={result['sparsity']!r}")
+          f"sparsity={result['sparsity']!r}" + "".join(
+              f" {k}={result[k]!r}" for k in ("val_loss", "val_perplexity")
+              if k in result))
 
 
 def config_json(config: ConfigDict) -> dict[str, Any]:
@@ -444,9 +396,8 @@ def _check_workdir(config: ConfigDict, workdir: str, resume: bool,
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-  """The fields in which the runs of two configs (as :func:`config_json`)
-  differ: only those a run uses (``recipe.same_run``); a config recorded in
-  the shape before ``method_kw`` is upgraded first (``experiments.legacy``)."""
+  """The fields a run uses in which two configs (as :func:`config_json`)
+  differ (``recipe.same_run``: old-shape configs upgraded first)."""
   try:
     return recipe.same_run(old, new)
   except ConfigError as e:  # Not a config of a run this harness makes.
@@ -468,48 +419,17 @@ def check_same_config(config: ConfigDict, workdir: str) -> None:
         "--workdir")
 
 
-# --- The loop ---------------------------------------------------------------------------
-
-
-def _say(bar, text: str) -> None:
-  if bar is not None and not bar.disable:
-    bar.write(text)
-  else:
-    print(text, flush=True)
-
-
-def _warn(text: str) -> None:
-  print(f"warning: {text}", file=sys.stderr, flush=True)
-
-
-def _report_finished(config: ConfigDict, workdir: str) -> dict[str, Any]:
-  """The result of a finished run of ``config`` in ``workdir``, printed."""
-  check_same_config(config, workdir)
-  with open(os.path.join(workdir, "final.json")) as f:
-    result = json.load(f)
-  print(f"{workdir}: finished before (final.json); skipped.", flush=True)
-  print(final_line(result), flush=True)
-  return result
-
-
 def run(config: ConfigDict, workdir: str, *, resume: bool = False,
         overwrite: bool = False, progress: bool = True,
         stop_after_epochs: int | None = None) -> dict[str, Any] | None:
-  """Trains ``config`` (``experiments/configs/_base.py``) in ``workdir``;
-  returns the final result (at once for a finished run of the same config,
-  unless ``overwrite``).
+  """Trains ``config`` in ``workdir``; returns the final result (at once for
+  a finished run of the same config, unless ``overwrite``: delete it first).
 
-  Args:
-    resume: continue from the newest checkpoint that restores (from scratch,
-      saying so, if there is none).
-    overwrite: delete a previous run in ``workdir`` first.
-    progress: a tqdm bar (on a terminal).
-    stop_after_epochs: stop, returning None, once this many epochs are done,
-      as if killed after the checkpoint (tests, time-sliced jobs).
-
-  Raises:
-    ConfigError: a bad config or workdir, or both ``resume`` and ``overwrite``.
-    RunError: a non-finite training loss, or no space left in ``workdir``.
+  ``resume``: from the newest checkpoint that restores (from scratch, saying
+  so, if none); ``progress``: a tqdm bar on a terminal; ``stop_after_epochs``:
+  return None once this many epochs are done, as if killed (tests, jobs).
+  Raises ConfigError (bad config or workdir, both resume and overwrite) or
+  RunError (non-finite loss, no space left).
   """
   t_start = time.time()
   if resume and overwrite:
@@ -518,9 +438,14 @@ def run(config: ConfigDict, workdir: str, *, resume: bool = False,
                       "it and starts over)")
   validate(config)
   if not overwrite and os.path.exists(os.path.join(workdir, "final.json")):
-    return _report_finished(config, workdir)
+    check_same_config(config, workdir)
+    with open(os.path.join(workdir, "final.json")) as f:
+      result = json.load(f)
+    print(f"{workdir}: finished before (final.json); skipped.", flush=True)
+    print(final_line(result), flush=True)
+    return result
   lock = lock_workdir(workdir)
-  quiet = _QuietNoSpace()
+  quiet = _not_no_space
   logging.getLogger().addFilter(quiet)
   logging.getLogger("absl").addFilter(quiet)
   try:
@@ -548,11 +473,9 @@ def _restore(setup: _Setup, mgr, step: int):
   template_aux = setup.template_aux(ckpt_phase)
   state = {"params": setup.params0, "batch_stats": setup.batch_stats0}
   template = dict(state, opt_state=phase.make_tx(template_aux).init(setup.params0))
-  meta = {"epoch": 0, "step": 0, "elapsed": 0.0}
-  restored = mgr.restore(step, args=ocp.args.StandardRestore(
-      _checkpoint_item(template, template_aux, meta)))
-  # Restored arrays come back committed to a device; fresh uncommitted
-  # copies keep the jitted steps' cache keys (same program either way).
+  restored = mgr.restore(step, args=ocp.args.StandardRestore(_checkpoint_item(
+      template, template_aux, {"epoch": 0, "step": 0, "elapsed": 0.0})))
+  # Fresh uncommitted copies keep the jitted steps' cache keys.
   restored = {k: jnp.asarray(np.asarray(v)) if isinstance(v, jax.Array) else v
               for k, v in restored.items()}
   return (ckpt_phase, _unflat("s", template, restored),
@@ -560,9 +483,8 @@ def _restore(setup: _Setup, mgr, step: int):
 
 
 def _restore_newest(setup: _Setup, workdir: str):
-  """``(manager, step, restored)`` of the newest checkpoint that restores
-  (None, None if none does); the others are moved to ``checkpoints.bad/``
-  with a warning each, so that training saves their steps again."""
+  """``(manager, step, restored)`` of the newest checkpoint that restores (or
+  None, None); newer ones go to ``checkpoints.bad/``, with a warning each."""
   mgr = _manager(workdir)
   bad = []
   found = None, None
@@ -572,8 +494,9 @@ def _restore_newest(setup: _Setup, workdir: str):
       break
     except Exception as e:  # pylint: disable=broad-except
       path = os.path.join(workdir, CHECKPOINT_DIR, str(step))
-      _warn(f"checkpoint {path} does not restore ({recipe.one_line(e)[:300]}); "
-            f"moved to {BAD_CHECKPOINT_DIR}/, trying an older one")
+      print(f"warning: checkpoint {path} does not restore "
+            f"({recipe.one_line(e)[:300]}); moved to {BAD_CHECKPOINT_DIR}/, "
+            "trying an older one", file=sys.stderr, flush=True)
       bad.append(step)
   if bad:
     mgr.close()
@@ -592,31 +515,21 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
   _atomic_write(os.path.join(workdir, "config.json"),
                 json.dumps(config_json(config), indent=2, sort_keys=True))
 
-  spe = setup.steps_per_epoch
-  total_epochs = setup.total_epochs
-  eval_step = _cached(("eval", config.model, config.width, config.dataset),
-                      lambda: _make_eval_step(setup.model, setup.has_bn))
+  spe, total_epochs = setup.steps_per_epoch, setup.total_epochs
 
-  # Restore, or start from the initial variables.
   state = {"params": setup.params0, "batch_stats": setup.batch_stats0,
            "opt_state": None}
   completed, elapsed0, ckpt_phase, aux = 0, 0.0, -1, None
-  if resume:
-    mgr, latest, restored = _restore_newest(setup, workdir)
-  else:
-    mgr, latest = _manager(workdir), None
+  mgr, latest, restored = (_restore_newest(setup, workdir) if resume
+                           else (_manager(workdir), None, None))
   if latest is not None:
     completed = int(latest)
     ckpt_phase, state, aux, elapsed0 = restored
-    _truncate_metrics(workdir, completed)
     print(f"{workdir}: resumed after epoch {completed}/{total_epochs} "
           f"(phase {setup.phases[ckpt_phase].name}).", flush=True)
-  else:
-    if resume:
-      print(f"{workdir}: nothing to resume (no checkpoint); starting fresh.",
-            flush=True)
-    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-      _truncate_metrics(workdir, 0)
+  elif resume:
+    print(f"{workdir}: nothing to resume (no checkpoint); starting fresh.", flush=True)
+  _truncate_metrics(workdir, completed)
 
   from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm.tqdm(total=total_epochs * spe, initial=completed * spe, unit="step",
@@ -641,7 +554,7 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
       if j > ckpt_phase:  # A fresh start of phase j.
         aux = None
         if phase.enter is not None:
-          params, aux = phase.enter(state["params"], state["opt_state"])
+          params, aux = phase.enter(state["params"])
           state = dict(state, params=params)
         tx = phase.make_tx(aux)
         state = dict(state, opt_state=tx.init(state["params"]))
@@ -667,18 +580,17 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
               f"stopped without saving that epoch: lower lr (now "
               f"{config.lr}) or guard the optimizer (optax.apply_if_finite)")
         completed = epoch + 1
-        accuracy = evaluate(setup, eval_step, state["params"], state["batch_stats"])
+        scores = evaluate(setup, state["params"], state["batch_stats"])
+        accuracy = scores["test_accuracy"]
         row = {
-            "epoch": completed,
-            "step": completed * spe,
-            "phase": phase.name,
+            "epoch": completed, "step": completed * spe, "phase": phase.name,
             # The float32 running sum, in step order.
             "train_loss": float(np.cumsum(losses, dtype=np.float32)[-1]) / spe,
-            "test_accuracy": accuracy,
-            "sparsity": sparsity_of(state["params"], state["opt_state"]),
+            **scores,
+            "sparsity": fj.sparsity_report(
+                state["params"], masks_of(state["opt_state"])).sparsity,
             "lr": float(phase.learning_rate((completed - start) * spe - 1)),
-            "time": round(elapsed0 + time.time() - t_start, 3),
-        }
+            "time": round(elapsed0 + time.time() - t_start, 3)}
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
         mgr.save(completed, args=ocp.args.StandardSave(_checkpoint_item(
@@ -687,10 +599,11 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{accuracy:.4f}",
                         sparsity=f"{row['sparsity']:.4f}")
         if bar.disable:
-          _say(bar, f"epoch {completed}/{total_epochs} [{phase.name}] "
-               f"loss {row['train_loss']:.4f} test_accuracy {accuracy:.4f} "
-               f"sparsity {row['sparsity']:.4f} lr {row['lr']:.3g} "
-               f"({row['time']:.1f}s)")
+          val = "".join(f" {k} {v:.4f}" for k, v in scores.items() if k[:4] == "val_")
+          print(f"epoch {completed}/{total_epochs} [{phase.name}] "
+                f"loss {row['train_loss']:.4f} test_accuracy {accuracy:.4f} "
+                f"sparsity {row['sparsity']:.4f} lr {row['lr']:.3g} "
+                f"({row['time']:.1f}s){val}", flush=True)
         if stop_after_epochs is not None and completed >= stop_after_epochs:
           mgr.wait_until_finished()
           failed = False
@@ -701,20 +614,20 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
   finally:
     bar.close()
     metrics_file.close()
-    # After a failure (e.g. a full disk) closing may fail the same way; the
-    # first error is the one to report.
+    # After a failure closing may fail the same way: report the first error.
     with contextlib.suppress(Exception) if failed else contextlib.nullcontext():
       mgr.close()
 
   return _finish(setup, workdir, state, completed,
-                 elapsed0 + time.time() - t_start, eval_step, masks)
+                 elapsed0 + time.time() - t_start, masks)
 
 
 def _finish(setup: _Setup, workdir: str, state, completed: int,
-            elapsed: float, eval_step, masks=None) -> dict[str, Any]:
+            elapsed: float, masks=None) -> dict[str, Any]:
   config = setup.config
   params = state["params"]
-  accuracy = evaluate(setup, eval_step, params, state["batch_stats"])
+  scores = evaluate(setup, params, state["batch_stats"])
+  accuracy = scores["test_accuracy"]
   if masks is None:
     masks = masks_of(state["opt_state"])
   report = fj.sparsity_report(params, masks)
@@ -725,29 +638,19 @@ def _finish(setup: _Setup, workdir: str, state, completed: int,
           f"test accuracy {100 * accuracy:.2f}%.\n\n{report}\n")
   print(report, flush=True)
   _atomic_write(os.path.join(workdir, "sparsity.md"), text)
-  flat = {f"params/{p}": np.asarray(x)
-          for p, x in fj.trees.leaves_with_paths(params)}
-  flat.update({f"batch_stats/{p}": np.asarray(x)
-               for p, x in fj.trees.leaves_with_paths(state["batch_stats"])})
+  flat = {f"{c}/{p}": np.asarray(x) for c in ("params", "batch_stats")
+          for p, x in fj.trees.leaves_with_paths(state[c])}
   np.savez(os.path.join(workdir, "final_params.npz"), **flat)
   plot_curves(workdir, f"{config.method}: {config.model} on {config.dataset}, "
               f"seed {config.seed}")
   result = {
-      "test_accuracy": accuracy,
-      "sparsity": report.sparsity,
-      "zero_fraction": zeros.sparsity,
-      "prunable_weights": report.size,
-      "pruned_weights": report.zeros,
-      "layers": report.as_dict(),
-      "epochs": completed,
-      "steps": completed * setup.steps_per_epoch,
-      "method": config.method,
-      "model": config.model,
-      "dataset": config.dataset,
-      "seed": config.seed,
-      "time": round(elapsed, 3),
-      "config": config_json(config),
-  }
+      **scores, "sparsity": report.sparsity,
+      "zero_fraction": zeros.sparsity, "prunable_weights": report.size,
+      "pruned_weights": report.zeros, "layers": report.as_dict(),
+      "epochs": completed, "steps": completed * setup.steps_per_epoch,
+      "method": config.method, "model": config.model,
+      "dataset": config.dataset, "seed": config.seed,
+      "time": round(elapsed, 3), "config": config_json(config), **setup.ds.info}
   _atomic_write(os.path.join(workdir, "final.json"),
                 json.dumps(result, indent=2, sort_keys=True))
   print(final_line(result), flush=True)

@@ -1,4 +1,1 @@
-"""Experiment configs: each file's `get_config()` returns an ml_collections.ConfigDict.
-
-Files starting with `_` are helpers, not configs.
-"""
+"""Experiment configs: each file's `get_config()` returns a ConfigDict (`_*`: helpers)."""

@@ -3,44 +3,35 @@
 A config names its method and passes its keyword arguments straight to it
 (big_vision style; override any field with ``--config.<field>=<value>``):
 
-  method       a name of ``fj.registry`` ("flipout", "st3", "rigl", ...), a
-               harness method ("dense"; "hoyer_square"; the post-training
-               methods "magnitude" and "unipts", run from ``init_from``), or
-               a key of ``presets``.
-  method_kw    its keyword arguments. A key ``<name>_epoch`` / ``<name>_epochs``
-               is given in epochs and passed as ``<name>`` (or ``<name>_step``)
-               in steps, ⌊epochs·steps_per_epoch⌋ ("every_epochs",
-               "start_epoch", "end_epoch", "freeze_epoch", ...). A config
-               shared by several methods holds the union: each method gets
-               the keys it takes. ``structure`` may be a string: "2:4"
-               (``fj.n_m``), "2:4+skip" (incompatible layers stay dense),
-               "units" (``fj.units()``). ``seed`` defaults to the run's seed.
-               ``sparsity`` None: 1 − (1 − prune_rate)^N for the N events at
-               start + k·prune_every < num_epochs (the FlipOut paper's rule).
-  presets      name -> {"method": registry name, **method_kw overrides}: the
-               variants a sweep's ``--grid method=...`` names (``PRESETS``).
-  target       the FlipOut paper's sparsity in percent (75, 93.75, 98.44,
-               99.61, 99.9): sets every_epochs to the paper's value ×
-               num_epochs / 350.
-  optimizer, optimizer_kw   ``optax.<optimizer>(learning_rate, **optimizer_kw)``
-               after coupled ``weight_decay`` (the paper's SGD); ``lr`` with
-               ``lr_schedule`` "piecewise" (× lr_decay_factor at each of
-               lr_decay_epochs), "cosine" or "constant"; ``grad_clip`` (a
-               global norm before the method) and ``sparse_init``
-               (``fj.sparse_init``) wrap the method.
-  hvp_temperature  logits / T of the ``loss_fn`` a method scores with (None:
-               200 for the θHg measure and GraSP, else 1).
-  init_from    the workdir of a finished run to start from (its final params).
-  calibration_size, calibration_labels  the post-training calibration set:
-               that many train images drawn by the seed; labels "teacher"
-               (the model's argmax) or "true".
+* ``method``: a ``fj.registry`` name ("flipout", "st3", "rigl", ...), a harness
+  method ("dense", "hoyer_square", the post-training ones, from ``init_from``)
+  or a key of ``presets``.
+* ``method_kw``: its keyword arguments (a config shared by several methods holds
+  the union; each gets the keys it takes). ``<name>_epoch(s)`` is in epochs,
+  passed as ``<name>`` (or ``<name>_step``) in ⌊epochs·steps_per_epoch⌋ steps.
+  ``structure``: "2:4" (``fj.n_m``), "2:4+skip" (incompatible layers stay
+  dense), "units". ``seed`` defaults to the run's. ``sparsity`` None: 1 − (1 −
+  prune_rate)^N for the N events at start + k·prune_every < num_epochs.
+* ``presets``: name -> {"method": registry name, **method_kw overrides}, the
+  variants a sweep's ``--grid method=...`` names (``PRESETS``).
+* ``target``: the FlipOut paper's sparsity in percent (75, 93.75, 98.44, 99.61,
+  99.9): every_epochs = the paper's × num_epochs / 350.
+* ``optimizer``, ``optimizer_kw``: ``optax.<optimizer>(lr, **optimizer_kw)``
+  after coupled ``weight_decay``; ``lr_schedule`` "piecewise" (× lr_decay_factor
+  at each of lr_decay_epochs), "cosine" or "constant"; ``grad_clip`` (global
+  norm, before the method) and ``sparse_init`` (``fj.sparse_init``) wrap it.
+* ``hvp_temperature``: logits / T of the ``loss_fn`` a method scores with
+  (None: 200 for the θHg measure and GraSP, else 1).
+* ``init_from``: a finished run's workdir to start from (its final params);
+  ``calibration_size``, ``calibration_labels``: the post-training calibration
+  set, that many train images drawn by the seed, labelled "teacher" (the
+  model's argmax) or "true".
 """
 
 from ml_collections import config_dict
 
 # The paper's CIFAR-10 schedules (350 epochs, prune_rate 0.5): target sparsity
-# in percent -> prune_every in epochs. Events at k * prune_every < 350 give
-# 2, 4, 6, 8, 10 halvings.
+# (%) -> prune_every (epochs); events at k * prune_every < 350: 2 ... 10 halvings.
 PAPER_NUM_EPOCHS = 350
 PAPER_TARGETS = {75.0: 117, 93.75: 70, 98.44: 50, 99.61: 39, 99.9: 32}
 
@@ -102,14 +93,10 @@ def mnist5k_config(model: str, method: str, *, num_epochs: int = 80,
                    lr_schedule: str = "piecewise",
                    lr_decay_epochs: tuple[float, ...] | None = (74, 78),
                    **method_kw) -> config_dict.ConfigDict:
-  """The CPU-scale recipe shared by the mnist_5k tables of every method.
-
-  4,000 training / 1,000 test images of the embedded MNIST subset, batch 128
-  (31 steps per epoch), SGD lr 0.05 with momentum 0.9 and coupled weight
-  decay 5e-4. By default 80 epochs with the lr ×0.1 at epochs 74 and 78
-  (after FlipOut's last event, at epoch 72); ``lr_decay_epochs=None`` keeps
-  the base default (for a cosine schedule).
-  """
+  """The CPU-scale recipe of the mnist_5k tables: 4,000 train / 1,000 test
+  images, batch 128 (31 steps per epoch), SGD lr 0.05, momentum 0.9, coupled
+  weight decay 5e-4; by default 80 epochs, lr ×0.1 at epochs 74 and 78 (after
+  FlipOut's last event, at 72; None keeps the base default, for cosine)."""
   c = base_config()
   c.method = method
   c.model = model
@@ -124,7 +111,12 @@ def mnist5k_config(model: str, method: str, *, num_epochs: int = 80,
 
 def paper_cifar10_config(model: str, hoyer_lambda: float,
                          target=None) -> config_dict.ConfigDict:
-  """The FlipOut paper's CIFAR-10 recipe for ``model`` (VGG19, ResNet18)."""
+  """The FlipOut paper's CIFAR-10 recipe for ``model`` (VGG19, ResNet18).
+
+  SGD lr 0.1, momentum 0.9, coupled weight decay 5e-4, batch 128, 350 epochs,
+  lr ×0.1 at epochs 150 and 250, random crop (pad 4) + horizontal flip.
+  ``target`` picks the paper's prune_every (``PAPER_TARGETS``).
+  """
   c = base_config()
   c.model = model
   c.dataset = "cifar10"

@@ -1,14 +1,6 @@
-"""DST (DST-EE, RigL, SET) and a static random sparse mask: LeNet-5, mnist_5k.
-
-CPU scale (issue 5); as `dst_lenet300100_mnist5k.py` but LeNet-5 (60,850
-prunable weights) for 12 epochs (a LeNet-5 step costs ~10x a LeNet-300-100
-step): SGD lr 0.05, momentum 0.9, weight decay 5e-4, cosine lr; ERK random
-start; a mask update every half epoch (ΔT = 15 steps) until epoch 9 (3/4 of
-the run); c = 1e-3.
-
-    python -m experiments.sweep --config experiments/configs/dst_lenet5_mnist5k.py \
-        --grid method=dst_ee,rigl,set,static_random --grid sparsity=0.9,0.95,0.98 \
-        --seeds 42,43,44 --workers 1 --out experiments/results/dst_lenet5
+"""`dst_lenet300100_mnist5k.py` on LeNet-5 (60,850 prunable weights) for 12
+epochs (a step costs ~10x): a mask update every half epoch (ΔT = 15 steps)
+until epoch 9 (3/4). The table's command: experiments/results/dst_lenet5/results.md.
 """
 
 from experiments.configs import _base

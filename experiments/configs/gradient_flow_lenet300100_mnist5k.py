@@ -1,18 +1,13 @@
 """Gradient-flow pruning (Lubana & Dick 2021) of LeNet-300-100 on `mnist_5k`.
 
-CPU-scale protocol: prune while training from scratch in 10 rounds of one
-epoch (31 steps at batch 128), round k removing p/(k·p + n(1−p)) of what is
-left (exactly `sparsity` after round 10, at the first step of epoch 11), the
-momentum reset after each event; then train on to 30 epochs with the mask
-fixed. SGD lr 0.05, momentum 0.9, coupled weight decay 5e-4, lr ×0.1 at
-epochs 22 and 27.
+CPU scale: prune while training from scratch in 10 rounds of one epoch, round k
+removing p/(k·p + n(1−p)) of what is left (exactly `sparsity` at the first step
+of epoch 11), momentum reset after each event; then on to 30 epochs with the
+mask fixed. SGD lr 0.05, momentum 0.9, weight decay 5e-4, lr ×0.1 at 22 and 27.
 
     python -m experiments.main --config experiments/configs/gradient_flow_lenet300100_mnist5k.py \
         --config.measure=gradient_norm_preservation --config.sparsity=0.98
     python -m experiments.main --config ... --config.method=grasp   # one shot at init
-
-Fields: see `experiments/methods_gradient_flow.py` (measure, rounds,
-round_epochs, structured, reset_moments, hvp_temperature).
 """
 
 from experiments.configs import _base

@@ -1,21 +1,14 @@
 """N:M structured sparsity on LeNet-300-100, mnist_5k: `method_kw.structure`.
 
-CPU scale; the recipe of the other LeNet-300-100 configs (80 epochs of SGD
-lr 0.05, momentum 0.9, coupled weight decay 5e-4, lr ×0.1 at epochs 74 and
-78; about 20 s per run on 2 CPU cores). Every LeNet-300-100 layer has 784,
-300 or 100 inputs, divisible by 2 and 4, so every layer ends exactly N:M and
-the sparsity is 1 − N/M (50 % at 2:4, 75 % at 1:4; `sparsity` None). Every
-method takes the pattern (`structure="2:4"`, or `fj.n_m(2, 4)` in a config
-file); the gradual ones share one window, epochs 2.5 → 40 (the reference
-ST-3 proportions, 5 → 80 of 160): ST-3's cubic ramp, and global magnitude /
-FlipOut's events; ST-3 fine-tunes the last 5 epochs under the frozen mask;
-RigL drop-and-grows every epoch until epoch 60 (3/4 of the run).
+The mnist5k recipe (80 epochs, ~20 s a run). Every layer has 784, 300 or 100
+inputs, so ends exactly N:M: sparsity 1 − N/M (50 % at 2:4, 75 % at 1:4). The
+gradual methods share epochs 2.5 → 40 (ST-3's reference proportions, 5 → 80 of
+160): ST-3's cubic ramp (the last 5 epochs fine-tune under the frozen mask),
+global magnitude / FlipOut's events; RigL updates every epoch until epoch 60.
+The table's command: experiments/results/nm_lenet300100/results.md.
 
     python -m experiments.main --config experiments/configs/nm_lenet300100_mnist5k.py \
         --config.method_kw.structure=2:4
-    python -m experiments.sweep --config experiments/configs/nm_lenet300100_mnist5k.py \
-        --grid method=dense,global_magnitude,flipout,st3,rigl --grid structure=2:4,1:4 \
-        --seeds 42,43,44 --workers 1 --out experiments/results/nm_lenet300100
 """
 
 from experiments.configs import _base

@@ -1,31 +1,23 @@
 """ST-3 / ST-3σ on LeNet-300-100, mnist_5k: the FlipOut main job's recipe.
 
-CPU scale (issue 4). Same data, epochs and optimizer as
-`flipout_lenet300100_mnist5k.py` (so the rows compare with the FlipOut
-reproduction table): 80 epochs, batch 128, SGD lr 0.05 momentum 0.9, coupled
-weight decay 5e-4 (on the raw weights), lr ×0.1 at epochs 74 and 78, no
-gradient clipping. The final sparsity is the FlipOut table's: `target` (one
-of 75, 93.75, 98.44, 99.61, 99.9 %, the value 1 − 0.5^N the FlipOut schedule
-reaches), or an explicit `sparsity`. ST-3's cubic ramp follows the
-reference's proportions (epoch 5 → 80 of 160): from epoch 2.5 to epoch 40;
-the last 5 epochs (75-80) fine-tune under the frozen mask, as the
-reference's 10 fine-tuning epochs after 160.
-
-    python -m experiments.main --config experiments/configs/st3_lenet300100_mnist5k.py
-    python -m experiments.sweep --config experiments/configs/st3_lenet300100_mnist5k.py \
-        --grid method=st3,st3_sigma --grid target=75,93.75,98.44,99.61 \
-        --seeds 42,43,44 --workers 1 --out experiments/results/st3_lenet300100
+CPU scale (issue 4): the data, epochs and optimizer of
+`flipout_lenet300100_mnist5k.py` (rows compare with its table), weight decay on
+the raw weights, no gradient clipping; sparsity `target` (1 − 0.5^N) or
+`sparsity`. The cubic ramp follows the reference's proportions (epoch 5 → 80 of
+160): epochs 2.5 → 40; the last 5 fine-tune under the frozen mask (the
+reference's 10 after 160). The table's command:
+experiments/results/st3_lenet300100/results.md.
 """
 
 from experiments.configs import _base
 
 
-def get_config():
-  c = _base.mnist5k_config("lenet300100", method="st3", start_epoch=2.5,
-                           end_epoch=40.0, freeze_epoch=75.0)
+def get_config(model: str = "lenet300100", **kw):
+  """``kw``: ``_base.mnist5k_config``'s (the LeNet-5 file's epochs and ramp)."""
+  c = _base.mnist5k_config(model, method="st3", **{
+      "start_epoch": 2.5, "end_epoch": 40.0, "freeze_epoch": 75.0, **kw})
   c.target = 99.61  # 1 - 0.5^8, the FlipOut main job's sparsity
   # The FlipOut family on this config: the paper's events from epoch 0.
   for name in ("flipout", "global_magnitude"):
-    c.presets[name] = dict(c.presets.get(name, {}), start_epoch=0.0,
-                           end_epoch=None)
+    c.presets[name] = dict(c.presets.get(name, {}), start_epoch=0.0, end_epoch=None)
   return c
