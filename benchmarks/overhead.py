@@ -42,6 +42,8 @@ def methods(inner):
       "snip": fj.snip(inner, sparsity=0.99, start_step=EVENT),
       "noisy_global_magnitude": fj.global_magnitude(inner, noise_scale=1.0, **common),
       "flipout": fj.flipout(inner, **common),
+      "flipout (hash noise)": fj.flipout(inner, noise_generator="hash",
+                                         **common),
   }
 
 

@@ -270,6 +270,64 @@ class NoiseTest(parameterized.TestCase):
     expected = 0.7 * float(jnp.linalg.norm(g)) / math.sqrt(g.size)
     self.assertLess(abs(measured / expected - 1.0), 0.02)
 
+  def test_hash_generator_normals_are_standard_and_independent(self):
+    n = 1000
+    key = jax.random.PRNGKey(5)
+    z = np.asarray(fj.noise.normal16(key, (n, n), "hash"), np.float64).ravel()
+    tol = 4.0 / n  # 4 standard errors of a mean / correlation over n² draws
+    self.assertLess(abs(z.mean()), tol)
+    self.assertLess(abs(z.std() - 1.0), 0.01)
+    self.assertLess(abs(np.corrcoef(z[:-1], z[1:])[0, 1]), tol)
+    # Rows (the two halves of a word lie along the first even axis).
+    grid = z.reshape(n, n)
+    self.assertLess(abs(np.corrcoef(grid[:-1].ravel(),
+                                    grid[1:].ravel())[0, 1]), tol)
+    for other in (jax.random.fold_in(key, 1), jax.random.PRNGKey(6)):
+      w = np.asarray(fj.noise.normal16(other, (n, n), "hash")).ravel()
+      self.assertLess(abs(np.corrcoef(z, w)[0, 1]), tol)
+    bits = np.asarray(fj.noise.hash_bits(key, (1 << 18,)))
+    freq = ((bits[:, None] >> np.arange(32, dtype=np.uint32)) & 1).mean(0)
+    np.testing.assert_array_less(np.abs(freq - 0.5), 4 * 0.5 / 2**9)
+    # A typed key hashes like its raw words; the draw is deterministic.
+    typed = jax.random.wrap_key_data(key)
+    np.testing.assert_array_equal(fj.noise.hash_bits(typed, (7, 3)),
+                                  fj.noise.hash_bits(key, (7, 3)))
+
+  def test_hash_generator_table_is_the_inverse_cdf(self):
+    key = jax.random.PRNGKey(2)
+    words = fj.noise.hash_bits(key, (3, 10))
+    halves = jnp.stack([words >> 16, words & 0xFFFF], axis=1).reshape(6, 10)
+    want = jax.jit(fj.noise._inverse_cdf16)(halves)
+    np.testing.assert_array_equal(
+        jax.jit(lambda k: fj.noise.normal16(k, (6, 10), "hash"))(key), want)
+
+  def test_noise_generator_is_validated(self):
+    with self.assertRaisesRegex(ValueError, "noise_generator"):
+      fj.noise.gradient_noise(1.0, generator="philox")
+    with self.assertRaisesRegex(ValueError, "noise_generator"):
+      fj.flipout(optax.sgd(0.1), sparsity=0.5, every=2, exact_noise=True,
+                 noise_generator="hash")
+
+  def test_flipout_with_hash_noise_prunes_to_exact_zeros(self):
+    params = mlp_params()
+    runs = []
+    for generator in ("hash", "hash", "threefry"):
+      tx = fj.flipout(optax.sgd(0.1), sparsity=0.75, every=2,
+                      noise_generator=generator, seed=1)
+      p, state = params, tx.init(params)
+      for t in range(5):
+        grads = jax.grad(mlp_loss)(p, *batch(t))
+        updates, state = jax.jit(tx.update)(grads, state, p)
+        p = optax.apply_updates(p, updates)
+      masks = fj.get_masks(state)
+      for m, w in zip(fj.trees.prunable_leaves(masks, masks),
+                      fj.trees.prunable_leaves(masks, p)):
+        self.assertTrue(bool(jnp.all(jnp.where(m, 0.0, w) == 0.0)))
+      runs.append(p)
+    chex.assert_trees_all_equal(runs[0], runs[1])  # same seed, same run
+    self.assertFalse(all(bool(jnp.array_equal(a, b)) for a, b in zip(
+        jax.tree.leaves(runs[0]), jax.tree.leaves(runs[2]))))
+
   def test_zero_scale_adds_no_noise(self):
     params = mlp_params()
     grads = jax.grad(mlp_loss)(params, *batch(0))

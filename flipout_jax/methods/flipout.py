@@ -67,7 +67,8 @@ def periodic_schedule(sparsity: float, every: int | None,
 def flipout(inner: optax.GradientTransformation, *, sparsity: float,
             every: int | None = None, prune_rate: float = 0.5,
             p: float = 2.0, noise_scale: float = 1.0, noise_on: str = "all",
-            exact_noise: bool = False, start_step: int = 0, end_step: int | None = None,
+            exact_noise: bool = False, noise_generator: str = "threefry",
+            start_step: int = 0, end_step: int | None = None,
             distribution="global", structure=None, filter_fn=None,
             seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """FlipOut: prune the weights whose sign oscillates, ``τ = |θ|^p/(flips+1)``.
@@ -84,6 +85,9 @@ def flipout(inner: optax.GradientTransformation, *, sparsity: float,
     noise_on: ``"all"`` leaves (the reference) or ``"prunable"`` only.
     exact_noise: use ``jax.random.normal`` rather than the cheaper 16-bit
       inverse-CDF normals (see :mod:`flipout_jax.noise`).
+    noise_generator: the random words of those normals, ``"threefry"``
+      (JAX's) or ``"hash"`` (a counter hash, ~8x cheaper to draw; see
+      :func:`flipout_jax.noise.hash_bits`).
     start_step: the first event is at ``start_step + every``.
     end_step: reach ``sparsity`` at (or just before) this step instead of
       giving ``every`` (then ``every = (end_step − start_step) // n``, ``n``
@@ -114,14 +118,17 @@ def flipout(inner: optax.GradientTransformation, *, sparsity: float,
       schedule=periodic_schedule(sparsity, every, prune_rate,
                                  start_step, end_step),
       distribution=distribution, structure=structure,
-      noise=noise.gradient_noise(noise_scale, on=noise_on, exact=exact_noise),
+      noise=noise.gradient_noise(noise_scale, on=noise_on, exact=exact_noise,
+                                 generator=noise_generator),
       tracker=flip_counter(), filter_fn=filter_fn, seed=seed, name="flipout")
 
 
 def global_magnitude(inner: optax.GradientTransformation, *, sparsity: float,
                      every: int | None = None, prune_rate: float = 0.5,
                      noise_scale: float = 0.0, noise_on: str = "all",
-                     exact_noise: bool = False, start_step: int = 0, end_step: int | None = None,
+                     exact_noise: bool = False,
+                     noise_generator: str = "threefry", start_step: int = 0,
+                     end_step: int | None = None,
                      distribution="global", structure=None, filter_fn=None,
                      seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Gradual magnitude pruning on FlipOut's schedule; score ``|θ|``.
@@ -134,7 +141,8 @@ def global_magnitude(inner: optax.GradientTransformation, *, sparsity: float,
       schedule=periodic_schedule(sparsity, every, prune_rate,
                                  start_step, end_step),
       distribution=distribution, structure=structure,
-      noise=noise.gradient_noise(noise_scale, on=noise_on, exact=exact_noise),
+      noise=noise.gradient_noise(noise_scale, on=noise_on, exact=exact_noise,
+                                 generator=noise_generator),
       filter_fn=filter_fn, seed=seed, name="global_magnitude")
 
 
