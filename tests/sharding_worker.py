@@ -173,6 +173,7 @@ def main(out):
   shape = (16, 32)
   draws = {
       "normal16": lambda k: fj.noise.normal16(k, shape),
+      "normal16 hash": lambda k: fj.noise.normal16(k, shape, "hash"),
       "random.normal": lambda k: jax.random.normal(k, shape),
       "random.uniform": lambda k: jax.random.uniform(k, shape),
   }
@@ -185,7 +186,7 @@ def main(out):
       sharded = np.asarray(compiled(key))
       entry = {"bit_equal": bool(np.array_equal(single.view(np.uint32),
                                                 sharded.view(np.uint32)))}
-      if name == "normal16":
+      if name.startswith("normal16"):
         entry["max_u32_elements"] = max(u32_sizes(compiled.as_text()) or [0])
         entry["shard_elements"] = int(np.prod(sharding.shard_shape(shape)))
       rng_report[f"{name} {spec}"] = entry

@@ -267,11 +267,12 @@ def test_elementwise_gradients_give_bitwise_identical_runs(worker, name):
 
 def test_random_draws_are_sharding_invariant_and_drawn_per_shard(worker):
   rng = worker[0]["rng"]
-  assert len(rng) == 6
+  assert len(rng) == 8
   for name, entry in rng.items():
     assert entry["bit_equal"], name
     if "max_u32_elements" in entry:
-      # normal16: each device draws (half) its shard's words, not the tensor's.
+      # normal16 (threefry or hash words): each device draws (half) its
+      # shard's words, not the tensor's.
       assert entry["max_u32_elements"] <= entry["shard_elements"], (name, entry)
 
 
