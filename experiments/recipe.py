@@ -11,7 +11,8 @@ names it, and its errors come back with the config key they came from.
 Methods are ``fj.registry`` names, and four of the harness: "dense" (the
 optimizer alone), "hoyer_square" (the regulariser, then threshold and
 fine-tune under the fixed mask) and the post-training methods "magnitude"
-(one shot, global or per-layer ``distribution``), "wanda" and "sparsegpt"
+(one shot, global or per-layer ``distribution``; with a ``structure``,
+``fj.post_training.prune``'s N:M magnitude), "wanda" and "sparsegpt"
 (``fj.post_training.prune``) and "unipts" (``fj.unipts.run``), BatchNorm
 recalibrated on the calibration set, which run as the
 only phase of a run that starts from a dense run's final params
@@ -47,7 +48,7 @@ HARNESS = {
     "hoyer_square": dict(strength=REQUIRED, threshold=1e-4, finetune_epochs=0,
                          finetune_lr=0.01, finetune_lr_schedule="constant",
                          finetune_lr_decay_epochs=()),
-    "magnitude": dict(sparsity=REQUIRED, distribution="global"),
+    "magnitude": dict(sparsity=REQUIRED, distribution="global", structure=None),
     **{m: dict(sparsity=REQUIRED, allocation="uniform", structure=None,
                owl_threshold=5.0, owl_lambda=0.08,
                **(dict(block_size=128, dampening=0.01) if m == "sparsegpt"
@@ -322,9 +323,10 @@ def phases(spec: dict[str, Any], spe: int) -> list[Phase]:
     if spec["calibration_labels"] not in CALIBRATION_LABELS:
       raise ConfigError(f"calibration_labels: {spec['calibration_labels']!r}; "
                         f"valid: {', '.join(CALIBRATION_LABELS)}")
-    if name in ("wanda", "sparsegpt"):  # Check the arguments now.
+    if name in ("wanda", "sparsegpt") or kw.get("structure"):  # Check now.
       _library(name, source, lambda: fj.post_training.check_arguments(
-          name, kw["allocation"], kw["structure"], kw["sparsity"]))
+          name, kw.get("allocation", kw.get("distribution")),
+          kw["structure"], kw["sparsity"]))
     if name == "unipts":  # Check the arguments now.
       _library(name, source, lambda: fj.unipts.UniPTSConfig(**{
           k: v for k, v in kw.items() if k not in ("sparsity", "seed", "search")}))
@@ -385,10 +387,13 @@ def post_train(name, kw, spec, model, variables, ds):
     r = _library(name, {k: k for k in kw}, lambda: fj.unipts.run(
         model.apply, variables, x, calibration_y=labels, log_fn=print, **kw))
     return jax.device_get(r.variables), r.masks, dict(r.report, **report)
-  if name in ("wanda", "sparsegpt"):
+  if name in ("wanda", "sparsegpt") or kw.get("structure"):  # N:M magnitude
+    pt_kw = kw if name != "magnitude" else dict(
+        sparsity=kw["sparsity"], structure=kw["structure"],
+        allocation=kw["distribution"])
     r = _library(name, {k: k for k in kw}, lambda: fj.post_training.prune(
         lambda v, xb: model.apply(v, xb, train=False), variables, x,
-        method=name, **kw))
+        method=name, **pt_kw))
     sparse, masks = r.variables, r.masks
     report["post_training"] = r.report
   else:

@@ -439,3 +439,62 @@ def test_n_m_incompatible_layer_is_named_or_skipped():
                structure=fj.n_m(2, 8, skip_incompatible=True))
   assert r.report["skipped"] == ["a/kernel"] and sorted(r.sparsities) == [
       "b/kernel", "c/kernel"]
+
+
+# --- Sharded calibration ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+  """tests/post_training_sharding_worker.py on 4 CPU devices (a subprocess:
+  a process's device count is fixed when its backend starts), with
+  test_sharding's environment."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from test_sharding import REPO, _env, _load  # pylint: disable=g-import-not-at-top
+  out = tmp_path_factory.mktemp("pt_sharding") / "worker.npz"
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "tests" / "post_training_sharding_worker.py"),
+       str(out)], cwd=REPO, env=_env(4), capture_output=True, text=True,
+      timeout=900, check=False)
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+  return _load(out)
+
+
+def test_sharded_calibration_equals_one_device(sharded):
+  """Calibration batch over "data", kernels over their outputs ("model"):
+  the same masks, the same weights up to the float sums' order, and the
+  pruned kernels stay sharded over their outputs."""
+  report, arrays = sharded
+  assert report["device_count"] == 4
+  singles = [k for k in arrays if "/single/" in k]
+  assert len(singles) > 40
+  for key in singles:
+    for where in ("sharded", "explicit"):
+      other = key.replace("/single/", f"/{where}/")
+      if where == "explicit" and other not in arrays:
+        continue
+      a, b = arrays[key], arrays[other]
+      if a.dtype == bool or key.startswith(("magnitude/", "wanda")):
+        np.testing.assert_array_equal(b, a, err_msg=other)  # no float sum
+      else:
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=other)
+  assert any("/explicit/" in k for k in arrays)
+  assert set(report["result_specs"].values()) == {"P(None, 'model')"}
+
+
+def test_sharded_statistics_reduce_over_the_batch_and_keep_the_kernel_sharded(
+    sharded):
+  """What crosses devices (layer b: input 32 = a's outputs, sharded over
+  "model"; kernel 32×24 over "model"): the statistics gather each example's
+  features and all-reduce sq / XᵀX over the batch shards; the SparseGPT
+  solve gathers the [in, in] Gram matrix (and small vectors), never the
+  kernel."""
+  report, _ = sharded
+  stats = report["stats_collectives"]
+  assert any(c.startswith("all-reduce") for c in stats), stats
+  assert not any(c.startswith("all-gather") and "f32[64" in c for c in stats)
+  solve = report["sparsegpt_collectives"]
+  assert any(c.startswith("all-gather f32[32,32]") for c in solve), solve
+  for c in stats + solve:
+    assert "[32,24]" not in c and "[24,32]" not in c, c  # the kernel

@@ -121,6 +121,16 @@ def _conv_stats(eqn, invals):
   return view, x2
 
 
+def _gram(x2: jax.Array) -> jax.Array:
+  """``XᵀX``. On a mesh of explicit axes a batch-sharded ``X`` makes the
+  contraction's output sharding ambiguous, so it is named: replicated (the
+  partial sums of the batch shards all-reduced); GSPMD infers its own."""
+  spec = getattr(getattr(jax.typeof(x2), "sharding", None), "spec", None)
+  if spec is not None and any(axis is not None for axis in spec):
+    return jnp.matmul(x2.T, x2, out_sharding=jax.sharding.PartitionSpec())
+  return x2.T @ x2
+
+
 def _bind(eqn, invals):
   with eqn.ctx.manager:
     return eqn.primitive.bind(*invals,
@@ -159,7 +169,7 @@ def _eval(jaxpr, consts, args, tags, target, gram, found):
                          "post-training methods") from None
       x2 = x2.astype(jnp.float32)
       found.append(_Found(view, jnp.sum(x2 * x2, axis=0),
-                          x2.T @ x2 if gram else None))
+                          _gram(x2) if gram else None))
       outs = _bind(eqn, invals)
     elif sub is not None:
       outs = _eval(sub[0], sub[1], invals, is_t, target, gram, found)
