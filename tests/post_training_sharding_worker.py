@@ -128,6 +128,11 @@ def main(out):
                                                        *w.shape))
   solve = solvers._sparsegpt.lower(w, gram, counts, None, 8, 0.01).compile()  # pylint: disable=protected-access
   report["sparsegpt_collectives"] = collectives(solve.as_text())
+  k = round(0.6 * w.size)
+  report["wanda_collectives"] = collectives(jax.jit(
+      lambda w, sq: solvers.wanda(w, sq, k)).lower(w, sq).compile().as_text())
+  report["magnitude_collectives"] = collectives(jax.jit(
+      lambda w: solvers.magnitude(w, k)).lower(w).compile().as_text())
   report["kernel_shape"] = list(w.shape)
   np.savez(out, report=json.dumps(report), **arrays)
 

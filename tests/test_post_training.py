@@ -488,7 +488,8 @@ def test_sharded_statistics_reduce_over_the_batch_and_keep_the_kernel_sharded(
   """What crosses devices (layer b: input 32 = a's outputs, sharded over
   "model"; kernel 32×24 over "model"): the statistics gather each example's
   features and all-reduce sq / XᵀX over the batch shards; the SparseGPT
-  solve gathers the [in, in] Gram matrix (and small vectors), never the
+  solve gathers the [in, in] Gram matrix (and small vectors), Wanda the
+  [in] norms, per-layer magnitude all-reduces a histogram; none gathers the
   kernel."""
   report, _ = sharded
   stats = report["stats_collectives"]
@@ -496,5 +497,8 @@ def test_sharded_statistics_reduce_over_the_batch_and_keep_the_kernel_sharded(
   assert not any(c.startswith("all-gather") and "f32[64" in c for c in stats)
   solve = report["sparsegpt_collectives"]
   assert any(c.startswith("all-gather f32[32,32]") for c in solve), solve
+  assert report["wanda_collectives"] == ["all-gather f32[32]{0}"]  # ‖X_i‖²
+  assert all(c.startswith("all-reduce s32") for c in
+             report["magnitude_collectives"])  # the top-k's histogram
   for c in stats + solve:
     assert "[32,24]" not in c and "[24,32]" not in c, c  # the kernel

@@ -3,7 +3,7 @@
     from flipout_jax import post_training
     result = post_training.prune(
         lambda v, x: model.apply(v, x, train=False), variables, calib_x,
-        sparsity=0.5, method="sparsegpt")            # or "wanda", "magnitude"
+        sparsity=0.5, method="sparsegpt")  # "wanda", "magnitude", "unipts"
     result.variables     # the sparse variables (pruned weights exactly 0.0)
     result.sparsities    # {"fc1/kernel": 0.5, ...}
     result.report        # per layer: count, relative reconstruction error
@@ -28,6 +28,24 @@ Allocation of the per-layer sparsities ``S_l``:
   global count ``round(S·N)`` is split over the layers (:func:`split_count`:
   largest remainders, a layer capped at ``n_l − 1`` pruned, what it cannot
   take going to the others), so it is exact.
+
+``method="unipts"`` runs :func:`flipout_jax.unipts.run` behind the same
+entry point (``allocation="search"``: its genetic search; ``"uniform"``: P
+in every layer; ``unipts_kw``: its other arguments) and returns the same
+:class:`PostTrainingResult` fields.
+
+**Batches and sharding.** ``batch_size=b`` sums each layer's statistics
+over batches of ``b`` examples. Under ``jax.sharding`` (GSPMD / auto mesh
+axes; tested on a 2 × 2 ("data", "model") CPU mesh with the calibration
+batch over "data" and the kernels over their outputs) nothing is gathered
+by this code; what XLA exchanges (``tests/post_training_sharding_worker.py``
+records it): the statistics gather the features of each device's own batch
+shard and all-reduce ``‖X_i‖²`` and ``XᵀX`` over the batch; SparseGPT
+gathers the ``in × in`` Gram matrix (its Cholesky factor needs all of it)
+and solves each device's output columns there, the kernel staying sharded;
+Wanda gathers the ``[in]`` norms only; per-layer magnitude all-reduces the
+top-k's integer histogram. On explicit-axes meshes magnitude and
+unstructured SparseGPT run; Wanda, N:M and batches do not yet.
 
 BatchNorm statistics are not recalibrated here
 (:func:`flipout_jax.unipts.recalibrate_batch_stats` does it). Leaves the
