@@ -6,8 +6,10 @@ fields; the same spec is the same run (:func:`same_run`: a sweep skips it).
 :func:`phases` builds a spec into :class:`Phase` s; the library checks every
 argument, its errors naming the config key. Methods: ``fj.registry`` names and
 ``HARNESS``: "dense" (the optimizer alone), "hoyer_square" (regulariser, then
-threshold and fine-tune under the fixed mask) and ``POST_TRAINING``, the only
-phase of a run from a dense run's params (``init_from``; BatchNorm recalibrated).
+threshold and fine-tune under the fixed mask) and ``POST_TRAINING`` (magnitude,
+with a ``structure`` ``fj.post_training``'s N:M magnitude; wanda, sparsegpt;
+unipts), the only phase of a run from a dense run's params (``init_from``;
+BatchNorm recalibrated).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ RUN_FIELDS = ("model", "width", "dataset", "data_dir", "augment", "seed",
 HARNESS = {
     "dense": {},
     "hoyer_square": dict(_base.PRESETS["hoyer_square"], strength=REQUIRED),
-    "magnitude": dict(sparsity=REQUIRED, distribution="global"),
+    "magnitude": dict(sparsity=REQUIRED, distribution="global", structure=None),
     **{m: dict(sparsity=REQUIRED, allocation="uniform", structure=None,
                owl_threshold=5.0, owl_lambda=0.08,
                **(dict(block_size=128, dampening=0.01) if m == "sparsegpt"
@@ -296,9 +298,10 @@ def phases(spec: dict[str, Any], spe: int) -> list[Phase]:
     if spec["calibration_labels"] not in CALIBRATION_LABELS:
       raise ConfigError(f"calibration_labels: {spec['calibration_labels']!r}; "
                         f"valid: {', '.join(CALIBRATION_LABELS)}")
-    if name in ("wanda", "sparsegpt"):  # Check the arguments now.
+    if name in ("wanda", "sparsegpt") or kw.get("structure"):  # Check now.
       _library(name, source, lambda: fj.post_training.check_arguments(
-          name, kw["allocation"], kw["structure"], kw["sparsity"]))
+          name, kw.get("allocation", kw.get("distribution")),
+          kw["structure"], kw["sparsity"]))
     if name == "unipts":  # Check the arguments now.
       _library(name, source, lambda: fj.unipts.UniPTSConfig(**{
           k: v for k, v in kw.items() if k not in ("sparsity", "seed", "search")}))
@@ -355,10 +358,13 @@ def post_train(name, kw, spec, model, variables, ds):
     r = _library(name, {k: k for k in kw}, lambda: fj.unipts.run(
         model.apply, variables, x, calibration_y=labels, log_fn=print, **kw))
     return jax.device_get(r.variables), r.masks, dict(r.report, **report)
-  if name in ("wanda", "sparsegpt"):
+  if name in ("wanda", "sparsegpt") or kw.get("structure"):  # N:M magnitude
+    pt_kw = kw if name != "magnitude" else dict(
+        sparsity=kw["sparsity"], structure=kw["structure"],
+        allocation=kw["distribution"])
     r = _library(name, {k: k for k in kw}, lambda: fj.post_training.prune(
         lambda v, xb: model.apply(v, xb, train=False), variables, x,
-        method=name, **kw))
+        method=name, **pt_kw))
     sparse, masks = r.variables, r.masks
     report["post_training"] = r.report
   else:

@@ -232,6 +232,30 @@ def test_post_training_phase_from_a_dense_run(dense, tmp_path, method):
       post_config(method, dense + "x")))
 
 
+def test_magnitude_with_a_structure_is_n_m_magnitude(dense, tmp_path):
+  """magnitude_uniform + structure "2:4+skip": fj.post_training's N:M
+  magnitude (the largest 2 |w| of every 4 inputs); layers whose inputs are
+  not a multiple of 4 (75, 25 at width 0.25) stay dense; global magnitude
+  cannot be N:M."""
+  c = post_config("magnitude_uniform", dense, sparsity=0.5)
+  c.method_kw.structure = "2:4+skip"
+  result = train.run(c, str(tmp_path), progress=False)
+  assert result["layers"] == {"fc1/kernel": 0.5}
+  params = train.load_final_params(str(tmp_path))
+  w = params["params/fc1/kernel"]
+  assert ((w != 0).reshape(-1, 4, w.shape[1]).sum(1) == 2).all()
+  dense_w = train.load_final_params(dense)["params/fc1/kernel"]
+  groups = np.abs(dense_w).reshape(-1, 4, w.shape[1])
+  kept = np.sort(groups, axis=1)[:, 2:]  # the 2 largest of each group
+  np.testing.assert_array_equal(
+      np.sort(np.abs(w).reshape(-1, 4, w.shape[1]), axis=1)[:, 2:], kept)
+  assert (params["params/fc2/kernel"] != 0).all()
+  c = post_config("magnitude", dense, sparsity=0.5)
+  c.method_kw.structure = "2:4"
+  with pytest.raises(recipe.ConfigError, match="allocation: N:M"):
+    train.validate(c)
+
+
 def test_calibration_set_is_deterministic_and_seeded():
   a = recipe.calibration_indices(1000, 64, 42)
   assert np.array_equal(a, recipe.calibration_indices(1000, 64, 42))

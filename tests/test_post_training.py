@@ -292,17 +292,143 @@ def test_global_magnitude_and_lenet5_conv_layers():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(method="obs"), "method"),
     (dict(method="wanda", allocation="global"), "allocation"),
+    (dict(allocation="owl2"), "allocation"),
+    (dict(allocation="search"), "allocation"),
+    (dict(method="unipts", allocation="owl"), "allocation"),
     (dict(structure=fj.n_m(2, 4), allocation="owl"), "allocation"),
     (dict(structure=fj.n_m(2, 4), sparsity=0.6), "sparsity"),
     (dict(structure=fj.units()), "structure"),
+    (dict(structure="2:4"), "structure"),
+    (dict(method="unipts", structure=fj.n_m(2, 4)), "structure"),
     (dict(sparsity=1.0), "sparsity"),
+    (dict(sparsity="0.5"), "sparsity"),
+    (dict(sparsity=None), "sparsity"),
     (dict(block_size=0), "block_size"),
+    (dict(method="sparsegpt", structure=fj.n_m(2, 4), sparsity=None,
+          block_size=6), "block_size"),
+    (dict(dampening=-0.1), "dampening"),
+    (dict(owl_threshold=0.0), "owl_threshold"),
+    (dict(owl_lambda=1.0), "owl_lambda"),
+    (dict(owl_lambda=-0.1), "owl_lambda"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(batch_size=2.0), "batch_size"),
+    (dict(batch_size=True), "batch_size"),
+    (dict(method="unipts", batch_size=8), "batch_size"),
+    (dict(seed=-1), "seed"),
+    (dict(seed=1.5), "seed"),
+    (dict(filter_fn=3), "filter_fn"),
+    (dict(unipts_kw={"epochs": 1}), "unipts_kw"),
+    (dict(method="unipts", unipts_kw={"seed": 1}), "unipts_kw"),
+    (dict(method="unipts", unipts_kw=[("epochs", 1)]), "unipts_kw"),
+    (dict(apply_fn=3), "apply_fn"),
+    (dict(variables={"batch_stats": {}}), "variables"),
+    (dict(calibration_x=np.zeros((0, 20), np.float32)), "calibration_x"),
+    (dict(calibration_x=(np.zeros((4, 20)), np.zeros((5, 20)))),
+     "calibration_x"),
 ])
 def test_bad_arguments_are_named(kwargs, match):
+  """Each error starts with the argument's name (the shared checks)."""
   net, v, x = mlp()
-  kw = {"sparsity": 0.5, **kwargs}
-  with pytest.raises(ValueError, match=match):
-    pt.prune(net.apply, v, x, **kw)
+  kw = {"sparsity": 0.5, "apply_fn": net.apply, "variables": v,
+        "calibration_x": x, **kwargs}
+  args = [kw.pop(k) for k in ("apply_fn", "variables", "calibration_x")]
+  with pytest.raises(ValueError, match=f"^{match}:"):
+    pt.prune(*args, **kw)
+
+
+def test_unknown_names_list_the_valid_ones():
+  net, v, x = mlp()
+  with pytest.raises(ValueError, match="'magnitude', 'wanda', 'sparsegpt', "
+                     "'unipts'"):
+    pt.prune(net.apply, v, x, sparsity=0.5, method="obs")
+  with pytest.raises(ValueError, match="'uniform', 'global', 'owl', 'search'"):
+    pt.prune(net.apply, v, x, sparsity=0.5, allocation="owl2")
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: pt.split_count(-1, [0.5], [10]), "total"),
+    (lambda: pt.split_count(10, [0.5], [10]), "total"),  # > n_l − 1
+    (lambda: pt.split_count(2.0, [0.5], [10]), "total"),
+    (lambda: pt.split_count(3, [0.5, 0.5], [10]), "sparsities"),
+    (lambda: pt.split_count(3, [float("nan")], [10]), "sparsities"),
+    (lambda: pt.split_count(3, [0.5], [10.5]), "sizes"),
+    (lambda: pt.split_count(3, [0.5], [-1]), "sizes"),
+    (lambda: pt.split_count(3, [], []), "sizes"),
+    (lambda: pt.owl_sparsities([0.1, 1.5], [10, 10], 0.5), "outlier_ratios"),
+    (lambda: pt.owl_sparsities([0.1], [10, 10], 0.5), "outlier_ratios"),
+    (lambda: pt.owl_sparsities([0.1, 0.2], [10, 0], 0.5), "sizes"),
+    (lambda: pt.owl_sparsities([0.1, 0.2], [10, 10], 1.0), "sparsity"),
+    (lambda: pt.owl_sparsities([0.1, 0.2], [10, 10], 0.5, lam=1.0), "lam"),
+    (lambda: pt.check_arguments("wanda", "uniform", None, -0.1), "sparsity"),
+])
+def test_helpers_name_their_bad_argument(call, match):
+  with pytest.raises(ValueError, match=f"^{match}:"):
+    call()
+
+
+# --- Calibration in batches -------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, allocation", [
+    ("wanda", "uniform"), ("sparsegpt", "uniform"), ("wanda", "owl")])
+def test_batched_calibration_equals_one_shot(method, allocation):
+  """96 examples in batches of 25 (25, 25, 25, 21): the statistics are sums
+  over examples, so the result is the one-shot one up to float32 order."""
+  net, v, x = mlp(2)
+  kw = dict(sparsity=0.6, method=method, allocation=allocation)
+  one = pt.prune(net.apply, v, x, **kw)
+  chunked = pt.prune(net.apply, v, x, batch_size=25, **kw)
+  big = pt.prune(net.apply, v, x, batch_size=1000, **kw)  # one batch
+  for r in (chunked, big):
+    for a, b in zip(jax.tree.leaves(one.masks), jax.tree.leaves(r.masks)):
+      np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(one.variables),
+                    jax.tree.leaves(r.variables)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert r.sparsities == one.sparsities
+  if allocation == "owl":
+    assert chunked.report["outlier_ratios"] == pytest.approx(
+        one.report["outlier_ratios"], abs=1e-6)
+
+
+def test_batched_calibration_of_a_pytree_input():
+  """Two inputs (a tuple), both cut along the leading axis."""
+  x = rng_data(3, 30, 8)
+  w = np.random.default_rng(4).normal(size=(8, 4)).astype(np.float32)
+  f = lambda v, xs: xs[0] @ v["params"]["w"] + xs[1] @ v["params"]["w"]
+  v = {"params": {"w": jnp.asarray(w)}}
+  one = pt.prune(f, v, (x, 2 * x), sparsity=0.5, method="sparsegpt")
+  chunked = pt.prune(f, v, (x, 2 * x), sparsity=0.5, method="sparsegpt",
+                     batch_size=7)
+  np.testing.assert_array_equal(one.masks["w"], chunked.masks["w"])
+  np.testing.assert_allclose(one.variables["params"]["w"],
+                             chunked.variables["params"]["w"], rtol=1e-5,
+                             atol=1e-6)
+
+
+# --- UniPTS behind the same entry point -------------------------------------------
+
+
+TINY_UNIPTS = dict(epochs=1, population_size=4, generations=1, num_parents=2,
+                   crossover_children=2, mutation_children=2, batch_size=32)
+
+
+@pytest.mark.parametrize("allocation, search", [("uniform", False),
+                                                ("search", True)])
+def test_unipts_method_equals_unipts_run(allocation, search):
+  net, v, x = mlp(3)
+  r = pt.prune(net.apply, v, x, sparsity=0.7, method="unipts",
+               allocation=allocation, seed=5, unipts_kw=TINY_UNIPTS)
+  ref = fj.unipts.run(net.apply, v, x, sparsity=0.7, seed=5, search=search,
+                      **TINY_UNIPTS)
+  assert isinstance(r, pt.PostTrainingResult)
+  assert r.sparsities == ref.sparsities
+  for a, b in zip(jax.tree.leaves(ref.masks), jax.tree.leaves(r.masks)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(ref.variables), jax.tree.leaves(r.variables)):
+    np.testing.assert_array_equal(a, b)
+  assert r.report["method"] == "unipts" and r.report["allocation"] == allocation
+  assert r.report["layers"] == ref.report["layers"]
 
 
 def test_n_m_incompatible_layer_is_named_or_skipped():
@@ -313,3 +439,66 @@ def test_n_m_incompatible_layer_is_named_or_skipped():
                structure=fj.n_m(2, 8, skip_incompatible=True))
   assert r.report["skipped"] == ["a/kernel"] and sorted(r.sparsities) == [
       "b/kernel", "c/kernel"]
+
+
+# --- Sharded calibration ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+  """tests/post_training_sharding_worker.py on 4 CPU devices (a subprocess:
+  a process's device count is fixed when its backend starts), with
+  test_sharding's environment."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from test_sharding import REPO, _env, _load  # pylint: disable=g-import-not-at-top
+  out = tmp_path_factory.mktemp("pt_sharding") / "worker.npz"
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "tests" / "post_training_sharding_worker.py"),
+       str(out)], cwd=REPO, env=_env(4), capture_output=True, text=True,
+      timeout=900, check=False)
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+  return _load(out)
+
+
+def test_sharded_calibration_equals_one_device(sharded):
+  """Calibration batch over "data", kernels over their outputs ("model"):
+  the same masks, the same weights up to the float sums' order, and the
+  pruned kernels stay sharded over their outputs."""
+  report, arrays = sharded
+  assert report["device_count"] == 4
+  singles = [k for k in arrays if "/single/" in k]
+  assert len(singles) > 40
+  for key in singles:
+    for where in ("sharded", "explicit"):
+      other = key.replace("/single/", f"/{where}/")
+      if where == "explicit" and other not in arrays:
+        continue
+      a, b = arrays[key], arrays[other]
+      if a.dtype == bool or key.startswith(("magnitude/", "wanda")):
+        np.testing.assert_array_equal(b, a, err_msg=other)  # no float sum
+      else:
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=other)
+  assert any("/explicit/" in k for k in arrays)
+  assert set(report["result_specs"].values()) == {"P(None, 'model')"}
+
+
+def test_sharded_statistics_reduce_over_the_batch_and_keep_the_kernel_sharded(
+    sharded):
+  """What crosses devices (layer b: input 32 = a's outputs, sharded over
+  "model"; kernel 32×24 over "model"): the statistics gather each example's
+  features and all-reduce sq / XᵀX over the batch shards; the SparseGPT
+  solve gathers the [in, in] Gram matrix (and small vectors), Wanda the
+  [in] norms, per-layer magnitude all-reduces a histogram; none gathers the
+  kernel."""
+  report, _ = sharded
+  stats = report["stats_collectives"]
+  assert any(c.startswith("all-reduce") for c in stats), stats
+  assert not any(c.startswith("all-gather") and "f32[64" in c for c in stats)
+  solve = report["sparsegpt_collectives"]
+  assert any(c.startswith("all-gather f32[32,32]") for c in solve), solve
+  assert report["wanda_collectives"] == ["all-gather f32[32]{0}"]  # ‖X_i‖²
+  assert all(c.startswith("all-reduce s32") for c in
+             report["magnitude_collectives"])  # the top-k's histogram
+  for c in stats + solve:
+    assert "[32,24]" not in c and "[24,32]" not in c, c  # the kernel

@@ -12,8 +12,8 @@ experiments/results/post_training_lenet5_mnist5k/results.md.
 from experiments.configs import unipts_lenet5_mnist5k
 
 
-def get_config():
-  c = unipts_lenet5_mnist5k.get_config()
+def get_config(model: str = "lenet5"):
+  c = unipts_lenet5_mnist5k.get_config(model)
   c.presets.wanda_owl = dict(method="wanda", allocation="owl")
   c.presets.sparsegpt_owl = dict(method="sparsegpt", allocation="owl")
   return c

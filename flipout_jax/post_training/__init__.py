@@ -3,7 +3,7 @@
     from flipout_jax import post_training
     result = post_training.prune(
         lambda v, x: model.apply(v, x, train=False), variables, calib_x,
-        sparsity=0.5, method="sparsegpt")            # or "wanda", "magnitude"
+        sparsity=0.5, method="sparsegpt")  # "wanda", "magnitude", "unipts"
     result.variables     # the sparse variables (pruned weights exactly 0.0)
     result.sparsities    # {"fc1/kernel": 0.5, ...}
     result.report        # per layer: count, relative reconstruction error
@@ -29,6 +29,24 @@ Allocation of the per-layer sparsities ``S_l``:
   largest remainders, a layer capped at ``n_l − 1`` pruned, what it cannot
   take going to the others), so it is exact.
 
+``method="unipts"`` runs :func:`flipout_jax.unipts.run` behind the same
+entry point (``allocation="search"``: its genetic search; ``"uniform"``: P
+in every layer; ``unipts_kw``: its other arguments) and returns the same
+:class:`PostTrainingResult` fields.
+
+**Batches and sharding.** ``batch_size=b`` sums each layer's statistics
+over batches of ``b`` examples. Under ``jax.sharding`` (GSPMD / auto mesh
+axes; tested on a 2 × 2 ("data", "model") CPU mesh with the calibration
+batch over "data" and the kernels over their outputs) nothing is gathered
+by this code; what XLA exchanges (``tests/post_training_sharding_worker.py``
+records it): the statistics gather the features of each device's own batch
+shard and all-reduce ``‖X_i‖²`` and ``XᵀX`` over the batch; SparseGPT
+gathers the ``in × in`` Gram matrix (its Cholesky factor needs all of it)
+and solves each device's output columns there, the kernel staying sharded;
+Wanda gathers the ``[in]`` norms only; per-layer magnitude all-reduces the
+top-k's integer histogram. On explicit-axes meshes magnitude and
+unstructured SparseGPT run; Wanda, N:M and batches do not yet.
+
 BatchNorm statistics are not recalibrated here
 (:func:`flipout_jax.unipts.recalibrate_batch_stats` does it). Leaves the
 default filter selects but no product uses as a weight (embedding tables)
@@ -37,7 +55,7 @@ are left dense and listed in ``report["dense"]``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +69,8 @@ from flipout_jax.post_training import capture
 from flipout_jax.post_training import solvers
 
 PyTree = Any
-METHODS = ("magnitude", "wanda", "sparsegpt")
-ALLOCATIONS = ("uniform", "global", "owl")
+METHODS = ("magnitude", "wanda", "sparsegpt", "unipts")
+ALLOCATIONS = ("uniform", "global", "owl", "search")
 
 
 class PostTrainingResult(NamedTuple):
@@ -71,11 +89,48 @@ class PostTrainingResult(NamedTuple):
   report: dict[str, Any]
 
 
+def _vector(value, name: str, length: int | None = None) -> np.ndarray:
+  """``value`` as a finite 1-D float64 array (of ``length`` if given)."""
+  try:
+    a = np.asarray(value, np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name}: must be a 1-D sequence of numbers, got "
+                     f"{value!r}.") from None
+  if a.ndim != 1 or not np.all(np.isfinite(a)):
+    raise ValueError(f"{name}: must be a 1-D sequence of finite numbers, got "
+                     f"{value!r}.")
+  if length is not None and a.size != length:
+    raise ValueError(f"{name}: must have one entry per layer ({length}, as "
+                     f"sizes), got {a.size}.")
+  return a
+
+
+def _sizes(sizes, name: str = "sizes", low: int = 0) -> np.ndarray:
+  """Layer sizes: a non-empty 1-D sequence of ints >= ``low``."""
+  a = _vector(sizes, name)
+  if a.size == 0 or np.any(a != np.round(a)) or np.any(a < low):
+    raise ValueError(f"{name}: must be a non-empty 1-D sequence of ints >= "
+                     f"{low} (weights per layer), got {sizes!r}.")
+  return a.astype(np.int64)
+
+
 def owl_sparsities(outlier_ratios, sizes, sparsity: float,
                    lam: float = 0.08) -> np.ndarray:
-  """OWL's layer sparsities (module docstring), before integer counts."""
-  d = np.asarray(outlier_ratios, np.float64)
-  n = np.asarray(sizes, np.float64)
+  """OWL's layer sparsities (module docstring), before integer counts.
+
+  Args:
+    outlier_ratios: ``D_l`` per layer, numbers in [0, 1].
+    sizes: ``n_l`` per layer, ints >= 1.
+    sparsity: the target ``S`` in [0, 1).
+    lam: ``λ`` in [0, 1).
+  """
+  n = _sizes(sizes, low=1)
+  d = _vector(outlier_ratios, "outlier_ratios", len(n))
+  if np.any((d < 0) | (d > 1)):
+    raise ValueError("outlier_ratios: must be fractions in [0, 1], got "
+                     f"{outlier_ratios!r}.")
+  sparsity = validate.sparsity(sparsity)
+  lam = validate.number(lam, "lam", low=0, high=1, high_open=True)
   span = d.max() - d.min()
   if span <= 0:
     return np.full(len(d), float(sparsity))
@@ -92,11 +147,17 @@ def split_count(total: int, sparsities, sizes) -> np.ndarray:
   what a layer cannot take (``S_l`` near 1, e.g. OWL's ``S + λ`` at a high
   ``S``) goes to the others in proportion to their room; the last units by
   largest remainders (ties: the earlier layer).
+
+  Args:
+    total: the global count, an int in ``[0, Σ (n_l − 1)]``.
+    sparsities: ``S_l`` per layer (finite; clipped to what a layer holds).
+    sizes: ``n_l`` per layer, ints >= 0.
   """
-  sizes = np.asarray(sizes, np.int64)
+  sizes = _sizes(sizes)
+  want = _vector(sparsities, "sparsities", len(sizes))
   cap = np.maximum(sizes - 1, 0)
-  want = np.clip(np.asarray(sparsities, np.float64) * sizes, 0, cap)
-  total = int(min(max(int(total), 0), cap.sum()))
+  total = validate.integer(total, "total", low=0, high=int(cap.sum()))
+  want = np.clip(want * sizes, 0, cap)
   excess = total - want.sum()
   if excess > 0:  # room left in the layers below their cap
     want = want + excess * (cap - want) / max((cap - want).sum(), 1e-300)
@@ -118,8 +179,16 @@ def check_arguments(method, allocation, structure, sparsity):
   if allocation == "global" and method != "magnitude":
     raise ValueError("allocation: 'global' ranks weights across layers, "
                      "which only 'magnitude' does; use 'uniform' or 'owl'.")
+  if method == "unipts" and allocation not in ("uniform", "search"):
+    raise ValueError(f"allocation: 'unipts' takes 'uniform' (P in every "
+                     "layer) or 'search' (its genetic search of the layer "
+                     f"sparsities), got {allocation!r}.")
+  if allocation == "search" and method != "unipts":
+    raise ValueError("allocation: 'search' is UniPTS's genetic search "
+                     "(method='unipts'); use 'uniform', 'owl' or, for "
+                     "magnitude, 'global'.")
   n_m = None
-  if structure.kind == "n_m":
+  if structure.kind == "n_m" and method != "unipts":
     o = structure.options
     if o["axis"] != -2:
       raise ValueError("structure: post-training N:M groups run along the "
@@ -134,32 +203,105 @@ def check_arguments(method, allocation, structure, sparsity):
       raise ValueError(f"sparsity: {structure.name} is {1 - o['n'] / o['m']:g}"
                        f" sparse; got {sparsity}.")
   elif structure.kind != "unstructured":
-    raise ValueError(f"structure: {structure.name} is not supported by the "
-                     "post-training methods (unstructured or fj.n_m).")
+    raise ValueError(f"structure: {structure.name} is not supported by "
+                     f"method {method!r} (unstructured" +
+                     (")." if method == "unipts" else " or fj.n_m)."))
   return method, allocation, n_m, validate.sparsity(sparsity)
+
+
+def _calibration(calibration_x, batch_size):
+  """The calibration set as a list of batches (pytrees) of ``batch_size``
+  examples along the leading axis (the last one shorter)."""
+  leaves = jax.tree.leaves(calibration_x)
+  shapes = [np.shape(a) for a in leaves]
+  if not leaves or any(len(s) < 1 for s in shapes) or len(
+      {s[0] for s in shapes}) != 1 or shapes[0][0] == 0:
+    raise ValueError(
+        "calibration_x: must be an array (or a pytree of arrays) with the "
+        f"examples along a shared, non-empty leading axis; got shapes "
+        f"{shapes}.")
+  n = shapes[0][0]
+  if batch_size is None:
+    return [calibration_x]
+  b = validate.integer(batch_size, "batch_size", low=1)
+  return [jax.tree.map(lambda a, i=i: a[i:i + b], calibration_x)
+          for i in range(0, n, b)]
+
+
+def _check_common(apply_fn, variables, filter_fn, seed, unipts_kw):
+  if not callable(apply_fn):
+    raise ValueError("apply_fn: must be a callable (variables, x) -> "
+                     f"outputs, got {type(apply_fn).__name__}.")
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    raise ValueError("variables: must be a mapping with a 'params' "
+                     f"collection, got {type(variables).__name__}" + (
+                         f" with keys {list(variables)}"
+                         if isinstance(variables, Mapping) else "") + ".")
+  validate.optional_callable(filter_fn, "filter_fn")
+  validate.integer(seed, "seed", low=0, high=validate.SEED_MAX)
+  if unipts_kw is not None and not isinstance(unipts_kw, Mapping):
+    raise ValueError("unipts_kw: must be None or a dict of fj.unipts.run "
+                     f"arguments, got {type(unipts_kw).__name__}.")
+  own = sorted(set(unipts_kw or {}) & {"sparsity", "seed", "search",
+                                        "filter_fn"})
+  if own:
+    raise ValueError(f"unipts_kw: {own[0]!r} is an argument of prune itself "
+                     "(search: allocation='search').")
+
+
+def _unipts(apply_fn, variables, calibration_x, sparsity, allocation,
+            filter_fn, seed, unipts_kw) -> PostTrainingResult:
+  """``method="unipts"``: :func:`flipout_jax.unipts.run`, same result shape."""
+  from flipout_jax import unipts  # pylint: disable=g-import-not-at-top
+  r = unipts.run(apply_fn, variables, calibration_x, sparsity=sparsity,
+                 seed=seed, search=allocation == "search",
+                 filter_fn=filter_fn, **dict(unipts_kw or {}))
+  report = dict(r.report, method="unipts", allocation=allocation)
+  return PostTrainingResult(r.variables, r.masks, dict(r.sparsities), report)
 
 
 def prune(apply_fn: Callable[..., Any], variables: PyTree,
           calibration_x: Any, *, sparsity: float | None,
           method: str = "wanda", structure=None, allocation: str = "uniform",
+          seed: int = 0, batch_size: int | None = None,
           filter_fn: Callable | None = None, block_size: int = 128,
           dampening: float = 0.01, owl_threshold: float = 5.0,
-          owl_lambda: float = 0.08) -> PostTrainingResult:
+          owl_lambda: float = 0.08,
+          unipts_kw: Mapping[str, Any] | None = None) -> PostTrainingResult:
   """Prunes ``variables["params"]`` once, layer by layer (module docstring).
 
   Args:
-    apply_fn: ``(variables, x) -> outputs`` in evaluation mode.
+    apply_fn: ``(variables, x) -> outputs`` in evaluation mode. For
+      ``"unipts"`` it is passed to :func:`flipout_jax.unipts.run` as is: a
+      Linen ``model.apply`` (called with ``train=``), which a model with
+      BatchNorm needs; a ``(variables, x)`` function serves a BN-free one.
     variables: ``{"params": ..., other collections}``.
-    calibration_x: the calibration inputs (one batch).
+    calibration_x: the calibration inputs, examples along the leading axis
+      (an array or a pytree of arrays); may be sharded (module docstring).
     sparsity: the target ``S`` in [0, 1) (None with ``fj.n_m``: 1 − n/m).
-    method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
-    structure: None / ``fj.unstructured()`` or ``fj.n_m(n, m)``.
-    allocation: ``"uniform"``, ``"global"`` (magnitude) or ``"owl"``.
+    method: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` or ``"unipts"``.
+    structure: None / ``fj.unstructured()`` or ``fj.n_m(n, m)`` (not with
+      ``"unipts"``).
+    allocation: ``"uniform"``, ``"global"`` (magnitude), ``"owl"``
+      (magnitude, wanda, sparsegpt) or ``"search"`` (unipts: its genetic
+      search; ``"uniform"`` there is its search-free baseline, P in every
+      layer, sparse training still run).
+    seed: an int >= 0; seeds UniPTS (the one-shot methods are
+      deterministic and ignore it).
+    batch_size: None (the whole calibration set in one forward pass) or
+      an int >= 1: the layer statistics (Wanda's ``‖X_i‖²``, SparseGPT's
+      ``XᵀX``) are summed over batches of that many examples; the same
+      result up to float32 summation order. Not with ``"unipts"`` (its
+      batch sizes are ``unipts_kw`` fields).
     filter_fn: ``(path, leaf) -> bool``, which leaves to prune (default:
       float kernels with ndim >= 2 that a product uses as its weight).
-    block_size: SparseGPT's column block ``B``.
-    dampening: SparseGPT's ``λ`` (of the mean of diag H).
-    owl_threshold, owl_lambda: OWL's ``M`` and ``λ``.
+    block_size: SparseGPT's column block ``B``, an int >= 1.
+    dampening: SparseGPT's ``λ`` (of the mean of diag H), >= 0.
+    owl_threshold: OWL's ``M``, > 0.
+    owl_lambda: OWL's ``λ``, in [0, 1).
+    unipts_kw: ``"unipts"`` only: further :func:`flipout_jax.unipts.run`
+      arguments (``calibration_y``, ``config``, ``log_fn``, any
+      ``UniPTSConfig`` field such as ``epochs``).
 
   Returns:
     A :class:`PostTrainingResult`.
@@ -170,19 +312,38 @@ def prune(apply_fn: Callable[..., Any], variables: PyTree,
   """
   method, allocation, n_m, sparsity = check_arguments(
       method, allocation, structure, sparsity)
+  structure = structure_lib.check(structure)
+  _check_common(apply_fn, variables, filter_fn, seed, unipts_kw)
+  batches = _calibration(calibration_x, batch_size)
   block_size = validate.integer(block_size, "block_size", low=1)
   dampening = validate.number(dampening, "dampening", low=0)
   owl_threshold = validate.number(owl_threshold, "owl_threshold", low=0,
                                   low_open=True)
-  owl_lambda = validate.number(owl_lambda, "owl_lambda", low=0)
+  owl_lambda = validate.number(owl_lambda, "owl_lambda", low=0, high=1,
+                               high_open=True)
+  if method == "unipts":
+    if batch_size is not None:
+      raise ValueError("batch_size: not used by 'unipts'; set its "
+                       "eval_batch_size / bn_batch_size / batch_size in "
+                       "unipts_kw.")
+    return _unipts(apply_fn, variables, calibration_x, sparsity, allocation,
+                   filter_fn, seed, unipts_kw)
+  if unipts_kw is not None:
+    raise ValueError(f"unipts_kw: only for method='unipts', not {method!r}.")
+  if n_m is not None and method == "sparsegpt" and block_size % n_m[1]:
+    raise ValueError(f"block_size: must be a multiple of m={n_m[1]} "
+                     f"({structure.name}), got {block_size}.")
   params = variables["params"]
   flat = dict(trees.leaves_with_paths(params))
   paths = list(flat)
 
-  def fn(p):
-    return apply_fn({**variables, "params": p}, calibration_x)
+  def fn(p, xb):
+    return apply_fn({**variables, "params": p}, xb)
 
-  used = capture.usage_order(fn, params, paths)
+  def fn0(p):
+    return fn(p, batches[0])
+
+  used = capture.usage_order(fn0, params, paths)
   chosen = [p for p, x in flat.items()
             if (filter_fn or trees.default_filter)(p, x)]
   if filter_fn is not None:
@@ -195,7 +356,7 @@ def prune(apply_fn: Callable[..., Any], variables: PyTree,
   if n_m is not None:
     ok = []
     for p in order:
-      last = capture.kernel_view(fn, params, p, paths).last_in
+      last = capture.kernel_view(fn0, params, p, paths).last_in
       if last % n_m[1]:
         if not structure.options["skip_incompatible"]:
           raise ValueError(
@@ -211,12 +372,15 @@ def prune(apply_fn: Callable[..., Any], variables: PyTree,
   if allocation == "owl":
     ratios = []
     for p in order:
-      view, sq, _ = capture.layer_stats(fn, params, p, paths, gram=False)
+      view, sq, _ = capture.layer_stats(fn, params, p, paths, gram=False,
+                                        batches=batches)
       s = jnp.abs(view.to_matrix(flat[p]).astype(jnp.float32)) * jnp.sqrt(
           sq)[:, None]
       ratios.append(float(jnp.mean(s > owl_threshold * jnp.mean(s))))
     layer_s = owl_sparsities(ratios, sizes, sparsity, owl_lambda)
-    counts = split_count(int(round(sparsity * sizes.sum())), layer_s, sizes)
+    total = int(round(sparsity * sizes.sum()))
+    counts = split_count(min(total, int(np.maximum(sizes - 1, 0).sum())),
+                         layer_s, sizes)
   else:
     ratios = None
     counts = np.round(sparsity * sizes).astype(np.int64)
@@ -233,7 +397,8 @@ def prune(apply_fn: Callable[..., Any], variables: PyTree,
       masks[p], new[p] = m, jnp.where(m, flat[p], 0).astype(flat[p].dtype)
   for i, p in enumerate(order if allocation != "global" else []):
     current = trees_unflatten(params, paths, new)
-    view, sq, gram = capture.layer_stats(fn, current, p, paths, gram=True)
+    view, sq, gram = capture.layer_stats(fn, current, p, paths, gram=True,
+                                         batches=batches)
     w2 = view.to_matrix(new[p])
     k = int(counts[i])
     if method == "magnitude":

@@ -121,6 +121,16 @@ def _conv_stats(eqn, invals):
   return view, x2
 
 
+def _gram(x2: jax.Array) -> jax.Array:
+  """``XᵀX``. On a mesh of explicit axes a batch-sharded ``X`` makes the
+  contraction's output sharding ambiguous, so it is named: replicated (the
+  partial sums of the batch shards all-reduced); GSPMD infers its own."""
+  spec = getattr(getattr(jax.typeof(x2), "sharding", None), "spec", None)
+  if spec is not None and any(axis is not None for axis in spec):
+    return jnp.matmul(x2.T, x2, out_sharding=jax.sharding.PartitionSpec())
+  return x2.T @ x2
+
+
 def _bind(eqn, invals):
   with eqn.ctx.manager:
     return eqn.primitive.bind(*invals,
@@ -159,7 +169,7 @@ def _eval(jaxpr, consts, args, tags, target, gram, found):
                          "post-training methods") from None
       x2 = x2.astype(jnp.float32)
       found.append(_Found(view, jnp.sum(x2 * x2, axis=0),
-                          x2.T @ x2 if gram else None))
+                          _gram(x2) if gram else None))
       outs = _bind(eqn, invals)
     elif sub is not None:
       outs = _eval(sub[0], sub[1], invals, is_t, target, gram, found)
@@ -177,50 +187,72 @@ def _eval(jaxpr, consts, args, tags, target, gram, found):
   return [read(v) for v in jaxpr.outvars]
 
 
-def layer_stats(fn: Callable[[PyTree], Any], params: PyTree, target: str,
-                paths: list[str], *, gram: bool):
+def layer_stats(fn: Callable[..., Any], params: PyTree, target: str,
+                paths: list[str], *, gram: bool, batches=None):
   """``(view, sq, gram)`` of the kernel at ``target`` for ``fn(params)``.
 
   Args:
-    fn: ``params -> outputs`` (the calibration inputs closed over).
+    fn: ``params -> outputs`` (the calibration inputs closed over), or with
+      ``batches``, ``(params, batch) -> outputs``.
     params: the params, flattened in the order of ``paths``.
     target: the path (``fj.trees.path_str``) of the kernel.
     paths: the path of every leaf of ``params``.
     gram: also compute ``XᵀX``.
+    batches: None, or a sequence of input batches (pytrees): ``fn`` runs on
+      each (one compiled program per batch shape) and ``sq`` / ``gram`` are
+      summed over them in float32, so the calibration set never needs to
+      fit one forward pass.
+
+  Under ``jax.sharding`` the statistics are computed where the inputs live:
+  ``XᵀX`` of a batch-sharded ``X`` is a sum over the batch shards, so XLA
+  reduces it across the batch axis (an all-reduce of ``[in, in]``, never a
+  gather of ``X``).
 
   Raises:
     ValueError: the kernel is not the weight operand of any matrix product
       or convolution, or of several with different shapes.
   """
+  if batches is None:
+    return layer_stats(lambda p, _: fn(p), params, target, paths, gram=gram,
+                       batches=[()])
   stats, leaves, view = _stats_fn(fn, params, target, paths, gram)
-  sq, g = jax.jit(stats)(*leaves)
+  compiled = jax.jit(stats)
+  sq = g = None
+  for batch in batches:
+    s, gb = compiled(leaves, batch)
+    sq = s if sq is None else sq + s
+    if gram:
+      g = gb if g is None else g + gb
   return view[0], sq, g
 
 
 def kernel_view(fn: Callable[[PyTree], Any], params: PyTree, target: str,
                 paths: list[str]) -> KernelView:
-  """The :class:`KernelView` of ``target`` (as :func:`layer_stats`), found
-  by tracing alone: nothing is compiled or run."""
-  stats, leaves, view = _stats_fn(fn, params, target, paths, False)
-  jax.eval_shape(stats, *leaves)
+  """The :class:`KernelView` of ``target`` (as :func:`layer_stats`, ``fn:
+  params -> outputs``), found by tracing alone: nothing is compiled or run."""
+  stats, leaves, view = _stats_fn(lambda p, _: fn(p), params, target, paths,
+                                  False)
+  jax.eval_shape(stats, leaves, ())
   return view[0]
 
 
 def _stats_fn(fn, params, target, paths, gram):
-  """``(stats, leaves, view)``: ``stats(*leaves) -> (sq, gram)``; tracing it
-  appends the kernel's view to the list ``view``."""
+  """``(stats, leaves, view)``: ``stats(leaves, batch) -> (sq, gram)`` of
+  ``fn(params, batch)``; tracing it appends the kernel's view to the list
+  ``view``."""
   if target not in paths:
     raise ValueError(f"target: {target!r} is not a leaf of params; valid: "
                      f"{', '.join(paths)}")
   leaves, treedef = jax.tree.flatten(params)
   index = paths.index(target)
 
-  def run(*leaves):
-    closed = jax.make_jaxpr(lambda *a: fn(jax.tree.unflatten(treedef, a)))(
-        *leaves)
+  def run(leaves, batch):
+    closed = jax.make_jaxpr(
+        lambda ls, b: fn(jax.tree.unflatten(treedef, ls), b))(leaves, batch)
+    args = [*leaves, *jax.tree.leaves(batch)]
     found: list[_Found] = []
-    _eval(closed.jaxpr, closed.consts, leaves,
-          [i == index for i in range(len(leaves))], target, gram, found)
+    _eval(closed.jaxpr, closed.consts, args,
+          [i == index for i in range(len(args))], target, gram, found)
     if not found:
       raise ValueError(
           f"{target}: not used as the weight of a dot_general or "
@@ -235,8 +267,8 @@ def _stats_fn(fn, params, target, paths, gram):
 
   view = []
 
-  def stats(*leaves):
-    v, sq, g = run(*leaves)
+  def stats(leaves, batch):
+    v, sq, g = run(leaves, batch)
     view.append(v)
     return sq, g
 
