@@ -166,7 +166,8 @@ def cell(values: Sequence[float], scale: float = 100.0) -> str:
 
 
 def table(runs: Sequence[Run], rows: Sequence[str], cols: Sequence[str],
-          key: str = "test_accuracy", row_label: str = "method") -> str:
+          key: str = "test_accuracy", row_label: str = "method",
+          scale: float = 100.0) -> str:
   """A Markdown table of ``result[key]`` (mean ± std over seeds) by
   ``run.method`` × ``run.tag``; marks cells where not every seed finished."""
   lines = [f"| {row_label} | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
@@ -175,7 +176,7 @@ def table(runs: Sequence[Run], rows: Sequence[str], cols: Sequence[str],
     for col in cols:
       these = [r for r in runs if r.method == row and r.tag == col]
       vals = [r.result[key] for r in these if r.result]
-      c = cell(vals)
+      c = cell(vals, scale)
       if vals and len(vals) < len(these):
         c += f" (n={len(vals)})"
       cells.append(c)
@@ -309,6 +310,9 @@ def main(argv=None) -> None:
       "", table(runs, rows, cols, row_label=grid[0][0]), "",
       "Measured sparsity (%):", "",
       table(runs, rows, cols, key="sparsity", row_label=grid[0][0]), "",
+      *(["Validation perplexity (text):", "", table(
+          runs, rows, cols, "val_perplexity", grid[0][0], 1.0), ""]
+        if any("val_perplexity" in (r.result or {}) for r in runs) else []),
       f"Command: `{command}`", ""])
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write(text)

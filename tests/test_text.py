@@ -100,3 +100,18 @@ def test_text_run_killed_after_an_epoch_resumes_bit_identical(tmp_path):
   a, b = (train.load_final_params(str(tmp_path / w)) for w in "ab")
   assert sorted(a) == sorted(b)
   assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_post_training_a_tiny_gpt_keeps_the_embeddings_dense(tmp_path):
+  main.run_main(["prog", *TINY, f"--workdir={tmp_path / 'dense'}"])
+  post = [a.replace("gpt_stdlib.py", "post_training_gpt_stdlib.py") for a in TINY]
+  for method, structure in (("wanda", "unstructured"), ("magnitude_uniform", "2:4")):
+    result = main.run_main(["prog", *post, f"--config.method={method}",
+                            f"--config.structure={structure}",
+                            f"--config.init_from={tmp_path / 'dense'}",
+                            f"--workdir={tmp_path / method}"])
+    assert math.isfinite(result["val_perplexity"]) and result["sparsity"] == 0.5
+    params = train.load_final_params(str(tmp_path / method))
+    embeddings = [k for k in params if "embed" in k]
+    assert embeddings and all(np.all(params[k] != 0) for k in embeddings)
+    assert np.mean(params["params/head/kernel"] == 0) == 0.5
