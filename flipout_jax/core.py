@@ -665,14 +665,15 @@ def _raw_prune(inner, *, raw_rule, schedule, score_fn, mask_rule,
 
   def init_fn(params):
     prunable = trees.prunable_tree(params, filter_fn)
-    masks = trees.mask_like(params, prunable)
+    # Shapes only (the state is built by build_state, compiled).
+    masks = jax.eval_shape(lambda p: trees.mask_like(p, prunable), params)
     paths = [p for p, _ in trees.leaves_with_paths(masks)]
     distributions_lib.validate_distribution(distribution, paths)
     n = sum(m.size for m in trees.prunable_leaves(masks, masks))
     if n >= 2**31 - 1:
       raise ValueError("params: 2**31 - 1 or more prunable weights; counts "
                        "are int32.")
-    lay, groups, table = budget(masks)
+    _, groups, table = budget(masks)
     _warn_empty_budget(name, masks, groups, table[1:])
     flat, treedef = jax.tree.flatten(prunable)
     return build_state(params, (treedef, tuple(flat)))

@@ -68,6 +68,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flipout_jax import trees
+
 # NumPy, not jnp: a jnp constant at import would start the XLA backend and
 # block a later jax.distributed.initialize().
 _SIGN = np.uint32(0x80000000)
@@ -219,12 +221,12 @@ def _buckets(arrays: Sequence[Sequence[jax.Array]], key_fn, groups
     for i in members:
       group_of[i], offset_of[i] = g, start
       start += int(np.prod(jnp.shape(arrays[i][0]), dtype=np.int64))
-  found: dict[tuple, list[int]] = {}
-  for i in sorted(group_of):
-    sig = tuple((tuple(jnp.shape(a)), jnp.result_type(a)) for a in arrays[i])
-    found.setdefault(sig, []).append(i)
+  grouped = sorted(group_of)
   out = []
-  for members in found.values():
+  # By the scores' shape and dtype (eligibility, when given, is bool of the
+  # scores' shape for every tensor).
+  for same in trees.same_shape_groups([arrays[i][0] for i in grouped]):
+    members = [grouped[j] for j in same]
     stacked = [jnp.stack([arrays[i][j] for i in members])
                for j in range(len(arrays[members[0]]))]
     out.append(_Bucket(

@@ -51,6 +51,7 @@ import numpy as np
 
 from flipout_jax import distributions as distributions_lib
 from flipout_jax import selection
+from flipout_jax import trees
 from flipout_jax import validate
 
 Leaves = list  # list[jax.Array], one per prunable leaf
@@ -269,10 +270,9 @@ def _random_top_k(key, shapes, groups, keep, guard=0):
   noise = [None] * len(shapes)
   # One loop per distinct shape (each leaf with its own key: the numbers of
   # a draw per leaf), so the program does not grow with the leaves.
-  by_shape: dict[tuple, list[int]] = {}
-  for i, shape in enumerate(shapes):
-    by_shape.setdefault(tuple(shape), []).append(i)
-  for shape, members in by_shape.items():
+  for members in trees.same_shape_groups(
+      [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]):
+    shape = tuple(shapes[members[0]])
     if len(members) == 1:
       draws = [jax.random.uniform(keys[members[0]], shape)]
     else:
