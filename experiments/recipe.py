@@ -6,10 +6,9 @@ fields; the same spec is the same run (:func:`same_run`: a sweep skips it).
 :func:`phases` builds a spec into :class:`Phase` s; the library checks every
 argument, its errors naming the config key. Methods: ``fj.registry`` names and
 ``HARNESS``: "dense" (the optimizer alone), "hoyer_square" (regulariser, then
-threshold and fine-tune under the fixed mask) and ``POST_TRAINING`` (magnitude,
-with a ``structure`` ``fj.post_training``'s N:M magnitude; wanda, sparsegpt;
-unipts), the only phase of a run from a dense run's params (``init_from``;
-BatchNorm recalibrated).
+threshold and fine-tune under the fixed mask) and ``POST_TRAINING``
+(``fj.post_training``'s magnitude, wanda, sparsegpt; unipts), the only phase of
+a run from a dense run's params (``init_from``; BatchNorm recalibrated).
 """
 
 from __future__ import annotations
@@ -107,13 +106,6 @@ def _paper_every(target: float) -> float:
                     f"valid: {', '.join(f'{t:g}' for t in _base.PAPER_TARGETS)}")
 
 
-def _structure_sparsity(spec) -> float | None:
-  if isinstance(spec, str) and ":" in spec:
-    n, m = spec.split("+")[0].split(":")
-    return 1.0 - int(n) / int(m)
-  return None
-
-
 def _events(kw, num_epochs) -> int:
   """N = #{k >= 1: start + k·prune_every < num_epochs} (epochs)."""
   every = kw.get("every_epochs")
@@ -136,7 +128,8 @@ def resolve(c: dict[str, Any]) -> dict[str, Any]:
       n = math.ceil(_base.PAPER_NUM_EPOCHS / paper) - 1
       merged["sparsity"] = 1.0 - 0.5 ** n
   if "sparsity" in valid and merged.get("sparsity") is None:
-    merged["sparsity"] = _structure_sparsity(merged.get("structure"))
+    nm = getattr(structure(merged.get("structure")), "options", {})
+    merged["sparsity"] = 1.0 - nm["n"] / nm["m"] if "m" in nm else None
     if merged["sparsity"] is None and (n := _events(merged, c["num_epochs"])):
       merged["sparsity"] = 1.0 - (1.0 - merged.get("prune_rate", 0.5)) ** n
   if (valid.get("end_step") is REQUIRED and "end_epoch" not in merged
@@ -298,11 +291,11 @@ def phases(spec: dict[str, Any], spe: int) -> list[Phase]:
     if spec["calibration_labels"] not in CALIBRATION_LABELS:
       raise ConfigError(f"calibration_labels: {spec['calibration_labels']!r}; "
                         f"valid: {', '.join(CALIBRATION_LABELS)}")
-    if name in ("wanda", "sparsegpt") or kw.get("structure"):  # Check now.
+    if name != "unipts":  # Check the arguments now.
       _library(name, source, lambda: fj.post_training.check_arguments(
           name, kw.get("allocation", kw.get("distribution")),
           kw["structure"], kw["sparsity"]))
-    if name == "unipts":  # Check the arguments now.
+    else:
       _library(name, source, lambda: fj.unipts.UniPTSConfig(**{
           k: v for k, v in kw.items() if k not in ("sparsity", "seed", "search")}))
     return [Phase(name, 0, post=lambda *a: post_train(name, kw, spec, *a))]
@@ -358,30 +351,13 @@ def post_train(name, kw, spec, model, variables, ds):
     r = _library(name, {k: k for k in kw}, lambda: fj.unipts.run(
         model.apply, variables, x, calibration_y=labels, log_fn=print, **kw))
     return jax.device_get(r.variables), r.masks, dict(r.report, **report)
-  if name in ("wanda", "sparsegpt") or kw.get("structure"):  # N:M magnitude
-    pt_kw = kw if name != "magnitude" else dict(
-        sparsity=kw["sparsity"], structure=kw["structure"],
-        allocation=kw["distribution"])
-    r = _library(name, {k: k for k in kw}, lambda: fj.post_training.prune(
-        lambda v, xb: model.apply(v, xb, train=False), variables, x,
-        method=name, **pt_kw))
-    sparse, masks = r.variables, r.masks
-    report["post_training"] = r.report
-  else:
-    sparse, masks = _magnitude(kw, variables)
+  pt_kw = kw if name != "magnitude" else dict(
+      sparsity=kw["sparsity"], structure=kw["structure"],
+      allocation=kw["distribution"])
+  r = _library(name, {k: k for k in kw}, lambda: fj.post_training.prune(
+      lambda v, xb: model.apply(v, xb, train=False), variables, x,
+      method=name, **pt_kw))
+  sparse, report["post_training"] = r.variables, r.report
   if fj.unipts.has_batch_stats(sparse):
     sparse = fj.unipts.recalibrate_batch_stats(model.apply, sparse, x)
-  return jax.device_get(sparse), masks, report
-
-
-def _magnitude(kw, variables):
-  """One-shot |θ| (``distribution`` global or uniform) of the harness."""
-  import jax  # pylint: disable=g-import-not-at-top
-  params = variables["params"]
-  tx = _library("magnitude", {k: k for k in kw}, lambda: fj.prune(
-      optax.identity(), score_fn=fj.scores.magnitude,
-      schedule=fj.schedules.one_shot(kw["sparsity"], 0),
-      distribution=kw["distribution"]))
-  _, state = tx.update(jax.tree.map(lambda p: 0 * p, params), tx.init(params), params)
-  masks = fj.get_masks(state)
-  return dict(variables, params=fj.trees.apply_masks(params, masks)), masks
+  return jax.device_get(sparse), r.masks, report

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -54,8 +55,6 @@ class Run:
 
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
 _PRCTL = None  # libc's ``prctl`` on Linux, looked up here (not in the child).
 if sys.platform.startswith("linux"):
   with contextlib.suppress(OSError, AttributeError):
@@ -151,10 +150,8 @@ def run_all(runs: list[Run], config_path: str, forwarded: Sequence[str],
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
   """Mean and sample standard deviation (nan for one value)."""
-  m = sum(values) / len(values)
-  if len(values) < 2:
-    return m, float("nan")
-  return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+  return statistics.mean(values), (statistics.stdev(values) if len(values) > 1
+                                   else float("nan"))
 
 
 def cell(values: Sequence[float], scale: float = 100.0) -> str:
@@ -297,8 +294,7 @@ def main(argv=None) -> None:
     return
   os.makedirs(out, exist_ok=True)
   run_all(runs, config_path, forwarded, workers)
-  rows = grid[0][1]
-  cols = grid[1][1] if len(grid) > 1 else ["result"]
+  rows, cols = grid[0][1], grid[1][1] if len(grid) > 1 else ["result"]
   command = "python -m experiments.sweep " + " ".join(
       a if " " not in a else repr(a) for a in argv[1:])
   plot(runs, rows, os.path.join(out, "accuracy_vs_sparsity.png"),

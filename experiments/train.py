@@ -3,11 +3,10 @@
 :func:`run` writes into ``workdir`` a ``metrics.jsonl`` line and an Orbax
 checkpoint per epoch, then ``sparsity.md``, ``curves.png``, ``final_params.npz``,
 ``final.json`` and the line ``final test_accuracy=<float> sparsity=<float>``.
-Faults (:class:`RunError`, :class:`ConfigError`) are one line: a non-finite loss
+Faults are one line (:class:`RunError`, :class:`ConfigError`): a non-finite loss
 (that epoch unsaved), a full disk, an unwritable workdir or one a live run holds
 (``flock`` on ``.lock``); a checkpoint that does not restore goes to
-``checkpoints.bad/``. Checkpoints hold all that changes and the data order
-depends only on ``(seed, epoch)``: a run killed and resumed ends with the same bits.
+``checkpoints.bad/``. A run killed and resumed ends with the same bits.
 """
 
 from __future__ import annotations
@@ -59,12 +58,9 @@ def validate(config: ConfigDict) -> list[recipe.Phase]:
              if k not in config]
   if missing:
     raise ConfigError(f"config: missing fields {', '.join(missing)}")
-  for key, valid in (("model", models_lib.MODEL_NAMES + models_lib.GPT_NAMES),
-                     ("dataset", data_lib.DATASETS)):
-    if config[key] not in valid:
-      raise ConfigError(f"{key}: unknown {key} {config[key]!r}; valid: "
-                        f"{', '.join(valid)}")
   try:
+    fj.validate.choice(config.model, "model", models_lib.MODEL_NAMES + models_lib.GPT_NAMES)
+    fj.validate.choice(config.dataset, "dataset", data_lib.DATASETS)
     models_lib.check_width(config.width)
     for key, low in ints.items():
       fj.validate.integer(config[key], key, low=low)
@@ -236,10 +232,9 @@ def evaluate(setup: _Setup, params, batch_stats) -> dict[str, float]:
   for x, labels in data_lib.eval_batches(setup.ds, setup.config.eval_batch_size):
     c, s = setup.eval_step(params, batch_stats, x, labels)
     correct, loss, n = correct + int(c), loss + float(s), n + labels.size
-  if not isinstance(setup.ds.test, data_lib.TextSplit):
-    return {"test_accuracy": correct / n}
-  return {"test_accuracy": correct / n, "val_loss": loss / n,
-          "val_perplexity": float(np.exp(loss / n))}
+  text = isinstance(setup.ds.test, data_lib.TextSplit)
+  return {"test_accuracy": correct / n, **({"val_loss": loss / n, "val_perplexity":
+                                            float(np.exp(loss / n))} if text else {})}
 
 
 def masks_of(opt_state):
@@ -252,9 +247,8 @@ def _flat(prefix: str, tree) -> dict[str, Any]:
 
 
 def _unflat(prefix: str, template, restored: dict[str, Any]):
-  leaves, treedef = jax.tree.flatten(template)
-  return jax.tree.unflatten(treedef, [restored[f"{prefix}{i}"]
-                                      for i in range(len(leaves))])
+  treedef = jax.tree.structure(template)
+  return jax.tree.unflatten(treedef, [restored[f"{prefix}{i}"] for i in range(treedef.num_leaves)])
 
 
 def _checkpoint_item(state, aux, meta: dict[str, Any]) -> dict[str, Any]:
@@ -384,14 +378,13 @@ def _check_workdir(config: ConfigDict, workdir: str, resume: bool,
   if overwrite:
     shutil.rmtree(os.path.join(workdir, CHECKPOINT_DIR), ignore_errors=True)
     for f in RUN_FILES:
-      if os.path.exists(os.path.join(workdir, f)):
+      with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(workdir, f))
-    return
-  if has_run and not resume:
+  elif has_run and not resume:
     raise ConfigError(
         f"workdir: {workdir} holds an unfinished run; pass --resume to "
         "continue it, --overwrite to start over, or another --workdir")
-  if resume:
+  if resume and not overwrite:
     check_same_config(config, workdir)
 
 
@@ -445,9 +438,9 @@ def run(config: ConfigDict, workdir: str, *, resume: bool = False,
     print(final_line(result), flush=True)
     return result
   lock = lock_workdir(workdir)
-  quiet = _not_no_space
-  logging.getLogger().addFilter(quiet)
-  logging.getLogger("absl").addFilter(quiet)
+  loggers = (logging.getLogger(), logging.getLogger("absl"))
+  for logger in loggers:
+    logger.addFilter(_not_no_space)
   try:
     _check_workdir(config, workdir, resume, overwrite)
     setup = _setup(config)
@@ -461,8 +454,8 @@ def run(config: ConfigDict, workdir: str, *, resume: bool = False,
           "intact: free space, then rerun with --resume") from None
     raise
   finally:
-    logging.getLogger("absl").removeFilter(quiet)
-    logging.getLogger().removeFilter(quiet)
+    for logger in loggers:
+      logger.removeFilter(_not_no_space)
     lock.close()
 
 
@@ -511,12 +504,9 @@ def _restore_newest(setup: _Setup, workdir: str):
 
 def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
            stop_after_epochs: int | None, t_start: float):
-  config = setup.config
+  config, spe, total_epochs = setup.config, setup.steps_per_epoch, setup.total_epochs
   _atomic_write(os.path.join(workdir, "config.json"),
                 json.dumps(config_json(config), indent=2, sort_keys=True))
-
-  spe, total_epochs = setup.steps_per_epoch, setup.total_epochs
-
   state = {"params": setup.params0, "batch_stats": setup.batch_stats0,
            "opt_state": None}
   completed, elapsed0, ckpt_phase, aux = 0, 0.0, -1, None
@@ -581,7 +571,6 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
               f"{config.lr}) or guard the optimizer (optax.apply_if_finite)")
         completed = epoch + 1
         scores = evaluate(setup, state["params"], state["batch_stats"])
-        accuracy = scores["test_accuracy"]
         row = {
             "epoch": completed, "step": completed * spe, "phase": phase.name,
             # The float32 running sum, in step order.
@@ -596,14 +585,13 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
         mgr.save(completed, args=ocp.args.StandardSave(_checkpoint_item(
             state, aux, {"epoch": completed, "step": completed * spe,
                          "elapsed": row["time"]})))
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{accuracy:.4f}",
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{scores['test_accuracy']:.4f}",
                         sparsity=f"{row['sparsity']:.4f}")
         if bar.disable:
           val = "".join(f" {k} {v:.4f}" for k, v in scores.items() if k[:4] == "val_")
-          print(f"epoch {completed}/{total_epochs} [{phase.name}] "
-                f"loss {row['train_loss']:.4f} test_accuracy {accuracy:.4f} "
-                f"sparsity {row['sparsity']:.4f} lr {row['lr']:.3g} "
-                f"({row['time']:.1f}s){val}", flush=True)
+          print(f"epoch {completed}/{total_epochs} [{phase.name}] loss {row['train_loss']:.4f}"
+                f" test_accuracy {scores['test_accuracy']:.4f} sparsity {row['sparsity']:.4f}"
+                f" lr {row['lr']:.3g} ({row['time']:.1f}s){val}", flush=True)
         if stop_after_epochs is not None and completed >= stop_after_epochs:
           mgr.wait_until_finished()
           failed = False
@@ -624,18 +612,15 @@ def _train(setup: _Setup, workdir: str, resume: bool, progress: bool,
 
 def _finish(setup: _Setup, workdir: str, state, completed: int,
             elapsed: float, masks=None) -> dict[str, Any]:
-  config = setup.config
-  params = state["params"]
+  config, params = setup.config, state["params"]
   scores = evaluate(setup, params, state["batch_stats"])
-  accuracy = scores["test_accuracy"]
-  if masks is None:
-    masks = masks_of(state["opt_state"])
+  masks = masks_of(state["opt_state"]) if masks is None else masks
   report = fj.sparsity_report(params, masks)
   zeros = fj.sparsity_report(params)
   text = (f"# Sparsity: {config.method}, {config.model} on {config.dataset}, "
           f"seed {config.seed}\n\n"
           f"{'From the masks' if masks is not None else 'Exact zeros'}; "
-          f"test accuracy {100 * accuracy:.2f}%.\n\n{report}\n")
+          f"test accuracy {100 * scores['test_accuracy']:.2f}%.\n\n{report}\n")
   print(report, flush=True)
   _atomic_write(os.path.join(workdir, "sparsity.md"), text)
   flat = {f"{c}/{p}": np.asarray(x) for c in ("params", "batch_stats")

@@ -184,7 +184,7 @@ def test_error_in_a_real_process_is_one_line_without_traceback(tmp_path):
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr
   lines = proc.stderr.strip().splitlines()
-  assert lines[-1].startswith("error: model: unknown model 'resnet99'")
+  assert lines[-1].startswith("error: model: unknown value 'resnet99'")
   assert "final" not in proc.stdout
 
 
