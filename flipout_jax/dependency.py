@@ -210,6 +210,15 @@ class _Trace:
     if not self.reason[r]:
       self.reason[r] = why
 
+  def factor(self, whole: int, parts: list[int]) -> None:
+    """Axis ``whole`` is the row-major merge of axes ``parts`` (size-1
+    parts dropped; a single remaining part is the axis itself)."""
+    parts = [p for p in parts if self.length[p] != 1]
+    if len(parts) == 1:
+      self.tie(whole, parts[0])
+    elif parts:
+      self.factors.append((whole, parts))
+
   def tie(self, a: int, b: int) -> None:
     """Same index set on both axes (a broadcast size-1 axis ties nothing)."""
     la, lb = self.length[a], self.length[b]
@@ -431,8 +440,8 @@ class _Visitor:
     cin, cout = t.length[t.node(lhs, lf)], t.length[t.node(out, of)]
     g_in = t.new((groups, cin // groups))
     g_out = t.new((groups, cout // groups))
-    t.factors.append((t.node(lhs, lf), [t.node(g_in, 0), t.node(g_in, 1)]))
-    t.factors.append((t.node(out, of), [t.node(g_out, 0), t.node(g_out, 1)]))
+    t.factor(t.node(lhs, lf), [t.node(g_in, 0), t.node(g_in, 1)])
+    t.factor(t.node(out, of), [t.node(g_out, 0), t.node(g_out, 1)])
     self.tie_axes(g_in, 0, g_out, 0)
     self.tie_axes(g_in, 1, rhs, ri)
     self._contracted(g_in, 1, rhs, ri)
@@ -484,11 +493,9 @@ class _Visitor:
       if len(bi) == 1 and len(bj) == 1:
         self.tie_axes(v, bi[0], out, bj[0])
       elif len(bi) == 1:
-        self.t.factors.append((self.t.node(v, bi[0]),
-                               [self.t.node(out, b) for b in bj]))
+        self.t.factor(self.t.node(v, bi[0]), [self.t.node(out, b) for b in bj])
       elif len(bj) == 1:
-        self.t.factors.append((self.t.node(out, bj[0]),
-                               [self.t.node(v, b) for b in bi]))
+        self.t.factor(self.t.node(out, bj[0]), [self.t.node(v, b) for b in bi])
       else:
         for a in bi:
           self.t.fix(self.t.node(v, a), "reshape mixing several axes")
@@ -591,7 +598,7 @@ class _Visitor:
         self.tie_axes(v, a + shift, w, a)
     return w
 
-  def _scan(self, eqn, ins, outs_vars):
+  def _scan(self, eqn, ins):
     p = eqn.params
     body = p["jaxpr"]
     nc, nk = p["num_consts"], p["num_carry"]
@@ -613,7 +620,7 @@ class _Visitor:
         self.tie_axes(r, a, o, a + 1)
     return outs
 
-  def _while(self, eqn, ins, _):
+  def _while(self, eqn, ins):
     p = eqn.params
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
     carry = ins[cn + bn:]
@@ -633,7 +640,7 @@ class _Visitor:
       self.tie_all(cargs[cn + k], o)
     return outs
 
-  def _cond(self, eqn, ins, _):
+  def _cond(self, eqn, ins):
     outs = self.fresh_outs(eqn)
     self.fix_value(ins[0], "cond index")
     for branch in eqn.params["branches"]:
