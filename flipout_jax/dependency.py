@@ -71,10 +71,11 @@ This module depends only on jax, numpy and :mod:`flipout_jax.trees`.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 from jax.extend import core as jax_core
+import jax.numpy as jnp
 import numpy as np
 
 from flipout_jax import trees
@@ -913,16 +914,17 @@ def compact(apply_fn: Callable[..., Any], variables: PyTree, example_x: Any,
       for k, (_, _, keep) in enumerate(atoms):
         y = np.take(y, keep, axis=axis + k)
       x = y.reshape(shape[:axis] + (-1,) + shape[axis + 1:])
-    return jax.numpy.asarray(x)
+    return jnp.asarray(x)
 
-  flat_with_path, treedef = jax.tree_util.tree_flatten_with_path(variables)
-  new_leaves = [shrink(trees.path_str(p), x) for p, x in flat_with_path]
-  new_vars = jax.tree.unflatten(treedef, new_leaves)
+  paths_leaves = trees.leaves_with_paths(variables)
+  new_leaves = [shrink(path, x) for path, x in paths_leaves]
+  new_vars = jax.tree.unflatten(jax.tree.structure(variables), new_leaves)
+  # Flax Linen variables: the first segment is the collection.
+  linen = isinstance(variables, Mapping) and "params" in variables
   shapes, widths = {}, {}
-  for (path, _), x in zip(trees.leaves_with_paths(variables), new_leaves):
+  for (path, _), x in zip(paths_leaves, new_leaves):
     shapes[path] = tuple(x.shape)
-    parts = path.split("/")
-    if parts[-1] in ("kernel", "embedding") and len(parts) >= 2:
-      layer = parts[1:-1] if len(parts) > 2 else parts[:-1]
-      widths["/".join(layer)] = int(x.shape[-1])
+    parts = path.split("/")[1:] if linen else path.split("/")
+    if len(parts) >= 2 and parts[-1] in ("kernel", "embedding"):
+      widths["/".join(parts[:-1])] = int(x.shape[-1])
   return Compacted(new_vars, widths, shapes, tuple(groups), tuple(kept))

@@ -464,3 +464,28 @@ def test_gpt_compact_heads_and_mlp_units():
   small = models.GPT(**GPT, layer_widths=res.widths)
   np.testing.assert_allclose(small.apply(res.variables, x), model.apply(z, x),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_module_compacts_and_rebuilds():
+  nnx = pytest.importorskip("flax.nnx")
+
+  class MLP(nnx.Module):
+
+    def __init__(self, hidden, rngs):
+      self.fc1 = nnx.Linear(4, hidden, rngs=rngs)
+      self.fc2 = nnx.Linear(hidden, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.fc2(jax.nn.relu(self.fc1(x)))
+
+  model = MLP(6, nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  kernel = state["fc2"]["kernel"]
+  kernel.set_value(kernel.get_value().at[jnp.array([1, 3])].set(0.0))
+  apply = lambda s, x: nnx.merge(graphdef, s)(x)  # pylint: disable=unnecessary-lambda-assignment
+  x = jax.random.normal(KEY, (5, 4))
+  res = fj.compact(apply, state, x)
+  assert res.widths == {"fc1": 4, "fc2": 3}
+  small = MLP(res.widths["fc1"], nnx.Rngs(1))
+  nnx.update(small, res.variables)
+  np.testing.assert_allclose(small(x), apply(state, x), rtol=1e-6, atol=1e-6)
