@@ -161,6 +161,10 @@ _REDUCE = frozenset(
     "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or "
     "reduce_xor argmax argmin".split())
 _CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
+# Calls whose jaxpr takes the equation's operands and gives its results.
+_CALLS = frozenset(
+    "pjit jit closed_call core_call named_call remat remat2 checkpoint "
+    "custom_jvp_call custom_vjp_call custom_vjp_call_jaxpr".split())
 _CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
 
@@ -299,25 +303,25 @@ class _Visitor:
   def equation(self, eqn, ins):
     name = eqn.primitive.name
     p = eqn.params
-    sub = next((p[k] for k in _CALL_PARAMS if k in p), None)
     if name in ("scan", "while", "cond"):
       return getattr(self, "_" + name)(eqn, ins)
-    if sub is not None and isinstance(sub, (jax_core.ClosedJaxpr,
-                                            jax_core.Jaxpr)):
-      if len(sub.in_avals if isinstance(sub, jax_core.ClosedJaxpr)
-             else sub.invars) == len(ins):
+    if name in _CALLS:
+      sub = next((p[k] for k in _CALL_PARAMS if k in p), None)
+      n_in = (len(sub.in_avals) if isinstance(sub, jax_core.ClosedJaxpr)
+              else len(sub.invars) if isinstance(sub, jax_core.Jaxpr) else -1)
+      if n_in == len(ins):
         return self.run_closed(sub, ins)
     outs = self.fresh_outs(eqn)
     handler = getattr(self, "_" + name, None)
     if name in _ELEMENTWISE:
       self._elementwise(eqn, ins, outs)
-    elif name in _REDUCE:
-      self._reduce(eqn, ins, outs, p["axes"])
+    elif name in _REDUCE or name == "reduce":
+      self._reduce(eqn, ins, outs, p["axes" if "axes" in p else "dimensions"])
     elif name in _CUMULATIVE:
       self._keep_but(ins[0], outs[0], (p["axis"],), name)
     elif name.startswith("reduce_window"):
       self._window(eqn, ins, outs)
-    elif handler is not None:
+    elif handler is not None and name not in _CALLS:
       handler(eqn, ins, outs)
     else:
       for v in ins + outs:
@@ -675,8 +679,11 @@ def _cuts(trace: _Trace) -> dict[int, list[int]]:
       ca = get(a)
       for part, s, f in parts:
         b = t.find(part)
+        if a == b:  # an axis tied to a factor of itself
+          t.fix(a, "reshapes whose factors do not nest")
+          continue
         cb = get(b)
-        new_a = {s * c for c in cb}
+        new_a = {s * c for c in cb if s * c <= t.length[a]}
         new_b = {c // s for c in ca if s <= c <= s * f and c % s == 0}
         if not new_a <= ca or not new_b <= cb:
           ca |= new_a

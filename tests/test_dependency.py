@@ -210,6 +210,41 @@ def test_unknown_ops_concat_scan_and_depthwise():
   }
 
 
+def test_calls_control_flow_and_odd_reshapes():
+  """remat, custom_vjp, cond and while bodies are entered; a reshape whose
+  factors do not nest with another fixes the axis."""
+
+  @jax.custom_vjp
+  def sin(h):
+    return jnp.sin(h)
+
+  sin.defvjp(lambda h: (jnp.sin(h), h), lambda h, g: (g * jnp.cos(h),))
+
+  def f(v, x):
+    h = jax.checkpoint(lambda h: jax.nn.gelu(h @ v["w1"]))(x)
+    h = lax.cond(x.sum() > 0, lambda h: sin(h) * 2, lambda h: h + 1, h)
+    h = lax.while_loop(lambda c: c[0] < 3,
+                       lambda c: (c[0] + 1, jnp.tanh(c[1])), (0, h))[1]
+    return h @ v["w2"]
+
+  v = {"w1": jnp.ones((4, 6)), "w2": jnp.ones((6, 3))}
+  groups = fj.dependency_groups(f, v, jnp.ones((2, 4)))
+  assert removable(groups) == {(6, frozenset({("w1", 1, 1), ("w2", 0, 1)}))}
+  assert readers(groups)[frozenset({("w1", 1), ("w2", 0)})] == {("w2", 0)}
+
+  def odd(v, x):
+    h = x @ v["w1"]  # 6 units seen as (2, 3) and as (3, 2)
+    a = h.reshape(2, 2, 3).sum(-1)
+    b = h.reshape(2, 3, 2).sum(-1)
+    return a @ v["wa"] + b @ v["wb"]
+
+  v = {"w1": jnp.ones((4, 6)), "wa": jnp.ones((2, 3)), "wb": jnp.ones((3, 3))}
+  groups = fj.dependency_groups(odd, v, jnp.ones((2, 4)))
+  check_cover(groups, v)
+  g = group_of(groups, "w1", 1)
+  assert g.size == 6 and g.reason == "reshapes whose factors do not nest"
+
+
 # -- LeNet-5 ------------------------------------------------------------------
 
 
