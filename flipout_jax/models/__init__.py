@@ -4,7 +4,8 @@ Every model takes `num_classes` and a `width` multiplier (channel/unit counts
 become `max(1, round(base * width))`; the class count is never scaled), an
 optional `layer_widths` mapping that sets the output units of named layers
 (what `flipout_jax.compact` returns as `widths`, to rebuild a compacted
-model; see `check_layer_widths`), and is called as `model.apply(variables, x, train=...)` on NHWC float32 inputs. Models
+model; see `check_layer_widths`), and is called as
+`model.apply(variables, x, train=...)` on NHWC float32 inputs. Models
 with BatchNorm keep running statistics in the `batch_stats` collection, so
 training steps pass `mutable=["batch_stats"]`; `uses_batchnorm(name)` says
 which models need that.
