@@ -524,3 +524,22 @@ def test_nnx_module_compacts_and_rebuilds():
   small = MLP(res.widths["fc1"], nnx.Rngs(1))
   nnx.update(small, res.variables)
   np.testing.assert_allclose(small(x), apply(state, x), rtol=1e-6, atol=1e-6)
+
+
+def test_flax_masks_over_params():
+  """Masks over ``variables["params"]`` (kernels only, as a pruning state
+  holds them): the fc1 units whose fc2 rows are masked are removed."""
+  model = models.LeNet5(width=0.5)
+  x = jax.random.normal(KEY, (2, 28, 28, 1))
+  v = model.init(KEY, x)
+  masks = jax.tree.map(lambda p: jnp.ones(p.shape, bool) if p.ndim >= 2
+                       else None, v["params"])
+  masks["fc2"]["kernel"] = masks["fc2"]["kernel"].at[jnp.arange(10)].set(
+      False)
+  res = fj.compact(model.apply, v, x, masks=masks)
+  assert res.widths == {"conv1": 3, "conv2": 8, "fc1": 50, "fc2": 42,
+                        "fc3": 10}
+  masked = {"params": trees.apply_masks(v["params"], masks)}
+  small = models.LeNet5(width=0.5, layer_widths=res.widths)
+  np.testing.assert_allclose(small.apply(res.variables, x),
+                             model.apply(masked, x), rtol=1e-5, atol=1e-5)
