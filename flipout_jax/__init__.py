@@ -17,6 +17,9 @@ from flipout_jax import structure
 from flipout_jax import trees
 from flipout_jax import unipts
 from flipout_jax.core import PruneState
+from flipout_jax.coupled import coupled
+from flipout_jax.dependency import compact
+from flipout_jax.dependency import dependency_groups
 from flipout_jax.core import Tracker
 from flipout_jax.core import get_masks
 from flipout_jax.core import prune

@@ -1,8 +1,11 @@
 """Flax Linen models for pruning experiments.
 
 Every model takes `num_classes` and a `width` multiplier (channel/unit counts
-become `max(1, round(base * width))`; the class count is never scaled) and is
-called as `model.apply(variables, x, train=...)` on NHWC float32 inputs. Models
+become `max(1, round(base * width))`; the class count is never scaled), an
+optional `layer_widths` mapping that sets the output units of named layers
+(what `flipout_jax.compact` returns as `widths`, to rebuild a compacted
+model; see `check_layer_widths`), and is called as
+`model.apply(variables, x, train=...)` on NHWC float32 inputs. Models
 with BatchNorm keep running statistics in the `batch_stats` collection, so
 training steps pass `mutable=["batch_stats"]`; `uses_batchnorm(name)` says
 which models need that.
@@ -28,7 +31,8 @@ import flax.linen as nn
 from flipout_jax.models.gpt import (GPT, GPT_CONFIGS, GPT_NAMES,
                                     CausalSelfAttention, check_gpt_config,
                                     get_gpt)
-from flipout_jax.models.lenet import LeNet5, LeNet300100, check_width, scaled
+from flipout_jax.models.lenet import (LeNet5, LeNet300100, check_layer_widths,
+                                     check_width, scaled)
 from flipout_jax.models.resnet import (BasicBlock, CifarResNet, ResNet18,
                                        ResNet20, ResNet56)
 from flipout_jax.models.vgg import VGG, VGG11, VGG13, VGG16, VGG19
@@ -105,6 +109,7 @@ __all__ = [
     "VGG16",
     "VGG19",
     "check_gpt_config",
+    "check_layer_widths",
     "check_width",
     "get_gpt",
     "get_model",

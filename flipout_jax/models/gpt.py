@@ -41,10 +41,12 @@ config with :func:`get_gpt` (``GPT_CONFIGS``).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from flipout_jax.models.lenet import Widths, check_layer_widths
 
 _INIT = nn.initializers.normal(stddev=0.02)  # GPT-2's weight init.
 
@@ -94,22 +96,31 @@ class CausalSelfAttention(nn.Module):
   """Multi-head self-attention in which position t sees positions <= t only.
 
   Separate ``query``/``key``/``value``/``out`` Dense layers (``d_model ->
-  d_model``, with bias); the heads split the last axis.
+  num_heads·head_dim -> d_model``, with bias); the heads split the last
+  axis. ``head_dim`` None means ``d_model // num_heads``; ``value_dim``
+  (the per-head size of the values, None: ``head_dim``) may be smaller in a
+  compacted block, which also keeps the query/key head size and may have
+  fewer heads.
   """
 
   d_model: int
   num_heads: int
+  head_dim: int | None = None
+  value_dim: int | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     batch, seq, _ = x.shape
-    head_dim = self.d_model // self.num_heads
+    head_dim = (self.d_model // self.num_heads if self.head_dim is None
+                else self.head_dim)
+    value_dim = head_dim if self.value_dim is None else self.value_dim
 
-    def heads(name):
-      y = nn.Dense(self.d_model, kernel_init=_INIT, name=name)(x)
-      return y.reshape(batch, seq, self.num_heads, head_dim)
+    def heads(name, size):
+      y = nn.Dense(self.num_heads * size, kernel_init=_INIT, name=name)(x)
+      return y.reshape(batch, seq, self.num_heads, size)
 
-    q, k, v = heads("query"), heads("key"), heads("value")
+    q, k = heads("query", head_dim), heads("key", head_dim)
+    v = heads("value", value_dim)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
     causal = jnp.tril(jnp.ones((seq, seq), jnp.bool_))
     # -inf, not a large negative number: exp gives exactly 0 at the future
@@ -118,7 +129,7 @@ class CausalSelfAttention(nn.Module):
     logits = jnp.where(causal, logits, -jnp.inf)
     weights = nn.softmax(logits, axis=-1)
     y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-    y = y.reshape(batch, seq, self.d_model)
+    y = y.reshape(batch, seq, self.num_heads * value_dim)
     return nn.Dense(self.d_model, kernel_init=_INIT, name="out")(y)
 
 
@@ -128,10 +139,13 @@ class Block(nn.Module):
   d_model: int
   num_heads: int
   mlp_dim: int
+  head_dim: int | None = None
+  value_dim: int | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    x = x + CausalSelfAttention(self.d_model, self.num_heads, name="attn")(
+    x = x + CausalSelfAttention(self.d_model, self.num_heads, self.head_dim,
+                                self.value_dim, name="attn")(
         nn.LayerNorm(name="ln1")(x))
     h = nn.LayerNorm(name="ln2")(x)
     h = nn.Dense(self.mlp_dim, kernel_init=_INIT, name="fc1")(h)
@@ -154,6 +168,14 @@ class GPT(nn.Module):
     num_layers: number of blocks (the depth), ``>= 1``.
     mlp_dim: hidden units of each MLP; None means ``4·d_model``.
     max_len: longest sequence the position table covers.
+    layer_widths: optional per-layer widths (what
+      :func:`flipout_jax.compact` returns as ``widths``):
+      ``"block{i}/attn/query"`` (and an equal ``key``) is the number of
+      heads of block ``i`` times ``d_model // num_heads`` (the query/key
+      head size is kept), ``"block{i}/attn/value"`` the heads times the
+      value size per head, ``"block{i}/fc1"`` the MLP width; the residual
+      stream, the embeddings and the head keep ``d_model`` and
+      ``vocab_size``.
   """
 
   vocab_size: int = 1000
@@ -162,10 +184,12 @@ class GPT(nn.Module):
   num_layers: int = 4
   mlp_dim: int | None = None
   max_len: int = 64
+  layer_widths: Mapping[str, int] | None = None
 
   def __post_init__(self):
     check_gpt_config(self.vocab_size, self.d_model, self.num_heads,
                      self.num_layers, self.mlp_dim, self.max_len)
+    check_layer_widths(self.layer_widths)
     super().__post_init__()
 
   @property
@@ -201,16 +225,38 @@ class GPT(nn.Module):
       raise ValueError(
           f"tokens: sequence length must be in [1, max_len={self.max_len}], "
           f"got {seq}")
-    x = nn.Embed(self.vocab_size, self.d_model, embedding_init=_INIT,
-                 name="token_embed")(tokens)
+    w = Widths(self.layer_widths)
+    d = self.d_model
+    residual = "the residual stream"
+    x = nn.Embed(self.vocab_size, w("token_embed", d, residual),
+                 embedding_init=_INIT, name="token_embed")(tokens)
     positions = jnp.arange(seq)[None, :]
-    x = x + nn.Embed(self.max_len, self.d_model, embedding_init=_INIT,
-                     name="pos_embed")(positions)
+    x = x + nn.Embed(self.max_len, w("pos_embed", d, residual),
+                     embedding_init=_INIT, name="pos_embed")(positions)
+    head_dim = d // self.num_heads
     for i in range(self.num_layers):
-      x = Block(self.d_model, self.num_heads, self.hidden_dim,
+      attn = f"block{i}/attn/"
+      width = w(attn + "query", d)
+      if width % head_dim:
+        raise ValueError(
+            f"layer_widths[{attn + 'query'!r}]: must be a multiple of the "
+            f"head size {head_dim}, got {width}")
+      w(attn + "key", width, f"the width of {attn}query")
+      heads = width // head_dim
+      values = w(attn + "value", width)
+      if values % heads:
+        raise ValueError(
+            f"layer_widths[{attn + 'value'!r}]: must be a multiple of the "
+            f"{heads} heads of {attn}query, got {values}")
+      w(attn + "out", d, residual)
+      w(f"block{i}/fc2", d, residual)
+      x = Block(d, heads, w(f"block{i}/fc1", self.hidden_dim),
+                head_dim=head_dim, value_dim=values // heads,
                 name=f"block{i}")(x)
     x = nn.LayerNorm(name="ln_f")(x)
-    logits = nn.Dense(self.vocab_size, kernel_init=_INIT, name="head")(x)
+    logits = nn.Dense(w("head", self.vocab_size, "the vocabulary"),
+                      kernel_init=_INIT, name="head")(x)
+    w.done()
     return logits.astype(jnp.float32)
 
 
@@ -244,7 +290,7 @@ def get_gpt(name: str = "gpt_tiny", **overrides: Any) -> GPT:
     raise ValueError(f"Unknown GPT config {name!r}; valid names are: "
                      f"{', '.join(GPT_NAMES)}")
   fields = ("vocab_size", "d_model", "num_heads", "num_layers", "mlp_dim",
-            "max_len")
+            "max_len", "layer_widths")
   unknown = sorted(set(overrides) - set(fields))
   if unknown:
     raise ValueError(f"{unknown[0]}: not a field of GPT; valid fields are "

@@ -18,12 +18,12 @@ which costs ResNet-20 2,752 extra parameters (272,474 instead of 269,722).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from flipout_jax.models.lenet import scaled
+from flipout_jax.models.lenet import Widths, check_layer_widths, scaled
 
 
 class BasicBlock(nn.Module):
@@ -32,16 +32,24 @@ class BasicBlock(nn.Module):
   planes: int
   strides: int
   norm: Callable[..., Any]
+  # Compacted blocks: conv1's own width (None: planes) and whether the
+  # shortcut is a projection (None: when the stride or the width changes).
+  inner: int | None = None
+  project: bool | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     conv = functools.partial(nn.Conv, use_bias=False, padding="SAME")
-    y = conv(self.planes, (3, 3), strides=self.strides, name="conv1")(x)
+    inner = self.planes if self.inner is None else self.inner
+    y = conv(inner, (3, 3), strides=self.strides, name="conv1")(x)
     y = nn.relu(self.norm(name="bn1")(y))
     y = conv(self.planes, (3, 3), name="conv2")(y)
     y = self.norm(name="bn2")(y)
     shortcut = x
-    if self.strides != 1 or x.shape[-1] != self.planes:
+    project = self.project
+    if project is None:
+      project = self.strides != 1 or x.shape[-1] != self.planes
+    if project:
       shortcut = conv(self.planes, (1, 1), strides=self.strides,
                       name="shortcut_conv")(x)
       shortcut = self.norm(name="shortcut_bn")(shortcut)
@@ -69,9 +77,19 @@ class CifarResNet(nn.Module):
   width: float = 1.0
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   stage_planes: Sequence[int] = (64, 128, 256, 512)
+  # Per-layer widths (see check_layer_widths): "stem_conv",
+  # "stage{s}_block{b}/conv1", ".../conv2" and ".../shortcut_conv"; a
+  # residual add ties conv2 (and shortcut_conv) to the width entering the
+  # block, so those must agree.
+  layer_widths: Mapping[str, int] | None = None
+
+  def __post_init__(self):
+    check_layer_widths(self.layer_widths)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    w = Widths(self.layer_widths)
     if len(self.stage_sizes) != len(self.stage_planes):
       raise ValueError(
           "stage_sizes and stage_planes must have the same length, got "
@@ -79,19 +97,34 @@ class CifarResNet(nn.Module):
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=0.9,
         epsilon=1e-5)
-    x = nn.Conv(scaled(self.stage_planes[0], self.width), (3, 3),
+    in_planes = scaled(self.stage_planes[0], self.width)
+    x = nn.Conv(w("stem_conv", in_planes), (3, 3),
                 use_bias=False, padding="SAME", name="stem_conv")(x)
     x = nn.relu(norm(name="stem_bn")(x))
     for s, (blocks, planes) in enumerate(
         zip(self.stage_sizes, self.stage_planes)):
+      planes = scaled(planes, self.width)
       for b in range(blocks):
+        name = f"stage{s + 1}_block{b + 1}"
+        strides = 2 if s > 0 and b == 0 else 1
+        project = strides != 1 or in_planes != planes
+        out = w(f"{name}/conv2", planes)
+        if project:
+          w(f"{name}/shortcut_conv", out, "the width of conv2, which the "
+            "residual add joins")
+        elif out != x.shape[-1]:
+          raise ValueError(
+              f"layer_widths[{name + '/conv2'!r}]: must be {x.shape[-1]}, "
+              "the width entering the block, which the identity shortcut "
+              f"adds to it; got {out}")
         x = BasicBlock(
-            planes=scaled(planes, self.width),
-            strides=2 if s > 0 and b == 0 else 1,
-            norm=norm,
-            name=f"stage{s + 1}_block{b + 1}")(x)
+            planes=out, strides=strides, norm=norm,
+            inner=w(f"{name}/conv1", planes), project=project, name=name)(x)
+        in_planes = planes
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, name="head")(x)
+    x = nn.Dense(w("head", self.num_classes, "the classes"), name="head")(x)
+    w.done()
+    return x
 
 
 class ResNet18(CifarResNet):

@@ -9,12 +9,12 @@ remaining features instead of the three large ImageNet fully connected layers.
 from __future__ import annotations
 
 import functools
-from typing import Union
+from typing import Mapping, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from flipout_jax.models.lenet import scaled
+from flipout_jax.models.lenet import Widths, check_layer_widths, scaled
 
 # Channel counts of the 3x3 convolutions; 'M' is a 2x2 stride-2 max-pool.
 CFGS: dict[int, tuple[Union[int, str], ...]] = {
@@ -54,9 +54,15 @@ class VGG(nn.Module):
   num_classes: int = 10
   width: float = 1.0
   depth: int = 16
+  layer_widths: Mapping[str, int] | None = None  # see check_layer_widths
+
+  def __post_init__(self):
+    check_layer_widths(self.layer_widths)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    w = Widths(self.layer_widths)
     if self.depth not in CFGS:
       raise ValueError(
           f"VGG depth must be one of {sorted(CFGS)}, got depth={self.depth!r}")
@@ -69,11 +75,13 @@ class VGG(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
         continue
       i += 1
-      x = nn.Conv(scaled(v, self.width), (3, 3), padding="SAME",
-                  name=f"conv{i}")(x)
+      x = nn.Conv(w(f"conv{i}", scaled(v, self.width)), (3, 3),
+                  padding="SAME", name=f"conv{i}")(x)
       x = nn.relu(norm(name=f"bn{i}")(x))
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, name="head")(x)
+    x = nn.Dense(w("head", self.num_classes, "the classes"), name="head")(x)
+    w.done()
+    return x
 
 
 class VGG11(VGG):
