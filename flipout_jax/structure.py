@@ -284,8 +284,9 @@ def _chunked_bits(keys, chunk_leaf, chunk_start, chunk, sizes) -> jax.Array:
   With the default partitionable threefry (entry j of a draw is the hash of
   the counter ``(0, j)`` under its key) every leaf's draw is one hash call
   over all the counters: the threefry compiles to a loop of about 0.4 s of
-  XLA:CPU, once, not once per distinct shape. Any other PRNG draws per leaf
-  (and compiles per shape).
+  XLA:CPU, once, not once per distinct shape. Any other PRNG (or the
+  original threefry layout) draws once per leaf size, batched over the
+  leaves of that size, and pads the rows with zeros.
   """
   typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
   impl = (str(jax.random.key_impl(keys)) if typed
