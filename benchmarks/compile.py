@@ -1,7 +1,7 @@
 """Compile, init and step cost of every registered method on a GPT-style model.
 
     python -m benchmarks.compile [--blocks 4,12,24] [--methods all]
-                                 [--repeats 20]
+                                 [--repeats 20] [--init-only]
 
 For the GPT decoder of :mod:`flipout_jax.models.gpt` (d_model 128, 4 heads,
 MLP 512, vocabulary 1000, sequences of 64, batch 8; ``optax.adamw(1e-3)``;
@@ -17,6 +17,8 @@ measures in one process:
   of the compiled, optimised HLO;
 * **init**: seconds of the first ``tx.init(params)`` (caches cleared
   before it, so including its compiles);
+  ``--init-only`` measures only this (no step is compiled or timed) and
+  prints one line per method;
 * beside the wall seconds of compile and init, the process's CPU seconds
   (all threads), which a loaded machine does not inflate, and the CPU
   seconds of compiling the update alone (no model), with its ratio to
@@ -194,7 +196,8 @@ def _cpu_timed(fn):
   return out, wall, time.process_time() - c0
 
 
-def bench_depth(num_layers: int, names: list[str], repeats: int) -> None:
+def bench_depth(num_layers: int, names: list[str], repeats: int,
+                init_only: bool = False) -> None:
   model = models.get_gpt("gpt_tiny", num_layers=num_layers, vocab_size=1000,
                          d_model=128, num_heads=4, mlp_dim=512, max_len=SEQ)
   kx, ky, kp = jax.random.split(jax.random.key(0), 3)
@@ -236,6 +239,10 @@ def bench_depth(num_layers: int, names: list[str], repeats: int) -> None:
       jax.clear_caches()
       state, run.init_s, run.init_cpu = _cpu_timed(lambda: tx.init(params))
       run.state_bytes = _nbytes(state) - inner_bytes
+      if init_only:
+        print(f"  {name}: init {run.init_s:.2f} s ({run.init_cpu:.2f} CPU s)",
+              flush=True)
+        continue
 
       def step(p, s, x, y, tx=tx, extra=extra):
         loss, g = jax.value_and_grad(loss_fn)(p, x, y)
@@ -270,11 +277,17 @@ def bench_depth(num_layers: int, names: list[str], repeats: int) -> None:
       jax.block_until_ready(run.update(grads, run.steady_state, params))
     except Exception as e:  # pylint: disable=broad-except
       run.error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    if init_only:
+      if run.error:
+        print(f"  {name}: failed: {run.error}", flush=True)
+      continue
     status = (f"failed: {run.error}" if run.error else
               f"init {run.init_s:.2f} s, lower {run.lower_s:.2f} s, "
               f"compile {run.compile_s:.2f} s")
     print(f"  {name}: {status}", flush=True)
 
+  if init_only:
+    return
   ok = [r for r in runs if r.error is None]
   for _ in range(repeats):
     for r in ok:
@@ -352,6 +365,8 @@ def main(argv=None):
                       help="'all' or comma-separated fj.registry names")
   parser.add_argument("--repeats", type=int, default=20,
                       help="interleaved timing rounds (default 20)")
+  parser.add_argument("--init-only", action="store_true",
+                      help="measure only the first tx.init of each method")
   args = parser.parse_args(argv)
   if args.repeats < 1:
     raise SystemExit(f"--repeats: must be >= 1, got {args.repeats}")
@@ -360,7 +375,7 @@ def main(argv=None):
         f"{jax.device_count()} device(s), {os.cpu_count()} CPU(s); "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   for num_layers in blocks:
-    bench_depth(num_layers, names, args.repeats)
+    bench_depth(num_layers, names, args.repeats, args.init_only)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.extend import random as jax_random_ext
 import numpy as np
 
 from flipout_jax import distributions as distributions_lib
@@ -223,7 +224,7 @@ def unstructured() -> Structure:
     return [k | g for k, g in zip(kept, grown)], grown
 
   def random(lay, key, groups, keep):
-    return _random_top_k(key, lay.shapes, groups, tuple(int(k) for k in keep))
+    return _random_top_k(key, lay.shapes, groups, keep)
 
   def threshold(lay, scores, sparsity):
     del lay
@@ -260,32 +261,179 @@ def num_pruned(sparsity, n: int) -> jax.Array:
   return jnp.clip(k, 0, n).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _random_top_k(key, shapes, groups, keep, guard=0):
-  # Jitted and cached on the static layout: ``init`` usually runs eagerly
-  # (e.g. in nnx.Optimizer), where op-by-op selection is slow. ``guard``:
-  # each leaf keeps at least min(guard, size) of its entries (its highest
-  # draws, ranked above every other; ``keep`` already counts them).
-  keys = jax.random.split(key, max(len(shapes), 1))
-  noise = [None] * len(shapes)
-  # One loop per distinct shape (each leaf with its own key: the numbers of
-  # a draw per leaf), so the program does not grow with the leaves.
-  for members in trees.same_shape_groups(
-      [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]):
-    shape = tuple(shapes[members[0]])
-    if len(members) == 1:
-      draws = [jax.random.uniform(keys[members[0]], shape)]
-    else:
-      draws = jax.lax.map(lambda k: jax.random.uniform(k, shape),
-                          keys[np.asarray(members)])
-    for n, i in enumerate(members):
-      noise[i] = draws[n]
+# Bits of a uniform float32 draw's mantissa: ``jax.random.uniform`` maps the
+# top 23 of 32 random bits monotonically and one-to-one onto [0, 1), so
+# ranking those bits ranks the draws, ties included.
+_UNIFORM_BITS = 23
+# Entries per row of the random masks' draws (a leaf takes ceil(size/C) rows).
+_RANDOM_CHUNK = 1024
+
+
+def _by_size(leaves, sizes) -> dict[int, list[int]]:
+  out: dict[int, list[int]] = {}
+  for leaf in leaves:
+    out.setdefault(sizes[leaf], []).append(leaf)
+  return out
+
+
+def _chunked_bits(keys, chunk_leaf, chunk_start, chunk, sizes) -> jax.Array:
+  """uint32 ``[num_chunks, chunk]``: row c holds entries ``chunk_start[c] +
+  j`` of ``jax.random.bits(keys[chunk_leaf[c]], (size,))`` (past a leaf's
+  end: unused draws).
+
+  With the default partitionable threefry (entry j of a draw is the hash of
+  the counter ``(0, j)`` under its key) every leaf's draw is one hash call
+  over all the counters: the threefry compiles to a loop of about 0.4 s of
+  XLA:CPU, once, not once per distinct shape. Any other PRNG (or the
+  original threefry layout) draws once per leaf size, batched over the
+  leaves of that size, and pads the rows with zeros.
+  """
+  typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+  impl = (str(jax.random.key_impl(keys)) if typed
+          else jax.config.jax_default_prng_impl)
+  if impl != "threefry2x32" or not jax.config.jax_threefry_partitionable:
+    # One draw per leaf (batched over the leaves of one size), padded to
+    # whole rows.
+    leaves = list(dict.fromkeys(chunk_leaf.tolist()))
+    rows = {}
+    for n, members in _by_size(leaves, sizes).items():
+      bits = jax.vmap(lambda k, n=n: jax.random.bits(k, (n,), jnp.uint32))(
+          keys[np.asarray(members)])
+      bits = jnp.pad(bits, ((0, 0), (0, -n % chunk)))
+      for j, leaf in enumerate(members):
+        rows[leaf] = bits[j].reshape(-1, chunk)
+    return jnp.concatenate([rows[leaf] for leaf in leaves])
+  if int(np.max(chunk_start, initial=0)) + chunk > 2**32:
+    raise ValueError("params: a leaf of 2**32 or more entries.")
+  data = jax.random.key_data(keys) if typed else keys
+  shape = (len(chunk_leaf), chunk)
+  k1 = jnp.broadcast_to(data[chunk_leaf, 0][:, None], shape)
+  k2 = jnp.broadcast_to(data[chunk_leaf, 1][:, None], shape)
+  count = (jnp.asarray(chunk_start, jnp.uint32)[:, None]
+           + jax.lax.broadcasted_iota(jnp.uint32, shape, 1))
+  b1, b2 = jax_random_ext.threefry2x32_p.bind(k1, k2, jnp.zeros_like(count),
+                                              count)
+  return b1 ^ b2
+
+
+def _random_top_k(key, shapes, groups, keep, guard=0) -> list[jax.Array]:
+  """Random exact-count masks: each group keeps its ``keep[g]`` highest draws.
+
+  Leaf ``i`` draws ``jax.random.uniform(split(key)[i], shapes[i])``; group
+  ``g`` keeps the ``keep[g]`` highest draws of its leaves (concatenated in
+  group order, row-major), ties broken by position (earlier first): the
+  masks of :func:`flipout_jax.selection.top_k_masks` on those draws.
+  ``guard``: each leaf's ``min(guard, size)`` highest draws rank above every
+  other draw of the group (``keep`` already counts them).
+
+  Init-only, compiled once per layout, and the same program for any number
+  of leaves: all draws form one ``[chunks, C]`` array (each leaf cut into
+  rows of C entries) drawn by one hash call; each group's threshold is one
+  bisection over the 23 bits of the draws (a loop whose body is one
+  compare-and-count over that array, the per-leaf and per-group counts
+  segment sums of the row counts), the ties at it one bisection over the
+  positions. ``keep`` is traced.
+  """
+  buckets = trees.same_shape_groups(
+      [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
+  stacked = _random_top_k_stacked(key, tuple(tuple(s) for s in shapes),
+                                  tuple(tuple(g) for g in groups), keep, guard)
+  # Split outside the compiled program: XLA:CPU compiles every sliced
+  # output of a program as its own kernel (~25 ms each); an index into a
+  # stack is one cached program per shape.
+  out = [None] * len(shapes)
+  for members, masks in zip(buckets, stacked):
+    for j, i in enumerate(members):
+      out[i] = jax.lax.dynamic_index_in_dim(masks, j, keepdims=False)
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 4))
+def _random_top_k_stacked(key, shapes, groups, keep, guard):
+  """:func:`_random_top_k`'s masks, stacked ``[R, *shape]`` per
+  :func:`flipout_jax.trees.same_shape_groups` bucket of ``shapes``."""
+  keep = jnp.asarray(keep, jnp.int32)
+  num = len(shapes)
+  sizes = [math.prod(s) for s in shapes]
+  buckets = trees.same_shape_groups(
+      [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
+  order = np.asarray([i for b in buckets for i in b], np.int32)
+  chunk = min(_RANDOM_CHUNK, 1 << max(max(sizes, default=1) - 1, 0)
+              .bit_length())
+  per = np.asarray([-(-n // chunk) for n in sizes], np.int64)  # rows/leaf
+  # Rows in bucket order, so that each bucket is one contiguous block.
+  chunk_leaf = np.repeat(order, per[order]).astype(np.int32)
+  first = np.zeros((num,), np.int64)
+  first[order] = np.concatenate([[0], np.cumsum(per[order])[:-1]])
+  chunk_start = ((np.arange(len(chunk_leaf)) - first[chunk_leaf]) * chunk
+                 if num else np.zeros((0,), np.int64))
+  keys = jax.random.split(key, max(num, 1))
+  # int32 ranks of the draws (the uniform's 23 mantissa bits); -1 past a
+  # leaf's end (never kept, never a tie).
+  position = (jnp.asarray(chunk_start, jnp.int32)[:, None]
+              + jax.lax.broadcasted_iota(jnp.int32, (len(chunk_leaf), chunk),
+                                         1))
+  inside = position < jnp.asarray(sizes, jnp.int32)[chunk_leaf][:, None]
+  draws = jnp.where(inside, jax.lax.shift_right_logical(
+      _chunked_bits(keys, chunk_leaf, chunk_start, chunk, sizes),
+      jnp.uint32(32 - _UNIFORM_BITS)).astype(jnp.int32), -1)
+  leaf_sum = lambda x: jax.ops.segment_sum(x, chunk_leaf, num_segments=num)
+
+  def select(values, grps, k):
+    """Masks (``[chunks, C]``) keeping the ``k[g]`` highest ``values`` of each
+    group of leaves ``grps[g]``, ties by (group order, position); leaves in
+    no group keep nothing."""
+    leaf_group = np.zeros((num,), np.int32)
+    live = np.zeros((num,), bool)
+    before = np.zeros((num, num), np.int32)  # leaves ahead in the group
+    for g, members in enumerate(grps):
+      for a, i in enumerate(members):
+        leaf_group[i], live[i] = g, True
+        before[i, list(members[:a])] = 1
+    to_group = lambda c: jax.ops.segment_sum(
+        jnp.where(live, c, 0), leaf_group, num_segments=len(grps))
+    to_chunk = lambda x: x[leaf_group][chunk_leaf][:, None]
+    count = lambda pred: leaf_sum(jnp.sum(pred, axis=1, dtype=jnp.int32))
+
+    # t[g]: the largest t with #{v >= t} >= k[g] (bisection over the bits).
+    def bit_step(b, t):
+      cand = t | (jnp.int32(1) << (_UNIFORM_BITS - b))
+      c = to_group(count(values >= to_chunk(cand)))
+      return jnp.where(c >= k, cand, t)
+
+    t = jax.lax.fori_loop(0, _UNIFORM_BITS + 1, bit_step,
+                          jnp.zeros((len(grps),), jnp.int32))
+    t_chunk = to_chunk(t)
+    above, ties = count(values > t_chunk), count(values == t_chunk)
+    # Ties to keep per leaf: what its group still needs after the leaves
+    # before it, each leaf's first ones (row-major): those at positions
+    # <= q[i] for q[i] the largest q with #{ties before q} < need[i].
+    need = (k - to_group(above))[leaf_group] - jnp.asarray(before) @ ties
+    need = jnp.clip(need, 0, ties)
+    pos_bits = max(sizes, default=1).bit_length()
+
+    def pos_step(b, q):
+      cand = q | (jnp.int32(1) << (pos_bits - 1 - b))
+      c = count((values == t_chunk) & (position < cand[chunk_leaf][:, None]))
+      return jnp.where(c < need, cand, q)
+
+    q = jax.lax.fori_loop(0, pos_bits, pos_step, jnp.zeros((num,), jnp.int32))
+    cut = jnp.where(need > 0, q + 1, 0)[chunk_leaf][:, None]
+    keeps = jnp.asarray(live) & (k[leaf_group] > 0)
+    return (((values > t_chunk) | ((values == t_chunk) & (position < cut)))
+            & keeps[chunk_leaf][:, None])
+
   if guard:
-    top = selection.top_k_masks(
-        noise, [[i] for i in range(len(noise))],
-        jnp.asarray([min(guard, x.size) for x in noise], jnp.int32))
-    noise = [jnp.where(t, 2.0, x) for t, x in zip(top, noise)]
-  return selection.top_k_masks(noise, groups, jnp.asarray(keep, jnp.int32))
+    counts = jnp.asarray([min(guard, n) for n in sizes], jnp.int32)
+    guarded = select(draws, tuple((i,) for i in range(num)), counts)
+    draws = jnp.where(guarded, jnp.int32(1 << _UNIFORM_BITS), draws)
+  kept = select(draws, groups, keep)
+  out = []
+  for members in buckets:
+    i, r = members[0], len(members)
+    block = kept[first[i]:first[i] + r * per[i]].reshape(r, per[i] * chunk)
+    out.append(block[:, :sizes[i]].reshape((r,) + tuple(shapes[i])))
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -731,7 +879,7 @@ def units(*, axis: int = -1, reduce: str = "sum", min_per_layer: int = 1,
     if not idx:
       return out
     kept = _random_top_k(key, tuple((lay.shapes[i][axis],) for i in idx), sub,
-                         tuple(int(k) for k in keep), min_per_layer)
+                         keep, min_per_layer)
     for i, kf in zip(idx, kept):
       out[i] = from_units(kf, lay.shapes[i])
     return out

@@ -61,12 +61,43 @@ def test_update_program_does_not_grow_with_same_shape_leaves(name):
   assert counts[0]["scatter"] >= 1  # the selection is in there
 
 
-def test_random_initial_masks_program_does_not_grow_with_leaves():
+def _init_ops(text):
+  """The heavy ops of a random-mask init: hash calls, loops, sorts,
+  scatters and reductions."""
+  return {"threefry": len(re.findall(r"call @threefry2x32", text)),
+          "while": text.count("stablehlo.while"),
+          "sort": text.count("stablehlo.sort"),
+          "scatter": text.count("stablehlo.scatter"),
+          "reduce": text.count("stablehlo.reduce")}
+
+
+@pytest.mark.parametrize("name", ["rigl", "dst_ee", "set_"])
+def test_random_initial_masks_program_does_not_grow_with_leaves(name):
   counts = []
   for n in (2, 6):
-    tx = fj.rigl(optax.sgd(0.1), sparsity=0.5, every=1, end_step=10)
-    counts.append(_ops(jax.jit(tx.init).lower(_params(n)).as_text()))
+    tx = fj.registry.build(name, optax.sgd(0.1), sparsity=0.5, every=1,
+                           end_step=10)
+    params = _params(n)
+    jax.clear_caches()
+    # The random masks' own program (init runs it, then splits per leaf).
+    text = None
+    real = fj.structure._random_top_k_stacked
+
+    def spy(*args):
+      nonlocal text
+      text = real.lower(*args).as_text()
+      return real(*args)
+
+    fj.structure._random_top_k_stacked = spy
+    try:
+      tx.init(params)
+    finally:
+      fj.structure._random_top_k_stacked = real
+    counts.append((_ops(text), _init_ops(text)))
   assert counts[0] == counts[1], counts
+  # Two hash calls: the split of the key and every leaf's draws.
+  assert counts[0][1]["threefry"] == 2
+  assert counts[0][1]["sort"] == 0
 
 
 @pytest.mark.parametrize("exact", [False, True])
@@ -117,3 +148,72 @@ def test_grouped_random_masks_are_the_per_leaf_draws():
     want = np.zeros(u.size, bool)
     want[order[:k]] = True
     np.testing.assert_array_equal(np.asarray(masks[i]).ravel(), want)
+
+
+def _reference_masks(key, shapes, groups, keep, guard=0):
+  """Stable descending sort of each group's per-leaf uniform draws (NumPy),
+  each leaf's min(guard, size) highest draws first."""
+  keys = jax.random.split(key, len(shapes))
+  draws = [np.asarray(jax.random.uniform(k, s)).ravel()
+           for k, s in zip(keys, shapes)]
+  if guard:
+    for i, u in enumerate(draws):
+      top = np.argsort(-u, kind="stable")[:min(guard, u.size)]
+      u = u.copy()
+      u[top] = 2.0
+      draws[i] = u
+  out = [np.zeros(u.size, bool) for u in draws]
+  for g, members in enumerate(groups):
+    cat = np.concatenate([draws[i] for i in members])
+    kept = np.zeros(cat.size, bool)
+    kept[np.argsort(-cat, kind="stable")[:max(int(keep[g]), 0)]] = True
+    start = 0
+    for i in members:
+      out[i] = kept[start:start + draws[i].size]
+      start += draws[i].size
+  return [m.reshape(s) for m, s in zip(out, shapes)]
+
+
+@pytest.mark.parametrize("case", ["per_leaf", "spanning", "guard", "ties"])
+def test_random_masks_match_a_sorted_reference(case):
+  # Leaves of one and several chunks (1024 entries), padded rows, groups in
+  # any leaf order and spanning shapes, counts 0 and whole-group.
+  shapes = ((40, 64), (3000,), (40, 64), (7,), (5, 3), (40, 64))
+  groups = {"per_leaf": ((0,), (1,), (2,), (3,), (4,), (5,)),
+            "spanning": ((5, 1, 0), (3,), (2, 4)),
+            "guard": ((5, 1, 0), (3,), (2, 4)),
+            "ties": ((0, 2, 5), (1, 3, 4))}[case]
+  keep = {"per_leaf": (700, 2999, 0, 7, 1, 2560),
+          "spanning": (1234, 3, 0),
+          "guard": (1234, 3, 40),
+          "ties": (7000, 1500)}[case]
+  guard = 9 if case == "guard" else 0
+  key = jax.random.PRNGKey(11 if case != "ties" else 5)
+  if case == "ties":
+    # Many-entry leaves, whose 23-bit draws tie: each group's count is
+    # chosen to cut through a tie (the earlier entries of it are kept).
+    shapes = ((128, 96), (256, 64), (20,), (128, 96), (100, 100), (128, 96))
+    keys = jax.random.split(key, len(shapes))
+    keep = []
+    for members in groups:
+      u = np.sort(np.concatenate([np.asarray(jax.random.uniform(
+          keys[i], shapes[i])).ravel() for i in members]))[::-1]
+      ties = np.flatnonzero(u[1:] == u[:-1])
+      keep.append(int(ties[len(ties) // 2]) + 1)
+    keep = tuple(keep)
+  got = fj.structure._random_top_k(key, shapes, groups, keep, guard)
+  want = _reference_masks(key, shapes, groups, keep, guard)
+  for i, (g, w) in enumerate(zip(got, want)):
+    assert g.shape == shapes[i] and g.dtype == jnp.bool_
+    np.testing.assert_array_equal(np.asarray(g), w, err_msg=str(i))
+  for g, members in enumerate(groups):
+    total = sum(math.prod(shapes[i]) for i in members)
+    assert sum(int(np.sum(got[i])) for i in members) == min(keep[g], total)
+
+
+def test_random_masks_of_a_typed_key_are_the_raw_keys():
+  shapes, groups, keep = ((16, 8), (5,)), ((0,), (1,)), (30, 2)
+  raw = fj.structure._random_top_k(jax.random.PRNGKey(4), shapes, groups, keep)
+  typed = fj.structure._random_top_k(jax.random.key(4), shapes, groups, keep)
+  for a, b in zip(raw, typed):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
