@@ -224,7 +224,7 @@ def _calibration(calibration_x, batch_size):
   if batch_size is None:
     return [calibration_x]
   b = validate.integer(batch_size, "batch_size", low=1)
-  return [jax.tree.map(lambda a, i=i: a[i:i + b], calibration_x)
+  return [jax.tree.map(lambda a, i=i: capture.take(a, i, b), calibration_x)
           for i in range(0, n, b)]
 
 

@@ -121,14 +121,58 @@ def _conv_stats(eqn, invals):
   return view, x2
 
 
+def explicit_sharding(x):
+  """``x``'s ``NamedSharding`` when its type names mesh axes (a mesh of
+  explicit axes, ``jax.sharding.AxisType.Explicit``), else None (one device,
+  or GSPMD / auto axes, which never appear in a type)."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if spec is None or all(axis is None for axis in spec):
+    return None
+  return sharding
+
+
+def replicated(x: jax.Array) -> jax.Array:
+  """``x`` resharded to every device when its type is explicitly sharded
+  (an all-gather), else ``x`` (GSPMD places it itself)."""
+  sharding = explicit_sharding(x)
+  if sharding is None:
+    return x
+  return jax.sharding.reshard(
+      x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+
+
+def take(x: jax.Array, start: int, size: int) -> jax.Array:
+  """Examples ``start : start + size`` of ``x`` (leading axis). On explicit
+  axes a slice keeps the batch sharding when the axes sharding the batch
+  divide ``size``, else it is replicated along the batch (the only
+  layouts an explicit type can hold); elsewhere a plain slice."""
+  sharding = explicit_sharding(x)
+  if sharding is None:
+    return x[start:start + size]
+  spec = list(sharding.spec) + [None] * (x.ndim - len(sharding.spec))
+  axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+  shards = math.prod(sharding.mesh.shape[a] for a in axes if a is not None)
+  stop = min(start + size, x.shape[0])
+  if (stop - start) % shards:
+    spec[0] = None
+  return x.at[start:stop].get(out_sharding=jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(*spec)))
+
+
 def _gram(x2: jax.Array) -> jax.Array:
   """``XᵀX``. On a mesh of explicit axes a batch-sharded ``X`` makes the
   contraction's output sharding ambiguous, so it is named: replicated (the
   partial sums of the batch shards all-reduced); GSPMD infers its own."""
-  spec = getattr(getattr(jax.typeof(x2), "sharding", None), "spec", None)
-  if spec is not None and any(axis is not None for axis in spec):
-    return jnp.matmul(x2.T, x2, out_sharding=jax.sharding.PartitionSpec())
-  return x2.T @ x2
+  sharding = explicit_sharding(x2)
+  if sharding is None:
+    return x2.T @ x2
+  named = lambda *spec: jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(*spec))
+  # Each example's features gathered once (the batch sharding kept), then
+  # the batch shards' partial sums all-reduced.
+  x2 = jax.sharding.reshard(x2, named(sharding.spec[0], None))
+  return jnp.matmul(x2.T, x2, out_sharding=named())
 
 
 def _bind(eqn, invals):
@@ -168,7 +212,7 @@ def _eval(jaxpr, consts, args, tags, target, gram, found):
         raise ValueError(f"{target}: used in {e}; not supported by the "
                          "post-training methods") from None
       x2 = x2.astype(jnp.float32)
-      found.append(_Found(view, jnp.sum(x2 * x2, axis=0),
+      found.append(_Found(view, replicated(jnp.sum(x2 * x2, axis=0)),
                           _gram(x2) if gram else None))
       outs = _bind(eqn, invals)
     elif sub is not None:

@@ -105,7 +105,7 @@ def _sparsegpt(w, gram, counts, n_m, block, dampening):
       kb = np.round(c * end / num_in) - np.round(c * start / num_in)
       pruned = ~_lowest_per_column((w1 ** 2 / d[None, :] ** 2).T, kb).T
     else:
-      pruned = jnp.zeros(w1.shape, bool)
+      pruned = jnp.zeros_like(w1, bool)  # w1's sharding (explicit axes)
 
     def column(i, carry, u1=u1, d=d):
       w1, pruned, q1, err1 = carry
