@@ -7,9 +7,10 @@ Runs ``fj.post_training.prune`` on a small MLP twice, on one device and on a
 2 x 2 ("data", "model") mesh: the calibration batch sharded over "data",
 every kernel over its output units ("model", bias too), and writes the
 masks and kernels of both, the shardings of the results, and the
-collectives of the compiled layer statistics and SparseGPT solve (and the
-runs of ``EXPLICIT`` on a mesh of explicit axes) to
-``OUT.npz`` (arrays plus a JSON report); the test asserts.
+collectives of the compiled layer statistics and solves; then the same runs
+and collectives on a mesh of explicit axes (``AxisType.Explicit``, the
+shardings in the types), to ``OUT.npz`` (arrays plus a JSON report); the
+test asserts.
 """
 
 from __future__ import annotations
@@ -34,16 +35,23 @@ from flipout_jax.post_training import solvers  # pylint: disable=g-import-not-at
 # name -> prune keywords
 RUNS = {
     "magnitude": dict(method="magnitude", sparsity=0.6),
+    "magnitude_2_4": dict(method="magnitude", sparsity=None,
+                          structure=fj.n_m(2, 4)),
     "wanda": dict(method="wanda", sparsity=0.6),
+    "wanda_2_4": dict(method="wanda", sparsity=None, structure=fj.n_m(2, 4)),
     "wanda_owl": dict(method="wanda", sparsity=0.6, allocation="owl"),
+    # 64 = 25 + 25 + 14: on explicit axes the 25s are replicated along the
+    # batch (2 does not divide them), the 14 stays sharded.
+    "wanda_owl_batched": dict(method="wanda", sparsity=0.6, allocation="owl",
+                              batch_size=25),
     "sparsegpt": dict(method="sparsegpt", sparsity=0.6, block_size=8),
     "sparsegpt_batched": dict(method="sparsegpt", sparsity=0.6, block_size=8,
                               batch_size=16),
     "sparsegpt_2_4": dict(method="sparsegpt", sparsity=None,
                           structure=fj.n_m(2, 4), block_size=8),
 }
-# Explicit-axes meshes: these run (Wanda, N:M and batch_size= do not yet).
-EXPLICIT = ("magnitude", "sparsegpt")
+# Explicit-axes meshes: every run above.
+EXPLICIT = tuple(RUNS)
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute",
                "reduce-scatter")
 
@@ -107,6 +115,9 @@ def main(out):
       res = fj.post_training.prune(net.apply, ev, ex, **RUNS[name])
     for path, leaf in fj.trees.leaves_with_paths(res.variables["params"]):
       arrays[f"{name}/explicit/params/{path}"] = np.asarray(leaf)
+      if path.endswith("kernel"):
+        report["result_specs"][f"{name}/explicit/{path}"] = str(
+            leaf.sharding.spec)
     for path, m in fj.trees.leaves_with_paths(res.masks):
       if m is not None:
         arrays[f"{name}/explicit/masks/{path}"] = np.asarray(m)
@@ -134,6 +145,27 @@ def main(out):
   report["magnitude_collectives"] = collectives(jax.jit(
       lambda w: solvers.magnitude(w, k)).lower(w).compile().as_text())
   report["kernel_shape"] = list(w.shape)
+
+  # The same on explicit axes (the statistics name their shardings).
+  eparams = ev["params"]
+  with jax.set_mesh(emesh):
+    stats, leaves, _ = capture._stats_fn(fn, eparams, "b/kernel", paths, True)  # pylint: disable=protected-access
+    report["explicit_stats_collectives"] = collectives(
+        jax.jit(stats).lower(leaves, ex).compile().as_text())
+    sq, gram = jax.jit(stats)(leaves, ex)
+    report["explicit_stat_types"] = [str(jax.typeof(sq)), str(jax.typeof(gram))]
+    w = eparams["b"]["kernel"]
+    report["explicit_solve_collectives"] = {
+        "sparsegpt": collectives(solvers._sparsegpt.lower(  # pylint: disable=protected-access
+            w, gram, counts, None, 8, 0.01).compile().as_text()),
+        "sparsegpt_2_4": collectives(solvers._sparsegpt.lower(  # pylint: disable=protected-access
+            w, gram, None, (2, 4), 8, 0.01).compile().as_text()),
+        "wanda": collectives(jax.jit(lambda w, sq: solvers.wanda(
+            w, sq, k)).lower(w, sq).compile().as_text()),
+        "wanda_2_4": collectives(jax.jit(lambda w, sq: solvers.wanda(
+            w, sq, n_m=(2, 4))).lower(w, sq).compile().as_text()),
+        "magnitude": collectives(jax.jit(lambda w: solvers.magnitude(
+            w, k)).lower(w).compile().as_text())}
   np.savez(out, report=json.dumps(report), **arrays)
 
 

@@ -3,6 +3,8 @@ independent NumPy implementations, OWL's allocation, sequential pruning."""
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -472,15 +474,42 @@ def test_sharded_calibration_equals_one_device(sharded):
   for key in singles:
     for where in ("sharded", "explicit"):
       other = key.replace("/single/", f"/{where}/")
-      if where == "explicit" and other not in arrays:
-        continue
       a, b = arrays[key], arrays[other]
       if a.dtype == bool or key.startswith(("magnitude/", "wanda")):
         np.testing.assert_array_equal(b, a, err_msg=other)  # no float sum
       else:
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=other)
-  assert any("/explicit/" in k for k in arrays)
+  runs = {k.split("/")[0] for k in singles}
+  assert runs == {"magnitude", "magnitude_2_4", "wanda", "wanda_2_4",
+                  "wanda_owl", "wanda_owl_batched", "sparsegpt",
+                  "sparsegpt_batched", "sparsegpt_2_4"}
+  assert len(report["result_specs"]) == 2 * 3 * len(runs)  # auto, explicit
   assert set(report["result_specs"].values()) == {"P(None, 'model')"}
+  for key in arrays:
+    if "_2_4/" in key and "/masks/" in key:  # 2:4 groups on every mesh
+      groups = arrays[key].reshape(-1, 4, arrays[key].shape[-1])
+      assert (groups.sum(axis=1) == 2).all(), key
+
+
+def test_explicit_axes_statistics_and_solves_gather_no_kernel(sharded):
+  """On explicit axes (layer b as above): the statistics gather each
+  example's features once and all-reduce ``‖X_i‖²`` and ``XᵀX`` over the
+  batch shards, then gather the [in] norms; both come back replicated; the
+  solves (SparseGPT, Wanda, unstructured and 2:4) exchange nothing, and
+  per-layer magnitude all-reduces its histogram."""
+  report, _ = sharded
+  stats = [re.sub(r"\{[0-9,]*\}", "", c)  # layouts dropped
+           for c in report["explicit_stats_collectives"]]
+  # [batch/2, in] gathered over "model"; sq's halves and XᵀX all-reduced.
+  assert stats == ["all-gather f32[32,32]",
+                   "all-reduce (f32[16], f32[32,32])",
+                   "all-gather f32[32]"], stats
+  assert report["explicit_stat_types"] == ["float32[32]", "float32[32,32]"]
+  solves = report["explicit_solve_collectives"]
+  for name in ("sparsegpt", "sparsegpt_2_4", "wanda", "wanda_2_4"):
+    assert solves[name] == [], (name, solves[name])
+  assert solves["magnitude"] and all(
+      c.startswith("all-reduce s32") for c in solves["magnitude"])
 
 
 def test_sharded_statistics_reduce_over_the_batch_and_keep_the_kernel_sharded(
