@@ -44,8 +44,13 @@ shard and all-reduce ``‖X_i‖²`` and ``XᵀX`` over the batch; SparseGPT
 gathers the ``in × in`` Gram matrix (its Cholesky factor needs all of it)
 and solves each device's output columns there, the kernel staying sharded;
 Wanda gathers the ``[in]`` norms only; per-layer magnitude all-reduces the
-top-k's integer histogram. On explicit-axes meshes magnitude and
-unstructured SparseGPT run; Wanda, N:M and batches do not yet.
+top-k's integer histogram. On meshes of explicit axes
+(``AxisType.Explicit``; call inside ``jax.set_mesh``) every method, N:M and
+``batch_size`` run (tested equal to one device): the statistics reshard
+``X`` to ``[batch@data, in]`` (each example's features gathered once) and
+return ``XᵀX`` and ``‖X_i‖²`` replicated (all-reduced over the batch, the
+norms gathered), so the solves exchange nothing (per-layer magnitude: its
+histogram); a batch the batch axes do not divide is replicated along them.
 
 BatchNorm statistics are not recalibrated here
 (:func:`flipout_jax.unipts.recalibrate_batch_stats` does it). Leaves the
