@@ -238,3 +238,108 @@ def test_named_config_and_image_registry_untouched():
     models.get_gpt("gpt_tiny", width=2.0)
   with pytest.raises(ValueError, match="num_heads"):
     models.get_gpt("gpt_tiny", num_heads=3)
+
+
+# ------------------------------------------------- UniPTS on a sequence model
+
+ONE_BLOCK = dict(TINY, num_layers=1)
+UNIPTS_TINY = dict(epochs=2, batch_size=8, population_size=4, generations=1,
+                   num_parents=2, crossover_children=2, mutation_children=2)
+
+
+@pytest.fixture(scope="module")
+def unipts_gpt():
+  """A one-block GPT, 8 int windows, UniPTS searched and uniform at 50 %;
+  ``seen``: the dtypes of every input the model was called with."""
+  model = models.GPT(**ONE_BLOCK)
+  tokens = _tokens(key=4, batch=8)
+  variables = _init(model, tokens[:2])
+  seen = []
+
+  def apply(v, x, train=False, **kw):
+    seen.append(x.dtype)
+    return model.apply(v, x, train=train, **kw)
+
+  # The uniform run skips sparse training (epochs 0): compiling dominates.
+  runs = {a: fj.post_training.prune(apply, variables, tokens, sparsity=0.5,
+                                    method="unipts", allocation=a, seed=3,
+                                    unipts_kw=dict(UNIPTS_TINY, epochs=e))
+          for a, e in (("search", UNIPTS_TINY["epochs"]), ("uniform", 0))}
+  return model, tokens, variables, seen, runs
+
+
+def test_unipts_runs_on_gpt_with_int_inputs_and_dense_embeddings(unipts_gpt):
+  model, tokens, variables, seen, runs = unipts_gpt
+  assert seen and all(d == jnp.int32 for d in seen), set(seen)  # never cast
+  one_shot = fj.post_training.prune(
+      lambda v, x: model.apply(v, x), variables, tokens, sparsity=0.5,
+      method="magnitude")
+  flat0 = dict(fj.trees.leaves_with_paths(variables["params"]))
+  logits = jax.jit(model.apply)
+  for allocation, r in runs.items():
+    # The prunable set is the one-shot methods': the 7 kernels, not the
+    # embedding tables: no mask, no zero (sparse training updates them,
+    # as every parameter; without it they come back bit-identical).
+    assert set(r.sparsities) == set(one_shot.report["order"]), allocation
+    assert len(r.sparsities) == 6 + 1
+    assert sorted(r.report["dense"]) == sorted(one_shot.report["dense"]) == [
+        "pos_embed/embedding", "token_embed/embedding"]
+    flat = dict(fj.trees.leaves_with_paths(r.variables["params"]))
+    masks = dict(fj.trees.leaves_with_paths(r.masks, is_leaf=lambda m: m is None))
+    for path in r.report["dense"]:
+      assert masks[path] is None and np.all(np.asarray(flat[path]) != 0)
+      if allocation == "uniform":
+        np.testing.assert_array_equal(flat[path], flat0[path])
+    # Exact counts: the report's per-layer count is the zeros of the kernel,
+    # round(p_l·n_l) of its target, and the mask's zeros.
+    for path, layer in r.report["layers"].items():
+      w = np.asarray(flat[path])
+      assert layer["pruned"] == int(np.sum(w == 0)) == int(
+          np.sum(~np.asarray(masks[path]))), (allocation, path)
+      assert layer["pruned"] == round(layer["target"] * w.size)
+      if allocation == "uniform":
+        assert layer["pruned"] == round(0.5 * w.size)
+    n = sum(layer["size"] for layer in r.report["layers"].values())
+    assert n == sum(flat0[p].size for p in one_shot.report["order"])
+    if allocation == "uniform":
+      assert r.report["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    # Accuracy is the agreement with the teacher over all n·T positions.
+    student = np.argmax(logits(r.variables, tokens), -1)
+    teacher = np.argmax(logits(variables, tokens), -1)
+    assert r.report["accuracy"]["final"] == pytest.approx(
+        float(np.mean(student == teacher)), abs=1e-6)
+    assert r.report["accuracy"]["dense"] == 1.0
+    assert len(r.report["train"]["epoch_loss"]) == (
+        UNIPTS_TINY["epochs"] if allocation == "search" else 0)
+
+
+def test_unipts_sequence_labels_are_checked(unipts_gpt):
+  model, tokens, variables, _, _ = unipts_gpt
+  with pytest.raises(ValueError, match=r"calibration_y.*leading shape"):
+    fj.unipts.run(model.apply, variables, tokens, sparsity=0.5,
+                  calibration_y=np.zeros(tokens.shape[0], np.int32),
+                  search=False, epochs=0)
+
+
+def test_sequence_distillation_loss_equals_a_per_position_reference():
+  rng = np.random.default_rng(0)
+  b, t, v, temp, tau = 3, 5, 7, 4.0, 7.92
+  student = rng.normal(size=(b, t, v)).astype(np.float32) * 3
+  teacher = rng.normal(size=(b, t, v)).astype(np.float32) * 3
+  total = 0.0
+  for i in range(b):
+    for j in range(t):
+      zt = teacher[i, j].astype(np.float64) / temp
+      p = np.exp(zt - zt.max())
+      p /= p.sum()
+      zs = student[i, j].astype(np.float64)
+      log_q = zs - zs.max() - np.log(np.sum(np.exp(zs - zs.max())))
+      total += np.sum(p * (np.log(p) - log_q / tau))
+  reference = temp ** 2 * total / (b * t)  # every position is an example
+  got = fj.unipts.distillation_loss(jnp.asarray(student), jnp.asarray(teacher),
+                                    tau, temperature=temp)
+  np.testing.assert_allclose(float(got), reference, rtol=1e-5)
+  flat = fj.unipts.distillation_loss(jnp.asarray(student.reshape(-1, v)),
+                                     jnp.asarray(teacher.reshape(-1, v)), tau,
+                                     temperature=temp)
+  np.testing.assert_allclose(float(got), float(flat), rtol=1e-6)

@@ -348,15 +348,7 @@ def prune(apply_fn: Callable[..., Any], variables: PyTree,
   def fn0(p):
     return fn(p, batches[0])
 
-  used = capture.usage_order(fn0, params, paths)
-  chosen = [p for p, x in flat.items()
-            if (filter_fn or trees.default_filter)(p, x)]
-  if filter_fn is not None:
-    missing = [p for p in chosen if p not in used]
-    if missing:
-      raise ValueError(f"filter_fn: {', '.join(missing)} not used as the "
-                       "weight of a matrix product or convolution.")
-  order = [p for p in used if p in chosen]
+  order, dense = capture.prunable_order(fn0, params, filter_fn)
   skipped = []
   if n_m is not None:
     ok = []
@@ -430,8 +422,7 @@ def prune(apply_fn: Callable[..., Any], variables: PyTree,
     layers[p]["sparsity"] = sparsities[p]
   report = {"method": method, "allocation": allocation, "order": order,
             "layers": layers, "skipped": skipped,
-            "dense": [p for p in paths if trees.default_filter(p, flat[p])
-                      and p not in used],
+            "dense": dense,
             "outlier_ratios": None if ratios is None else dict(zip(order, ratios))}
   out_vars = {**variables, "params": trees_unflatten(params, paths, new)}
   mask_tree = trees_unflatten(params, paths, {p: masks.get(p) for p in paths})

@@ -37,6 +37,8 @@ from jax.extend import core as jcore
 import jax.numpy as jnp
 import numpy as np
 
+from flipout_jax import trees
+
 PyTree = Any
 
 
@@ -345,3 +347,33 @@ def usage_order(fn: Callable[[PyTree], Any], params: PyTree,
 
   walk(closed.jaxpr, list(range(len(leaves))))
   return [paths[i] for i in order]
+
+
+def prunable_order(fn: Callable[[PyTree], Any], params: PyTree,
+                   filter_fn: Callable[[str, Any], bool] | None = None
+                   ) -> tuple[list[str], list[str]]:
+  """``(order, dense)``: the post-training methods' prunable kernels.
+
+  ``order``: the leaves ``filter_fn`` selects (default
+  :func:`flipout_jax.trees.default_filter`: float, ndim >= 2) that a matrix
+  product or a convolution of ``fn(params)`` uses as its weight, in the order
+  of :func:`usage_order`. ``dense``: the leaves the default filter selects
+  that no product uses (embedding tables, gathered rather than multiplied),
+  which stay dense. One rule for every post-training method
+  (:func:`flipout_jax.post_training.prune` and :func:`flipout_jax.unipts.run`).
+
+  Raises:
+    ValueError: a leaf an explicit ``filter_fn`` selects is not used as such
+      a weight (its calibration inputs are unknown), naming it.
+  """
+  flat = trees.leaves_with_paths(params)
+  paths = [p for p, _ in flat]
+  used = usage_order(fn, params, paths)
+  chosen = [p for p, x in flat if (filter_fn or trees.default_filter)(p, x)]
+  if filter_fn is not None:
+    missing = [p for p in chosen if p not in used]
+    if missing:
+      raise ValueError(f"filter_fn: {', '.join(missing)} not used as the "
+                       "weight of a matrix product or convolution.")
+  dense = [p for p, x in flat if trees.default_filter(p, x) and p not in used]
+  return [p for p in used if p in chosen], dense

@@ -88,8 +88,10 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array,
   ``q = softmax(z_s)``. The teacher is not differentiated through.
 
   Args:
-    student_logits: ``[B, C]`` logits of the sparse model.
-    teacher_logits: ``[B, C]`` logits of the dense model.
+    student_logits: ``[B, C]`` logits of the sparse model, or ``[B, ..., C]``
+      (a sequence model's ``[B, T, V]``): every leading position is an
+      example, so ``B`` in the formula is ``B·T`` (the mean over positions).
+    teacher_logits: the dense model's logits, the same shape.
     tau: ``τ_e > 0`` (e.g. :func:`tau_schedule`); may be traced, so one
       compiled step serves every epoch.
     temperature: ``T > 0`` on the teacher's logits only (paper: 4).
@@ -98,10 +100,10 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array,
     A float32 scalar.
   """
   temperature = _check_positive(temperature, "temperature")
-  if student_logits.shape != teacher_logits.shape or student_logits.ndim != 2:
+  if student_logits.shape != teacher_logits.shape or student_logits.ndim < 2:
     raise ValueError(
-        f"student_logits: shape {student_logits.shape} must be [B, C] and "
-        f"equal teacher_logits' {teacher_logits.shape}.")
+        f"student_logits: shape {student_logits.shape} must be [B, ..., C] "
+        f"and equal teacher_logits' {teacher_logits.shape}.")
   teacher = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
   log_p = jax.nn.log_softmax(teacher / temperature, axis=-1)
   log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)

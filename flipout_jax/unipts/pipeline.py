@@ -39,6 +39,14 @@ statistics, running averages updated), as in the reference. τ_e uses the
 step. Masks use ``round(p_l·n_l)`` computed in float64 in every stage, so the
 searched, the trained and the returned models prune the same counts.
 
+**Sequence models.** Logits may be ``[n, ..., C]`` (a decoder's ``[n, T,
+V]`` over integer token windows ``[n, T]``): every leading position is an
+example of the fitness, the labels (``[n, T]``) and the distillation loss,
+which is averaged over all ``n·T`` positions. Only kernels a matrix product
+or convolution uses as its weight are pruned (the one-shot methods' rule,
+:func:`flipout_jax.post_training.capture.prunable_order`): embedding tables
+stay dense.
+
 Defaults are scaled for CPU (:class:`UniPTSConfig`); the paper's are
 :data:`PAPER_CONFIG`.
 """
@@ -57,6 +65,7 @@ import optax
 from flipout_jax import core
 from flipout_jax import trees
 from flipout_jax import validate
+from flipout_jax.post_training import capture
 from flipout_jax.unipts import batchnorm
 from flipout_jax.unipts import dst as dst_lib
 from flipout_jax.unipts import loss as loss_lib
@@ -241,10 +250,11 @@ def _with_train_keyword(apply_fn: ApplyFn, variables, x) -> ApplyFn:
 
 
 def _scores(logits, labels):
-  """``(top-1 accuracy, mean log-likelihood of the labels)``."""
+  """``(top-1 accuracy, mean log-likelihood of the labels)`` over every
+  leading position (logits ``[..., C]``, labels ``[...]``)."""
   acc = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
   log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  ll = jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=-1))
+  ll = jnp.mean(jnp.take_along_axis(log_p, labels[..., None], axis=-1))
   return acc, ll
 
 
@@ -280,17 +290,34 @@ def _check_inputs(apply_fn, variables, calibration_x, calibration_y, sparsity,
     raise ValueError(
         f"calibration_x: is empty (shape {x.shape}); UniPTS needs at least one "
         "calibration example.")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
+  # Integer inputs (token ids) stay integers; booleans become float32.
+  if not (jnp.issubdtype(x.dtype, jnp.floating)
+          or jnp.issubdtype(x.dtype, jnp.integer)):
     x = x.astype(jnp.float32)
   y = None
   if calibration_y is not None:
     y = np.asarray(calibration_y)
-    if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
+    if (y.ndim < 1 or y.shape[0] != x.shape[0]
+        or not np.issubdtype(y.dtype, np.integer)):
       raise ValueError(
-          f"calibration_y: must be integer labels of shape ({x.shape[0]},), "
-          f"got {y.dtype} {y.shape}.")
+          f"calibration_y: must be integer labels of shape ({x.shape[0]},) "
+          f"(or ({x.shape[0]}, ...) for a sequence model, the logits' "
+          f"leading shape), got {y.dtype} {y.shape}.")
     y = jnp.asarray(y, jnp.int32)
   return x, y, float(sparsity)
+
+
+def _prunable_filter(apply_fn, variables, x, filter_fn):
+  """The post-training methods' prunable set as a filter: the kernels
+  ``filter_fn`` selects that a product uses as its weight
+  (:func:`flipout_jax.post_training.capture.prunable_order`; embedding
+  tables stay dense). Returns ``(filter, dense paths)``."""
+  validate.optional_callable(filter_fn, "filter_fn")
+  order, dense = capture.prunable_order(
+      lambda p: apply_fn({**variables, "params": p}, x[:1], train=False),
+      variables["params"], filter_fn)
+  chosen = frozenset(order)
+  return (lambda path, leaf: path in chosen), dense
 
 
 def _layout(params, filter_fn):
@@ -331,19 +358,24 @@ def run(apply_fn: ApplyFn,
     variables: the dense model's variables (``params``, and ``batch_stats``
       if any), e.g. a checkpoint's.
     calibration_x: calibration inputs ``[n, ...]`` (paper: 10,240 ImageNet
-      images), ``n >= 1``.
+      images), ``n >= 1``; float inputs as they are, integer ones (token
+      ids ``[n, T]``) kept integer, booleans cast to float32.
     sparsity: the global target P in [0, 1) over the prunable weights.
     seed: seeds the search, the fitness subset and the batch order.
     search: run the genetic search. If False, the per-layer sparsities are
       ``layer_sparsities`` or, if None, P in every layer (the "uniform"
       baseline; the DST stage still runs).
-    calibration_y: optional int labels ``[n]``; default: the dense model's
-      argmax (module docstring).
+    calibration_y: optional int labels of the logits' leading shape (``[n]``;
+      ``[n, T]`` for a sequence model); default: the dense model's argmax
+      (module docstring).
     layer_sparsities: ``{path: p_l}`` used when ``search=False`` (e.g. a
       previous run's ``result.sparsities``); unnamed layers stay dense.
     config: a :class:`UniPTSConfig` (default: the CPU-sized one).
     filter_fn: ``(path, leaf) -> bool`` over ``params`` selecting the
-      prunable leaves (default: float leaves with ndim >= 2).
+      prunable leaves (default: float leaves with ndim >= 2); either way
+      only kernels a matrix product or convolution uses as its weight, the
+      one-shot methods' set (embedding tables stay dense, listed in
+      ``report["dense"]``); a selected leaf no product uses is an error.
     log_fn: optional ``str -> None`` progress printer (e.g. ``print``).
     **overrides: :class:`UniPTSConfig` fields replacing ``config``'s, e.g.
       ``epochs=5`` (so a CLI can pass its flags through).
@@ -370,6 +402,7 @@ def run(apply_fn: ApplyFn,
   log = log_fn or (lambda msg: None)
 
   params = variables["params"]
+  filter_fn, dense_paths = _prunable_filter(apply_fn, variables, x, filter_fn)
   layout = _layout(params, filter_fn)
   paths = [p for p, _ in trees.leaves_with_paths(layout)]
   sizes = np.array([m.size for m in trees.prunable_leaves(layout, layout)],
@@ -404,6 +437,10 @@ def run(apply_fn: ApplyFn,
 
   # ---- teacher, labels
   teacher_logits = logits_fn(dict(variables), x)
+  if y is not None and y.shape != teacher_logits.shape[:-1]:
+    raise ValueError(
+        f"calibration_y: shape {tuple(y.shape)} must be the logits' leading "
+        f"shape {tuple(teacher_logits.shape[:-1])}.")
   labels = y if y is not None else jnp.argmax(teacher_logits, axis=-1).astype(jnp.int32)
   dense_acc, _ = scores_fn(teacher_logits, labels)
   momentum = (jax.jit(lambda v, xb: batchnorm.batch_stats_momentum(
@@ -433,6 +470,7 @@ def run(apply_fn: ApplyFn,
       "sparsity": sparsity, "num_prunable": int(sizes.sum()),
       "labels": "calibration_y" if y is not None else "teacher",
       "accuracy": {"dense": float(dense_acc)}, "time": {},
+      "dense": dense_paths,
       "config": dataclasses.asdict(config), "seed": int(seed)}
 
   def evaluate(p_layers, xs, ys):
