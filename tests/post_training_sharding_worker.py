@@ -127,10 +127,11 @@ def main(out):
   params = sharded_v["params"]
   paths = [p for p, _ in fj.trees.leaves_with_paths(params)]
   fn = lambda p, xb: net.apply({"params": p}, xb)
-  stats, leaves, _ = capture._stats_fn(fn, params, "b/kernel", paths, True)  # pylint: disable=protected-access
-  compiled = jax.jit(stats).lower(leaves, sharded_x).compile()
+  stats = capture.Model(fn, params, paths).statistics(["b/kernel"], gram=True)
+  compiled = stats.program.lower(jax.tree.leaves(params), sharded_x,
+                                 0).compile()
   report["stats_collectives"] = collectives(compiled.as_text())
-  sq, gram = jax.jit(stats)(leaves, sharded_x)
+  _, sq, gram = stats(params, [sharded_x], "b/kernel")
   report["gram_spec"] = str(gram.sharding.spec)
   report["gram_replicated"] = bool(gram.sharding.is_fully_replicated)
   report["sq_replicated"] = bool(sq.sharding.is_fully_replicated)
@@ -149,10 +150,11 @@ def main(out):
   # The same on explicit axes (the statistics name their shardings).
   eparams = ev["params"]
   with jax.set_mesh(emesh):
-    stats, leaves, _ = capture._stats_fn(fn, eparams, "b/kernel", paths, True)  # pylint: disable=protected-access
-    report["explicit_stats_collectives"] = collectives(
-        jax.jit(stats).lower(leaves, ex).compile().as_text())
-    sq, gram = jax.jit(stats)(leaves, ex)
+    stats = capture.Model(fn, eparams, paths).statistics(["b/kernel"],
+                                                         gram=True)
+    report["explicit_stats_collectives"] = collectives(stats.program.lower(
+        jax.tree.leaves(eparams), ex, 0).compile().as_text())
+    _, sq, gram = stats(eparams, [ex], "b/kernel")
     report["explicit_stat_types"] = [str(jax.typeof(sq)), str(jax.typeof(gram))]
     w = eparams["b"]["kernel"]
     report["explicit_solve_collectives"] = {
