@@ -64,6 +64,16 @@ class MLP(nn.Module):
     return nn.Dense(8, name="c")(x)
 
 
+class Seq(nn.Module):
+  """Dense layers on ``[batch, seq, features]`` after a 1-D conv: inputs
+  whose rows merge a sharded batch with other axes."""
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(16, (3,), name="conv")(x))
+    x = nn.relu(nn.Dense(16, name="a")(x))
+    return nn.Dense(8, name="b")(x)
+
+
 def collectives(hlo: str) -> list[str]:
   """``"op shape"`` of each collective of a compiled module."""
   out = []
@@ -121,6 +131,28 @@ def main(out):
     for path, m in fj.trees.leaves_with_paths(res.masks):
       if m is not None:
         arrays[f"{name}/explicit/masks/{path}"] = np.asarray(m)
+
+  # A sequence model on explicit axes, 2:4 Wanda in batches of 8: the
+  # conv kernel replicated (Flax's conv takes no output-sharded kernel on
+  # explicit axes), the Dense kernels over "model".
+  xs = r.normal(size=(16, 6, 8)).astype(np.float32)
+  seq = Seq()
+  sv = seq.init(jax.random.PRNGKey(1), xs[:1])
+  esv = {"params": jax.tree.map(lambda a: jax.device_put(a, NamedSharding(
+      emesh, P(None, "model") if a.ndim == 2 else P())), sv["params"])}
+  kw = dict(method="wanda", sparsity=None, structure=fj.n_m(2, 4),
+            batch_size=8)
+  for where, (vv, xx) in (("single", (sv, xs)), ("explicit", (
+      esv, jax.device_put(xs, NamedSharding(emesh, P("data")))))):
+    with jax.set_mesh(emesh):
+      res = fj.post_training.prune(seq.apply, vv, xx, **kw)
+    for path, leaf in fj.trees.leaves_with_paths(res.variables["params"]):
+      arrays[f"seq/{where}/params/{path}"] = np.asarray(leaf)
+      if where == "explicit":
+        report["result_specs"][f"seq/{path}"] = str(jax.typeof(leaf))
+    for path, m in fj.trees.leaves_with_paths(res.masks):
+      if m is not None:
+        arrays[f"seq/{where}/masks/{path}"] = np.asarray(m)
 
   # The statistics of layer b (input 32 = a's outputs, sharded over "model"
   # as they come out of a) and the SparseGPT solve of its kernel.

@@ -81,7 +81,32 @@ def _matrix_of(x: jax.Array, contract: tuple[int, ...]) -> jax.Array:
   """``x`` with the ``contract`` axes last (in that order), as ``[-1, in]``."""
   rest = [i for i in range(x.ndim) if i not in contract]
   x = jnp.transpose(x, (*rest, *contract))
-  return x.reshape(-1, math.prod(x.shape[len(rest):]) if contract else 1)
+  if not contract:
+    return x.reshape(-1, 1)
+  return _rows(x, len(contract))
+
+
+def _rows(x: jax.Array, features: int) -> jax.Array:
+  """``x [*rows, *feat]`` as ``[Π rows, Π feat]`` (``features`` trailing
+  axes). On explicit mesh axes each merged axis is named sharded by the
+  mesh axes of the axes it merges, in order (``[16@data, 8, 9]`` ->
+  ``[128@data, 9]``): JAX infers no sharding for such a reshape."""
+  shape = (math.prod(x.shape[:x.ndim - features]),
+           math.prod(x.shape[x.ndim - features:]))
+  sharding = explicit_sharding(x)
+  if sharding is None:
+    return x.reshape(shape)
+  spec = list(sharding.spec) + [None] * (x.ndim - len(sharding.spec))
+
+  def merged(entries):
+    axes = [a for e in entries if e is not None
+            for a in (e if isinstance(e, tuple) else (e,))]
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+  cut = x.ndim - features
+  return jnp.reshape(x, shape, out_sharding=jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(merged(spec[:cut]),
+                                                merged(spec[cut:]))))
 
 
 def _dot_use(eqn, side: int):
@@ -119,8 +144,10 @@ def _conv_use(eqn):
         rhs_dilation=p["rhs_dilation"], dimension_numbers=dn)
     # Patch features are channel-major: (C, *spatial) -> (*spatial, C).
     feat = jnp.moveaxis(patches, dn.out_spec[1], -1)
-    return feat.reshape(-1, shape[in_c], s).transpose(0, 2, 1).reshape(
-        -1, s * shape[in_c])
+    # Split, swap, then merge (one reshape that merges and splits has no
+    # sharding rule on explicit axes).
+    feat = feat.reshape(*feat.shape[:-1], shape[in_c], s)
+    return _rows(jnp.swapaxes(feat, -1, -2), 2)
 
   view = KernelView((*spatial, in_c, out_c), s * shape[in_c], shape[out_c],
                     shape[in_c])
