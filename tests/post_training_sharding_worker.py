@@ -64,6 +64,16 @@ class MLP(nn.Module):
     return nn.Dense(8, name="c")(x)
 
 
+class Seq(nn.Module):
+  """Dense layers on ``[batch, seq, features]`` after a 1-D conv: inputs
+  whose rows merge a sharded batch with other axes."""
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(16, (3,), name="conv")(x))
+    x = nn.relu(nn.Dense(16, name="a")(x))
+    return nn.Dense(8, name="b")(x)
+
+
 def collectives(hlo: str) -> list[str]:
   """``"op shape"`` of each collective of a compiled module."""
   out = []
@@ -122,15 +132,38 @@ def main(out):
       if m is not None:
         arrays[f"{name}/explicit/masks/{path}"] = np.asarray(m)
 
+  # A sequence model on explicit axes, 2:4 Wanda in batches of 8: the
+  # conv kernel replicated (Flax's conv takes no output-sharded kernel on
+  # explicit axes), the Dense kernels over "model".
+  xs = r.normal(size=(16, 6, 8)).astype(np.float32)
+  seq = Seq()
+  sv = seq.init(jax.random.PRNGKey(1), xs[:1])
+  esv = {"params": jax.tree.map(lambda a: jax.device_put(a, NamedSharding(
+      emesh, P(None, "model") if a.ndim == 2 else P())), sv["params"])}
+  kw = dict(method="wanda", sparsity=None, structure=fj.n_m(2, 4),
+            batch_size=8)
+  for where, (vv, xx) in (("single", (sv, xs)), ("explicit", (
+      esv, jax.device_put(xs, NamedSharding(emesh, P("data")))))):
+    with jax.set_mesh(emesh):
+      res = fj.post_training.prune(seq.apply, vv, xx, **kw)
+    for path, leaf in fj.trees.leaves_with_paths(res.variables["params"]):
+      arrays[f"seq/{where}/params/{path}"] = np.asarray(leaf)
+      if where == "explicit":
+        report["result_specs"][f"seq/{path}"] = str(jax.typeof(leaf))
+    for path, m in fj.trees.leaves_with_paths(res.masks):
+      if m is not None:
+        arrays[f"seq/{where}/masks/{path}"] = np.asarray(m)
+
   # The statistics of layer b (input 32 = a's outputs, sharded over "model"
   # as they come out of a) and the SparseGPT solve of its kernel.
   params = sharded_v["params"]
   paths = [p for p, _ in fj.trees.leaves_with_paths(params)]
   fn = lambda p, xb: net.apply({"params": p}, xb)
-  stats, leaves, _ = capture._stats_fn(fn, params, "b/kernel", paths, True)  # pylint: disable=protected-access
-  compiled = jax.jit(stats).lower(leaves, sharded_x).compile()
+  stats = capture.Model(fn, params, paths).statistics(["b/kernel"], gram=True)
+  compiled = stats.program.lower(jax.tree.leaves(params), sharded_x,
+                                 0).compile()
   report["stats_collectives"] = collectives(compiled.as_text())
-  sq, gram = jax.jit(stats)(leaves, sharded_x)
+  _, sq, gram = stats(params, [sharded_x], "b/kernel")
   report["gram_spec"] = str(gram.sharding.spec)
   report["gram_replicated"] = bool(gram.sharding.is_fully_replicated)
   report["sq_replicated"] = bool(sq.sharding.is_fully_replicated)
@@ -149,10 +182,11 @@ def main(out):
   # The same on explicit axes (the statistics name their shardings).
   eparams = ev["params"]
   with jax.set_mesh(emesh):
-    stats, leaves, _ = capture._stats_fn(fn, eparams, "b/kernel", paths, True)  # pylint: disable=protected-access
-    report["explicit_stats_collectives"] = collectives(
-        jax.jit(stats).lower(leaves, ex).compile().as_text())
-    sq, gram = jax.jit(stats)(leaves, ex)
+    stats = capture.Model(fn, eparams, paths).statistics(["b/kernel"],
+                                                         gram=True)
+    report["explicit_stats_collectives"] = collectives(stats.program.lower(
+        jax.tree.leaves(eparams), ex, 0).compile().as_text())
+    _, sq, gram = stats(eparams, [ex], "b/kernel")
     report["explicit_stat_types"] = [str(jax.typeof(sq)), str(jax.typeof(gram))]
     w = eparams["b"]["kernel"]
     report["explicit_solve_collectives"] = {

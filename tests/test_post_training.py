@@ -469,7 +469,8 @@ def test_sharded_calibration_equals_one_device(sharded):
   pruned kernels stay sharded over their outputs."""
   report, arrays = sharded
   assert report["device_count"] == 4
-  singles = [k for k in arrays if "/single/" in k]
+  singles = [k for k in arrays if "/single/" in k and
+             not k.startswith("seq/")]
   assert len(singles) > 40
   for key in singles:
     for where in ("sharded", "explicit"):
@@ -483,12 +484,32 @@ def test_sharded_calibration_equals_one_device(sharded):
   assert runs == {"magnitude", "magnitude_2_4", "wanda", "wanda_2_4",
                   "wanda_owl", "wanda_owl_batched", "sparsegpt",
                   "sparsegpt_batched", "sparsegpt_2_4"}
-  assert len(report["result_specs"]) == 2 * 3 * len(runs)  # auto, explicit
-  assert set(report["result_specs"].values()) == {"P(None, 'model')"}
+  specs = {k: v for k, v in report["result_specs"].items()
+           if not k.startswith("seq/")}
+  assert len(specs) == 2 * 3 * len(runs)  # auto, explicit
+  assert set(specs.values()) == {"P(None, 'model')"}
   for key in arrays:
     if "_2_4/" in key and "/masks/" in key:  # 2:4 groups on every mesh
       groups = arrays[key].reshape(-1, 4, arrays[key].shape[-1])
       assert (groups.sum(axis=1) == 2).all(), key
+
+
+def test_explicit_axes_sequence_model_with_a_conv(sharded):
+  """[batch, seq, features] inputs (rows merging the sharded batch) and a
+  1-D conv's receptive fields on explicit axes: 2:4 Wanda in batches
+  equals one device exactly, the Dense kernels stay over "model"."""
+  report, arrays = sharded
+  singles = [k for k in arrays if k.startswith("seq/single/")]
+  assert len(singles) == 6 + 3  # params, masks of conv, a, b
+  for key in singles:
+    a, b = arrays[key], arrays[key.replace("/single/", "/explicit/")]
+    np.testing.assert_array_equal(b, a, err_msg=key)  # no float sum
+    if a.dtype == bool:
+      groups = a.reshape(-1, 4, a.shape[-1])
+      assert (groups.sum(axis=1) == 2).all(), key
+  assert report["result_specs"]["seq/a/kernel"] == "float32[16,16@model]"
+  assert report["result_specs"]["seq/b/kernel"] == "float32[16,8@model]"
+  assert report["result_specs"]["seq/conv/kernel"] == "float32[3,8,16]"
 
 
 def test_explicit_axes_statistics_and_solves_gather_no_kernel(sharded):

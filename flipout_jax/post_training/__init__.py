@@ -345,15 +345,15 @@ def prune(apply_fn: Callable[..., Any], variables: PyTree,
   def fn(p, xb):
     return apply_fn({**variables, "params": p}, xb)
 
-  def fn0(p):
-    return fn(p, batches[0])
-
-  order, dense = capture.prunable_order(fn0, params, filter_fn)
+  model = capture.Model(fn, params, paths)  # traced once per batch type
+  used = model.usage_order(params, batches[0])
+  order, dense = capture.prunable_order(None, params, filter_fn, used=used)
   skipped = []
   if n_m is not None:
     ok = []
+    views = model.views(params, batches[0], order)
     for p in order:
-      last = capture.kernel_view(fn0, params, p, paths).last_in
+      last = views[p].last_in
       if last % n_m[1]:
         if not structure.options["skip_incompatible"]:
           raise ValueError(
@@ -368,9 +368,9 @@ def prune(apply_fn: Callable[..., Any], variables: PyTree,
 
   if allocation == "owl":
     ratios = []
+    dense_stats = model.statistics(order, gram=False)
     for p in order:
-      view, sq, _ = capture.layer_stats(fn, params, p, paths, gram=False,
-                                        batches=batches)
+      view, sq, _ = dense_stats(params, batches, p)
       s = jnp.abs(view.to_matrix(flat[p]).astype(jnp.float32)) * jnp.sqrt(
           sq)[:, None]
       ratios.append(float(jnp.mean(s > owl_threshold * jnp.mean(s))))
@@ -392,10 +392,10 @@ def prune(apply_fn: Callable[..., Any], variables: PyTree,
         jnp.asarray([int(sizes.sum() - round(sparsity * sizes.sum()))]))
     for p, m in zip(order, keep):
       masks[p], new[p] = m, jnp.where(m, flat[p], 0).astype(flat[p].dtype)
+  stats = model.statistics(order, gram=True)
   for i, p in enumerate(order if allocation != "global" else []):
     current = trees_unflatten(params, paths, new)
-    view, sq, gram = capture.layer_stats(fn, current, p, paths, gram=True,
-                                         batches=batches)
+    view, sq, gram = stats(current, batches, p)
     w2 = view.to_matrix(new[p])
     k = int(counts[i])
     if method == "magnitude":

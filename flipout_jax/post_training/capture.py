@@ -24,6 +24,10 @@ followed when the kernel flows into them; a kernel that reaches its matrix
 product through another operation (a transpose, a scale) is not found and
 is an error naming it. A kernel used twice (weight tying) sums the
 statistics of both uses.
+
+:class:`Model` traces ``fn`` once per input type; its :meth:`Model.statistics`
+is one jitted program for every layer (the layer an argument), so pruning
+layer after layer with new kernels neither re-traces nor recompiles.
 """
 
 from __future__ import annotations
@@ -59,12 +63,6 @@ class KernelView(NamedTuple):
     return jnp.transpose(w2.reshape(moved), np.argsort(self.perm))
 
 
-class _Found(NamedTuple):
-  view: KernelView
-  sq: jax.Array  # float32 [in]
-  gram: jax.Array | None  # float32 [in, in]
-
-
 def _closed(value):
   return isinstance(value, jcore.ClosedJaxpr)
 
@@ -85,42 +83,97 @@ def _matrix_of(x: jax.Array, contract: tuple[int, ...]) -> jax.Array:
   """``x`` with the ``contract`` axes last (in that order), as ``[-1, in]``."""
   rest = [i for i in range(x.ndim) if i not in contract]
   x = jnp.transpose(x, (*rest, *contract))
-  return x.reshape(-1, math.prod(x.shape[len(rest):]) if contract else 1)
+  if not contract:
+    return x.reshape(-1, 1)
+  return _rows(x, len(contract))
 
 
-def _dot_stats(eqn, invals, side: int):
+def _rows(x: jax.Array, features: int) -> jax.Array:
+  """``x [*rows, *feat]`` as ``[Π rows, Π feat]`` (``features`` trailing
+  axes). On explicit mesh axes each merged axis is named sharded by the
+  mesh axes of the axes it merges, in order (``[16@data, 8, 9]`` ->
+  ``[128@data, 9]``): JAX infers no sharding for such a reshape."""
+  shape = (math.prod(x.shape[:x.ndim - features]),
+           math.prod(x.shape[x.ndim - features:]))
+  sharding = explicit_sharding(x)
+  if sharding is None:
+    return x.reshape(shape)
+  spec = list(sharding.spec) + [None] * (x.ndim - len(sharding.spec))
+
+  def merged(entries):
+    axes = [a for e in entries if e is not None
+            for a in (e if isinstance(e, tuple) else (e,))]
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+  cut = x.ndim - features
+  return jnp.reshape(x, shape, out_sharding=jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(merged(spec[:cut]),
+                                                merged(spec[cut:]))))
+
+
+def _dot_use(eqn, side: int):
+  """``(view, inputs)`` of operand ``side`` of a ``dot_general``: its
+  :class:`KernelView` (from the equation's shapes) and ``inputs(invals) ->
+  X [tokens, in]``, the other operand as a matrix."""
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   if lb or rb:
     raise ValueError("batch dimensions in the kernel's dot_general")
-  w, x = invals[side], invals[1 - side]
+  shape = eqn.invars[side].aval.shape
   w_contract, x_contract = (rc, lc) if side == 1 else (lc, rc)
-  out_axes = tuple(i for i in range(w.ndim) if i not in w_contract)
+  out_axes = tuple(i for i in range(len(shape)) if i not in w_contract)
   view = KernelView(tuple(w_contract) + out_axes,
-                    math.prod(w.shape[i] for i in w_contract),
-                    math.prod(w.shape[i] for i in out_axes),
-                    w.shape[w_contract[-1]] if w_contract else 1)
-  return view, _matrix_of(x, tuple(x_contract))
+                    math.prod(shape[i] for i in w_contract),
+                    math.prod(shape[i] for i in out_axes),
+                    shape[w_contract[-1]] if w_contract else 1)
+  return view, lambda invals: _matrix_of(invals[1 - side], tuple(x_contract))
 
 
-def _conv_stats(eqn, invals):
+def _conv_use(eqn):
+  """``(view, inputs)`` of a convolution's kernel (as :func:`_dot_use`):
+  the inputs are the receptive fields."""
   p = eqn.params
   if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
     raise ValueError("a grouped convolution")
-  lhs, w = invals
+  shape = eqn.invars[1].aval.shape
   dn = p["dimension_numbers"]
   out_c, in_c, *spatial = dn.rhs_spec
-  patches = lax.conv_general_dilated_patches(
-      lhs, [w.shape[d] for d in spatial], p["window_strides"], p["padding"],
-      lhs_dilation=p["lhs_dilation"], rhs_dilation=p["rhs_dilation"],
-      dimension_numbers=dn)
-  # Patch features are channel-major: (C, *spatial) -> (*spatial, C).
-  feat = jnp.moveaxis(patches, dn.out_spec[1], -1)
-  s = math.prod(w.shape[d] for d in spatial)
-  x2 = feat.reshape(-1, w.shape[in_c], s).transpose(0, 2, 1).reshape(
-      -1, s * w.shape[in_c])
-  view = KernelView((*spatial, in_c, out_c), s * w.shape[in_c],
-                    w.shape[out_c], w.shape[in_c])
-  return view, x2
+  s = math.prod(shape[d] for d in spatial)
+
+  def inputs(invals):
+    patches = lax.conv_general_dilated_patches(
+        invals[0], [shape[d] for d in spatial], p["window_strides"],
+        p["padding"], lhs_dilation=p["lhs_dilation"],
+        rhs_dilation=p["rhs_dilation"], dimension_numbers=dn)
+    # Patch features are channel-major: (C, *spatial) -> (*spatial, C).
+    feat = jnp.moveaxis(patches, dn.out_spec[1], -1)
+    # Split, swap, then merge (one reshape that merges and splits has no
+    # sharding rule on explicit axes).
+    feat = feat.reshape(*feat.shape[:-1], shape[in_c], s)
+    return _rows(jnp.swapaxes(feat, -1, -2), 2)
+
+  view = KernelView((*spatial, in_c, out_c), s * shape[in_c], shape[out_c],
+                    shape[in_c])
+  return view, inputs
+
+
+_PRODUCTS = ("dot_general", "conv_general_dilated")
+
+
+def _uses(eqn, tags):
+  """``[(tag, view, inputs)]``: the tagged kernels a ``dot_general`` /
+  convolution uses as its weight (``tags``: each operand's tag or None).
+
+  Raises:
+    ValueError: the reason, for a tagged operand that is not a weight.
+  """
+  name = eqn.primitive.name
+  if name == "dot_general" and tags[0] is not None and tags[0] == tags[1]:
+    raise ValueError(f"the kernel as the wrong operand of {name}")
+  if name == "conv_general_dilated":
+    if tags[0] is not None:
+      raise ValueError(f"the kernel as the wrong operand of {name}")
+    return [] if tags[1] is None else [(tags[1], *_conv_use(eqn))]
+  return [(tags[s], *_dot_use(eqn, s)) for s in (0, 1) if tags[s] is not None]
 
 
 def explicit_sharding(x):
@@ -183,54 +236,204 @@ def _bind(eqn, invals):
                               **eqn.primitive.get_bind_params(eqn.params))
 
 
-def _eval(jaxpr, consts, args, tags, target, gram, found):
-  """Evaluates ``jaxpr``; ``tags``: which ``args`` are the target kernel."""
-  env, tagged = {}, set()
+def _walk(jaxpr, tags, visit, args=None, consts=()):
+  """Follows tagged values (a leaf's index; casts of it keep the tag, nested
+  jaxprs are entered) through ``jaxpr`` and calls ``visit(eqn, tags,
+  invals)`` at each matrix product or convolution with a tagged operand.
+  With ``args`` (values), evaluates the jaxpr too (``invals`` are values,
+  else None) and returns its outputs."""
+  env, tag = {}, {}
 
   def read(v):
-    return v.val if isinstance(v, jcore.Literal) else env[v]
+    return v.val if isinstance(v, jcore.Literal) else env.get(v)
 
   for v, c in zip(jaxpr.constvars, consts):
     env[v] = c
-  for v, a, t in zip(jaxpr.invars, args, tags):
-    env[v] = a
-    if t:
-      tagged.add(v)
+  for i, (v, t) in enumerate(zip(jaxpr.invars, tags)):
+    env[v] = None if args is None else args[i]
+    if t is not None:
+      tag[v] = t
   for eqn in jaxpr.eqns:
-    invals = [read(v) for v in eqn.invars]
-    is_t = [not isinstance(v, jcore.Literal) and v in tagged
-            for v in eqn.invars]
+    invals = None if args is None else [read(v) for v in eqn.invars]
+    ts = [None if isinstance(v, jcore.Literal) else tag.get(v)
+          for v in eqn.invars]
     name = eqn.primitive.name
-    sub = _sub_jaxpr(eqn) if any(is_t) else None
-    if any(is_t) and name in ("dot_general", "conv_general_dilated"):
-      try:
-        if name == "dot_general" and not all(is_t):
-          view, x2 = _dot_stats(eqn, invals, is_t.index(True))
-        elif name == "conv_general_dilated" and is_t == [False, True]:
-          view, x2 = _conv_stats(eqn, invals)
-        else:
-          raise ValueError(f"the kernel as the wrong operand of {name}")
-      except ValueError as e:
-        raise ValueError(f"{target}: used in {e}; not supported by the "
-                         "post-training methods") from None
-      x2 = x2.astype(jnp.float32)
-      found.append(_Found(view, replicated(jnp.sum(x2 * x2, axis=0)),
-                          _gram(x2) if gram else None))
-      outs = _bind(eqn, invals)
+    sub = _sub_jaxpr(eqn) if any(t is not None for t in ts) else None
+    if name in _PRODUCTS and any(t is not None for t in ts):
+      visit(eqn, ts, invals)
+      outs = None if args is None else _bind(eqn, invals)
     elif sub is not None:
-      outs = _eval(sub[0], sub[1], invals, is_t, target, gram, found)
-      if not eqn.primitive.multiple_results:
+      outs = _walk(sub[0], ts, visit, invals, sub[1])
+      if args is not None and not eqn.primitive.multiple_results:
         outs = outs[0]
     else:
-      outs = _bind(eqn, invals)
-      if name == "convert_element_type" and is_t[0]:
-        tagged.update(eqn.outvars)  # a cast of the kernel is the kernel
-    if eqn.primitive.multiple_results:
-      for v, o in zip(eqn.outvars, outs):
-        env[v] = o
-    else:
-      env[eqn.outvars[0]] = outs
-  return [read(v) for v in jaxpr.outvars]
+      outs = None if args is None else _bind(eqn, invals)
+      if name == "convert_element_type" and ts[0] is not None:
+        tag[eqn.outvars[0]] = ts[0]  # a cast of the kernel is the kernel
+    if args is not None:
+      if eqn.primitive.multiple_results:
+        env.update(zip(eqn.outvars, outs))
+      else:
+        env[eqn.outvars[0]] = outs
+  return None if args is None else [read(v) for v in jaxpr.outvars]
+
+
+class Model:
+  """``fn(params, batch)`` traced once per input type, for the kernels'
+  uses, views and statistics.
+
+  The jaxpr is made once per (params, batch) type and kept: the layers'
+  statistics (:meth:`statistics`) are one jitted interpreter of it, its
+  argument ``which`` choosing the kernel, so pruning layer after layer
+  (new kernels, same types) neither re-traces the model nor recompiles.
+
+  Args:
+    fn: ``(params, batch) -> outputs``.
+    params: the params (their types; values are passed to each call).
+    paths: the path of every leaf of ``params``.
+  """
+
+  def __init__(self, fn: Callable[..., Any], params: PyTree,
+               paths: list[str]):
+    self.fn, self.paths = fn, list(paths)
+    self.treedef = jax.tree.structure(params)
+    self._jaxprs = {}
+
+  def jaxpr(self, leaves, batch) -> jcore.ClosedJaxpr:
+    """The closed jaxpr of ``fn`` on (params leaves, batch): its invars are
+    the leaves, then the batch's leaves."""
+    key = (jax.tree.structure(batch),
+           tuple(jax.typeof(a) for a in [*leaves, *jax.tree.leaves(batch)]))
+    if key not in self._jaxprs:
+      self._jaxprs[key] = jax.make_jaxpr(lambda ls, b: self.fn(
+          jax.tree.unflatten(self.treedef, ls), b))(list(leaves), batch)
+    return self._jaxprs[key]
+
+  def _index(self, target: str) -> int:
+    if target not in self.paths:
+      raise ValueError(f"target: {target!r} is not a leaf of params; valid: "
+                       f"{', '.join(self.paths)}")
+    return self.paths.index(target)
+
+  def usage_order(self, params, batch) -> list[str]:
+    """The leaves used as the weight of a matrix product or a convolution,
+    in the order the forward pass first uses them."""
+    closed = self.jaxpr(jax.tree.leaves(params), batch)
+    order: list[int] = []
+
+    def visit(eqn, ts, invals):
+      del eqn, invals
+      order.extend(t for t in ts if t is not None and t not in order)
+
+    _walk(closed.jaxpr, list(range(len(self.paths))), visit)
+    return [self.paths[i] for i in order]
+
+  def views(self, params, batch, targets) -> dict[str, KernelView]:
+    """Each target's :class:`KernelView`, from the jaxpr alone.
+
+    Raises:
+      ValueError: a target not used as the weight of a ``dot_general`` or
+        convolution, or used as products of different shapes.
+    """
+    index = [self._index(t) for t in targets]
+    closed = self.jaxpr(jax.tree.leaves(params), batch)
+    tags = [None] * len(closed.jaxpr.invars)
+    for n, i in enumerate(index):
+      tags[i] = n
+    found: dict[int, list[KernelView]] = {n: [] for n in range(len(index))}
+
+    def visit(eqn, ts, invals):
+      del invals
+      try:
+        uses = _uses(eqn, ts)
+      except ValueError as e:
+        t = targets[next(t for t in ts if t is not None)]
+        raise ValueError(f"{t}: used in {e}; not supported by the "
+                         "post-training methods") from None
+      for n, view, _ in uses:
+        found[n].append(view)
+
+    _walk(closed.jaxpr, tags, visit)
+    for n, t in enumerate(targets):
+      if not found[n]:
+        raise ValueError(
+            f"{t}: not used as the weight of a dot_general or "
+            "conv_general_dilated (through casts and nested calls only), so "
+            "its calibration inputs are unknown; exclude it with filter_fn")
+      if len(set(found[n])) > 1:
+        raise ValueError(f"{t}: used as the weight of products of "
+                         "different shapes")
+    return {t: found[n][0] for n, t in enumerate(targets)}
+
+  def statistics(self, targets: list[str], *, gram: bool) -> "Statistics":
+    """The :class:`Statistics` of ``targets`` (one compiled program per
+    batch type for all of them)."""
+    return Statistics(self, list(targets), gram)
+
+
+class Statistics:
+  """``sq`` (and ``XᵀX``) of one of several kernels, by one program.
+
+  ``program(leaves, batch, which)`` (jitted) evaluates the model's jaxpr
+  and, at each use of ``targets[which]`` (a traced int), adds its inputs'
+  statistics into accumulators sized for the widest target (``lax.cond``:
+  the other targets' statistics are not computed); :meth:`__call__` cuts
+  them to the target's ``in``. Adding into zeros is exact, so the values
+  are those of a program made for that kernel alone.
+  """
+
+  def __init__(self, model: Model, targets: list[str], gram: bool):
+    self.model, self.targets, self.gram = model, targets, gram
+    for t in targets:
+      model._index(t)  # pylint: disable=protected-access
+    self.program = jax.jit(self._program)
+    self._views = None
+
+  def _program(self, leaves, batch, which):
+    model = self.model
+    closed = model.jaxpr(leaves, batch)
+    views = model.views(jax.tree.unflatten(model.treedef, leaves), batch,
+                        self.targets)
+    width = max(v.num_in for v in views.values())
+    acc = [jnp.zeros((width,), jnp.float32),
+           jnp.zeros((width, width), jnp.float32) if self.gram else None]
+    tags = [None] * len(closed.jaxpr.invars)
+    for n, t in enumerate(self.targets):
+      tags[model.paths.index(t)] = n
+
+    def visit(eqn, ts, invals):
+      for n, view, inputs in _uses(eqn, ts):
+        def add(acc, invals, inputs=inputs, k=view.num_in):
+          x2 = inputs(invals).astype(jnp.float32)
+          sq = acc[0].at[:k].add(replicated(jnp.sum(x2 * x2, axis=0)))
+          return [sq, None if acc[1] is None else
+                  acc[1].at[:k, :k].add(_gram(x2))]
+        acc[:] = lax.cond(which == n, add, lambda acc, _: acc, acc, invals)
+
+    _walk(closed.jaxpr, tags, visit,
+          [*leaves, *jax.tree.leaves(batch)], closed.consts)
+    return acc[0], acc[1]
+
+  def views(self, params, batch) -> dict[str, KernelView]:
+    if self._views is None:
+      self._views = self.model.views(params, batch, self.targets)
+    return self._views
+
+  def __call__(self, params: PyTree, batches, target: str):
+    """``(view, sq, gram)`` of ``target``, summed over ``batches`` in
+    float32 (``gram`` None unless made with ``gram=True``)."""
+    leaves = jax.tree.leaves(params)
+    view = self.views(params, batches[0])[target]
+    which = self.targets.index(target)
+    sq = g = None
+    for batch in batches:
+      s, gb = self.program(leaves, batch, which)
+      s = s[:view.num_in]
+      sq = s if sq is None else sq + s
+      if self.gram:
+        gb = gb[:view.num_in, :view.num_in]
+        g = gb if g is None else g + gb
+    return view, sq, g
 
 
 def layer_stats(fn: Callable[..., Any], params: PyTree, target: str,
@@ -252,7 +455,7 @@ def layer_stats(fn: Callable[..., Any], params: PyTree, target: str,
   Under ``jax.sharding`` the statistics are computed where the inputs live:
   ``XᵀX`` of a batch-sharded ``X`` is a sum over the batch shards, so XLA
   reduces it across the batch axis (an all-reduce of ``[in, in]``, never a
-  gather of ``X``).
+  gather of ``X``). Several layers: :meth:`Model.statistics`.
 
   Raises:
     ValueError: the kernel is not the weight operand of any matrix product
@@ -261,96 +464,28 @@ def layer_stats(fn: Callable[..., Any], params: PyTree, target: str,
   if batches is None:
     return layer_stats(lambda p, _: fn(p), params, target, paths, gram=gram,
                        batches=[()])
-  stats, leaves, view = _stats_fn(fn, params, target, paths, gram)
-  compiled = jax.jit(stats)
-  sq = g = None
-  for batch in batches:
-    s, gb = compiled(leaves, batch)
-    sq = s if sq is None else sq + s
-    if gram:
-      g = gb if g is None else g + gb
-  return view[0], sq, g
+  return Model(fn, params, paths).statistics([target], gram=gram)(
+      params, batches, target)
 
 
 def kernel_view(fn: Callable[[PyTree], Any], params: PyTree, target: str,
                 paths: list[str]) -> KernelView:
   """The :class:`KernelView` of ``target`` (as :func:`layer_stats`, ``fn:
   params -> outputs``), found by tracing alone: nothing is compiled or run."""
-  stats, leaves, view = _stats_fn(lambda p, _: fn(p), params, target, paths,
-                                  False)
-  jax.eval_shape(stats, leaves, ())
-  return view[0]
-
-
-def _stats_fn(fn, params, target, paths, gram):
-  """``(stats, leaves, view)``: ``stats(leaves, batch) -> (sq, gram)`` of
-  ``fn(params, batch)``; tracing it appends the kernel's view to the list
-  ``view``."""
-  if target not in paths:
-    raise ValueError(f"target: {target!r} is not a leaf of params; valid: "
-                     f"{', '.join(paths)}")
-  leaves, treedef = jax.tree.flatten(params)
-  index = paths.index(target)
-
-  def run(leaves, batch):
-    closed = jax.make_jaxpr(
-        lambda ls, b: fn(jax.tree.unflatten(treedef, ls), b))(leaves, batch)
-    args = [*leaves, *jax.tree.leaves(batch)]
-    found: list[_Found] = []
-    _eval(closed.jaxpr, closed.consts, args,
-          [i == index for i in range(len(args))], target, gram, found)
-    if not found:
-      raise ValueError(
-          f"{target}: not used as the weight of a dot_general or "
-          "conv_general_dilated (through casts and nested calls only), so "
-          "its calibration inputs are unknown; exclude it with filter_fn")
-    if len({f.view for f in found}) > 1:
-      raise ValueError(f"{target}: used as the weight of products of "
-                       "different shapes")
-    sq = sum(f.sq for f in found)
-    g = sum(f.gram for f in found) if gram else None
-    return found[0].view, sq, g
-
-  view = []
-
-  def stats(leaves, batch):
-    v, sq, g = run(leaves, batch)
-    view.append(v)
-    return sq, g
-
-  return stats, leaves, view
+  return Model(lambda p, _: fn(p), params, paths).views(
+      params, (), [target])[target]
 
 
 def usage_order(fn: Callable[[PyTree], Any], params: PyTree,
                 paths: list[str]) -> list[str]:
   """The leaves of ``params`` used as the weight of a matrix product or a
   convolution, in the order the forward pass first uses them."""
-  leaves, treedef = jax.tree.flatten(params)
-  closed = jax.make_jaxpr(lambda *a: fn(jax.tree.unflatten(treedef, a)))(
-      *leaves)
-  order: list[int] = []
-
-  def walk(jaxpr, tags):
-    tag = {v: t for v, t in zip(jaxpr.invars, tags) if t is not None}
-    for eqn in jaxpr.eqns:
-      ts = [None if isinstance(v, jcore.Literal) else tag.get(v)
-            for v in eqn.invars]
-      name = eqn.primitive.name
-      if name in ("dot_general", "conv_general_dilated"):
-        order.extend(t for t in ts if t is not None and t not in order)
-      elif name == "convert_element_type" and ts[0] is not None:
-        tag[eqn.outvars[0]] = ts[0]
-      elif any(t is not None for t in ts):
-        sub = _sub_jaxpr(eqn)
-        if sub is not None:
-          walk(sub[0], ts)
-
-  walk(closed.jaxpr, list(range(len(leaves))))
-  return [paths[i] for i in order]
+  return Model(lambda p, _: fn(p), params, paths).usage_order(params, ())
 
 
-def prunable_order(fn: Callable[[PyTree], Any], params: PyTree,
-                   filter_fn: Callable[[str, Any], bool] | None = None
+def prunable_order(fn: Callable[[PyTree], Any] | None, params: PyTree,
+                   filter_fn: Callable[[str, Any], bool] | None = None, *,
+                   used: list[str] | None = None
                    ) -> tuple[list[str], list[str]]:
   """``(order, dense)``: the post-training methods' prunable kernels.
 
@@ -361,14 +496,15 @@ def prunable_order(fn: Callable[[PyTree], Any], params: PyTree,
   that no product uses (embedding tables, gathered rather than multiplied),
   which stay dense. One rule for every post-training method
   (:func:`flipout_jax.post_training.prune` and :func:`flipout_jax.unipts.run`).
+  ``used``: the :func:`usage_order` already found (then ``fn`` is unused).
 
   Raises:
     ValueError: a leaf an explicit ``filter_fn`` selects is not used as such
       a weight (its calibration inputs are unknown), naming it.
   """
   flat = trees.leaves_with_paths(params)
-  paths = [p for p, _ in flat]
-  used = usage_order(fn, params, paths)
+  if used is None:
+    used = usage_order(fn, params, [p for p, _ in flat])
   chosen = [p for p, x in flat if (filter_fn or trees.default_filter)(p, x)]
   if filter_fn is not None:
     missing = [p for p in chosen if p not in used]
