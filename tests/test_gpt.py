@@ -280,8 +280,10 @@ def test_unipts_runs_on_gpt_with_int_inputs_and_dense_embeddings(unipts_gpt):
     # The prunable set is the one-shot methods': the 7 kernels, not the
     # embedding tables: no mask, no zero (sparse training updates them,
     # as every parameter; without it they come back bit-identical).
-    assert set(r.sparsities) == set(one_shot.report["order"]), allocation
-    assert len(r.sparsities) == 6 + 1
+    kernels = {f"block0/{n}/kernel" for n in ("attn/query", "attn/key",
+                                              "attn/value", "attn/out", "fc1",
+                                              "fc2")} | {"head/kernel"}
+    assert set(r.sparsities) == set(one_shot.report["order"]) == kernels
     assert sorted(r.report["dense"]) == sorted(one_shot.report["dense"]) == [
         "pos_embed/embedding", "token_embed/embedding"]
     flat = dict(fj.trees.leaves_with_paths(r.variables["params"]))
@@ -313,12 +315,18 @@ def test_unipts_runs_on_gpt_with_int_inputs_and_dense_embeddings(unipts_gpt):
         UNIPTS_TINY["epochs"] if allocation == "search" else 0)
 
 
-def test_unipts_sequence_labels_are_checked(unipts_gpt):
+def test_unipts_sequence_labels_and_filter_are_checked(unipts_gpt):
   model, tokens, variables, _, _ = unipts_gpt
   with pytest.raises(ValueError, match=r"calibration_y.*leading shape"):
     fj.unipts.run(model.apply, variables, tokens, sparsity=0.5,
                   calibration_y=np.zeros(tokens.shape[0], np.int32),
                   search=False, epochs=0)
+  # A filter selecting the (gathered, not multiplied) embedding table: the
+  # one-shot methods' error, naming it.
+  with pytest.raises(ValueError,
+                     match=r"filter_fn: .*token_embed/embedding.* not used"):
+    fj.unipts.run(model.apply, variables, tokens, sparsity=0.5,
+                  filter_fn=lambda p, x: x.ndim == 2, search=False, epochs=0)
 
 
 def test_sequence_distillation_loss_equals_a_per_position_reference():

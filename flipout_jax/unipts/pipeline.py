@@ -188,7 +188,8 @@ class UniPTSResult(NamedTuple):
     masks: the final mask tree (params layout; None at non-prunable leaves).
     report: a dict (JSON-friendly): ``sparsity`` (target) and
       ``achieved_sparsity``; ``layers`` (per path: size, target p_l,
-      pruned); ``labels`` (``"teacher"`` or ``"calibration_y"``);
+      pruned); ``dense`` (kernels no product uses, e.g. embedding tables,
+      left unpruned); ``labels`` (``"teacher"`` or ``"calibration_y"``);
       ``accuracy`` on the calibration set (``dense``, ``uniform`` = the same
       P in every layer with BN recalibration, ``searched`` = stage 2,
       ``final`` = after sparse training); ``search`` (history, best and
