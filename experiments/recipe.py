@@ -218,10 +218,8 @@ def optimizer(spec, lr: optax.Schedule) -> optax.GradientTransformation:
 
 
 def structure(value, example=None):
-  """A ``structure`` argument from its string spec ("2:4", "2:4+skip",
-  "units", "unstructured", "coupled[:<reduce>]": ``fj.coupled`` of the groups
-  traced from ``example`` = (apply_fn, variables, x), none without it);
-  anything else passes through."""
+  """A ``structure`` from its string ("2:4", "2:4+skip", "units", "unstructured",
+  "coupled[:reduce]": traced from ``example`` (apply_fn, variables, x)); else as is."""
   if not isinstance(value, str):
     return value
   if value in ("units", "unstructured"):
@@ -287,8 +285,7 @@ def _library(what: str, source: dict[str, str], build):
 
 
 def phases(spec: dict[str, Any], spe: int, example=None) -> list[Phase]:
-  """The phases of a resolved config, ``spe`` steps per epoch (``example``:
-  :func:`structure`'s)."""
+  """The phases of a resolved config, ``spe`` steps per epoch."""
   name, n = spec["method"], spec["num_epochs"]
   kw, source = _steps(spec, spe, example)
   if name in POST_TRAINING:
