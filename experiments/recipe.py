@@ -217,19 +217,23 @@ def optimizer(spec, lr: optax.Schedule) -> optax.GradientTransformation:
   return optax.chain(optax.add_decayed_weights(spec["weight_decay"]), inner)
 
 
-def structure(value):
-  """A ``structure`` argument from its string spec ("2:4", "2:4+skip",
-  "units", "unstructured"); anything else passes through."""
+def structure(value, example=None):
+  """A ``structure`` from its string ("2:4", "2:4+skip", "units", "unstructured",
+  "coupled[:reduce]": traced from ``example`` (apply_fn, variables, x)); else as is."""
   if not isinstance(value, str):
     return value
   if value in ("units", "unstructured"):
     return getattr(fj, value)()
+  if value.split(":")[0] == "coupled":
+    groups = fj.dependency_groups(*example) if example else ()
+    return _library("method_kw.structure", {}, lambda: fj.coupled(
+        groups, reduce=(value + ":sum").split(":")[1]))
   try:
     n, m = value.split("+")[0].split(":")
     return fj.n_m(int(n), int(m), skip_incompatible=value.endswith("+skip"))
   except ValueError:
     raise ConfigError(f"method_kw.structure: {value!r}; valid: 'N:M', "
-                      "'N:M+skip', 'units', 'unstructured'") from None
+                      "'N:M+skip', 'units', 'unstructured', 'coupled[:reduce]'") from None
 
 
 def with_temperature(tx, t: float):
@@ -247,7 +251,7 @@ def with_temperature(tx, t: float):
   return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
-def _steps(spec, spe: int) -> tuple[dict[str, Any], dict[str, str]]:
+def _steps(spec, spe: int, example=None) -> tuple[dict[str, Any], dict[str, str]]:
   """The method's keyword arguments in steps, and keyword -> config key."""
   valid = keywords(spec["method"])
   kw, source = {}, {}
@@ -255,7 +259,7 @@ def _steps(spec, spe: int) -> tuple[dict[str, Any], dict[str, str]]:
     key, in_epochs = canonical(k, valid)
     if in_epochs and v is not None:
       v = int(math.floor(v * spe + _EPS))
-    kw[key], source[key] = (structure(v) if key == "structure" else v), k
+    kw[key], source[key] = (structure(v, example) if key == "structure" else v), k
   total = spec["num_epochs"] * spe
   if "prune_rate" in kw and kw.get("every") and 0 <= (kw.get("sparsity") or -1) < 1:
     n = fj.schedules.events_needed(kw["sparsity"], kw.get("prune_rate", 0.5))
@@ -280,10 +284,10 @@ def _library(what: str, source: dict[str, str], build):
     raise ConfigError(f"{key}: {msg}") from None
 
 
-def phases(spec: dict[str, Any], spe: int) -> list[Phase]:
+def phases(spec: dict[str, Any], spe: int, example=None) -> list[Phase]:
   """The phases of a resolved config, ``spe`` steps per epoch."""
   name, n = spec["method"], spec["num_epochs"]
-  kw, source = _steps(spec, spe)
+  kw, source = _steps(spec, spe, example)
   if name in POST_TRAINING:
     if not spec["init_from"]:
       raise ConfigError(f"init_from: {name} is a post-training method: give "

@@ -140,8 +140,6 @@ def _setup(config: ConfigDict) -> _Setup:
     else:
       model = models_lib.get_model(
           config.model, num_classes=ds.train.num_classes, width=config.width)
-    phases = recipe.phases(recipe.resolve(config_json(config)), spe)
-    starts = list(np.cumsum([0] + [p.num_epochs for p in phases[:-1]]).tolist())
     has_bn = not is_gpt and models_lib.uses_batchnorm(config.model)
     # Jitted: eager init compiles every op of a deep model one by one.
     init, eval_step = _cached(
@@ -153,6 +151,9 @@ def _setup(config: ConfigDict) -> _Setup:
     variables = dict(init(jax.random.PRNGKey(config.seed), dummy))
     if config.init_from:
       variables = load_variables(config.init_from, variables)
+    phases = recipe.phases(recipe.resolve(config_json(config)), spe, example=(
+        lambda v, x: model.apply(v, x, train=False), variables, dummy))
+    starts = list(np.cumsum([0] + [p.num_epochs for p in phases[:-1]]).tolist())
     setup = _Setup(config, ds, model, has_bn, spe, phases, starts,
                    variables["params"], variables.get("batch_stats", {}), eval_step)
     # Every phase's tx built now: a bad value fails before training.

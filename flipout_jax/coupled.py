@@ -24,7 +24,9 @@ first prunable member), and every group keeps at least ``min_per_layer`` of
 its alive units. Only removable groups with a prunable member take part;
 leaves in none of them keep their masks. A weight in two groups (a kernel's
 rows and columns) is alive when both its units are. ST-3's soft thresholds
-are per leaf and are not defined for groups that span leaves.
+are per leaf and are not defined for groups that span leaves. Post-training:
+``fj.post_training.prune(..., method="magnitude" or "wanda",
+structure=fj.coupled(groups))``.
 """
 
 from __future__ import annotations

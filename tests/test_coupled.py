@@ -132,3 +132,116 @@ def test_drop_and_grow_moves_whole_units_at_a_constant_count():
     assert sum(int(a.sum()) for a in alive) == 5
     seen.append(np.concatenate(alive))
   assert any((a != seen[0]).any() for a in seen[1:])  # units moved
+
+
+# -- post-training: fj.post_training.prune(..., structure=fj.coupled) --------
+
+
+def wide_mlp_vars(key=KEY):
+  k = jax.random.split(key, 6)
+  shapes = {"w1": (4, 12), "b1": (12,), "w2": (12, 10), "b2": (10,),
+            "w3": (10, 3), "b3": (3,)}
+  return {"params": {n: jax.random.normal(kk, s) for kk, (n, s)
+                     in zip(k, shapes.items())}}
+
+
+def wide_mlp(v, x):
+  return mlp(v["params"], x)
+
+
+def reference_units(p, x, method, allocation, sparsity):
+  """NumPy: the kept units of both hidden groups by the L2 of their scores
+  over the layer's column and the next layer's row (stable ties)."""
+  w1, w2, w3 = (np.asarray(p[k], np.float64) for k in ("w1", "w2", "w3"))
+  if method == "wanda":  # |W_ij| ‖X_i‖ on the dense model's activations
+    xn = np.asarray(x, np.float64)
+    h1 = np.maximum(xn @ w1 + np.asarray(p["b1"]), 0)
+    h2 = np.tanh(h1 @ w2 + np.asarray(p["b2"]))
+    norm = lambda a: np.sqrt((a ** 2).sum(0))[:, None]  # pylint: disable=unnecessary-lambda-assignment
+    w1, w2, w3 = np.abs(w1) * norm(xn), np.abs(w2) * norm(h1), np.abs(w3) * norm(h2)
+  s1 = np.sqrt((w1 ** 2).sum(0) + (w2 ** 2).sum(1))
+  s2 = np.sqrt((w2 ** 2).sum(0) + (w3 ** 2).sum(1))
+  if allocation == "uniform":
+    keep = [np.sort(np.argsort(-s, kind="stable")[:len(s) - round(sparsity * len(s))])
+            for s in (s1, s2)]
+  else:
+    both = np.concatenate([s1, s2])
+    top = np.argsort(-both, kind="stable")[:len(both) - round(sparsity * len(both))]
+    keep = [np.sort(top[top < 12]), np.sort(top[top >= 12] - 12)]
+  return keep
+
+
+@pytest.mark.parametrize("method,allocation,sparsity",
+                         [("magnitude", "uniform", 0.5),
+                          ("magnitude", "global", 0.75),
+                          ("wanda", "uniform", 0.7)])
+def test_post_training_coupled_matches_numpy_and_compacts(method, allocation,
+                                                           sparsity):
+  v = wide_mlp_vars()
+  x = jax.random.normal(jax.random.PRNGKey(1), (16, 4))
+  groups = fj.dependency_groups(wide_mlp, v, x)
+  r = fj.post_training.prune(wide_mlp, v, x, sparsity=sparsity, method=method,
+                             allocation=allocation,
+                             structure=fj.coupled(groups, reduce="l2"))
+  keep1, keep2 = reference_units(v["params"], x, method, allocation, sparsity)
+  if allocation == "uniform":  # exact unit counts n - round(s n)
+    assert (len(keep1), len(keep2)) == (12 - round(12 * sparsity),
+                                        10 - round(10 * sparsity))
+  else:
+    assert len(keep1) + len(keep2) == 22 - round(22 * sparsity)
+  u1, u2 = np.zeros(12, bool), np.zeros(10, bool)
+  u1[keep1], u2[keep2] = True, True
+  m = r.masks
+  np.testing.assert_array_equal(m["w1"], np.broadcast_to(u1, (4, 12)))
+  np.testing.assert_array_equal(m["w2"], u1[:, None] & u2[None, :])
+  np.testing.assert_array_equal(m["w3"], np.broadcast_to(u2[:, None], (10, 3)))
+  assert m["b1"] is None and m["b3"] is None
+  p = r.variables["params"]
+  for k in ("w1", "w2", "w3"):  # pruned weights exactly 0, the rest as given
+    np.testing.assert_array_equal(
+        p[k], np.where(m[k], v["params"][k], 0.0))
+  res = fj.compact(wide_mlp, r.variables, x, masks=r.masks)
+  kept = {g.size: k for g, k in zip(res.groups, res.kept) if g.removable}
+  np.testing.assert_array_equal(kept[12], keep1)
+  np.testing.assert_array_equal(kept[10], keep2)
+  assert res.shapes["params/w1"] == (4, len(keep1))
+  assert res.shapes["params/w2"] == (len(keep1), len(keep2))
+  assert res.shapes["params/w3"] == (len(keep2), 3)
+  np.testing.assert_allclose(wide_mlp(res.variables, x),
+                             wide_mlp(r.variables, x), rtol=1e-5, atol=1e-5)
+
+
+def test_post_training_coupled_lenet5_rebuilds_at_the_new_widths():
+  model = models.LeNet5(width=0.5)
+  x = jax.random.normal(KEY, (8, 28, 28, 1))
+  v = jax.jit(model.init)(KEY, x)
+  fn = lambda w, xb: model.apply(w, xb, train=False)  # pylint: disable=unnecessary-lambda-assignment
+  groups = fj.dependency_groups(fn, v, x)
+  r = fj.post_training.prune(fn, v, x, sparsity=0.75, method="wanda",
+                             structure=fj.coupled(groups, reduce="l2",
+                                                  min_per_layer=2))
+  res = fj.compact(fn, r.variables, x, masks=r.masks)
+  # 3, 8, 60, 42 units -> max(n - round(0.75 n), 2)
+  assert res.widths == {"conv1": 2, "conv2": 2, "fc1": 15, "fc2": 10,
+                        "fc3": 10}
+  small = models.LeNet5(width=0.5, layer_widths=res.widths)
+  np.testing.assert_allclose(small.apply(res.variables, x), fn(r.variables, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_post_training_coupled_undefined_pairs_name_the_argument():
+  v = wide_mlp_vars()
+  x = jnp.ones((4, 4))
+  st = fj.coupled(fj.dependency_groups(wide_mlp, v, x))
+  with pytest.raises(ValueError, match="^structure: .*SparseGPT"):
+    fj.post_training.prune(wide_mlp, v, x, sparsity=0.5, method="sparsegpt",
+                           structure=st)
+  with pytest.raises(ValueError, match="^structure: .*'unipts'"):
+    fj.post_training.prune(wide_mlp, v, x, sparsity=0.5, method="unipts",
+                           structure=st)
+  with pytest.raises(ValueError, match="^allocation: .*'owl'"):
+    fj.post_training.prune(wide_mlp, v, x, sparsity=0.5, method="wanda",
+                           allocation="owl", structure=st)
+  with pytest.raises(ValueError, match="^allocation: 'global'"):
+    fj.post_training.prune(wide_mlp, v, x, sparsity=0.5, method="wanda",
+                           allocation="global", structure=st)

@@ -134,6 +134,26 @@ def test_structure_string_and_nm_sparsity(tmp_path):
   assert np.all((~z).reshape(-1, 4, z.shape[-1]).sum(axis=1) <= 2)
 
 
+def test_coupled_structure_string_prunes_whole_traced_groups(tmp_path):
+  s = recipe.structure("coupled:l2")  # no model: no groups (validation)
+  assert s.kind == "coupled" and s.options["reduce"] == "l2"
+  with pytest.raises(recipe.ConfigError, match="^method_kw.structure: reduce"):
+    recipe.structure("coupled:median")
+  path = os.path.join(CONFIGS, "structured_mnist5k.py")
+  result = main.run_main(["prog", f"--config={path}", *TINY, "--noprogress",
+                          "--config.model=lenet300100", "--config.num_epochs=1",
+                          "--config.every_epochs=0.25", "--config.sparsity=0.5",
+                          f"--workdir={tmp_path}"])
+  z = zeros_of(tmp_path)
+  # Uniform 50 % of the 75 and 25 hidden units: 37 and 13 kept, whole
+  # (a dead fc1 column is a dead fc2 row; a dead fc2 column a dead fc3 row).
+  dead1 = z["params/fc1/kernel"].all(axis=0)
+  dead2 = z["params/fc2/kernel"][~dead1].all(axis=0)
+  assert (int((~dead1).sum()), int((~dead2).sum())) == (37, 13)
+  assert z["params/fc2/kernel"][dead1].all() and z["params/fc3/kernel"][dead2].all()
+  assert round(result["sparsity"] * 6925) == 6925 - (64 * 37 + 37 * 13 + 130)
+
+
 @pytest.mark.parametrize("args,names", [
     (["--config.sparsity=1.5"], ["method_kw.sparsity", "1.5"]),
     (["--config.method=rigl", "--config.every_epochs=0.0001"],

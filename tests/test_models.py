@@ -287,3 +287,11 @@ def test_bad_width_raises(width):
 def test_bad_vgg_depth_raises():
   with pytest.raises(ValueError, match="depth"):
     _abstract_variables(models.VGG(depth=12), (1, 32, 32, 3))
+
+
+def test_vgg_takes_28x28_inputs():
+  # SAME pools: 28 -> 14 -> 7 -> 4 -> 2 -> 1 (VALID pools reach 0x0: NaN).
+  m = models.VGG11(width=1 / 16)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 28, 28, 1))
+  y = m.apply(m.init(jax.random.PRNGKey(0), x), x)
+  assert y.shape == (2, 10) and bool(jnp.all(jnp.isfinite(y)))

@@ -35,7 +35,9 @@ class VGG(nn.Module):
 
     for each entry of CFGS[depth]:
       int c: Conv c, 3x3, stride 1, SAME, with bias -> BatchNorm -> relu
-      'M':   max-pool 2x2/2
+      'M':   max-pool 2x2/2 (SAME padding: an odd side rounds up, so 28x28
+             MNIST reaches the head as 1x1; on even sides, CIFAR's 32x32
+             included, it is the usual VALID pool)
     global average pool -> Dense num_classes
 
   All configurations end with 512 channels and five pools, so a 32x32 input
@@ -72,7 +74,7 @@ class VGG(nn.Module):
     i = 0
     for v in CFGS[self.depth]:
       if v == "M":
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
         continue
       i += 1
       x = nn.Conv(w(f"conv{i}", scaled(v, self.width)), (3, 3),

@@ -15,6 +15,19 @@ before it (:mod:`.capture` finds them in the model's jaxpr: Dense-like
 (:mod:`.solvers`) are magnitude, Wanda and SparseGPT; ``structure=
 fj.n_m(n, m)`` gives N:M (groups along each kernel's input features).
 
+``structure=fj.coupled(groups)`` (magnitude and Wanda) prunes whole
+dependency groups (:func:`flipout_jax.dependency_groups`), all layers at
+once: a unit's score is the structure's ``reduce`` (``"l2"``: the L2 norm)
+of ``|W|`` (magnitude) or of Wanda's ``|W_ij|·‖X_i‖`` (the dense model's
+calibration activations) over its entries in every prunable member (a
+layer's output column *and* the next layer's input row); ``allocation``
+``"uniform"`` keeps ``n − round(S·n)`` units of every group, ``"global"``
+(magnitude) ranks all groups' units together; every group keeps at least
+``min_per_layer``. :func:`flipout_jax.compact` then removes exactly the
+pruned units. SparseGPT's per-column error compensation updates the kept
+weights of one layer; it is not defined for units that span layers (a
+ValueError naming ``structure``), nor is OWL's per-layer allocation.
+
 Allocation of the per-layer sparsities ``S_l``:
 
 * ``"uniform"``: ``S_l = S``, each layer prunes ``round(S·n_l)``;
@@ -193,7 +206,18 @@ def check_arguments(method, allocation, structure, sparsity):
                      "(method='unipts'); use 'uniform', 'owl' or, for "
                      "magnitude, 'global'.")
   n_m = None
-  if structure.kind == "n_m" and method != "unipts":
+  if structure.kind == "coupled":
+    if method not in ("magnitude", "wanda"):
+      raise ValueError(
+          f"structure: fj.coupled (whole dependency groups) is defined for "
+          f"method 'magnitude' and 'wanda', not {method!r}" + (
+              ": SparseGPT's per-column error compensation updates the kept "
+              "weights of one layer and is not defined for units that span "
+              "several layers." if method == "sparsegpt" else "."))
+    if allocation not in ("uniform", "global"):
+      raise ValueError(f"allocation: fj.coupled counts units; use 'uniform' "
+                       f"or (magnitude) 'global', got {allocation!r}.")
+  elif structure.kind == "n_m" and method != "unipts":
     o = structure.options
     if o["axis"] != -2:
       raise ValueError("structure: post-training N:M groups run along the "
@@ -210,7 +234,8 @@ def check_arguments(method, allocation, structure, sparsity):
   elif structure.kind != "unstructured":
     raise ValueError(f"structure: {structure.name} is not supported by "
                      f"method {method!r} (unstructured" +
-                     (")." if method == "unipts" else " or fj.n_m)."))
+                     (")." if method == "unipts" else ", fj.n_m or "
+                      "fj.coupled)."))
   return method, allocation, n_m, validate.sparsity(sparsity)
 
 
@@ -285,8 +310,10 @@ def prune(apply_fn: Callable[..., Any], variables: PyTree,
       (an array or a pytree of arrays); may be sharded (module docstring).
     sparsity: the target ``S`` in [0, 1) (None with ``fj.n_m``: 1 − n/m).
     method: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` or ``"unipts"``.
-    structure: None / ``fj.unstructured()`` or ``fj.n_m(n, m)`` (not with
-      ``"unipts"``).
+    structure: None / ``fj.unstructured()``, ``fj.n_m(n, m)`` (not with
+      ``"unipts"``) or ``fj.coupled(groups)`` (``"magnitude"``,
+      ``"wanda"``; allocation ``"uniform"`` or ``"global"``; ``sparsity``
+      is then the fraction of units removed).
     allocation: ``"uniform"``, ``"global"`` (magnitude), ``"owl"``
       (magnitude, wanda, sparsegpt) or ``"search"`` (unipts: its genetic
       search; ``"uniform"`` there is its search-free baseline, P in every
@@ -385,15 +412,18 @@ def prune(apply_fn: Callable[..., Any], variables: PyTree,
   new = dict(flat)
   masks = {}
   layers = {}
-  if allocation == "global":
+  if structure.kind == "coupled":
+    masks = _coupled_masks(structure, method, allocation, model, params, flat,
+                           order, batches, sparsity)
+  elif allocation == "global":
     scores = [jnp.abs(flat[p].astype(jnp.float32)) for p in order]
-    keep = selection.top_k_masks(
+    masks = dict(zip(order, selection.top_k_masks(
         scores, [list(range(len(order)))],
-        jnp.asarray([int(sizes.sum() - round(sparsity * sizes.sum()))]))
-    for p, m in zip(order, keep):
-      masks[p], new[p] = m, jnp.where(m, flat[p], 0).astype(flat[p].dtype)
+        jnp.asarray([int(sizes.sum() - round(sparsity * sizes.sum()))]))))
+  for p, m in masks.items():
+    new[p] = jnp.where(m, flat[p], 0).astype(flat[p].dtype)
   stats = model.statistics(order, gram=True)
-  for i, p in enumerate(order if allocation != "global" else []):
+  for i, p in enumerate([] if masks else order):
     current = trees_unflatten(params, paths, new)
     view, sq, gram = stats(current, batches, p)
     w2 = view.to_matrix(new[p])
@@ -427,6 +457,36 @@ def prune(apply_fn: Callable[..., Any], variables: PyTree,
   out_vars = {**variables, "params": trees_unflatten(params, paths, new)}
   mask_tree = trees_unflatten(params, paths, {p: masks.get(p) for p in paths})
   return PostTrainingResult(out_vars, mask_tree, sparsities, report)
+
+
+def _coupled_masks(structure, method, allocation, model, params, flat, order,
+                   batches, sparsity) -> dict:
+  """``{path: mask}`` of whole dependency groups (``structure=fj.coupled``).
+
+  A group spans several layers, so every layer is selected at once (not
+  sequentially): the per-weight score ``|W_ij|`` (magnitude) or Wanda's
+  ``|W_ij|·‖X_i‖`` (``X_i`` the layer's input feature ``i`` on the dense
+  model's calibration activations) is reduced (the structure's ``reduce``)
+  over every prunable entry of a unit, and the structure keeps ``n −
+  round(S·n)`` units of each group (``"uniform"``) or of all groups ranked
+  together (``"global"``), at least ``min_per_layer`` per group.
+  """
+  lay = structure.layout(order, [flat[p].shape for p in order])
+  scores = []
+  stats = model.statistics(order, gram=False) if method == "wanda" else None
+  for p in order:
+    s = jnp.abs(flat[p].astype(jnp.float32))
+    if stats is not None:
+      view, sq, _ = stats(params, batches, p)
+      s = view.from_matrix(view.to_matrix(s) * jnp.sqrt(sq)[:, None],
+                           s.shape)
+    scores.append(s)
+  groups, table = structure.budget(allocation, lay, (sparsity,), sparsity)
+  # One program (eager, the selection compiles ~200 small ones).
+  kept = jax.jit(lambda sc, keep: structure.shrink(
+      lay, [jnp.ones(x.shape, jnp.bool_) for x in sc], sc, groups, keep))(
+          scores, table[0])
+  return dict(zip(order, kept))
 
 
 def trees_unflatten(template: PyTree, paths: list[str], values: dict):
