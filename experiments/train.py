@@ -416,15 +416,12 @@ def check_same_config(config: ConfigDict, workdir: str) -> None:
 def run(config: ConfigDict, workdir: str, *, resume: bool = False,
         overwrite: bool = False, progress: bool = True,
         stop_after_epochs: int | None = None) -> dict[str, Any] | None:
-  """Trains ``config`` in ``workdir``; returns the final result (at once for
-  a finished run of the same config, unless ``overwrite``: delete it first).
-
-  ``resume``: from the newest checkpoint that restores (from scratch, saying
-  so, if none); ``progress``: a tqdm bar on a terminal; ``stop_after_epochs``:
-  return None once this many epochs are done, as if killed (tests, jobs).
-  Raises ConfigError (bad config or workdir, both resume and overwrite) or
-  RunError (non-finite loss, no space left).
-  """
+  """Trains ``config`` in ``workdir``; returns the final result (at once for a
+  finished run of the same config; ``overwrite`` deletes it first). ``resume``:
+  from the newest checkpoint that restores (else from scratch, saying so);
+  ``progress``: a tqdm bar; ``stop_after_epochs``: return None after that many
+  epochs, as if killed. ConfigError (bad config or workdir, resume and
+  overwrite) or RunError (non-finite loss, no space left)."""
   t_start = time.time()
   if resume and overwrite:
     raise ConfigError("--resume and --overwrite: give at most one (--resume "

@@ -1,12 +1,7 @@
-"""Post-training sparsity (50 %) of the byte-level GPT of `gpt_stdlib.py`.
-
-magnitude (global / `magnitude_uniform`), wanda, sparsegpt from
-`--config.init_from=<a dense run>`, on 128 train windows; `structure`
-"unstructured" sends magnitude through `fj.post_training` too, so every
-method keeps the embeddings dense; `--config.structure=2:4` for 2:4.
-`unipts` / `unipts_uniform`: 10 epochs in batches of 32, the sparsity P, the
-teacher at T = 1 (the paper's T = 4 flattens 256-way predictions).
-Commands and numbers: experiments/results/post_training_gpt_stdlib/results.md.
+"""Post-training sparsity (50 %; `--config.structure=2:4`) of `gpt_stdlib.py`'s
+GPT from `--config.init_from`, 128 train windows; "unstructured" keeps the
+embeddings dense for magnitude too. UniPTS: 10 epochs, batch 32, teacher T = 1
+(T = 4 flattens 256-way targets). experiments/results/post_training_gpt_stdlib.
 """
 
 from experiments.configs import gpt_stdlib

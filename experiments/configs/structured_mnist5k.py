@@ -1,9 +1,6 @@
-"""Structured vs unstructured gradual magnitude pruning, mnist_5k (issue 17).
-
-`structure="coupled:l2"`: whole traced dependency groups by L2 norm, the same
-fraction of every group's units; events halve them at epochs 1, 2, 3, 4 (as
-`sparsity` needs), then fine-tuning to epoch 12 (cosine lr). Baseline and
-commands (VGG-11: `--config.model=vgg11 --config.width=0.125`):
+"""Structured gradual magnitude pruning on mnist_5k: `coupled:l2` removes whole
+traced dependency groups by L2 norm, the same fraction of every group, at
+epochs 1-4, then fine-tunes to 12 (cosine). Commands, baseline, VGG-11:
 experiments/results/structured_mnist5k/results.md."""
 
 from experiments.configs import _base
