@@ -623,7 +623,7 @@ def prune(inner: optax.GradientTransformation,
 
       stored, restart = jax.lax.cond(is_event, event_branch, steady_branch,
                                      state.masks)
-      new_masks = trees.unpack_masks(stored)
+      new_masks = _unpacked(stored, state.count)
       # What follows from the new masks is elementwise and selected by
       # is_event, so off events it fuses into the step's own passes.
       pruned_state = tracker.prune(method_state, new_masks)

@@ -62,4 +62,4 @@ def fixed_mask(inner: optax.GradientTransformation, masks, *,
   return core.prune(
       inner, score_fn=scores.magnitude, schedule=schedules.Schedule((), ()),
       filter_fn=lambda path, leaf: path in paths, initial_masks=masks,
-      name="fixed_mask")
+      packed_masks=packed_masks, name="fixed_mask")
