@@ -174,7 +174,7 @@ def same_shape_groups(arrays: Sequence[Any]) -> list[list[int]]:
   return list(groups.values())
 
 
-@jax.tree_util.register_pytree_node_class
+@jax.tree_util.register_pytree_with_keys_class
 class PackedMask:
   """A boolean mask leaf stored as bits (``packed_masks=True``).
 
@@ -199,6 +199,10 @@ class PackedMask:
 
   def tree_flatten(self):
     return (self.bits,), (self.shape, self.axis)
+
+  def tree_flatten_with_keys(self):  # key path ".bits", e.g. in reports
+    return ((jax.tree_util.GetAttrKey("bits"), self.bits),), (self.shape,
+                                                              self.axis)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
