@@ -261,8 +261,9 @@ def bench_update(num_layers: int, names: list[str], repeats: int) -> None:
         jax.block_until_ready(fn(grads, state, params))  # warm-up
         rows[name, packed] = [fn, state, _nbytes(state) - inner_bytes, []]
       except Exception as e:  # pylint: disable=broad-except
-        print(f"  {name}{' packed' if packed else ''}: failed: {type(e).__name__}: "
-              f"{' '.join(str(e).split())[:300]}", flush=True)
+        print(f"  {name}{' packed' if packed else ''}: failed: "
+              f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
+              flush=True)
   for _ in range(repeats):
     for row in rows.values():
       fn, state = row[0], row[1]

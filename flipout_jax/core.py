@@ -90,7 +90,11 @@ class Tracker(NamedTuple):
     init: ``(params, masks) -> state`` in mask layout.
     update: ``(state, step: Step) -> state``, called on every update with
       its :class:`Step` record, before the step's event (if any).
-    prune: ``(state, new_masks) -> state``, called after masks change.
+    prune: ``(state, new_masks) -> state``, the state after an event's
+      new masks. It is evaluated on every update and its result kept only
+      on events (``where(is_event, prune(state, masks), state)``, which
+      fuses into the update's own elementwise pass), so it should be
+      elementwise and cheap, as every tracker of the library is.
   """
   init: Callable[[PyTree, PyTree], PyTree]
   update: Callable[[PyTree, Step], PyTree]
@@ -825,8 +829,8 @@ def _packing_axes(packed: bool, params: PyTree, prunable: PyTree):
   if not packed:
     return None
   return tuple(trees.packing_axis(np.shape(p), trees.param_sharding(p))
-               for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(prunable))
-               if s)
+               for p, s in zip(jax.tree.leaves(params),
+                               jax.tree.leaves(prunable)) if s)
 
 
 def _unpacked(stored: PyTree, count: jax.Array) -> PyTree:

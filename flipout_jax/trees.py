@@ -242,7 +242,7 @@ def packing_axis(shape: Sequence[int], sharding: Any = None) -> int:
     if shape[a] % 8 == 0:
       return a
   for a in range(len(shape)):
-    if ways[a] > 1 and shape[a] % ways[a] == 0 and (shape[a] // ways[a]) % 8 == 0:
+    if ways[a] > 1 and shape[a] % (8 * ways[a]) == 0:
       return a
   pool = local or list(range(len(shape)))
   return max(pool, key=lambda a: (shape[a], -a))

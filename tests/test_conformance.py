@@ -374,6 +374,29 @@ def test_packed_masks_are_bit_identical(name):
         np.atleast_1d(x).view(np.uint8), np.atleast_1d(y).view(np.uint8))
 
 
+def test_pack_mask_is_numpy_packbits_and_unpacks_exactly():
+  rng = np.random.default_rng(0)
+  for shape in [(16, 12), (5, 3), (3, 3, 7, 9), (13,), (), (1, 17)]:
+    m = rng.random(shape) < 0.4
+    for axis in range(max(len(shape), 1)):
+      packed = fj.trees.pack_mask(jnp.asarray(m), axis)
+      assert np.array_equal(np.asarray(packed.bits),
+                            np.packbits(m.reshape(shape or (1,)), axis=axis))
+      assert np.array_equal(np.asarray(fj.trees.unpack_mask(packed)), m)
+
+
+def test_packing_axis_avoids_sharded_axes():
+  mesh = jax.sharding.AbstractMesh((2, 4), ("data", "model"))
+  spec = lambda *s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s))
+  axis = fj.trees.packing_axis
+  assert axis((16, 32)) == 0 and axis((3, 3, 64, 128)) == 2
+  assert axis((5, 3)) == 0 and axis((3, 7)) == 1  # no multiple of 8: longest
+  assert axis((16, 32), spec("model", None)) == 1  # the unsharded axis
+  # Both sharded: the axis whose shards are whole bytes (32 / 4 = 8 rows).
+  assert axis((24, 32), spec("data", "model")) == 1
+  assert axis((16, 12), spec(None, "model")) == 0
+
+
 def test_packed_masks_is_validated():
   with pytest.raises(ValueError, match="packed_masks: must be True or False"):
     fj.global_magnitude(optax.sgd(0.1), sparsity=0.5, every=2,

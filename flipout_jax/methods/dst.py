@@ -348,8 +348,8 @@ def dst_ee(inner: optax.GradientTransformation, *, sparsity: float,
            every: int, end_step: int, drop_fraction: float = 0.5,
            exploration: float = DEFAULT_EXPLORATION, epsilon: float = 1.0,
            distribution="erk", structure=None, filter_fn=None,
-           restart_regrown: bool = True, seed: int = 0, packed_masks: bool = False
-        ) -> optax.GradientTransformationExtraArgs:
+           restart_regrown: bool = True, seed: int = 0,
+           packed_masks: bool = False) -> optax.GradientTransformationExtraArgs:
   """DST-EE (Huang et al. 2023): grow by ``|g| + c·ln(t+1)/(N + ε)``.
 
   :func:`dst` with ``grow="dst_ee"``; arguments as there.
@@ -365,8 +365,8 @@ def dst_ee(inner: optax.GradientTransformation, *, sparsity: float,
 def rigl(inner: optax.GradientTransformation, *, sparsity: float,
          every: int, end_step: int, drop_fraction: float = 0.5,
          distribution="erk", structure=None, filter_fn=None,
-         restart_regrown: bool = True, seed: int = 0, packed_masks: bool = False
-        ) -> optax.GradientTransformationExtraArgs:
+         restart_regrown: bool = True, seed: int = 0,
+           packed_masks: bool = False) -> optax.GradientTransformationExtraArgs:
   """RigL (Evci et al. 2020): drop by ``|θ|``, grow by ``|g|``.
 
   :func:`dst` with ``grow="rigl"``; arguments as there.
@@ -381,8 +381,8 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float,
 def set_(inner: optax.GradientTransformation, *, sparsity: float,
          every: int, end_step: int, drop_fraction: float = 0.3,
          distribution="erk", structure=None, filter_fn=None,
-         restart_regrown: bool = True, seed: int = 0, packed_masks: bool = False
-        ) -> optax.GradientTransformationExtraArgs:
+         restart_regrown: bool = True, seed: int = 0,
+           packed_masks: bool = False) -> optax.GradientTransformationExtraArgs:
   """SET (Mocanu et al. 2018): drop by ``|θ|``, grow uniformly at random.
 
   :func:`dst` with ``grow="random"``; arguments as there. (Named ``set_``
