@@ -149,6 +149,11 @@ def _nbytes(tree) -> int:
   return sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+def _load() -> str:
+  """The machine's load averages (1, 5, 15 min), as printed."""
+  return ", ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
 def _lines(text: str) -> int:
   return text.count("\n") + 1
 
@@ -237,12 +242,11 @@ def bench_update(num_layers: int, names: list[str], repeats: int) -> None:
   params, x, y, loss_fn, grads = _gpt(num_layers)
   n_params = sum(p.size for p in jax.tree.leaves(params))
   inner = optax.adamw(1e-3)
-  inner_bytes = _nbytes(inner.init(params))
   print(f"\n### update only, GPT, {num_layers} blocks: {n_params:,} params, "
         f"{len(_prunable_paths(params))} prunable leaves; adamw(1e-3), "
         f"sparsity {SPARSITY}; median of {repeats} interleaved rounds "
-        f"(load average at start "
-        f"{', '.join(f'{v:.1f}' for v in os.getloadavg())})\n", flush=True)
+        f"(load average at start {_load()})\n", flush=True)
+  inner_bytes = _nbytes(inner.init(params))
   rows = {}  # (name, packed) -> [compiled, state, state bytes, times]
   for name in [PLAIN] + names:
     for packed in ((False,) if name == PLAIN else (False, True)):
@@ -276,7 +280,7 @@ def bench_update(num_layers: int, names: list[str], repeats: int) -> None:
     print("plain adamw failed; no ratios.")
     return
   print(f"plain adamw update: {1e3 * base:.2f} CPU ms; load average at end "
-        f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}\n")
+        f"{_load()}\n")
   print("| method | update CPU ms | x plain | packed: CPU ms | x plain | "
         "extra state B/param (bool / packed masks) |")
   print("|---|---:|---:|---:|---:|---:|")
@@ -305,7 +309,7 @@ def bench_depth(num_layers: int, names: list[str], repeats: int,
         f"prunable leaves; batch {BATCH} x seq {SEQ}, adamw(1e-3), "
         f"sparsity {SPARSITY}, first event at step {EVENT}; median of "
         f"{repeats} (load average at start "
-        f"{', '.join(f'{v:.1f}' for v in os.getloadavg())})\n", flush=True)
+        f"{_load()})\n", flush=True)
 
   runs = []
   for name in [PLAIN] + names:
@@ -391,7 +395,7 @@ def bench_depth(num_layers: int, names: list[str], repeats: int,
   print(f"\nplain adamw: compile {base_compile:.2f} s, steady step "
         f"{1e3 * base_steady:.2f} ms, update only {1e3 * base_update:.2f} ms; "
         f"load average at end "
-        f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}\n")
+        f"{_load()}\n")
   print("| method | compile s (lower + compile) | x plain | compile CPU s | "
         "x plain (CPU) | update compile CPU s (x plain) | HLO lines "
         "(lowered / compiled) | init s (CPU s) | steady x | event x (masks "
