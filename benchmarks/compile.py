@@ -1,7 +1,7 @@
 """Compile, init and step cost of every registered method on a GPT-style model.
 
     python -m benchmarks.compile [--blocks 4,12,24] [--methods all]
-                                 [--repeats 20] [--init-only]
+                                 [--repeats 20] [--init-only | --update-only]
 
 For the GPT decoder of :mod:`flipout_jax.models.gpt` (d_model 128, 4 heads,
 MLP 512, vocabulary 1000, sequences of 64, batch 8; ``optax.adamw(1e-3)``;
@@ -31,6 +31,9 @@ measures in one process:
   ``optax.apply_updates`` on precomputed gradients (no forward or backward),
   as a ratio to plain adamw's;
 * the optimizer-state bytes beyond adamw's, per parameter.
+
+``--update-only`` (:func:`bench_update`) times only the update, in CPU ms,
+for every method with bool masks and with ``packed_masks=True``.
 
 Beside the event ratio it prints how many mask entries the event step
 flipped, which shows that the timed event really ran.
@@ -146,6 +149,11 @@ def _nbytes(tree) -> int:
   return sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+def _load() -> str:
+  """The machine's load averages (1, 5, 15 min), as printed."""
+  return ", ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
 def _lines(text: str) -> int:
   return text.count("\n") + 1
 
@@ -196,41 +204,119 @@ def _cpu_timed(fn):
   return out, wall, time.process_time() - c0
 
 
-def bench_depth(num_layers: int, names: list[str], repeats: int,
-                init_only: bool = False) -> None:
+def _gpt(num_layers: int):
+  """``(params, x, y, loss_fn, grads)`` of the benchmark's GPT."""
   model = models.get_gpt("gpt_tiny", num_layers=num_layers, vocab_size=1000,
                          d_model=128, num_heads=4, mlp_dim=512, max_len=SEQ)
   kx, ky, kp = jax.random.split(jax.random.key(0), 3)
   x = jax.random.randint(kx, (BATCH, SEQ), 0, model.vocab_size, jnp.int32)
   y = jax.random.randint(ky, (BATCH, SEQ), 0, model.vocab_size, jnp.int32)
   params = jax.jit(model.init)(kp, x)["params"]
-  n_params = sum(p.size for p in jax.tree.leaves(params))
-  n_prunable = len(_prunable_paths(params))
 
   def loss_fn(p, x, y):
     logits = model.apply({"params": p}, x, train=True)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  grads = jax.jit(jax.grad(loss_fn))(params, x, y)
-  all_specs = specs()
+  return params, x, y, loss_fn, jax.jit(jax.grad(loss_fn))(params, x, y)
+
+
+def _build(name: str, inner, params, **kwargs):
+  """``(tx, spec)`` of a candidate (``PLAIN`` or a registry name)."""
+  if name == PLAIN:
+    return inner, Spec(lambda p: {}, event=None)
+  spec = specs()[name]
+  return fj.registry.build(name, inner, **spec.kwargs(params), **kwargs), spec
+
+
+def bench_update(num_layers: int, names: list[str], repeats: int) -> None:
+  """The optimizer update alone (``--update-only``): no model forward or
+  backward, only a jitted ``tx.update`` + ``optax.apply_updates`` on fixed
+  gradients, state and params (the state sits between events).
+
+  Every method runs with bool masks and with ``packed_masks=True``; all
+  candidates are timed interleaved, round by round, and each call's
+  process CPU time (all threads) is recorded; the table gives the median
+  CPU ms, its ratio to plain adamw's, and the optimizer-state bytes per
+  parameter beyond adamw's (bool / packed masks).
+  """
+  params, x, y, loss_fn, grads = _gpt(num_layers)
+  n_params = sum(p.size for p in jax.tree.leaves(params))
+  inner = optax.adamw(1e-3)
+  print(f"\n### update only, GPT, {num_layers} blocks: {n_params:,} params, "
+        f"{len(_prunable_paths(params))} prunable leaves; adamw(1e-3), "
+        f"sparsity {SPARSITY}; median of {repeats} interleaved rounds "
+        f"(load average at start {_load()})\n", flush=True)
+  inner_bytes = _nbytes(inner.init(params))
+  rows = {}  # (name, packed) -> [compiled, state, state bytes, times]
+  for name in [PLAIN] + names:
+    for packed in ((False,) if name == PLAIN else (False, True)):
+      try:
+        tx, spec = _build(name, inner, params,
+                          **(dict(packed_masks=True) if packed else {}))
+        extra = (dict(loss_fn=lambda p: loss_fn(p, x, y))
+                 if name in NEEDS_LOSS_FN else {})
+
+        def update(g, s, p, tx=tx, extra=extra):
+          updates, s = tx.update(g, s, p, **extra)
+          return optax.apply_updates(p, updates), s
+
+        state = _with_count(tx.init(params), spec.steady)
+        fn = jax.jit(update).lower(grads, state, params).compile()
+        jax.block_until_ready(fn(grads, state, params))  # warm-up
+        rows[name, packed] = [fn, state, _nbytes(state) - inner_bytes, []]
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"  {name}{' packed' if packed else ''}: failed: "
+              f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
+              flush=True)
+  for _ in range(repeats):
+    for row in rows.values():
+      fn, state = row[0], row[1]
+      c0 = time.process_time()
+      jax.block_until_ready(fn(grads, state, params))
+      row[3].append(time.process_time() - c0)
+  med = {k: statistics.median(r[3]) for k, r in rows.items()}
+  base = med.get((PLAIN, False))
+  if base is None:
+    print("plain adamw failed; no ratios.")
+    return
+  print(f"plain adamw update: {1e3 * base:.2f} CPU ms; load average at end "
+        f"{_load()}\n")
+  print("| method | update CPU ms | x plain | packed: CPU ms | x plain | "
+        "extra state B/param (bool / packed masks) |")
+  print("|---|---:|---:|---:|---:|---:|")
+  for name in [PLAIN] + names:
+    cells = []
+    for packed in (False, True):
+      if (name, packed) in med:
+        cells += [f"{1e3 * med[name, packed]:.2f}",
+                  f"{med[name, packed] / base:.2f}x"]
+      else:
+        cells += ["-", "-"]
+    nbytes = [f"{rows[name, p][2] / n_params:.3f}" for p in (False, True)
+              if (name, p) in rows]
+    print(f"| {name} | {' | '.join(cells)} | {' / '.join(nbytes)} |",
+          flush=True)
+
+
+def bench_depth(num_layers: int, names: list[str], repeats: int,
+                init_only: bool = False) -> None:
+  params, x, y, loss_fn, grads = _gpt(num_layers)
+  n_params = sum(p.size for p in jax.tree.leaves(params))
+  n_prunable = len(_prunable_paths(params))
   inner = optax.adamw(1e-3)
   inner_bytes = _nbytes(inner.init(params))
   print(f"\n### GPT, {num_layers} blocks: {n_params:,} params, {n_prunable} "
         f"prunable leaves; batch {BATCH} x seq {SEQ}, adamw(1e-3), "
         f"sparsity {SPARSITY}, first event at step {EVENT}; median of "
         f"{repeats} (load average at start "
-        f"{', '.join(f'{v:.1f}' for v in os.getloadavg())})\n", flush=True)
+        f"{_load()})\n", flush=True)
 
   runs = []
   for name in [PLAIN] + names:
     run = Run(name)
     runs.append(run)
     try:
-      if name == PLAIN:
-        tx, spec = inner, Spec(lambda p: {}, event=None)
-      else:
-        spec = all_specs[name]
-        tx = fj.registry.build(name, inner, **spec.kwargs(params))
+      tx, spec = _build(name, inner, params)
       if name in NEEDS_LOSS_FN:
         extra = lambda x, y: dict(loss_fn=lambda p: loss_fn(p, x, y))
       else:
@@ -309,7 +395,7 @@ def bench_depth(num_layers: int, names: list[str], repeats: int,
   print(f"\nplain adamw: compile {base_compile:.2f} s, steady step "
         f"{1e3 * base_steady:.2f} ms, update only {1e3 * base_update:.2f} ms; "
         f"load average at end "
-        f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}\n")
+        f"{_load()}\n")
   print("| method | compile s (lower + compile) | x plain | compile CPU s | "
         "x plain (CPU) | update compile CPU s (x plain) | HLO lines "
         "(lowered / compiled) | init s (CPU s) | steady x | event x (masks "
@@ -367,6 +453,9 @@ def main(argv=None):
                       help="interleaved timing rounds (default 20)")
   parser.add_argument("--init-only", action="store_true",
                       help="measure only the first tx.init of each method")
+  parser.add_argument("--update-only", action="store_true",
+                      help="time only the optimizer update (no model), "
+                      "bool and packed masks")
   args = parser.parse_args(argv)
   if args.repeats < 1:
     raise SystemExit(f"--repeats: must be >= 1, got {args.repeats}")
@@ -374,8 +463,13 @@ def main(argv=None):
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
         f"{jax.device_count()} device(s), {os.cpu_count()} CPU(s); "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  if args.init_only and args.update_only:
+    raise SystemExit("--init-only, --update-only: give at most one")
   for num_layers in blocks:
-    bench_depth(num_layers, names, args.repeats, args.init_only)
+    if args.update_only:
+      bench_update(num_layers, names, args.repeats)
+    else:
+      bench_depth(num_layers, names, args.repeats, args.init_only)
 
 
 if __name__ == "__main__":

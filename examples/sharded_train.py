@@ -82,13 +82,15 @@ def loss_fn(params, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
 
 
-def make_tx(method: str):
+def make_tx(method: str, **kwargs):
+  """The method's transformation; ``kwargs`` (e.g. ``packed_masks=True``)
+  go to its constructor."""
   if method == "flipout":  # gradient noise on; events at steps 5, 10, ...
     return fj.flipout(optax.sgd(0.05, momentum=0.9), sparsity=0.9,
-                      every=5, noise_scale=1.0, seed=3)
+                      every=5, noise_scale=1.0, seed=3, **kwargs)
   if method == "dst_ee":  # random sparse start, drop-and-grow every 5 steps
     return fj.dst_ee(optax.adam(1e-2), sparsity=0.8, every=5,
-                     end_step=25, exploration=1e-3, seed=3)
+                     end_step=25, exploration=1e-3, seed=3, **kwargs)
   raise ValueError(f"method: unknown value {method!r}; valid: {METHODS}.")
 
 

@@ -51,7 +51,9 @@ WEIGHTS = ("masked", "raw")
 class PruneState(NamedTuple):
   """State of every transformation in this library (found by ``get_masks``)."""
   count: chex.Array  # int32 []: updates applied so far (saturating).
-  masks: PyTree  # bool[param.shape] per prunable leaf, None elsewhere.
+  # bool[param.shape] per prunable leaf (packed_masks: trees.PackedMask),
+  # None elsewhere; read them with get_masks.
+  masks: PyTree
   method_state: PyTree  # per-method state in mask layout, e.g. int32 flips.
   key: chex.Array  # uint32 [2]: PRNG key; step t uses fold_in(key, t).
   inner_state: optax.OptState  # the wrapped optimizer's state.
@@ -88,7 +90,11 @@ class Tracker(NamedTuple):
     init: ``(params, masks) -> state`` in mask layout.
     update: ``(state, step: Step) -> state``, called on every update with
       its :class:`Step` record, before the step's event (if any).
-    prune: ``(state, new_masks) -> state``, called after masks change.
+    prune: ``(state, new_masks) -> state``, the state after an event's
+      new masks. It is evaluated on every update and its result kept only
+      on events (``where(is_event, prune(state, masks), state)``, which
+      fuses into the update's own elementwise pass), so it should be
+      elementwise and cheap, as every tracker of the library is.
   """
   init: Callable[[PyTree, PyTree], PyTree]
   update: Callable[[PyTree, Step], PyTree]
@@ -373,6 +379,7 @@ def prune(inner: optax.GradientTransformation,
           raw_rule: RawRule | None = None,
           freeze_step: int | None = None,
           pruned_decay: float = 0.0,
+          packed_masks: bool = False,
           name: str = "prune") -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` so that it prunes on the schedule's events.
 
@@ -447,6 +454,14 @@ def prune(inner: optax.GradientTransformation,
     pruned_decay: ``weights="raw"`` only: ``λ >= 0`` added to the raw
       weights' gradient as ``λ·(1 − m)⊙w`` (pruned raw weights decay
       towards 0, UniPTS's SR-STE-like term); traceable.
+    packed_masks: store each mask leaf as bits
+      (:class:`flipout_jax.trees.PackedMask`, ``jnp.packbits`` along one
+      axis, :func:`flipout_jax.trees.packing_axis`: one the param's sharding
+      leaves unsharded, or one each shard packs locally): 0.125 byte per
+      weight instead of 1. The update unpacks them where they are applied
+      and packs only the masks an event changes; params, masks and every
+      other state are bit for bit those of ``False``, and ``get_masks``
+      returns bool masks either way.
     name: used in error messages.
 
   Returns:
@@ -456,6 +471,7 @@ def prune(inner: optax.GradientTransformation,
   validate.transformation(inner, "inner")
   structure = structure_lib.check(structure)
   validate.choice(weights, "weights", WEIGHTS)
+  packed_masks = validate.boolean(packed_masks, "packed_masks")
   if weights == "raw":
     return _raw_prune(inner, raw_rule=raw_rule, schedule=schedule,
                       score_fn=score_fn, mask_rule=mask_rule,
@@ -463,7 +479,8 @@ def prune(inner: optax.GradientTransformation,
                       noise=noise, tracker=tracker,
                       reset_moments=reset_moments, filter_fn=filter_fn,
                       initial_masks=initial_masks, freeze_step=freeze_step,
-                      pruned_decay=pruned_decay, name=name)
+                      pruned_decay=pruned_decay, packed_masks=packed_masks,
+                      name=name)
   for arg, value in (("raw_rule", raw_rule), ("freeze_step", freeze_step)):
     if value is not None:
       raise ValueError(f"{arg}: only with weights='raw', got {value!r}.")
@@ -489,7 +506,7 @@ def prune(inner: optax.GradientTransformation,
   tracker = no_tracker() if tracker is None else tracker
   inner = optax.with_extra_args_support(inner)
 
-  def build_state(params, given, key, prunable):
+  def build_state(params, given, key, prunable, axes):
     # One compiled program (cached per layout) instead of an eager op chain
     # per leaf: the first init of a deep model would compile each op anew.
     masks = trees.mask_like(params, jax.tree.unflatten(*prunable))
@@ -502,7 +519,7 @@ def prune(inner: optax.GradientTransformation,
     masks = trees.shard_like_params(masks, params)
     return PruneState(
         count=jnp.zeros([], jnp.int32),
-        masks=masks,
+        masks=_store_masks(masks, axes),
         method_state=trees.shard_like_params(tracker.init(params, masks),
                                              params),
         key=key,
@@ -511,7 +528,7 @@ def prune(inner: optax.GradientTransformation,
         inner_state=trees.shard_like_params(
             inner.init(trees.apply_masks(params, masks)), params))
 
-  build_state = jax.jit(build_state, static_argnums=3)
+  build_state = jax.jit(build_state, static_argnums=(3, 4))
 
   def init_fn(params):
     prunable = trees.prunable_tree(params, filter_fn)
@@ -532,46 +549,53 @@ def prune(inner: optax.GradientTransformation,
     _warn_empty_budget(name, masks, *budget_table(distribution, masks,
                                                   schedule, structure))
     flat, treedef = jax.tree.flatten(prunable)
-    return build_state(params, given, key, (treedef, tuple(flat)))
+    return _placed(build_state(params, given, key, (treedef, tuple(flat)),
+                               _packing_axes(packed_masks, params, prunable)),
+                   params)
 
   def update_fn(grads, state, params=None, **extra_args):
     if params is None:
       raise ValueError(f"{name}: update needs params (call "
                        "tx.update(grads, state, params)).")
-    masks = state.masks
+    masks = _unpacked(state.masks, state.count)
     trees.check_same_structure(params, masks, what=name)
     validate.same_tree(grads, params, "grads")
     groups, table = budget_table(distribution, masks, schedule, structure)
     step_key = jax.random.fold_in(state.key, state.count)
     noise_key, event_key = jax.random.split(step_key)
-
     dense_grads = grads
-    grads = trees.apply_masks(grads, masks)
-    clean_grads = grads
-    if noise is not None:
-      grads = trees.apply_masks(noise(grads, masks, noise_key), masks)
 
-    updates, inner_state = inner.update(grads, state.inner_state, params,
-                                        **extra_args)
-    def proposed_params():
-      # The weights this step would leave, pruned entries at 0. Built where it
-      # is used: a value computed outside lax.cond and read inside becomes an
-      # operand and would be materialised on every step.
-      return trees.map_prunable(lambda m, p, u: jnp.where(m, p + u, 0),
-                                masks, params, updates)
+    def step(masks):
+      """This update's work on the masks in force: masked (and noised)
+      gradient, inner update, the tracker's new state, and the weights the
+      step proposes (pruned entries at 0)."""
+      clean_grads = trees.apply_masks(dense_grads, masks)
+      grads = clean_grads
+      if noise is not None:
+        grads = trees.apply_masks(noise(grads, masks, noise_key), masks)
+      updates, inner_state = inner.update(grads, state.inner_state, params,
+                                          **extra_args)
+      proposed = trees.map_prunable(lambda m, p, u: jnp.where(m, p + u, 0),
+                                    masks, params, updates)
+      method_state = tracker.update(state.method_state, Step(
+          step=state.count, params=params, new_params=proposed,
+          grads=clean_grads, dense_grads=dense_grads, masks=masks,
+          extra_args=extra_args))
+      return clean_grads, updates, inner_state, proposed, method_state
 
-    method_state = tracker.update(state.method_state, Step(
-        step=state.count, params=params, new_params=proposed_params(),
-        grads=clean_grads, dense_grads=dense_grads, masks=masks,
-        extra_args=extra_args))
-
+    # The steady path: every update runs only this (fused with the inner
+    # optimizer's own elementwise work) ...
+    _, updates, inner_state, _, method_state = step(masks)
     is_event, idx = schedule.event_index(state.count)
 
-    def on_event(carry):
-      masks, method_state, inner_state = carry
+    def on_event(masks):
+      # ... and an event recomputes the step from the update's inputs (the
+      # same operations on the same values, so the same bits) rather than
+      # reading the steady path's values: a value computed outside lax.cond
+      # and read inside becomes an operand, materialised on every step.
+      clean_grads, _, _, proposed, method_state = step(masks)
       ctx = scores_lib.ScoreContext(
-          step=state.count, masks=masks, params=proposed_params(),
-          old_params=params,
+          step=state.count, masks=masks, params=proposed, old_params=params,
           grads=clean_grads, dense_grads=dense_grads,
           method_state=method_state, key=event_key, extra_args=extra_args)
       update = mask_rule(ctx, score_fn(ctx), groups,
@@ -580,40 +604,53 @@ def prune(inner: optax.GradientTransformation,
         raise ValueError(
             f"mask_rule: must return a flipout_jax.core.MaskUpdate(masks, "
             f"restart), got {type(update).__name__}.")
-      new_masks, restart = update
-      method_state = tracker.prune(method_state, new_masks)
-      # An inner optimizer that keeps a copy of the weights (schedule-free's
-      # z) has every params-shaped buffer zeroed where weights are pruned,
-      # so no copy of a pruned weight survives. Otherwise only what
-      # reset_moments asks: touching the moments in the event branch makes
-      # XLA copy them through the cond on every step.
-      copies = holds_weight_copy(inner_state)
-      if reset_moments != "none" or copies:
-        reset = _reset_selection(reset_moments, params, masks, new_masks,
-                                 restart, pruned_too=copies)
-        inner_state = trees.reset_params_like(inner_state, params, reset)
-      return new_masks, method_state, inner_state, restart
+      return update
 
-    old_masks = masks
     # Nothing restarts off events; a rule that never restarts (restart None)
     # gets no restart tree at all. Which one it is shows in its output
     # structure: eval_shape traces the event once more and runs nothing.
     restarts = bool(schedule.num_events) and jax.eval_shape(
-        on_event, (masks, method_state, inner_state))[3] is not None
-    no_restart = None
-    if restarts:
-      no_restart = trees.map_prunable(
-          lambda m: jnp.zeros_like(m, dtype=jnp.bool_), masks)
-    carry = (masks, method_state, inner_state, no_restart)
+        on_event, masks).restart is not None
+    new_masks, restart = masks, None
     if schedule.num_events:
-      carry = jax.lax.cond(is_event, lambda c: on_event(c[:3]), lambda c: c,
-                           carry)
-    masks, method_state, inner_state, restart = carry
+      # The cond returns only what an event decides: the masks (packed, if
+      # stored packed: only an event packs) and the restarts.
+      def event_branch(stored):
+        # Unpacked here, not read from outside (see on_event).
+        update = on_event(_unpacked(stored, state.count))
+        return trees.repack_like(stored, update.masks), update.restart
 
-    updates = masked_updates(updates, old_masks, masks, params, restart)
+      def steady_branch(stored):
+        return stored, (trees.map_prunable(
+            lambda m: jnp.zeros_like(m, dtype=jnp.bool_), masks)
+                        if restarts else None)
+
+      stored, restart = jax.lax.cond(is_event, event_branch, steady_branch,
+                                     state.masks)
+      new_masks = _unpacked(stored, state.count)
+      # What follows from the new masks is elementwise and selected by
+      # is_event, so off events it fuses into the step's own passes.
+      pruned_state = tracker.prune(method_state, new_masks)
+      method_state = jax.tree.map(lambda a, b: jnp.where(is_event, a, b),
+                                  pruned_state, method_state)
+      # An inner optimizer that keeps a copy of the weights (schedule-free's
+      # z) has every params-shaped buffer zeroed where weights are pruned,
+      # so no copy of a pruned weight survives. Otherwise only what
+      # reset_moments asks.
+      copies = holds_weight_copy(inner_state)
+      if reset_moments != "none" or copies:
+        reset = _reset_selection(reset_moments, params, masks, new_masks,
+                                 restart, pruned_too=copies)
+        reset = jax.tree.map(lambda r: None if r is None else r & is_event,
+                             reset, is_leaf=lambda x: x is None)
+        inner_state = trees.reset_params_like(inner_state, params, reset)
+    else:
+      stored = state.masks
+
+    updates = masked_updates(updates, masks, new_masks, params, restart)
     return updates, PruneState(
         count=optax.safe_increment(state.count),
-        masks=masks,
+        masks=stored,
         method_state=method_state,
         key=state.key,
         inner_state=inner_state)
@@ -623,7 +660,8 @@ def prune(inner: optax.GradientTransformation,
 
 def _raw_prune(inner, *, raw_rule, schedule, score_fn, mask_rule,
                distribution, structure, noise, tracker, reset_moments,
-               filter_fn, initial_masks, freeze_step, pruned_decay, name):
+               filter_fn, initial_masks, freeze_step, pruned_decay,
+               packed_masks, name):
   """:func:`prune` with ``weights="raw"`` (its docstring has the contract)."""
   for arg, value in (("score_fn", score_fn), ("mask_rule", mask_rule),
                      ("noise", noise), ("tracker", tracker),
@@ -676,9 +714,11 @@ def _raw_prune(inner, *, raw_rule, schedule, score_fn, mask_rule,
     _, groups, table = budget(masks)
     _warn_empty_budget(name, masks, groups, table[1:])
     flat, treedef = jax.tree.flatten(prunable)
-    return build_state(params, (treedef, tuple(flat)))
+    return _placed(build_state(params, (treedef, tuple(flat)),
+                               _packing_axes(packed_masks, params, prunable)),
+                   params)
 
-  def build_state(params, prunable):
+  def build_state(params, prunable, axes):
     # One compiled program per layout (see the masked init).
     masks = trees.mask_like(params, jax.tree.unflatten(*prunable))
     lay, groups, table = budget(masks)
@@ -691,20 +731,20 @@ def _raw_prune(inner, *, raw_rule, schedule, score_fn, mask_rule,
     # Per-weight buffers take their param's sharding (see the masked init).
     return PruneState(
         count=jnp.zeros([], jnp.int32),
-        masks=trees.shard_like_params(
-            trees.unflatten_prunable(masks, list(mask_l)), params),
+        masks=_store_masks(trees.shard_like_params(
+            trees.unflatten_prunable(masks, list(mask_l)), params), axes),
         method_state=RawState(raw, trees.shard_like_params(
             _rule_tree(masks, rule_state), params)),
         key=jax.random.PRNGKey(0),  # unused: raw rules are deterministic
         inner_state=inner_state)
 
-  build_state = jax.jit(build_state, static_argnums=1)
+  build_state = jax.jit(build_state, static_argnums=(1, 2))
 
   def update_fn(grads, state, params=None, **extra_args):
     if params is None:
       raise ValueError(f"{name}: update needs params (call "
                        "tx.update(grads, state, params)).")
-    masks = state.masks
+    masks = _unpacked(state.masks, state.count)
     trees.check_same_structure(params, masks, what=name)
     validate.same_tree(grads, params, "grads")
     lay, groups, table = budget(masks)
@@ -757,7 +797,8 @@ def _raw_prune(inner, *, raw_rule, schedule, score_fn, mask_rule,
           frozen, fine_tune_step, select_step, None)
     return updates_to(eff, updates, params, masks), PruneState(
         count=optax.safe_increment(count),
-        masks=trees.unflatten_prunable(masks, new_mask_l),
+        masks=trees.repack_like(state.masks,
+                                trees.unflatten_prunable(masks, new_mask_l)),
         method_state=RawState(trees.unflatten_prunable(masks, raw_out),
                               _rule_tree(masks, rule_state)),
         key=state.key,
@@ -779,6 +820,50 @@ def _rule_leaves(masks: PyTree, state):
   if state is None:
     return None
   return type(state)(*[trees.prunable_leaves(masks, f) for f in state])
+
+
+def _packing_axes(packed: bool, params: PyTree, prunable: PyTree):
+  """Static init argument: None (bool masks), or the packed axis of every
+  prunable leaf (a tuple in leaf order; :func:`trees.packing_axis` of the
+  param's shape and, where it is known, sharding)."""
+  if not packed:
+    return None
+  return tuple(trees.packing_axis(np.shape(p), trees.param_sharding(p))
+               for p, s in zip(jax.tree.leaves(params),
+                               jax.tree.leaves(prunable)) if s)
+
+
+def _unpacked(stored: PyTree, count: jax.Array) -> PyTree:
+  """The bool masks of the state's stored masks, for the update.
+
+  Packed masks are unpacked into buffers of their own, as the output of a
+  ``lax.cond`` on a traced predicate (``count >= 0``, always true; both
+  branches unpack), which XLA cannot fuse into the consumers: fused, the
+  unpacking changes how XLA:CPU emits a reduction that reads the masks
+  (e.g. FlipOut's ‖g‖ over the masked gradient), and so its last bits; as
+  a buffer, every consumer compiles as with bool masks (an
+  ``optimization_barrier`` does not stop that fusion). Bool masks are
+  returned as they are.
+  """
+  if not any(isinstance(x, trees.PackedMask) for x in jax.tree.leaves(
+      stored, is_leaf=lambda x: isinstance(x, trees.PackedMask))):
+    return stored
+  return jax.lax.cond(count >= 0, trees.unpack_masks, trees.unpack_masks,
+                      stored)
+
+
+def _store_masks(masks: PyTree, axes) -> PyTree:
+  """The masks as the state stores them: bool, or packed along ``axes``."""
+  if axes is None:
+    return masks
+  return trees.pack_masks(masks, trees.unflatten_prunable(masks, list(axes)))
+
+
+def _placed(state: PruneState, params: PyTree) -> PruneState:
+  """``state`` with packed masks placed like their params (see
+  :func:`trees.shard_packed_like_params`); unchanged otherwise."""
+  return state._replace(masks=trees.shard_packed_like_params(state.masks,
+                                                             params))
 
 
 def _warn_empty_budget(name: str, masks: PyTree, groups, table) -> None:
@@ -948,10 +1033,10 @@ def get_masks(state: optax.OptState) -> PyTree:
     raise ValueError(
         "state: holds no flipout_jax pruning state; pass the optimizer state "
         "returned by a flipout_jax transformation's init/update.")
-  masks = found[0].masks
+  masks = trees.user_view(found[0].masks)
   for other in found[1:]:
-    masks = trees.combine_masks(masks, other.masks)
-  return trees.user_view(masks)
+    masks = trees.combine_masks(masks, trees.user_view(other.masks))
+  return masks
 
 
 def reseed(state: optax.OptState, key: jax.Array) -> optax.OptState:

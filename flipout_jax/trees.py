@@ -174,6 +174,186 @@ def same_shape_groups(arrays: Sequence[Any]) -> list[list[int]]:
   return list(groups.values())
 
 
+@jax.tree_util.register_pytree_with_keys_class
+class PackedMask:
+  """A boolean mask leaf stored as bits (``packed_masks=True``).
+
+  ``bits`` is ``jnp.packbits(mask, axis=axis)``: uint8, ``mask``'s shape
+  with ``axis`` shrunk to ``ceil(n / 8)`` (0.125 byte per weight instead of
+  bool's 1). ``shape`` and ``axis`` are static (the pytree's aux data), so
+  a jitted update sees one array per leaf. Read with :func:`unpack_masks`.
+
+  Attributes:
+    bits: uint8, the packed mask.
+    shape: the mask's shape (a tuple of ints; ``()`` for a scalar leaf,
+      whose one bit is packed along a length-1 axis).
+    axis: the packed axis of the mask reshaped to at least 1-D.
+  """
+
+  __slots__ = ("bits", "shape", "axis")
+
+  def __init__(self, bits, shape, axis):
+    self.bits = bits
+    self.shape = tuple(shape)
+    self.axis = axis
+
+  def tree_flatten(self):
+    return (self.bits,), (self.shape, self.axis)
+
+  def tree_flatten_with_keys(self):  # key path ".bits", e.g. in reports
+    return ((jax.tree_util.GetAttrKey("bits"), self.bits),), (self.shape,
+                                                              self.axis)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(children[0], *aux)
+
+  def __repr__(self) -> str:
+    return (f"PackedMask(shape={self.shape}, axis={self.axis}, "
+            f"bits={getattr(self.bits, 'shape', self.bits)})")
+
+
+def _is_packed(x) -> bool:
+  return isinstance(x, PackedMask)
+
+
+def packing_axis(shape: Sequence[int], sharding: Any = None) -> int:
+  """The axis :func:`pack_masks` packs a mask of ``shape`` along.
+
+  Packing must not move data across devices, so the axis is, in order of
+  preference: an axis ``sharding`` leaves unsharded whose length is a
+  multiple of 8; a sharded axis whose per-shard length is a multiple of 8
+  (each device packs its own shard); the longest unsharded axis; the
+  longest axis. Ties go to the first such axis. ``sharding`` is a
+  ``NamedSharding`` (or None: nothing is known, every axis counts as
+  unsharded). A Dense kernel ``(in, out)`` packs along ``in`` when it can.
+  """
+  shape = tuple(int(d) for d in shape) or (1,)
+  spec = getattr(sharding, "spec", None)
+  mesh_shape = dict(getattr(getattr(sharding, "mesh", None), "shape", {}) or {})
+  ways = []
+  for a in range(len(shape)):
+    names = spec[a] if spec is not None and a < len(spec) else None
+    names = () if names is None else (
+        (names,) if isinstance(names, str) else tuple(names))
+    ways.append(math.prod(int(mesh_shape.get(n, 1)) for n in names))
+  local = [a for a in range(len(shape)) if ways[a] == 1]
+  for a in local:
+    if shape[a] % 8 == 0:
+      return a
+  for a in range(len(shape)):
+    if ways[a] > 1 and shape[a] % (8 * ways[a]) == 0:
+      return a
+  pool = local or list(range(len(shape)))
+  return max(pool, key=lambda a: (shape[a], -a))
+
+
+def param_sharding(x: Any) -> Any:
+  """A param's ``NamedSharding`` when it is known (a concrete array, or a
+  tracer under an explicit-axes mesh), else None."""
+  if isinstance(x, jax.core.Tracer):
+    try:
+      sharding = jax.typeof(x).sharding
+    except Exception:  # pylint: disable=broad-except
+      return None
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or not mesh.explicit_axes:
+      return None
+    return sharding
+  sharding = getattr(x, "sharding", None)
+  return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
+
+
+def _bit_weights(ndim: int, axis: int) -> jax.Array:
+  # 2**(7 - k) along a new axis after ``axis`` (big-endian, as packbits).
+  return (jnp.uint8(1) << (7 - jnp.arange(8, dtype=jnp.uint8))).reshape(
+      (1,) * (axis + 1) + (8,) + (1,) * (ndim - axis - 1))
+
+
+def pack_mask(mask: jax.Array, axis: int) -> PackedMask:
+  """One bool mask as a :class:`PackedMask` packed along ``axis``.
+
+  The bits of ``jnp.packbits(mask, axis=axis)`` (big-endian, the last byte
+  zero-padded), computed in place (a reshape that splits ``axis`` in
+  bytes of 8 entries) rather than by moving ``axis`` last and back, so that
+  no transpose enters the compiled update.
+  """
+  shape = tuple(mask.shape)
+  m = jnp.asarray(mask, jnp.bool_).reshape(shape or (1,))
+  n = m.shape[axis]
+  nbytes = -(-n // 8)
+  if 8 * nbytes != n:
+    pad = [(0, 0)] * m.ndim
+    pad[axis] = (0, 8 * nbytes - n)
+    m = jnp.pad(m, pad)
+  split = m.shape[:axis] + (nbytes, 8) + m.shape[axis + 1:]
+  bits = m.reshape(split).astype(jnp.uint8) * _bit_weights(m.ndim, axis)
+  return PackedMask(jnp.sum(bits, axis=axis + 1, dtype=jnp.uint8), shape,
+                    axis)
+
+
+def unpack_mask(packed: PackedMask) -> jax.Array:
+  """The bool mask of a :class:`PackedMask` (exactly the one packed), by
+  the inverse reshape of :func:`pack_mask` (no transpose)."""
+  shape = packed.shape or (1,)
+  axis = packed.axis
+  bits = jnp.expand_dims(packed.bits, axis + 1) & _bit_weights(len(shape),
+                                                               axis)
+  full = bits.reshape(shape[:axis] + (-1,) + shape[axis + 1:])
+  full = jax.lax.slice_in_dim(full, 0, shape[axis], axis=axis)
+  return (full != 0).reshape(packed.shape)
+
+
+def pack_masks(masks: PyTree, axes: PyTree) -> PyTree:
+  """Packs every bool leaf of a mask tree along its axis in ``axes`` (mask
+  layout: an int per prunable leaf)."""
+  return map_prunable(pack_mask, masks, axes)
+
+
+def unpack_masks(masks: PyTree) -> PyTree:
+  """A mask tree with every :class:`PackedMask` unpacked to bool (other
+  leaves, bool masks and None, unchanged): what the update computes with
+  and what ``get_masks`` returns, whether or not the state packs."""
+  return jax.tree.map(lambda x: unpack_mask(x) if _is_packed(x) else x,
+                      masks, is_leaf=lambda x: x is None or _is_packed(x))
+
+
+def repack_like(stored: PyTree, masks: PyTree) -> PyTree:
+  """``masks`` (bool) in the storage of ``stored``: packed along the same
+  axes where ``stored`` holds :class:`PackedMask` leaves, else unchanged."""
+  return jax.tree.map(
+      lambda s, m: pack_mask(m, s.axis) if _is_packed(s) else m, stored,
+      masks, is_leaf=lambda x: x is None or _is_packed(x))
+
+
+def shard_packed_like_params(masks: PyTree, params: PyTree) -> PyTree:
+  """Gives each :class:`PackedMask`'s bits its param's sharding spec (the
+  packed axis is unsharded or packs locally, so the spec fits the bits).
+
+  Eagerly the bits are placed with ``device_put``; under ``jit`` with an
+  explicit-axes mesh they are ``reshard``-ed; with auto axes the
+  partitioner propagates the mask's sharding through the packing itself.
+  """
+  def one(m, p):
+    if not _is_packed(m):
+      return m
+    sharding = param_sharding(p)
+    if sharding is None:
+      return m
+    target = jax.sharding.NamedSharding(sharding.mesh, sharding.spec)
+    bits = m.bits
+    if isinstance(bits, jax.core.Tracer):
+      if jax.typeof(bits).sharding.spec != sharding.spec:
+        bits = jax.sharding.reshard(bits, sharding.spec)
+    elif (isinstance(bits, jax.Array)
+          and not bits.sharding.is_equivalent_to(target, bits.ndim)):
+      bits = jax.device_put(bits, target)
+    return PackedMask(bits, m.shape, m.axis)
+
+  return jax.tree.map(one, masks, params,
+                      is_leaf=lambda x: x is None or _is_packed(x))
+
+
 def check_same_structure(params: PyTree, masks: PyTree, *, what: str,
                          prefix: bool = False) -> None:
   """Raises ValueError if params no longer matches the tree ``init`` saw.
@@ -336,12 +516,14 @@ def _is_masked_node(x) -> bool:
 def user_view(tree: PyTree) -> PyTree:
   """A tree as a user reads it: Flax NNX Variable wrappers (as in
   ``nnx.Optimizer.opt_state`` or ``nnx.state(model)``) replaced by the values
-  they hold, and optax's ``MaskedNode`` (the leaves outside a
-  ``masked``/``partition`` group) by None; other trees unchanged."""
-  return jax.tree.map(
+  they hold, optax's ``MaskedNode`` (the leaves outside a
+  ``masked``/``partition`` group) by None and :class:`PackedMask` leaves by
+  their bool masks; other trees unchanged."""
+  tree = jax.tree.map(
       lambda x: None if _is_masked_node(x) else (
           x.get_value() if _is_variable(x) else x), tree,
       is_leaf=lambda x: x is None or _is_variable(x) or _is_masked_node(x))
+  return unpack_masks(tree)
 
 
 def combine_masks(a: PyTree, b: PyTree) -> PyTree:

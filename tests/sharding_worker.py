@@ -103,11 +103,11 @@ def every_method_tx():
   }
 
 
-def synthetic_tx(name):
+def synthetic_tx(name, **kwargs):
   if name == "flipout_no_noise":
     return fj.flipout(optax.sgd(0.05, momentum=0.9), sparsity=0.9,
-                      every=5, noise_scale=0.0, seed=3)
-  return st.make_tx(name)
+                      every=5, noise_scale=0.0, seed=3, **kwargs)
+  return st.make_tx(name, **kwargs)
 
 
 def save_run(arrays, prefix, params, state):
@@ -267,6 +267,28 @@ def main(out):
         "shardings": st.state_shardings(*sharded)}
   report["every_method"] = every
   timed("every_method", start)
+
+  # 7. Packed masks: the bits keep their param's sharding (they pack along
+  #    an unsharded axis), nothing is gathered, and the run is the bool-mask
+  #    run's bit for bit (elementwise gradients).
+  start = time.perf_counter()
+  packed = {}
+  for name in SYNTHETIC:
+    tx = synthetic_tx(name, packed_masks=True)
+    with jax.set_mesh(mesh):
+      params, state = synthetic_train(tx, mesh)
+      hlo = jax.jit(functools.partial(synthetic_step, tx)).lower(
+          params, state, st.to_global(synthetic_targets(0), mesh,
+                                      st.param_spec)).compile().as_text()
+    save_run(arrays, f"packed/{name}/sharded", params, state)
+    bits = [(fj.trees.path_str(p), leaf) for p, leaf in
+            jax.tree_util.tree_flatten_with_path(state.masks)[0]]
+    packed[name] = {
+        "bits": {path: {"spec": st.spec_of(leaf), "dtype": str(leaf.dtype),
+                        "shape": list(leaf.shape)} for path, leaf in bits},
+        "collectives": st.collectives(hlo)}
+  report["packed"] = packed
+  timed("packed", start)
 
   np.savez(out, report=json.dumps(report), **arrays)
 

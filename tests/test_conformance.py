@@ -90,9 +90,10 @@ class Case:
   """How to build one constructor for the conformance runs.
 
   Attributes:
-    build: ``(inner, params, seed) -> tx``; ``params`` is the tree ``tx``
-      will see (e.g. one partition group's, with MaskedNode elsewhere);
-      ``seed`` an int or a PRNG key (ignored by deterministic methods).
+    build: ``(inner, params, seed, **kw) -> tx``; ``params`` is the tree
+      ``tx`` will see (e.g. one partition group's, with MaskedNode
+      elsewhere); ``seed`` an int or a PRNG key (ignored by deterministic
+      methods); ``kw`` the constructors' common keywords (``packed_masks``).
     pruned: mask layout -> the exact number of pruned weights after STEPS.
     raw_weights: the params are a function of raw weights in the state
       (ST-3 family, UniPTS's sparse training): optimizers that keep their own
@@ -112,57 +113,58 @@ DST = dict(sparsity=S, every=2, end_step=6, distribution="uniform")
 NM = dict(n=2, m=4)
 
 CASES: dict[str, Case] = {
-    "flipout": Case(lambda i, p, seed: fj.flipout(i, **PERIODIC, seed=seed),
+    "flipout": Case(lambda i, p, seed, **kw: fj.flipout(i, **PERIODIC, seed=seed, **kw),
                     _global(S), random=True),
     "global_magnitude": Case(
-        lambda i, p, seed: fj.global_magnitude(i, **PERIODIC, seed=seed),
+        lambda i, p, seed, **kw: fj.global_magnitude(i, **PERIODIC, seed=seed, **kw),
         _global(S)),
     "random_pruning": Case(
-        lambda i, p, seed: fj.random_pruning(i, **PERIODIC, seed=seed),
+        lambda i, p, seed, **kw: fj.random_pruning(i, **PERIODIC, seed=seed, **kw),
         _global(S), random=True),
-    "snip": Case(lambda i, p, seed: fj.snip(i, sparsity=S, seed=seed),
+    "snip": Case(lambda i, p, seed, **kw: fj.snip(i, sparsity=S, seed=seed, **kw),
                  _global(S)),
-    "fixed_mask": Case(lambda i, p, seed: fj.fixed_mask(i, _fixed(p)),
+    "fixed_mask": Case(lambda i, p, seed, **kw: fj.fixed_mask(i, _fixed(p), **kw),
                        _fixed_pruned),
-    "prune": Case(lambda i, p, seed: fj.prune(
+    "prune": Case(lambda i, p, seed, **kw: fj.prune(
         i, score_fn=fj.scores.magnitude,
-        schedule=fj.schedules.one_shot(0.5, start_step=2), seed=seed), _global(0.5)),
-    "st3": Case(lambda i, p, seed: fj.st3(i, sparsity=S, start_step=0,
-                                          end_step=4),
+        schedule=fj.schedules.one_shot(0.5, start_step=2), seed=seed, **kw), _global(0.5)),
+    "st3": Case(lambda i, p, seed, **kw: fj.st3(i, sparsity=S, start_step=0,
+                                               end_step=4, **kw),
                 _st3_pruned, raw_weights=True),
-    "dst": Case(lambda i, p, seed: fj.dst(i, **DST, seed=seed),
+    "dst": Case(lambda i, p, seed, **kw: fj.dst(i, **DST, seed=seed, **kw),
                 _per_layer(round), random=True),
-    "dst_ee": Case(lambda i, p, seed: fj.dst_ee(i, **DST, seed=seed),
+    "dst_ee": Case(lambda i, p, seed, **kw: fj.dst_ee(i, **DST, seed=seed, **kw),
                    _per_layer(round), random=True),
-    "rigl": Case(lambda i, p, seed: fj.rigl(i, **DST, seed=seed),
+    "rigl": Case(lambda i, p, seed, **kw: fj.rigl(i, **DST, seed=seed, **kw),
                  _per_layer(round), random=True),
-    "set_": Case(lambda i, p, seed: fj.set_(i, **DST, seed=seed),
+    "set_": Case(lambda i, p, seed, **kw: fj.set_(i, **DST, seed=seed, **kw),
                  _per_layer(round), random=True),
     "sparse_init": Case(
-        lambda i, p, seed: fj.sparse_init(fj.rigl(i, **DST, seed=seed)),
+        lambda i, p, seed, **kw: fj.sparse_init(fj.rigl(i, **DST, seed=seed, **kw)),
         _per_layer(round), random=True),
-    "gradient_flow": Case(lambda i, p, seed: fj.gradient_flow(
+    "gradient_flow": Case(lambda i, p, seed, **kw: fj.gradient_flow(
         i, measure="magnitude", sparsity=S, rounds=2, every=2,
-        seed=seed), _global(S)),
-    "grasp": Case(lambda i, p, seed: fj.grasp(i, sparsity=S, start_step=2, seed=seed),
+        seed=seed, **kw), _global(S)),
+    "grasp": Case(lambda i, p, seed, **kw: fj.grasp(i, sparsity=S, start_step=2, seed=seed, **kw),
                   _global(S), needs_loss_fn=True),
-    "global_magnitude.2:4": Case(lambda i, p, seed: fj.global_magnitude(
-        i, sparsity=0.5, end_step=4, structure=fj.n_m(**NM), seed=seed),
+    "global_magnitude.2:4": Case(lambda i, p, seed, **kw: fj.global_magnitude(
+        i, sparsity=0.5, end_step=4, structure=fj.n_m(**NM), seed=seed, **kw),
         _half),
-    "flipout.2:4": Case(lambda i, p, seed: fj.flipout(
-        i, sparsity=0.5, end_step=4, structure=fj.n_m(**NM), seed=seed),
+    "flipout.2:4": Case(lambda i, p, seed, **kw: fj.flipout(
+        i, sparsity=0.5, end_step=4, structure=fj.n_m(**NM), seed=seed, **kw),
         _half, random=True),
-    "st3.2:4": Case(lambda i, p, seed: fj.st3(
-        i, sparsity=0.5, start_step=0, end_step=4, structure=fj.n_m(**NM)),
+    "st3.2:4": Case(lambda i, p, seed, **kw: fj.st3(
+        i, sparsity=0.5, start_step=0, end_step=4, structure=fj.n_m(**NM),
+        **kw),
         _half, raw_weights=True),
-    "rigl.2:4": Case(lambda i, p, seed: fj.rigl(
+    "rigl.2:4": Case(lambda i, p, seed, **kw: fj.rigl(
         i, sparsity=0.5, every=2, end_step=6, structure=fj.n_m(**NM),
-        seed=seed), _half, random=True),
-    "unipts.sparse_training": Case(lambda i, p, seed: unipts.sparse_training(
-        i, sparsities={path: S for path in _paths(p)}), _per_layer(round),
+        seed=seed, **kw), _half, random=True),
+    "unipts.sparse_training": Case(lambda i, p, seed, **kw: unipts.sparse_training(
+        i, sparsities={path: S for path in _paths(p)}, **kw), _per_layer(round),
                                    raw_weights=True),
-    "movement": Case(lambda i, p, seed: fj.movement(
-        i, sparsity=S, start_step=0, end_step=4, every=2, seed=seed),
+    "movement": Case(lambda i, p, seed, **kw: fj.movement(
+        i, sparsity=S, start_step=0, end_step=4, every=2, seed=seed, **kw),
                      _global(S)),
 }
 
@@ -329,6 +331,76 @@ def test_jit_adam(name):
   case = CASES[name]
   params = make_params()
   run_plain(name, case.build(optax.adam(1e-2), params, 0), params)
+
+
+def _packed_leaves(state):
+  masks = fj.core.find_prune_states(state)[0].masks
+  return [m for m in jax.tree.leaves(
+      masks, is_leaf=lambda x: isinstance(x, fj.trees.PackedMask))
+          if isinstance(m, fj.trees.PackedMask)]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_packed_masks_are_bit_identical(name):
+  """``packed_masks=True``: the state holds uint8 bits (one per weight,
+  rounded up to whole bytes along the packed axis), and params, masks and
+  every other state leaf equal the bool-mask run's bit for bit."""
+  case = CASES[name]
+  params = make_params()
+  runs = [run_plain(name, case.build(optax.adam(1e-2), params, 0, **kw),
+                    params) for kw in ({}, {"packed_masks": True})]
+  (p0, s0), (p1, s1) = runs
+  assert not _packed_leaves(s0)
+  packed = _packed_leaves(s1)
+  masks = fj.get_masks(s1)
+  bool_leaves = fj.trees.prunable_leaves(masks, masks)
+  assert len(packed) == len(bool_leaves) > 0
+  for pm, m in zip(packed, bool_leaves):
+    assert pm.bits.dtype == jnp.uint8 and m.dtype == jnp.bool_
+    assert pm.shape == m.shape
+    expected = list(m.shape)
+    expected[pm.axis] = -(-m.shape[pm.axis] // 8)
+    assert list(pm.bits.shape) == expected
+    assert np.array_equal(np.packbits(np.asarray(m), axis=pm.axis),
+                          np.asarray(pm.bits))
+  def host(p, s):
+    st = fj.core.find_prune_states(s)[0]
+    return jax.device_get((p, fj.get_masks(s), st.count, st.key,
+                           st.method_state, st.inner_state))
+  a, b = host(p0, s0), host(p1, s1)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.dtype == y.dtype and np.array_equal(
+        np.atleast_1d(x).view(np.uint8), np.atleast_1d(y).view(np.uint8))
+
+
+def test_pack_mask_is_numpy_packbits_and_unpacks_exactly():
+  rng = np.random.default_rng(0)
+  for shape in [(16, 12), (5, 3), (3, 3, 7, 9), (13,), (), (1, 17)]:
+    m = rng.random(shape) < 0.4
+    for axis in range(max(len(shape), 1)):
+      packed = fj.trees.pack_mask(jnp.asarray(m), axis)
+      assert np.array_equal(np.asarray(packed.bits),
+                            np.packbits(m.reshape(shape or (1,)), axis=axis))
+      assert np.array_equal(np.asarray(fj.trees.unpack_mask(packed)), m)
+
+
+def test_packing_axis_avoids_sharded_axes():
+  mesh = jax.sharding.AbstractMesh((2, 4), ("data", "model"))
+  spec = lambda *s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s))
+  axis = fj.trees.packing_axis
+  assert axis((16, 32)) == 0 and axis((3, 3, 64, 128)) == 2
+  assert axis((5, 3)) == 0 and axis((3, 7)) == 1  # no multiple of 8: longest
+  assert axis((16, 32), spec("model", None)) == 1  # the unsharded axis
+  # Both sharded: the axis whose shards are whole bytes (32 / 4 = 8 rows).
+  assert axis((24, 32), spec("data", "model")) == 1
+  assert axis((16, 12), spec(None, "model")) == 0
+
+
+def test_packed_masks_is_validated():
+  with pytest.raises(ValueError, match="packed_masks: must be True or False"):
+    fj.global_magnitude(optax.sgd(0.1), sparsity=0.5, every=2,
+                        packed_masks=1)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -265,6 +265,23 @@ def test_elementwise_gradients_give_bitwise_identical_runs(worker, name):
                    _run(arrays, f"synthetic/{name}/sharded"), exact=True)
 
 
+@pytest.mark.parametrize("name", ["dst_ee", "flipout_no_noise"])
+def test_packed_masks_stay_sharded_and_give_the_same_run(worker, name):
+  report, arrays = worker
+  info = report["packed"][name]
+  # Kernels (in, out) split on out over "model": the bits pack along in
+  # (unsharded), so they keep the kernel's spec; one byte per 8 rows.
+  assert set(info["bits"]) == {f"{k}/kernel/bits" for k in KERNELS}
+  for layer, (fan_in, fan_out) in KERNELS.items():
+    entry = info["bits"][f"{layer}/kernel/bits"]
+    assert entry == {"spec": "(None, 'model')", "dtype": "uint8",
+                     "shape": [-(-fan_in // 8), fan_out]}, (layer, entry)
+  assert not _full_size_gathers(info["collectives"], {"u8", "pred"})
+  # Same masks, params and state as the bool-mask sharded run, bit for bit.
+  _assert_same_run(_run(arrays, f"synthetic/{name}/sharded"),
+                   _run(arrays, f"packed/{name}/sharded"), exact=True)
+
+
 def test_random_draws_are_sharding_invariant_and_drawn_per_shard(worker):
   rng = worker[0]["rng"]
   assert len(rng) == 8

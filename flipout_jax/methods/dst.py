@@ -237,7 +237,8 @@ def dst(inner: optax.GradientTransformation,
         structure=None,
         filter_fn: trees.FilterFn | None = None,
         restart_regrown: bool = True,
-        seed: int = 0) -> optax.GradientTransformationExtraArgs:
+        seed: int = 0, packed_masks: bool = False
+        ) -> optax.GradientTransformationExtraArgs:
   """Dynamic sparse training (DST-EE, RigL or SET) wrapped around ``inner``.
 
   Starts from a random mask at the distribution's per-layer density and,
@@ -299,6 +300,8 @@ def dst(inner: optax.GradientTransformation,
       grown weight. False: it keeps its value and moments, as RigL's
       reference code does (``reinit_when_same=False``).
     seed: seed of the random start and of SET's growth.
+    packed_masks: store the masks as bits (0.125 B per weight, not 1);
+      the same results bit for bit (:func:`flipout_jax.core.prune`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -337,6 +340,7 @@ def dst(inner: optax.GradientTransformation,
       filter_fn=filter_fn,
       initial_masks=core.random_masks(sparsity, distribution, structure),
       seed=seed,
+      packed_masks=packed_masks,
       name=grow if grow != "random" else "set")
 
 
@@ -344,7 +348,8 @@ def dst_ee(inner: optax.GradientTransformation, *, sparsity: float,
            every: int, end_step: int, drop_fraction: float = 0.5,
            exploration: float = DEFAULT_EXPLORATION, epsilon: float = 1.0,
            distribution="erk", structure=None, filter_fn=None,
-           restart_regrown: bool = True, seed: int = 0) -> optax.GradientTransformationExtraArgs:
+           restart_regrown: bool = True, seed: int = 0,
+           packed_masks: bool = False) -> optax.GradientTransformationExtraArgs:
   """DST-EE (Huang et al. 2023): grow by ``|g| + c·ln(t+1)/(N + ε)``.
 
   :func:`dst` with ``grow="dst_ee"``; arguments as there.
@@ -353,13 +358,15 @@ def dst_ee(inner: optax.GradientTransformation, *, sparsity: float,
              end_step=end_step, drop_fraction=drop_fraction, grow="dst_ee",
              exploration=exploration, epsilon=epsilon,
              distribution=distribution, structure=structure,
-             filter_fn=filter_fn, restart_regrown=restart_regrown, seed=seed)
+             filter_fn=filter_fn, restart_regrown=restart_regrown, seed=seed,
+             packed_masks=packed_masks)
 
 
 def rigl(inner: optax.GradientTransformation, *, sparsity: float,
          every: int, end_step: int, drop_fraction: float = 0.5,
          distribution="erk", structure=None, filter_fn=None,
-         restart_regrown: bool = True, seed: int = 0) -> optax.GradientTransformationExtraArgs:
+         restart_regrown: bool = True, seed: int = 0,
+           packed_masks: bool = False) -> optax.GradientTransformationExtraArgs:
   """RigL (Evci et al. 2020): drop by ``|θ|``, grow by ``|g|``.
 
   :func:`dst` with ``grow="rigl"``; arguments as there.
@@ -367,13 +374,15 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float,
   return dst(inner, sparsity=sparsity, every=every,
              end_step=end_step, drop_fraction=drop_fraction, grow="rigl",
              distribution=distribution, structure=structure,
-             filter_fn=filter_fn, restart_regrown=restart_regrown, seed=seed)
+             filter_fn=filter_fn, restart_regrown=restart_regrown, seed=seed,
+             packed_masks=packed_masks)
 
 
 def set_(inner: optax.GradientTransformation, *, sparsity: float,
          every: int, end_step: int, drop_fraction: float = 0.3,
          distribution="erk", structure=None, filter_fn=None,
-         restart_regrown: bool = True, seed: int = 0) -> optax.GradientTransformationExtraArgs:
+         restart_regrown: bool = True, seed: int = 0,
+           packed_masks: bool = False) -> optax.GradientTransformationExtraArgs:
   """SET (Mocanu et al. 2018): drop by ``|θ|``, grow uniformly at random.
 
   :func:`dst` with ``grow="random"``; arguments as there. (Named ``set_``
@@ -382,5 +391,6 @@ def set_(inner: optax.GradientTransformation, *, sparsity: float,
   return dst(inner, sparsity=sparsity, every=every,
              end_step=end_step, drop_fraction=drop_fraction, grow="random",
              distribution=distribution, structure=structure,
-             filter_fn=filter_fn, restart_regrown=restart_regrown, seed=seed)
+             filter_fn=filter_fn, restart_regrown=restart_regrown, seed=seed,
+             packed_masks=packed_masks)
 

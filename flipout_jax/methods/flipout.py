@@ -70,7 +70,8 @@ def flipout(inner: optax.GradientTransformation, *, sparsity: float,
             exact_noise: bool = False, noise_generator: str = "threefry",
             start_step: int = 0, end_step: int | None = None,
             distribution="global", structure=None, filter_fn=None,
-            seed: int = 0) -> optax.GradientTransformationExtraArgs:
+            seed: int = 0, packed_masks: bool = False
+        ) -> optax.GradientTransformationExtraArgs:
   """FlipOut: prune the weights whose sign oscillates, ``τ = |θ|^p/(flips+1)``.
 
   Args:
@@ -98,6 +99,8 @@ def flipout(inner: optax.GradientTransformation, *, sparsity: float,
       ``fj.n_m(n, m)`` or ``fj.units(...)`` (:mod:`flipout_jax.structure`).
     filter_fn: which leaves are prunable (default: float leaves, ndim >= 2).
     seed: PRNG seed of the gradient noise, an int in [0, 2**63 − 1].
+    packed_masks: store the masks as bits (0.125 B per weight, not 1);
+      the same results bit for bit (:func:`flipout_jax.core.prune`).
 
   ``p`` and ``noise_scale`` may be traced (``optax.inject_hyperparams``);
   every other numeric argument shapes the schedule, the keep-counts or the
@@ -120,7 +123,8 @@ def flipout(inner: optax.GradientTransformation, *, sparsity: float,
       distribution=distribution, structure=structure,
       noise=noise.gradient_noise(noise_scale, on=noise_on, exact=exact_noise,
                                  generator=noise_generator),
-      tracker=flip_counter(), filter_fn=filter_fn, seed=seed, name="flipout")
+      tracker=flip_counter(), filter_fn=filter_fn, seed=seed,
+      packed_masks=packed_masks, name="flipout")
 
 
 def global_magnitude(inner: optax.GradientTransformation, *, sparsity: float,
@@ -130,7 +134,8 @@ def global_magnitude(inner: optax.GradientTransformation, *, sparsity: float,
                      noise_generator: str = "threefry", start_step: int = 0,
                      end_step: int | None = None,
                      distribution="global", structure=None, filter_fn=None,
-                     seed: int = 0) -> optax.GradientTransformationExtraArgs:
+                     seed: int = 0, packed_masks: bool = False
+        ) -> optax.GradientTransformationExtraArgs:
   """Gradual magnitude pruning on FlipOut's schedule; score ``|θ|``.
 
   ``noise_scale > 0`` adds FlipOut's gradient noise: the paper's "noisy
@@ -143,14 +148,16 @@ def global_magnitude(inner: optax.GradientTransformation, *, sparsity: float,
       distribution=distribution, structure=structure,
       noise=noise.gradient_noise(noise_scale, on=noise_on, exact=exact_noise,
                                  generator=noise_generator),
-      filter_fn=filter_fn, seed=seed, name="global_magnitude")
+      filter_fn=filter_fn, seed=seed,
+      packed_masks=packed_masks, name="global_magnitude")
 
 
 def random_pruning(inner: optax.GradientTransformation, *, sparsity: float,
                    every: int | None = None, prune_rate: float = 0.5,
                    start_step: int = 0, end_step: int | None = None,
                    distribution="global", structure=None, filter_fn=None,
-                   seed: int = 0) -> optax.GradientTransformationExtraArgs:
+                   seed: int = 0, packed_masks: bool = False
+        ) -> optax.GradientTransformationExtraArgs:
   """Removes ``prune_rate`` of the survivors uniformly at random per event."""
   return core.prune(
       inner, score_fn=scores.random,
@@ -158,4 +165,5 @@ def random_pruning(inner: optax.GradientTransformation, *, sparsity: float,
                                  start_step, end_step),
       distribution=distribution, structure=structure, filter_fn=filter_fn,
       seed=seed,
+      packed_masks=packed_masks,
       name="random_pruning")

@@ -312,7 +312,8 @@ def gradient_flow(inner: optax.GradientTransformation, *, measure: str,
                   sparsity: float, rounds: int, every: int,
                   reset_moments: bool | str = True, start_step: int = 0,
                   distribution="global", structure=None, filter_fn=None,
-                  seed: int = 0) -> optax.GradientTransformationExtraArgs:
+                  seed: int = 0, packed_masks: bool = False
+        ) -> optax.GradientTransformationExtraArgs:
   """Prune-while-training with a gradient-flow importance measure.
 
   Event ``k = 1..rounds`` happens in the update whose step count is
@@ -356,6 +357,8 @@ def gradient_flow(inner: optax.GradientTransformation, *, measure: str,
       classifier left whole by default).
     filter_fn: which leaves are prunable (default: float leaves, ndim >= 2).
     seed: seed of the PRNG key in the state.
+    packed_masks: store the masks as bits (0.125 B per weight, not 1);
+      the same results bit for bit (:func:`flipout_jax.core.prune`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state holds the masks.
@@ -373,12 +376,14 @@ def gradient_flow(inner: optax.GradientTransformation, *, measure: str,
       inner, score_fn=score_fn, schedule=schedule,
       distribution=distribution, structure=structure,
       reset_moments=_reset_mode(reset_moments),
-      filter_fn=filter_fn, seed=seed, name="gradient_flow")
+      filter_fn=filter_fn, seed=seed,
+      packed_masks=packed_masks, name="gradient_flow")
 
 
 def grasp(inner: optax.GradientTransformation, *, sparsity: float,
           start_step: int = 0, distribution="global", structure=None,
-          filter_fn=None, seed: int = 0) -> optax.GradientTransformationExtraArgs:
+          filter_fn=None, seed: int = 0, packed_masks: bool = False
+        ) -> optax.GradientTransformationExtraArgs:
   """GraSP (Wang, Zhang & Grosse 2020): one-shot pruning by ``θ·Hg``.
 
   At the update with count ``start_step`` (default 0, the first, i.e. at
@@ -404,6 +409,8 @@ def grasp(inner: optax.GradientTransformation, *, sparsity: float,
     structure: the sparsity pattern (as in :func:`gradient_flow`).
     filter_fn: which leaves are prunable.
     seed: seed of the PRNG key in the state.
+    packed_masks: store the masks as bits (0.125 B per weight, not 1);
+      the same results bit for bit (:func:`flipout_jax.core.prune`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -413,4 +420,5 @@ def grasp(inner: optax.GradientTransformation, *, sparsity: float,
       inner, score_fn=score_fn,
       schedule=schedules.one_shot(sparsity, start_step),
       distribution=distribution, structure=structure, filter_fn=filter_fn,
-      seed=seed, name="grasp")
+      seed=seed,
+      packed_masks=packed_masks, name="grasp")

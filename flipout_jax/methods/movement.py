@@ -52,7 +52,8 @@ def movement_scores() -> core.Tracker:
 def movement(inner: optax.GradientTransformation, *, sparsity: float,
              start_step: int, end_step: int, every: int = 1,
              distribution="global", structure=None, filter_fn=None,
-             seed: int = 0) -> optax.GradientTransformationExtraArgs:
+             seed: int = 0, packed_masks: bool = False
+        ) -> optax.GradientTransformationExtraArgs:
   """Movement pruning: keep the weights of highest ``S = −Σ_t θ·g``.
 
   Args:
@@ -70,6 +71,8 @@ def movement(inner: optax.GradientTransformation, *, sparsity: float,
       ``fj.n_m(n, m)`` or ``fj.units(...)`` (:mod:`flipout_jax.structure`).
     filter_fn: which leaves are prunable (default: float leaves, ndim >= 2).
     seed: seed of the state's PRNG key (unused by the method), an int.
+    packed_masks: store the masks as bits (0.125 B per weight, not 1);
+      the same results bit for bit (:func:`flipout_jax.core.prune`).
 
   Returns:
     An optax transformation; its ``method_state`` holds ``S`` (float32,
@@ -82,4 +85,5 @@ def movement(inner: optax.GradientTransformation, *, sparsity: float,
       inner, score_fn=lambda ctx: ctx.method_state,
       schedule=schedules.polynomial(sparsity, start_step, end_step, every),
       distribution=distribution, structure=structure, tracker=movement_scores(),
-      filter_fn=filter_fn, seed=seed, name="movement")
+      filter_fn=filter_fn, seed=seed,
+      packed_masks=packed_masks, name="movement")

@@ -14,7 +14,8 @@ from flipout_jax import trees
 def snip(inner: optax.GradientTransformation, *, sparsity: float,
          start_step: int = 0, distribution="global", structure=None,
          filter_fn=None,
-         seed: int = 0) -> optax.GradientTransformationExtraArgs:
+         seed: int = 0, packed_masks: bool = False
+        ) -> optax.GradientTransformationExtraArgs:
   """SNIP (Lee et al. 2019): one-shot pruning by ``|θ·g|``, then a fixed mask.
 
   At the update with count ``start_step`` (default 0, the first; the one
@@ -36,17 +37,21 @@ def snip(inner: optax.GradientTransformation, *, sparsity: float,
       inner, score_fn=scores.snip,
       schedule=schedules.one_shot(sparsity, start_step),
       distribution=distribution, structure=structure, filter_fn=filter_fn,
-      seed=seed, name="snip")
+      seed=seed,
+      packed_masks=packed_masks, name="snip")
 
 
-def fixed_mask(inner: optax.GradientTransformation,
-               masks) -> optax.GradientTransformationExtraArgs:
+def fixed_mask(inner: optax.GradientTransformation, masks, *,
+               packed_masks: bool = False
+               ) -> optax.GradientTransformationExtraArgs:
   """Trains with ``masks`` held fixed (fine-tuning after one-shot pruning).
 
   Args:
     inner: the optimizer to wrap.
     masks: a mask tree (bool arrays where prunable, None elsewhere), e.g. from
       :func:`flipout_jax.get_masks` or :func:`flipout_jax.threshold_prune`.
+    packed_masks: store the masks as bits (0.125 B per weight, not 1);
+      the same results bit for bit (:func:`flipout_jax.core.prune`).
 
   Returns:
     A transformation that keeps masked weights at exactly 0.0.
@@ -57,4 +62,4 @@ def fixed_mask(inner: optax.GradientTransformation,
   return core.prune(
       inner, score_fn=scores.magnitude, schedule=schedules.Schedule((), ()),
       filter_fn=lambda path, leaf: path in paths, initial_masks=masks,
-      name="fixed_mask")
+      packed_masks=packed_masks, name="fixed_mask")

@@ -426,7 +426,8 @@ def st3(inner: optax.GradientTransformation,
         sigma_normalized: bool = False,
         freeze_step: int | None = None,
         filter_fn: trees.FilterFn | None = None,
-        structure=None
+        structure=None,
+        packed_masks: bool = False
         ) -> optax.GradientTransformationExtraArgs:
   """ST-3 (or ST-3σ) sparse training: raw weights in the state, effective params.
 
@@ -459,6 +460,8 @@ def st3(inner: optax.GradientTransformation,
       (whole units per layer); see :func:`threshold_rule`. Whatever the
       structure, the soft threshold and rescale are
       :func:`soft_threshold_rescale`.
+    packed_masks: store the masks as bits (0.125 B per weight, not 1);
+      the same results bit for bit (:func:`flipout_jax.core.prune`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its state is a
@@ -488,6 +491,7 @@ def st3(inner: optax.GradientTransformation,
                         rescale=rescale),
       schedule=schedules.ramp(sparsity, start_step, end_step, power),
       structure=structure, freeze_step=freeze_step, filter_fn=filter_fn,
+      packed_masks=packed_masks,
       name="st3")
 
 

@@ -106,7 +106,8 @@ def sparse_training(inner: optax.GradientTransformation,
                     sparsities: Mapping[str, float],
                     decay: float = DEFAULT_DECAY,
                     filter_fn: trees.FilterFn | None = None,
-                    structure=None
+                    structure=None,
+                    packed_masks: bool = False
                     ) -> optax.GradientTransformationExtraArgs:
   """UniPTS dynamic sparse training (module docstring for the math).
 
@@ -128,6 +129,8 @@ def sparse_training(inner: optax.GradientTransformation,
       unstructured (default), ``fj.units(...)`` (the ``p_l`` of a layer's
       units) or ``fj.n_m(n, m)`` (every named ``p_l`` must then be
       ``1 − n/m``).
+    packed_masks: store the masks as bits (0.125 B per weight, not 1);
+      the same results bit for bit (:func:`flipout_jax.core.prune`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -150,7 +153,8 @@ def sparse_training(inner: optax.GradientTransformation,
       # One event at step 0: the budget row of {path: p_l} as given.
       schedule=schedules.one_shot(max(sparsities.values(), default=0.0), 0),
       distribution=sparsities, structure=structure, pruned_decay=decay,
-      filter_fn=filter_fn, name="unipts.sparse_training")
+      filter_fn=filter_fn, packed_masks=packed_masks,
+      name="unipts.sparse_training")
 
   def init_fn(params):
     # Named after the user's argument (the loop would say "distribution").
@@ -192,7 +196,7 @@ def find_state(state: optax.OptState) -> core.PruneState:
 def effective_params(state: optax.OptState, params: PyTree) -> PyTree:
   """The exact sparse weights ``m⊙w`` of the state (``params`` elsewhere)."""
   found = find_state(state)
-  masks = trees.user_view(found.masks)
+  masks = trees.user_view(found.masks)  # bool, also when packed
   raw = trees.user_view(found.method_state.raw)
   return jax.tree.map(
       lambda m, r, p: p if m is None else jnp.where(m, r, jnp.zeros_like(r)),
