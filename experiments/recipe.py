@@ -45,7 +45,7 @@ HARNESS = {
                **(dict(block_size=128, dampening=0.01) if m == "sparsegpt"
                   else {}))
        for m in ("wanda", "sparsegpt")},
-    "unipts": dict(sparsity=REQUIRED, seed=0, search=True, **{
+    "unipts": dict(sparsity=REQUIRED, seed=0, search=True, structure=None, **{
         f.name: f.default for f in
         dataclasses.fields(fj.unipts.UniPTSConfig)}),
 }
@@ -301,7 +301,7 @@ def phases(spec: dict[str, Any], spe: int, example=None) -> list[Phase]:
           kw["structure"], kw["sparsity"]))
     else:
       _library(name, source, lambda: fj.unipts.UniPTSConfig(**{
-          k: v for k, v in kw.items() if k not in ("sparsity", "seed", "search")}))
+          k: v for k, v in kw.items() if k not in ("sparsity", "seed", "search", "structure")}))
     return [Phase(name, 0, post=lambda *a: post_train(name, kw, spec, *a))]
   lr = learning_rate_fn(spec["lr"], spec["lr_schedule"], spec["lr_decay_epochs"],
                         spec["lr_decay_factor"], n, spe)

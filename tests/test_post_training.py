@@ -301,7 +301,12 @@ def test_global_magnitude_and_lenet5_conv_layers():
     (dict(structure=fj.n_m(2, 4), sparsity=0.6), "sparsity"),
     (dict(structure=fj.units()), "structure"),
     (dict(structure="2:4"), "structure"),
-    (dict(method="unipts", structure=fj.n_m(2, 4)), "structure"),
+    (dict(method="unipts", structure=fj.units()), "structure"),
+    (dict(method="unipts", structure=fj.n_m(2, 4), allocation="search"),
+     "allocation"),
+    (dict(method="unipts", structure=fj.n_m(2, 4), sparsity=0.6), "sparsity"),
+    (dict(method="unipts", unipts_kw={"structure": fj.n_m(2, 4)}),
+     "unipts_kw"),
     (dict(sparsity=1.0), "sparsity"),
     (dict(sparsity="0.5"), "sparsity"),
     (dict(sparsity=None), "sparsity"),
@@ -431,6 +436,85 @@ def test_unipts_method_equals_unipts_run(allocation, search):
     np.testing.assert_array_equal(a, b)
   assert r.report["method"] == "unipts" and r.report["allocation"] == allocation
   assert r.report["layers"] == ref.report["layers"]
+
+
+class _TokenMLP(nn.Module):
+  """Token ids -> embedding (no product uses it: stays dense) -> 2 Dense."""
+  @nn.compact
+  def __call__(self, t):
+    x = nn.Embed(16, 8, name="embed")(t)
+    return nn.Dense(16, name="c")(nn.relu(nn.Dense(12, name="a")(x)))
+
+
+def _group_counts(mask, m):
+  mask = np.asarray(mask)
+  return mask.reshape(mask.shape[0] // m, m, -1).sum(1)
+
+
+def test_unipts_n_m_masks_and_weights_hold_the_pattern_exactly():
+  """UniPTS 2:4: exactly 2 of every 4 inputs kept per output in each kernel,
+  after sparse training (weights zero exactly off the mask) and, without it,
+  the 2 largest |w| of each group (an independent NumPy top-2)."""
+  t = np.random.default_rng(0).integers(0, 16, (64, 6)).astype(np.int32)
+  net = _TokenMLP()
+  v = net.init(jax.random.PRNGKey(0), t[:1])
+  kw = dict(epochs=2, batch_size=16, learning_rate=0.05)
+  r = pt.prune(net.apply, v, t, sparsity=None, method="unipts",
+               structure=fj.n_m(2, 4), unipts_kw=kw)
+  assert r.report["structure"] == "2:4" and r.report["dense"] == [
+      "embed/embedding"]
+  assert sorted(r.sparsities) == ["a/kernel", "c/kernel"]
+  assert all(s == 0.5 for s in r.sparsities.values())
+  assert r.masks["embed"]["embedding"] is None
+  # Trained like every unmasked leaf, never pruned (as unstructured).
+  assert (np.asarray(r.variables["params"]["embed"]["embedding"]) != 0).all()
+  for name in ("a", "c"):
+    mask = np.asarray(r.masks[name]["kernel"])
+    w = np.asarray(r.variables["params"][name]["kernel"])
+    assert (_group_counts(mask, 4) == 2).all()
+    assert (w[~mask] == 0).all() and (w[mask] != 0).all()
+    assert not np.array_equal(w[mask], np.asarray(
+        v["params"][name]["kernel"])[mask])  # it did train
+  # Unstructured with the same budget is not N:M (the structure did it).
+  u = pt.prune(net.apply, v, t, sparsity=0.5, method="unipts", unipts_kw=kw)
+  assert any((_group_counts(u.masks[p]["kernel"], 4) != 2).any()
+             for p in ("a", "c"))
+  assert u.report["dense"] == r.report["dense"] and u.masks["embed"][
+      "embedding"] is None
+  # epochs=0: the masks on the dense weights, the 2 largest |w| per group.
+  net, v, x = mlp(1)
+  r0 = fj.unipts.run(net.apply, v, x, sparsity=0.5, search=False,
+                     structure=fj.n_m(2, 4), epochs=0)
+  for name in ("a", "b", "c"):
+    w = np.abs(np.asarray(v["params"][name]["kernel"]))
+    g = w.reshape(w.shape[0] // 4, 4, -1)
+    rank = (g[:, None, :, :] > g[:, :, None, :]).sum(2)  # larger ones
+    np.testing.assert_array_equal(np.asarray(r0.masks[name]["kernel"]),
+                                  (rank < 2).reshape(w.shape))
+  assert r0.report["achieved_sparsity"] == 0.5
+
+
+def test_unipts_n_m_incompatible_layer_and_bad_arguments():
+  net, v, x = mlp()  # a: 20 inputs, b: 32, c: 24; m=8 fits b and c only
+  with pytest.raises(ValueError, match="^structure: layer 'a/kernel'"):
+    pt.prune(net.apply, v, x, sparsity=None, method="unipts",
+             structure=fj.n_m(2, 8), unipts_kw={"epochs": 0})
+  r = pt.prune(net.apply, v, x, sparsity=None, method="unipts",
+               structure=fj.n_m(2, 8, skip_incompatible=True),
+               unipts_kw={"epochs": 1, "batch_size": 32})
+  assert r.sparsities == {"a/kernel": 0.0, "b/kernel": 0.75, "c/kernel": 0.75}
+  assert np.asarray(r.masks["a"]["kernel"]).all()
+  for name in ("b", "c"):
+    assert (_group_counts(r.masks[name]["kernel"], 8) == 2).all()
+  for kw, match in [(dict(search=True), "search"),
+                    (dict(layer_sparsities={"a/kernel": 0.5}),
+                     "layer_sparsities"),
+                    (dict(sparsity=0.7), "sparsity"),
+                    (dict(structure=fj.n_m(2, 4, axis=-1)), "structure"),
+                    (dict(structure=fj.units()), "structure")]:
+    kw = {"sparsity": 0.5, "search": False, "structure": fj.n_m(2, 4), **kw}
+    with pytest.raises(ValueError, match=f"^{match}:"):
+      fj.unipts.run(net.apply, v, x, **kw)
 
 
 def test_n_m_incompatible_layer_is_named_or_skipped():

@@ -44,8 +44,9 @@ Allocation of the per-layer sparsities ``S_l``:
 
 ``method="unipts"`` runs :func:`flipout_jax.unipts.run` behind the same
 entry point (``allocation="search"``: its genetic search; ``"uniform"``: P
-in every layer; ``unipts_kw``: its other arguments) and returns the same
-:class:`PostTrainingResult` fields.
+in every layer; ``unipts_kw``: its other arguments; ``structure=fj.n_m``:
+``1 − n/m`` in every layer, no search, N:M masks through the sparse
+training) and returns the same :class:`PostTrainingResult` fields.
 
 **Batches and sharding.** ``batch_size=b`` sums each layer's statistics
 over batches of ``b`` examples. Under ``jax.sharding`` (GSPMD / auto mesh
@@ -217,7 +218,7 @@ def check_arguments(method, allocation, structure, sparsity):
     if allocation not in ("uniform", "global"):
       raise ValueError(f"allocation: fj.coupled counts units; use 'uniform' "
                        f"or (magnitude) 'global', got {allocation!r}.")
-  elif structure.kind == "n_m" and method != "unipts":
+  elif structure.kind == "n_m":
     o = structure.options
     if o["axis"] != -2:
       raise ValueError("structure: post-training N:M groups run along the "
@@ -234,7 +235,7 @@ def check_arguments(method, allocation, structure, sparsity):
   elif structure.kind != "unstructured":
     raise ValueError(f"structure: {structure.name} is not supported by "
                      f"method {method!r} (unstructured" +
-                     (")." if method == "unipts" else ", fj.n_m or "
+                     (", fj.n_m)." if method == "unipts" else ", fj.n_m or "
                       "fj.coupled)."))
   return method, allocation, n_m, validate.sparsity(sparsity)
 
@@ -273,19 +274,20 @@ def _check_common(apply_fn, variables, filter_fn, seed, unipts_kw):
     raise ValueError("unipts_kw: must be None or a dict of fj.unipts.run "
                      f"arguments, got {type(unipts_kw).__name__}.")
   own = sorted(set(unipts_kw or {}) & {"sparsity", "seed", "search",
-                                        "filter_fn"})
+                                        "filter_fn", "structure"})
   if own:
     raise ValueError(f"unipts_kw: {own[0]!r} is an argument of prune itself "
                      "(search: allocation='search').")
 
 
 def _unipts(apply_fn, variables, calibration_x, sparsity, allocation,
-            filter_fn, seed, unipts_kw) -> PostTrainingResult:
+            structure, filter_fn, seed, unipts_kw) -> PostTrainingResult:
   """``method="unipts"``: :func:`flipout_jax.unipts.run`, same result shape."""
   from flipout_jax import unipts  # pylint: disable=g-import-not-at-top
   r = unipts.run(apply_fn, variables, calibration_x, sparsity=sparsity,
                  seed=seed, search=allocation == "search",
-                 filter_fn=filter_fn, **dict(unipts_kw or {}))
+                 filter_fn=filter_fn, structure=structure,
+                 **dict(unipts_kw or {}))
   report = dict(r.report, method="unipts", allocation=allocation)
   return PostTrainingResult(r.variables, r.masks, dict(r.sparsities), report)
 
@@ -310,8 +312,9 @@ def prune(apply_fn: Callable[..., Any], variables: PyTree,
       (an array or a pytree of arrays); may be sharded (module docstring).
     sparsity: the target ``S`` in [0, 1) (None with ``fj.n_m``: 1 − n/m).
     method: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` or ``"unipts"``.
-    structure: None / ``fj.unstructured()``, ``fj.n_m(n, m)`` (not with
-      ``"unipts"``) or ``fj.coupled(groups)`` (``"magnitude"``,
+    structure: None / ``fj.unstructured()``, ``fj.n_m(n, m)`` (with
+      ``"unipts"``: allocation ``"uniform"``, the pattern kept through its
+      sparse training) or ``fj.coupled(groups)`` (``"magnitude"``,
       ``"wanda"``; allocation ``"uniform"`` or ``"global"``; ``sparsity``
       is then the fraction of units removed).
     allocation: ``"uniform"``, ``"global"`` (magnitude), ``"owl"``
@@ -359,7 +362,7 @@ def prune(apply_fn: Callable[..., Any], variables: PyTree,
                        "eval_batch_size / bn_batch_size / batch_size in "
                        "unipts_kw.")
     return _unipts(apply_fn, variables, calibration_x, sparsity, allocation,
-                   filter_fn, seed, unipts_kw)
+                   structure, filter_fn, seed, unipts_kw)
   if unipts_kw is not None:
     raise ValueError(f"unipts_kw: only for method='unipts', not {method!r}.")
   if n_m is not None and method == "sparsegpt" and block_size % n_m[1]:

@@ -63,6 +63,7 @@ import numpy as np
 import optax
 
 from flipout_jax import core
+from flipout_jax import structure as structure_lib
 from flipout_jax import trees
 from flipout_jax import validate
 from flipout_jax.post_training import capture
@@ -345,6 +346,7 @@ def run(apply_fn: ApplyFn,
           layer_sparsities: Mapping[str, float] | None = None,
           config: UniPTSConfig | None = None,
           filter_fn: trees.FilterFn | None = None,
+          structure=None,
           log_fn: Callable[[str], None] | None = None,
           **overrides) -> UniPTSResult:
   """UniPTS post-training sparsity (module docstring for the stages).
@@ -377,6 +379,15 @@ def run(apply_fn: ApplyFn,
       only kernels a matrix product or convolution uses as its weight, the
       one-shot methods' set (embedding tables stay dense, listed in
       ``report["dense"]``); a selected leaf no product uses is an error.
+    structure: None / ``fj.unstructured()`` (default) or ``fj.n_m(n, m)``
+      (groups of ``m`` along each kernel's input features, axis -2). N:M
+      fixes every layer's sparsity at ``1 − n/m`` (``sparsity`` must be
+      that, ``search`` False, no ``layer_sparsities``): every stage's masks
+      keep the ``n`` largest ``|w|`` of each group, and the sparse training
+      (:func:`flipout_jax.unipts.sparse_training` with this structure)
+      keeps the pattern exactly at every step. A layer whose input features
+      are not divisible by ``m`` is a ValueError naming ``structure``, or
+      stays dense with ``fj.n_m(..., skip_incompatible=True)``.
     log_fn: optional ``str -> None`` progress printer (e.g. ``print``).
     **overrides: :class:`UniPTSConfig` fields replacing ``config``'s, e.g.
       ``epochs=5`` (so a CLI can pass its flags through).
@@ -387,7 +398,10 @@ def run(apply_fn: ApplyFn,
   Raises:
     ValueError: naming the argument, for an empty ``calibration_x``, a
       ``sparsity`` outside [0, 1), ``variables`` without ``params`` or
-      without prunable layer, bad labels, unknown or invalid config fields.
+      without prunable layer, bad labels, unknown or invalid config fields,
+      a ``structure`` other than unstructured / N:M (along axis -2), or N:M
+      with ``search``, ``layer_sparsities``, another ``sparsity`` or a
+      layer it cannot hold (without ``skip_incompatible``).
   """
   t_start = time.perf_counter()
   x, y, sparsity = _check_inputs(apply_fn, variables, calibration_x,
@@ -401,6 +415,22 @@ def run(apply_fn: ApplyFn,
     raise ValueError(f"{unknown[0]}: unknown argument (not a UniPTSConfig field).")
   config = dataclasses.replace(config, **overrides)
   log = log_fn or (lambda msg: None)
+  structure = structure_lib.check(structure)
+  nm = structure.options if structure.kind == "n_m" else None
+  if structure.kind not in ("unstructured", "n_m") or (nm and nm["axis"] != -2):
+    raise ValueError(f"structure: UniPTS takes fj.unstructured() or fj.n_m(n, "
+                     f"m) along the input features (axis -2), got "
+                     f"{structure.name} {structure.options}.")
+  if nm:
+    for arg, bad in (("search", search), ("layer_sparsities",
+                                          layer_sparsities is not None)):
+      if bad:
+        raise ValueError(f"{arg}: {structure.name} fixes every layer's "
+                         f"sparsity at 1 - n/m; pass search=False and no "
+                         "layer_sparsities.")
+    if abs(sparsity - (1 - nm["n"] / nm["m"])) > 1e-9:
+      raise ValueError(f"sparsity: {structure.name} is "
+                       f"{1 - nm['n'] / nm['m']:g} sparse; got {sparsity}.")
 
   params = variables["params"]
   filter_fn, dense_paths = _prunable_filter(apply_fn, variables, x, filter_fn)
@@ -408,6 +438,9 @@ def run(apply_fn: ApplyFn,
   paths = [p for p, _ in trees.leaves_with_paths(layout)]
   sizes = np.array([m.size for m in trees.prunable_leaves(layout, layout)],
                    np.int64)
+  # N:M: the layers it holds (the others, with skip_incompatible, stay dense).
+  active = np.array(structure.layout(paths, [m.shape for m in trees.prunable_leaves(
+      layout, layout)]).active)
   if layer_sparsities is not None:
     if search:
       raise ValueError("layer_sparsities: only used with search=False (the "
@@ -450,9 +483,14 @@ def run(apply_fn: ApplyFn,
   # ---- masks, then BN recalibration + accuracy. The masks come from the
   # module-level jitted selection (compiled once per shapes, shared with the
   # sparse-training init), so sparse_eval itself compiles no selection.
-  def magnitude_masks(params, pruned):
-    leaves = dst_lib.layer_magnitude_masks(
-        trees.prunable_leaves(layout, params), pruned)
+  def magnitude_masks(params, p_layers):
+    leaves = trees.prunable_leaves(layout, params)
+    if nm:  # the n largest |w| of every group (the sparse training's init)
+      leaves = [structure_lib.nm_masks(jnp.abs(w), nm["n"], nm["m"]) if a
+                else jnp.ones(w.shape, jnp.bool_) for w, a in zip(leaves, active)]
+    else:
+      leaves = dst_lib.layer_magnitude_masks(
+          leaves, search_lib.num_pruned(p_layers, sizes))
     return trees.unflatten_prunable(layout, leaves)
 
   @jax.jit
@@ -471,16 +509,16 @@ def run(apply_fn: ApplyFn,
       "sparsity": sparsity, "num_prunable": int(sizes.sum()),
       "labels": "calibration_y" if y is not None else "teacher",
       "accuracy": {"dense": float(dense_acc)}, "time": {},
-      "dense": dense_paths,
+      "dense": dense_paths, "structure": structure.name,
       "config": dataclasses.asdict(config), "seed": int(seed)}
 
   def evaluate(p_layers, xs, ys):
     """``(top-1, log-likelihood, masks, recalibrated variables)``."""
-    masks = magnitude_masks(params, search_lib.num_pruned(p_layers, sizes))
+    masks = magnitude_masks(params, p_layers)
     acc, ll, v = sparse_eval(params, masks, stats0, momentum, xs, ys)
     return acc, ll, masks, v
 
-  uniform = np.full(sizes.shape, sparsity)
+  uniform = np.where(active, sparsity, 0.0)
   report["accuracy"]["uniform"] = float(evaluate(uniform, x, labels)[0])
   report["time"]["setup"] = time.perf_counter() - t_start
   log(f"dense {report['accuracy']['dense']:.4f}, uniform magnitude "
@@ -546,8 +584,9 @@ def run(apply_fn: ApplyFn,
         optax.sgd(_cosine_warmup(config.learning_rate, warmup, total),
                   momentum=config.momentum))
     tx = dst_lib.sparse_training(
-        inner, sparsities=dict(zip(paths, map(float, layer_p))),
-        decay=config.decay, filter_fn=filter_fn)
+        inner, sparsities={p: float(s) for p, s, a in zip(paths, layer_p, active)
+                           if a},
+        decay=config.decay, filter_fn=filter_fn, structure=structure)
     # Eager: its selection is the jitted one magnitude_masks compiled.
     opt_state = tx.init(params)
     train_params = jax.jit(core.sparse_params)(params, opt_state)
