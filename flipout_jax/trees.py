@@ -341,14 +341,7 @@ def shard_packed_like_params(masks: PyTree, params: PyTree) -> PyTree:
     if sharding is None:
       return m
     target = jax.sharding.NamedSharding(sharding.mesh, sharding.spec)
-    bits = m.bits
-    if isinstance(bits, jax.core.Tracer):
-      if jax.typeof(bits).sharding.spec != sharding.spec:
-        bits = jax.sharding.reshard(bits, sharding.spec)
-    elif (isinstance(bits, jax.Array)
-          and not bits.sharding.is_equivalent_to(target, bits.ndim)):
-      bits = jax.device_put(bits, target)
-    return PackedMask(bits, m.shape, m.axis)
+    return PackedMask(_place(m.bits, target), m.shape, m.axis)
 
   return jax.tree.map(one, masks, params,
                       is_leaf=lambda x: x is None or _is_packed(x))
@@ -446,17 +439,25 @@ def _shard_like(x: Any, ref: Any) -> Any:
     ref_sharding = jax.typeof(ref).sharding
     mesh = ref_sharding.mesh
     if not mesh.empty and mesh.explicit_axes:
-      if jax.typeof(x).sharding.spec != ref_sharding.spec:
-        x = jax.sharding.reshard(x, ref_sharding)
-      return x
+      return _place(x, ref_sharding)
     return shard_alike(x, ref)[0]
   if isinstance(x, jax.core.Tracer):
     # A traced buffer of a concrete param (e.g. init under vmap over seeds):
     # nothing to place while tracing.
     return x
-  sharding = getattr(ref, "sharding", None)
-  if (isinstance(ref, jax.Array) and isinstance(x, jax.Array)
-      and not x.sharding.is_equivalent_to(sharding, x.ndim)):
+  return _place(x, ref.sharding) if isinstance(ref, jax.Array) else x
+
+
+def _place(x: Any, sharding: Any) -> Any:
+  """``x`` with the ``NamedSharding`` ``sharding``: ``reshard``-ed when
+  traced (explicit axes), moved with ``device_put`` when a concrete array
+  that is not already placed so; else as it is."""
+  if isinstance(x, jax.core.Tracer):
+    if jax.typeof(x).sharding.spec != sharding.spec:
+      x = jax.sharding.reshard(x, sharding)
+    return x
+  if isinstance(x, jax.Array) and not x.sharding.is_equivalent_to(
+      sharding, x.ndim):
     return jax.device_put(x, sharding)
   return x
 
