@@ -31,6 +31,10 @@ METHODS = {
     "global_magnitude": lambda inner: fj.global_magnitude(
         inner, sparsity=0.9, every=1000),
     "flipout": lambda inner: fj.flipout(inner, sparsity=0.9, every=1000),
+    "flipout_no_noise": lambda inner: fj.flipout(inner, sparsity=0.9,
+                                                 every=1000, noise_scale=0),
+    "flipout_hash": lambda inner: fj.flipout(inner, sparsity=0.9, every=1000,
+                                             noise_generator="hash"),
     "rigl": lambda inner: fj.rigl(inner, sparsity=0.9, every=1000,
                                   end_step=2000),
     "st3": lambda inner: fj.st3(inner, sparsity=0.9, start_step=0,

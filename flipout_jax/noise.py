@@ -89,33 +89,39 @@ def hash_bits(key: jax.Array, shape) -> jax.Array:
 
 
 def normal16(key: jax.Array, shape, generator: str = "threefry") -> jax.Array:
-  """Standard normals, two per 32-bit random word (16-bit inverse CDF).
+  """Standard normals from 16-bit uniforms through the inverse CDF.
 
-  The words are drawn in the tensor's own shape with one axis halved (the
-  first axis of even length, else the first axis), and the two 16-bit halves
-  of word ``[..., j, ...]`` fill entries ``2j`` and ``2j + 1`` of that axis.
+  ``"threefry"``: two normals per 32-bit word of ``jax.random.bits``. The
+  words are drawn in the tensor's own shape with one axis halved (the first
+  axis of even length, else the first axis), and the two 16-bit halves of
+  word ``[..., j, ...]`` fill entries ``2j`` and ``2j + 1`` of that axis.
   Under ``jax.sharding`` every device therefore draws only the words of its
   own shard (``jax.random`` is partitionable and sharding-invariant with
   ``jax_threefry_partitionable``, JAX's default), where one flat draw split
-  in halves would make every device draw all the words of the tensor. On one
-  device it costs the same as the flat draw. ``generator``: the words of
-  ``jax.random.bits`` (``"threefry"``) or of :func:`hash_bits` (``"hash"``).
+  in halves would make every device draw all the words of the tensor. On
+  one device it costs the same as the flat draw.
+
+  ``"hash"``: one word of :func:`hash_bits` per entry, its high 16 bits
+  looked up in a table of the same 65,536 inverse-CDF values. A hash word
+  costs less than interleaving two halves into the tensor's layout, so
+  this generator spends a word on every normal; it is elementwise in the
+  entry's index, so a device hashes only its shard.
   """
   shape = tuple(int(d) for d in shape)
+  if generator == "hash":
+    k = hash_bits(key, shape) >> 16
+    return jnp.asarray(_normal16_table())[k.astype(jnp.int32)]
   if not shape:
     return normal16(key, (1,), generator).reshape(())
   even = [a for a, d in enumerate(shape) if d % 2 == 0]
   axis = even[0] if even else 0
   half = (shape[axis] + 1) // 2
-  bits = ((lambda k, s: jax.random.bits(k, s, jnp.uint32))
-          if generator == "threefry" else hash_bits)
-  words = bits(key, shape[:axis] + (half,) + shape[axis + 1:])
+  words = jax.random.bits(key, shape[:axis] + (half,) + shape[axis + 1:],
+                          jnp.uint32)
   k = jnp.stack([words >> 16, words & 0xFFFF], axis=axis + 1)
   k = k.reshape(shape[:axis] + (2 * half,) + shape[axis + 1:])
   if 2 * half != shape[axis]:
     k = jax.lax.slice_in_dim(k, 0, shape[axis], axis=axis)
-  if generator == "hash":  # the same 65,536 values, looked up
-    return jnp.asarray(_normal16_table())[k.astype(jnp.int32)]
   return _inverse_cdf16(k)
 
 
@@ -156,28 +162,32 @@ def add_gradient_noise(grads: PyTree, key: jax.Array, scale: float,
       zip(leaves, treedef.flatten_up_to(selected)))
             if sel and jnp.issubdtype(g.dtype, jnp.floating)]
   out = list(leaves)
-  # Leaves of one (shape, dtype) are noised as one stacked array (one
-  # vmapped draw, each leaf with its own key: the numbers of a per-leaf
-  # draw), so the program grows with the distinct shapes, not the leaves.
-  for members in trees.same_shape_groups([leaves[i] for i in chosen]):
-    idx = [chosen[j] for j in members]
-    shape = leaves[idx[0]].shape
-    draw = ((lambda k: jax.random.normal(k, shape, jnp.float32)) if exact
-            else (lambda k: normal16(k, shape, generator)))
-    if len(idx) == 1:  # the program of a per-leaf draw, op for op
-      g = leaves[idx[0]]
-      out[idx[0]] = (g + noise_std(g, scale) * draw(key_leaves[idx[0]])
-                     ).astype(g.dtype)
-      continue
-    def noised(args):
-      g, k = args
-      return (g + noise_std(g, scale) * draw(k)).astype(g.dtype)
+  draw = ((lambda k, shape: jax.random.normal(k, shape, jnp.float32)) if exact
+          else functools.partial(normal16, generator=generator))
 
-    # A loop over the group, not a vmap: sliced out of one batched
-    # expression, the draw would be fused into (compiled once for) the slice
-    # of every leaf; a loop body is compiled once per shape.
-    noisy = jax.lax.map(noised, (jnp.stack([leaves[i] for i in idx]),
-                                 jnp.stack([key_leaves[i] for i in idx])))
+  def noised(g, k):
+    return (g + noise_std(g, scale) * draw(k, g.shape)).astype(g.dtype)
+
+  # Threefry's draw is a large kernel to compile, so the leaves of one
+  # (shape, dtype) are noised as one stacked array by a loop (each leaf with
+  # its own key: the numbers of a per-leaf draw) and the program grows with
+  # the distinct shapes, not the leaves. (A loop, not a vmap: sliced out of
+  # one batched expression, the draw would be fused into, and compiled
+  # once for, the slice of every leaf.) The hash is a dozen integer
+  # operations: each leaf draws its own, fused into its update, without the
+  # stacking copies.
+  if generator == "hash" and not exact:
+    groups = [[j] for j in range(len(chosen))]
+  else:
+    groups = trees.same_shape_groups([leaves[i] for i in chosen])
+  for members in groups:
+    idx = [chosen[j] for j in members]
+    if len(idx) == 1:  # the program of a per-leaf draw, op for op
+      out[idx[0]] = noised(leaves[idx[0]], key_leaves[idx[0]])
+      continue
+    noisy = jax.lax.map(lambda a: noised(*a),
+                        (jnp.stack([leaves[i] for i in idx]),
+                         jnp.stack([key_leaves[i] for i in idx])))
     for n, i in enumerate(idx):
       out[i] = noisy[n]
   return treedef.unflatten(out)
