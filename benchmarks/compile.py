@@ -220,12 +220,19 @@ def _gpt(num_layers: int):
   return params, x, y, loss_fn, jax.jit(jax.grad(loss_fn))(params, x, y)
 
 
+# Options of a method measured as rows of their own: name -> (method, keywords).
+VARIANTS = {"flipout+hash": ("flipout", dict(noise_generator="hash"))}
+
+
 def _build(name: str, inner, params, **kwargs):
-  """``(tx, spec)`` of a candidate (``PLAIN`` or a registry name)."""
+  """``(tx, spec)`` of a candidate (``PLAIN``, a registry name or one of
+  :data:`VARIANTS`)."""
   if name == PLAIN:
     return inner, Spec(lambda p: {}, event=None)
+  name, options = VARIANTS.get(name, (name, {}))
   spec = specs()[name]
-  return fj.registry.build(name, inner, **spec.kwargs(params), **kwargs), spec
+  return fj.registry.build(name, inner, **spec.kwargs(params), **options,
+                           **kwargs), spec
 
 
 def bench_update(num_layers: int, names: list[str], repeats: int) -> None:
@@ -432,7 +439,7 @@ def _parse_blocks(text: str) -> list[int]:
 
 
 def _parse_methods(text: str) -> list[str]:
-  valid = fj.registry.names()
+  valid = fj.registry.names() + tuple(VARIANTS)
   if text == "all":
     return list(valid)
   names = [n for n in text.split(",") if n]
