@@ -34,6 +34,7 @@ import optax
 
 from flipout_jax import distributions as distributions_lib
 from flipout_jax import noise as noise_lib
+from flipout_jax import prng
 from flipout_jax import schedules as schedules_lib
 from flipout_jax import scores as scores_lib
 from flipout_jax import structure as structure_lib
@@ -333,7 +334,27 @@ def random_masks(sparsity: float, distribution="erk",
     return trees.unflatten_prunable(
         dense_masks, structure.random(lay, key, groups, table[0]))
 
+  # It reads only the shapes of `dense_masks`: prune's init passes their
+  # jax.ShapeDtypeStruct (no dense mask is built).
+  init.shapes_only = True
   return init
+
+
+def _init_keys(seed) -> tuple[jax.Array, jax.Array]:
+  """``jax.random.split(key)`` of the seed's key (``PRNGKey(seed)`` for an
+  int): the initial masks' key and the state's.
+
+  An int seed below 2**32 under JAX's default threefry is split on the
+  host (:func:`flipout_jax.prng.split_seed`, the same bits): the first init
+  then compiles no key program.
+  """
+  if not isinstance(seed, jax.Array):
+    keys = prng.split_seed(seed, 2)
+    if keys is not None:
+      return jnp.asarray(keys[0]), jnp.asarray(keys[1])
+  base = seed if isinstance(seed, jax.Array) else jax.random.PRNGKey(seed)
+  init_key, key = jax.random.split(base)
+  return init_key, key
 
 
 def masked_updates(updates: PyTree, old_masks: PyTree, new_masks: PyTree,
@@ -536,14 +557,15 @@ def prune(inner: optax.GradientTransformation,
                                     jax.tree.leaves(prunable)) if s]
     distributions_lib.validate_distribution(distribution, paths)
     masks = jax.eval_shape(lambda p: trees.mask_like(p, prunable), params)
-    base = seed if isinstance(seed, jax.Array) else jax.random.PRNGKey(seed)
-    init_key, key = jax.random.split(base)
+    init_key, key = _init_keys(seed)
     given = initial_masks
     # A function, not a mask tree that happens to be callable (an Equinox
     # module of masks has a __call__): mask trees hold arrays.
     if callable(given) and not any(
         hasattr(x, "shape") for x in jax.tree.leaves(given)):
-      given = given(params, trees.mask_like(params, prunable), init_key)
+      dense = (masks if getattr(given, "shapes_only", False)
+               else trees.mask_like(params, prunable))
+      given = given(params, dense, init_key)
     if given is not None:
       trees.check_same_structure(params, given, what=f"{name} initial_masks")
     _warn_empty_budget(name, masks, *budget_table(distribution, masks,

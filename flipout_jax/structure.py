@@ -47,10 +47,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.extend import random as jax_random_ext
 import numpy as np
 
 from flipout_jax import distributions as distributions_lib
+from flipout_jax import prng
 from flipout_jax import selection
 from flipout_jax import trees
 from flipout_jax import validate
@@ -276,24 +276,23 @@ def _by_size(leaves, sizes) -> dict[int, list[int]]:
   return out
 
 
-def _chunked_bits(keys, chunk_leaf, chunk_start, chunk, sizes) -> jax.Array:
+def _chunked_bits(key, num, chunk_leaf, chunk_start, chunk,
+                  sizes) -> jax.Array:
   """uint32 ``[num_chunks, chunk]``: row c holds entries ``chunk_start[c] +
-  j`` of ``jax.random.bits(keys[chunk_leaf[c]], (size,))`` (past a leaf's
-  end: unused draws).
+  j`` of ``jax.random.bits(split(key, num)[chunk_leaf[c]], (size,))`` (past
+  a leaf's end: unused draws).
 
   With the default partitionable threefry (entry j of a draw is the hash of
-  the counter ``(0, j)`` under its key) every leaf's draw is one hash call
-  over all the counters: the threefry compiles to a loop of about 0.4 s of
-  XLA:CPU, once, not once per distinct shape. Any other PRNG (or the
-  original threefry layout) draws once per leaf size, batched over the
-  leaves of that size, and pads the rows with zeros.
+  the counter ``(0, j)`` under its key) every leaf's draw is one
+  :func:`flipout_jax.prng.threefry2x32` over all the counters, a single
+  fused kernel whatever the shapes. Any other PRNG (or the original
+  threefry layout) draws once per leaf size, batched over the leaves of
+  that size, and pads the rows with zeros.
   """
-  typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
-  impl = (str(jax.random.key_impl(keys)) if typed
-          else jax.config.jax_default_prng_impl)
-  if impl != "threefry2x32" or not jax.config.jax_threefry_partitionable:
+  if not prng.hashed(key):
     # One draw per leaf (batched over the leaves of one size), padded to
     # whole rows.
+    keys = jax.random.split(key, max(num, 1))
     leaves = list(dict.fromkeys(chunk_leaf.tolist()))
     rows = {}
     for n, members in _by_size(leaves, sizes).items():
@@ -305,14 +304,12 @@ def _chunked_bits(keys, chunk_leaf, chunk_start, chunk, sizes) -> jax.Array:
     return jnp.concatenate([rows[leaf] for leaf in leaves])
   if int(np.max(chunk_start, initial=0)) + chunk > 2**32:
     raise ValueError("params: a leaf of 2**32 or more entries.")
-  data = jax.random.key_data(keys) if typed else keys
-  shape = (len(chunk_leaf), chunk)
-  k1 = jnp.broadcast_to(data[chunk_leaf, 0][:, None], shape)
-  k2 = jnp.broadcast_to(data[chunk_leaf, 1][:, None], shape)
+  data = prng.split_data(key, max(num, 1))
   count = (jnp.asarray(chunk_start, jnp.uint32)[:, None]
-           + jax.lax.broadcasted_iota(jnp.uint32, shape, 1))
-  b1, b2 = jax_random_ext.threefry2x32_p.bind(k1, k2, jnp.zeros_like(count),
-                                              count)
+           + jax.lax.broadcasted_iota(jnp.uint32, (len(chunk_leaf), chunk), 1))
+  b1, b2 = prng.threefry2x32(data[chunk_leaf, 0][:, None],
+                             data[chunk_leaf, 1][:, None], jnp.uint32(0),
+                             count)
   return b1 ^ b2
 
 
@@ -326,29 +323,40 @@ def _random_top_k(key, shapes, groups, keep, guard=0) -> list[jax.Array]:
   ``guard``: each leaf's ``min(guard, size)`` highest draws rank above every
   other draw of the group (``keep`` already counts them).
 
-  Init-only, compiled once per layout, and the same program for any number
-  of leaves: all draws form one ``[chunks, C]`` array (each leaf cut into
-  rows of C entries) drawn by one hash call; each group's threshold is one
-  bisection over the 23 bits of the draws (a loop whose body is one
+  Init-only, one compiled program per layout whose kernels do not depend on
+  the number of leaves: all draws form one ``[chunks, C]`` array (each leaf
+  cut into rows of C entries) drawn by one hash; each group's threshold is
+  one bisection over the 23 bits of the draws (a loop whose body is one
   compare-and-count over that array, the per-leaf and per-group counts
   segment sums of the row counts), the ties at it one bisection over the
-  positions. ``keep`` is traced.
+  positions (whose body counts the tie rows below and one gathered row per
+  leaf). ``keep`` is traced.
   """
+  shapes = tuple(tuple(s) for s in shapes)
   buckets = trees.same_shape_groups(
       [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
-  stacked = _random_top_k_stacked(key, tuple(tuple(s) for s in shapes),
-                                  tuple(tuple(g) for g in groups), keep, guard)
-  # Split outside the compiled program: XLA:CPU compiles every sliced
-  # output of a program as its own kernel (~25 ms each); an index into a
-  # stack is one cached program per shape.
+  # Leaf j of a bucket is cut out of its stack at a traced index: XLA:CPU
+  # compiles every slice at a constant offset as its own kernel (~15 ms
+  # each), but the same slice at a traced offset once per shape.
+  slots = tuple(np.int32(j) for j in range(max(map(len, buckets),
+                                               default=0)))
+  return _random_top_k_program(key, keep, slots, shapes,
+                               tuple(tuple(g) for g in groups), guard)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _random_top_k_program(key, keep, slots, shapes, groups, guard):
+  """:func:`_random_top_k` (``slots``: the int32 scalars 0, 1, ...)."""
+  stacked = _random_top_k_stacked(key, shapes, groups, keep, guard)
+  buckets = trees.same_shape_groups(
+      [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
   out = [None] * len(shapes)
   for members, masks in zip(buckets, stacked):
     for j, i in enumerate(members):
-      out[i] = jax.lax.dynamic_index_in_dim(masks, j, keepdims=False)
+      out[i] = jax.lax.dynamic_index_in_dim(masks, slots[j], keepdims=False)
   return out
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 4))
 def _random_top_k_stacked(key, shapes, groups, keep, guard):
   """:func:`_random_top_k`'s masks, stacked ``[R, *shape]`` per
   :func:`flipout_jax.trees.same_shape_groups` bucket of ``shapes``."""
@@ -365,17 +373,15 @@ def _random_top_k_stacked(key, shapes, groups, keep, guard):
   chunk_leaf = np.repeat(order, per[order]).astype(np.int32)
   first = np.zeros((num,), np.int64)
   first[order] = np.concatenate([[0], np.cumsum(per[order])[:-1]])
-  chunk_start = ((np.arange(len(chunk_leaf)) - first[chunk_leaf]) * chunk
-                 if num else np.zeros((0,), np.int64))
-  keys = jax.random.split(key, max(num, 1))
+  chunk_row = np.arange(len(chunk_leaf)) - first[chunk_leaf]  # row in leaf
+  chunk_start = chunk_row * chunk if num else np.zeros((0,), np.int64)
   # int32 ranks of the draws (the uniform's 23 mantissa bits); -1 past a
   # leaf's end (never kept, never a tie).
-  position = (jnp.asarray(chunk_start, jnp.int32)[:, None]
-              + jax.lax.broadcasted_iota(jnp.int32, (len(chunk_leaf), chunk),
-                                         1))
+  column = jax.lax.broadcasted_iota(jnp.int32, (len(chunk_leaf), chunk), 1)
+  position = jnp.asarray(chunk_start, jnp.int32)[:, None] + column
   inside = position < jnp.asarray(sizes, jnp.int32)[chunk_leaf][:, None]
   draws = jnp.where(inside, jax.lax.shift_right_logical(
-      _chunked_bits(keys, chunk_leaf, chunk_start, chunk, sizes),
+      _chunked_bits(key, num, chunk_leaf, chunk_start, chunk, sizes),
       jnp.uint32(32 - _UNIFORM_BITS)).astype(jnp.int32), -1)
   leaf_sum = lambda x: jax.ops.segment_sum(x, chunk_leaf, num_segments=num)
 
@@ -393,34 +399,45 @@ def _random_top_k_stacked(key, shapes, groups, keep, guard):
     to_group = lambda c: jax.ops.segment_sum(
         jnp.where(live, c, 0), leaf_group, num_segments=len(grps))
     to_chunk = lambda x: x[leaf_group][chunk_leaf][:, None]
-    count = lambda pred: leaf_sum(jnp.sum(pred, axis=1, dtype=jnp.int32))
+    row_sum = lambda pred: jnp.sum(pred, axis=1, dtype=jnp.int32)
 
     # t[g]: the largest t with #{v >= t} >= k[g] (bisection over the bits).
     def bit_step(b, t):
       cand = t | (jnp.int32(1) << (_UNIFORM_BITS - b))
-      c = to_group(count(values >= to_chunk(cand)))
+      c = to_group(leaf_sum(row_sum(values >= to_chunk(cand))))
       return jnp.where(c >= k, cand, t)
 
     t = jax.lax.fori_loop(0, _UNIFORM_BITS + 1, bit_step,
                           jnp.zeros((len(grps),), jnp.int32))
     t_chunk = to_chunk(t)
-    above, ties = count(values > t_chunk), count(values == t_chunk)
+    tie = values == t_chunk
+    tie_rows = row_sum(tie)  # ties per row
+    above, ties = leaf_sum(row_sum(values > t_chunk)), leaf_sum(tie_rows)
     # Ties to keep per leaf: what its group still needs after the leaves
     # before it, each leaf's first ones (row-major): those at positions
     # <= q[i] for q[i] the largest q with #{ties before q} < need[i].
     need = (k - to_group(above))[leaf_group] - jnp.asarray(before) @ ties
     need = jnp.clip(need, 0, ties)
     pos_bits = max(sizes, default=1).bit_length()
+    first_row = jnp.asarray(first, jnp.int32)
 
     def pos_step(b, q):
+      # #{ties before cand}: the tie counts of the leaf's rows before
+      # cand's row, plus the ties of that row (one gathered row per leaf)
+      # in the columns before cand's.
       cand = q | (jnp.int32(1) << (pos_bits - 1 - b))
-      c = count((values == t_chunk) & (position < cand[chunk_leaf][:, None]))
+      row, col = cand // chunk, cand % chunk
+      below = leaf_sum(jnp.where(jnp.asarray(chunk_row) < row[chunk_leaf],
+                                 tie_rows, 0))
+      at = jnp.minimum(first_row + row, len(chunk_leaf) - 1)
+      c = below + row_sum(tie[at] & (jax.lax.broadcasted_iota(
+          jnp.int32, (num, chunk), 1) < col[:, None]))
       return jnp.where(c < need, cand, q)
 
     q = jax.lax.fori_loop(0, pos_bits, pos_step, jnp.zeros((num,), jnp.int32))
     cut = jnp.where(need > 0, q + 1, 0)[chunk_leaf][:, None]
     keeps = jnp.asarray(live) & (k[leaf_group] > 0)
-    return (((values > t_chunk) | ((values == t_chunk) & (position < cut)))
+    return (((values > t_chunk) | (tie & (position < cut)))
             & keeps[chunk_leaf][:, None])
 
   if guard:
