@@ -52,7 +52,6 @@ import numpy as np
 from flipout_jax import distributions as distributions_lib
 from flipout_jax import prng
 from flipout_jax import selection
-from flipout_jax import trees
 from flipout_jax import validate
 
 Leaves = list  # list[jax.Array], one per prunable leaf
@@ -280,12 +279,13 @@ def _chunked_bits(key, num, chunk_leaf, chunk_start, chunk,
                   sizes) -> jax.Array:
   """uint32 ``[num_chunks, chunk]``: row c holds entries ``chunk_start[c] +
   j`` of ``jax.random.bits(split(key, num)[chunk_leaf[c]], (size,))`` (past
-  a leaf's end: unused draws).
+  a leaf's end: unused draws; each leaf's rows contiguous).
 
   With the default partitionable threefry (entry j of a draw is the hash of
-  the counter ``(0, j)`` under its key) every leaf's draw is one
-  :func:`flipout_jax.prng.threefry2x32` over all the counters, a single
-  fused kernel whatever the shapes. Any other PRNG (or the original
+  the counter ``(0, j)`` under its key, key i of a split the hash of ``(0,
+  i)``) every row's key and every leaf's draw are one
+  :func:`flipout_jax.prng.threefry2x32` each over all the counters: two
+  fused kernels whatever the shapes. Any other PRNG (or the original
   threefry layout) draws once per leaf size, batched over the leaves of
   that size, and pads the rows with zeros.
   """
@@ -304,13 +304,44 @@ def _chunked_bits(key, num, chunk_leaf, chunk_start, chunk,
     return jnp.concatenate([rows[leaf] for leaf in leaves])
   if int(np.max(chunk_start, initial=0)) + chunk > 2**32:
     raise ValueError("params: a leaf of 2**32 or more entries.")
-  data = prng.split_data(key, max(num, 1))
+  data = prng.key_data(key)
+  k1, k2 = prng.threefry2x32(data[..., 0], data[..., 1], jnp.uint32(0),
+                             jnp.asarray(chunk_leaf, jnp.uint32))
   count = (jnp.asarray(chunk_start, jnp.uint32)[:, None]
            + jax.lax.broadcasted_iota(jnp.uint32, (len(chunk_leaf), chunk), 1))
-  b1, b2 = prng.threefry2x32(data[chunk_leaf, 0][:, None],
-                             data[chunk_leaf, 1][:, None], jnp.uint32(0),
-                             count)
+  b1, b2 = prng.threefry2x32(k1[:, None], k2[:, None], jnp.uint32(0), count)
   return b1 ^ b2
+
+
+class _Rows(NamedTuple):
+  """The static layout of :func:`_random_top_k`'s draws: every leaf cut into
+  rows of ``chunk`` entries, the rows of a group contiguous and in group
+  order (then the leaves in no group), so that a group's rows read
+  row-major are its draws in tie order."""
+  chunk: int
+  leaf: np.ndarray   # [rows] the leaf of each row
+  start: np.ndarray  # [rows] the row's first position in its leaf
+  first: np.ndarray  # [leaves] each leaf's first row
+  per: np.ndarray    # [leaves] rows per leaf
+  size: np.ndarray   # [leaves] entries per leaf
+
+
+@functools.lru_cache(maxsize=64)
+def _rows(shapes, groups) -> _Rows:
+  num = len(shapes)
+  sizes = [math.prod(s) for s in shapes]
+  grouped = [i for g in groups for i in g]
+  order = np.asarray(grouped + [i for i in range(num) if i not in
+                                set(grouped)], np.int64)
+  chunk = min(_RANDOM_CHUNK, 1 << max(max(sizes, default=1) - 1, 0)
+              .bit_length())
+  per = np.asarray([-(-n // chunk) for n in sizes], np.int64)
+  leaf = np.repeat(order, per[order]) if num else np.zeros((0,), np.int64)
+  first = np.zeros((num,), np.int64)
+  first[order] = np.concatenate([[0], np.cumsum(per[order])[:-1]])
+  start = (np.arange(len(leaf)) - first[leaf]) * chunk
+  return _Rows(chunk, leaf.astype(np.int32), start, first, per,
+               np.asarray(sizes, np.int64))
 
 
 def _random_top_k(key, shapes, groups, keep, guard=0) -> list[jax.Array]:
@@ -324,133 +355,121 @@ def _random_top_k(key, shapes, groups, keep, guard=0) -> list[jax.Array]:
   other draw of the group (``keep`` already counts them).
 
   Init-only, one compiled program per layout whose kernels do not depend on
-  the number of leaves: all draws form one ``[chunks, C]`` array (each leaf
-  cut into rows of C entries) drawn by one hash; each group's threshold is
-  one bisection over the 23 bits of the draws (a loop whose body is one
-  compare-and-count over that array, the per-leaf and per-group counts
-  segment sums of the row counts), the ties at it one bisection over the
-  positions (whose body counts the tie rows below and one gathered row per
-  leaf). ``keep`` is traced.
+  the number of leaves (:func:`_top_k_rows`). ``keep`` is traced.
   """
   shapes = tuple(tuple(s) for s in shapes)
-  buckets = trees.same_shape_groups(
-      [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
-  # Leaf j of a bucket is cut out of its stack at a traced index: XLA:CPU
-  # compiles every slice at a constant offset as its own kernel (~15 ms
-  # each), but the same slice at a traced offset once per shape.
-  slots = tuple(np.int32(j) for j in range(max(map(len, buckets),
-                                               default=0)))
-  return _random_top_k_program(key, keep, slots, shapes,
-                               tuple(tuple(g) for g in groups), guard)
+  groups = tuple(tuple(g) for g in groups)
+  # Each leaf is cut out of the rows at a traced offset: XLA:CPU compiles a
+  # slice at a constant offset as a kernel of its own (~15 ms each), the
+  # same slice at a traced offset once per shape.
+  offsets = tuple(np.int32(r) for r in _rows(shapes, groups).first)
+  return _random_top_k_program(key, keep, offsets, shapes, groups, guard)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _random_top_k_program(key, keep, slots, shapes, groups, guard):
-  """:func:`_random_top_k` (``slots``: the int32 scalars 0, 1, ...)."""
-  stacked = _random_top_k_stacked(key, shapes, groups, keep, guard)
-  buckets = trees.same_shape_groups(
-      [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
-  out = [None] * len(shapes)
-  for members, masks in zip(buckets, stacked):
-    for j, i in enumerate(members):
-      out[i] = jax.lax.dynamic_index_in_dim(masks, slots[j], keepdims=False)
-  return out
-
-
-def _random_top_k_stacked(key, shapes, groups, keep, guard):
-  """:func:`_random_top_k`'s masks, stacked ``[R, *shape]`` per
-  :func:`flipout_jax.trees.same_shape_groups` bucket of ``shapes``."""
+def _random_top_k_program(key, keep, offsets, shapes, groups, guard):
+  """:func:`_random_top_k` (``offsets``: each leaf's first row, traced)."""
   keep = jnp.asarray(keep, jnp.int32)
   num = len(shapes)
   sizes = [math.prod(s) for s in shapes]
-  buckets = trees.same_shape_groups(
-      [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
-  order = np.asarray([i for b in buckets for i in b], np.int32)
-  chunk = min(_RANDOM_CHUNK, 1 << max(max(sizes, default=1) - 1, 0)
-              .bit_length())
-  per = np.asarray([-(-n // chunk) for n in sizes], np.int64)  # rows/leaf
-  # Rows in bucket order, so that each bucket is one contiguous block.
-  chunk_leaf = np.repeat(order, per[order]).astype(np.int32)
-  first = np.zeros((num,), np.int64)
-  first[order] = np.concatenate([[0], np.cumsum(per[order])[:-1]])
-  chunk_row = np.arange(len(chunk_leaf)) - first[chunk_leaf]  # row in leaf
-  chunk_start = chunk_row * chunk if num else np.zeros((0,), np.int64)
+  rows = _rows(shapes, groups)
+  chunk = rows.chunk
   # int32 ranks of the draws (the uniform's 23 mantissa bits); -1 past a
   # leaf's end (never kept, never a tie).
-  column = jax.lax.broadcasted_iota(jnp.int32, (len(chunk_leaf), chunk), 1)
-  position = jnp.asarray(chunk_start, jnp.int32)[:, None] + column
-  inside = position < jnp.asarray(sizes, jnp.int32)[chunk_leaf][:, None]
+  position = (jnp.asarray(rows.start, jnp.int32)[:, None]
+              + jax.lax.broadcasted_iota(jnp.int32, (len(rows.leaf), chunk),
+                                         1))
+  inside = position < jnp.asarray(sizes, jnp.int32)[rows.leaf][:, None]
   draws = jnp.where(inside, jax.lax.shift_right_logical(
-      _chunked_bits(key, num, chunk_leaf, chunk_start, chunk, sizes),
+      _chunked_bits(key, num, rows.leaf, rows.start, chunk, sizes),
       jnp.uint32(32 - _UNIFORM_BITS)).astype(jnp.int32), -1)
-  leaf_sum = lambda x: jax.ops.segment_sum(x, chunk_leaf, num_segments=num)
-
-  def select(values, grps, k):
-    """Masks (``[chunks, C]``) keeping the ``k[g]`` highest ``values`` of each
-    group of leaves ``grps[g]``, ties by (group order, position); leaves in
-    no group keep nothing."""
-    leaf_group = np.zeros((num,), np.int32)
-    live = np.zeros((num,), bool)
-    before = np.zeros((num, num), np.int32)  # leaves ahead in the group
-    for g, members in enumerate(grps):
-      for a, i in enumerate(members):
-        leaf_group[i], live[i] = g, True
-        before[i, list(members[:a])] = 1
-    to_group = lambda c: jax.ops.segment_sum(
-        jnp.where(live, c, 0), leaf_group, num_segments=len(grps))
-    to_chunk = lambda x: x[leaf_group][chunk_leaf][:, None]
-    row_sum = lambda pred: jnp.sum(pred, axis=1, dtype=jnp.int32)
-
-    # t[g]: the largest t with #{v >= t} >= k[g] (bisection over the bits).
-    def bit_step(b, t):
-      cand = t | (jnp.int32(1) << (_UNIFORM_BITS - b))
-      c = to_group(leaf_sum(row_sum(values >= to_chunk(cand))))
-      return jnp.where(c >= k, cand, t)
-
-    t = jax.lax.fori_loop(0, _UNIFORM_BITS + 1, bit_step,
-                          jnp.zeros((len(grps),), jnp.int32))
-    t_chunk = to_chunk(t)
-    tie = values == t_chunk
-    tie_rows = row_sum(tie)  # ties per row
-    above, ties = leaf_sum(row_sum(values > t_chunk)), leaf_sum(tie_rows)
-    # Ties to keep per leaf: what its group still needs after the leaves
-    # before it, each leaf's first ones (row-major): those at positions
-    # <= q[i] for q[i] the largest q with #{ties before q} < need[i].
-    need = (k - to_group(above))[leaf_group] - jnp.asarray(before) @ ties
-    need = jnp.clip(need, 0, ties)
-    pos_bits = max(sizes, default=1).bit_length()
-    first_row = jnp.asarray(first, jnp.int32)
-
-    def pos_step(b, q):
-      # #{ties before cand}: the tie counts of the leaf's rows before
-      # cand's row, plus the ties of that row (one gathered row per leaf)
-      # in the columns before cand's.
-      cand = q | (jnp.int32(1) << (pos_bits - 1 - b))
-      row, col = cand // chunk, cand % chunk
-      below = leaf_sum(jnp.where(jnp.asarray(chunk_row) < row[chunk_leaf],
-                                 tie_rows, 0))
-      at = jnp.minimum(first_row + row, len(chunk_leaf) - 1)
-      c = below + row_sum(tie[at] & (jax.lax.broadcasted_iota(
-          jnp.int32, (num, chunk), 1) < col[:, None]))
-      return jnp.where(c < need, cand, q)
-
-    q = jax.lax.fori_loop(0, pos_bits, pos_step, jnp.zeros((num,), jnp.int32))
-    cut = jnp.where(need > 0, q + 1, 0)[chunk_leaf][:, None]
-    keeps = jnp.asarray(live) & (k[leaf_group] > 0)
-    return (((values > t_chunk) | (tie & (position < cut)))
-            & keeps[chunk_leaf][:, None])
-
   if guard:
     counts = jnp.asarray([min(guard, n) for n in sizes], jnp.int32)
-    guarded = select(draws, tuple((i,) for i in range(num)), counts)
+    guarded = _top_k_rows(draws, rows, tuple((i,) for i in range(num)),
+                          counts)
     draws = jnp.where(guarded, jnp.int32(1 << _UNIFORM_BITS), draws)
-  kept = select(draws, groups, keep)
+  kept = _top_k_rows(draws, rows, groups, keep)
   out = []
-  for members in buckets:
-    i, r = members[0], len(members)
-    block = kept[first[i]:first[i] + r * per[i]].reshape(r, per[i] * chunk)
-    out.append(block[:, :sizes[i]].reshape((r,) + tuple(shapes[i])))
+  for i, shape in enumerate(shapes):
+    block = jax.lax.dynamic_slice_in_dim(kept, offsets[i], int(rows.per[i]))
+    out.append(block.reshape(-1)[:sizes[i]].reshape(shape))
   return out
+
+
+def _top_k_rows(values, rows: _Rows, groups, k) -> jax.Array:
+  """bool like ``values`` (int32 ``[rows, C]``, ``>= -1``, in the layout
+  ``rows``): each group keeps the ``k[g]`` highest values of its leaves,
+  ties by (group order, position); leaves in no group keep nothing.
+
+  Group g keeps ``v > t_g`` and the ties ``v == t_g`` at positions ``p <=
+  q_g``, where ``p`` counts the group's entries row-major (its leaves'
+  rows are contiguous, in group order), ``t_g`` is the largest t with
+  ``#{v >= t} >= k_g`` and ``q_g`` the largest q with ``#{v > t_g} +
+  #{v == t_g, p < q} < k_g``. One loop finds both by bisection, ``t`` over
+  the 24 bits of the values, then ``q`` over the bits of the positions
+  (only if a group's count falls inside a tie); its body counts
+  ``#{v > a_g or (v == a_g and p < b_g)}`` for every group at once: one
+  compare over ``values``, a sum per row and a segment sum per group.
+  """
+  num_groups = len(groups)
+  chunk = rows.chunk
+  leaf_group = np.full((len(rows.per),), num_groups, np.int32)  # none: last
+  group_first = np.zeros((num_groups + 1,), np.int64)
+  span = 1
+  for g, members in enumerate(groups):
+    leaf_group[list(members)] = g
+    if members:
+      group_first[g] = rows.first[members[0]]
+      span = max(span, int(sum(rows.per[i] for i in members)) * chunk)
+  row_group = leaf_group[rows.leaf]
+  # An entry's position in its group's row-major order is its row's base
+  # plus its column: `p < b` is compared as `column < b - base`.
+  base = jnp.asarray((np.arange(len(rows.leaf)) - group_first[row_group])
+                     * chunk, jnp.int32)[:, None]
+  # (Made where it is read: a loop operand would be a 4-byte-per-entry buffer.)
+  column = lambda: jax.lax.broadcasted_iota(jnp.int32, values.shape, 1)
+  pos_bits = (span - 1).bit_length()
+  big = jnp.iinfo(jnp.int32).max
+  # Rows of no group compare against (big, big): nothing counts, nothing kept.
+  per_row = lambda x: jnp.concatenate([x, jnp.full((1,), big)])[row_group][
+      :, None]
+
+  def count(a, b):
+    """#{v > a_g or (v == a_g and p < b_g)} per group."""
+    a, b = per_row(a), per_row(b) - base
+    hit = (values > a) | ((values == a) & (column() < b))
+    return jax.ops.segment_sum(jnp.sum(hit, axis=1, dtype=jnp.int32),
+                               row_group, num_segments=num_groups + 1
+                               )[:num_groups]
+
+  bits = _UNIFORM_BITS + 1  # the guard's 1 << 23 is a value too
+
+  def unfinished(state):
+    step, _, above_t, _ = state
+    # After t: only a group whose count of v >= t exceeds k cuts a tie.
+    return (step < bits) | ((step < bits + pos_bits) & jnp.any(above_t > k))
+
+  def step_fn(state):
+    step, t, count_t, q = state
+    on_t = step < bits
+    a = jnp.where(on_t, t | (jnp.int32(1) << (bits - 1 - step)), t)
+    b = jnp.where(on_t, big,
+                  q | (jnp.int32(1) << (bits + pos_bits - 1 - step)))
+    c = count(a, b)
+    take_t = on_t & (c >= k)
+    return (step + 1, jnp.where(take_t, a, t),
+            jnp.where(take_t, c, count_t),
+            jnp.where(~on_t & (c < k), b, q))
+
+  # t = 0 counts every entry of the group (v >= 0).
+  totals = [sum(int(rows.size[i]) for i in members) for members in groups]
+  init = (jnp.int32(0), jnp.zeros((num_groups,), jnp.int32),
+          jnp.asarray(totals, jnp.int32), jnp.zeros((num_groups,), jnp.int32))
+  _, t, count_t, q = jax.lax.while_loop(unfinished, step_fn, init)
+  # A group whose count at t is at most k keeps all its ties.
+  limit = jnp.where(count_t > k, q, big)
+  a, b = per_row(t), per_row(limit) - base
+  return (values > a) | ((values == a) & (column() <= b))
 
 
 # ----------------------------------------------------------------------------

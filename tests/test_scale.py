@@ -96,9 +96,9 @@ def test_random_initial_masks_program_does_not_grow_with_leaves(name):
     counts.append((_ops(text), _init_ops(text)))
   assert counts[0] == counts[1], counts
   # The key split and every leaf's draws are fused hashes (prng.threefry2x32),
-  # not calls of the threefry primitive; the two bisections are the loops.
+  # not calls of the threefry primitive; one loop bisects every group.
   assert counts[0][1]["threefry"] == 0
-  assert counts[0][1]["while"] == 2
+  assert counts[0][1]["while"] == 1
   assert counts[0][1]["sort"] == 0
 
 
