@@ -407,69 +407,82 @@ def _top_k_rows(values, rows: _Rows, groups, k) -> jax.Array:
   ``#{v >= t} >= k_g`` and ``q_g`` the largest q with ``#{v > t_g} +
   #{v == t_g, p < q} < k_g``. One loop finds both by bisection, ``t`` over
   the 24 bits of the values, then ``q`` over the bits of the positions
-  (only if a group's count falls inside a tie); its body counts
-  ``#{v > a_g or (v == a_g and p < b_g)}`` for every group at once: one
-  compare over ``values``, a sum per row and a segment sum per group.
+  (only while a group's count at ``t`` exceeds ``k``: a tie to cut); its
+  body counts ``#{v > a_g or (v == a_g and p < b_g)}`` for every group at
+  once: one compare over ``values``, a sum per row and a segment sum per
+  group. The loop keeps its candidates per row (each row's group's), so
+  that the body is a handful of kernels whatever the number of groups.
   """
   num_groups = len(groups)
   chunk = rows.chunk
+  big = np.iinfo(np.int32).max
   leaf_group = np.full((len(rows.per),), num_groups, np.int32)  # none: last
   group_first = np.zeros((num_groups + 1,), np.int64)
+  totals = np.zeros((num_groups + 1,), np.int64)
   span = 1
   for g, members in enumerate(groups):
     leaf_group[list(members)] = g
     if members:
       group_first[g] = rows.first[members[0]]
+      totals[g] = sum(int(rows.size[i]) for i in members)
       span = max(span, int(sum(rows.per[i] for i in members)) * chunk)
   row_group = leaf_group[rows.leaf]
+  pos_bits = (span - 1).bit_length()
   # An entry's position in its group's row-major order is its row's base
   # plus its column: `p < b` is compared as `column < b - base`.
   base = jnp.asarray((np.arange(len(rows.leaf)) - group_first[row_group])
                      * chunk, jnp.int32)[:, None]
   # (Made where it is read: a loop operand would be a 4-byte-per-entry buffer.)
   column = lambda: jax.lax.broadcasted_iota(jnp.int32, values.shape, 1)
-  pos_bits = (span - 1).bit_length()
-  big = jnp.iinfo(jnp.int32).max
-  # Rows of no group compare against (big, big): nothing counts, nothing kept.
-  per_row = lambda x: jnp.concatenate([x, jnp.full((1,), big)])[row_group][
-      :, None]
-
-  def count(a, b):
-    """#{v > a_g or (v == a_g and p < b_g)} per group."""
-    a, b = per_row(a), per_row(b) - base
-    hit = (values > a) | ((values == a) & (column() < b))
-    return jax.ops.segment_sum(jnp.sum(hit, axis=1, dtype=jnp.int32),
-                               row_group, num_segments=num_groups + 1
-                               )[:num_groups]
-
+  # Rows of no group: k = big, so that their t stays big (nothing counts,
+  # nothing is kept).
+  k_row = jnp.concatenate([jnp.asarray(k, jnp.int32), jnp.full((1,), big)]
+                          )[row_group][:, None]
+  grouped = row_group[:, None] < num_groups
+  # Counts by runs of `sub` entries (XLA:CPU fuses a reduction of <= 32
+  # elements into the compare; a longer one becomes an unfused compare, a
+  # reduce-window and a reduce), then a segment sum of the runs per group.
+  sub = min(32, chunk)
+  runs = chunk // sub
+  run_group = jnp.broadcast_to(jnp.asarray(row_group)[:, None],
+                               (len(row_group), runs)).reshape(-1)
+  group_sum = lambda hit: jax.ops.segment_sum(
+      jnp.sum(hit.reshape(-1, sub), axis=1, dtype=jnp.int32), run_group,
+      num_segments=num_groups + 1)
   bits = _UNIFORM_BITS + 1  # the guard's 1 << 23 is a value too
 
+  # The loop state: per row, (t, #{v >= t}, q) of its group, one array so
+  # that one kernel updates it.
   def unfinished(state):
-    step, _, above_t, _ = state
+    step, st = state
     # After t: only a group whose count of v >= t exceeds k cuts a tie.
-    return (step < bits) | ((step < bits + pos_bits) & jnp.any(above_t > k))
+    return (step < bits) | ((step < bits + pos_bits)
+                            & jnp.any(st[:, 1:2] > k_row))
 
   def step_fn(state):
-    step, t, count_t, q = state
+    step, st = state
+    t, count_t, q = st[:, 0:1], st[:, 1:2], st[:, 2:3]
     on_t = step < bits
     a = jnp.where(on_t, t | (jnp.int32(1) << (bits - 1 - step)), t)
     b = jnp.where(on_t, big,
                   q | (jnp.int32(1) << (bits + pos_bits - 1 - step)))
-    c = count(a, b)
-    take_t = on_t & (c >= k)
-    return (step + 1, jnp.where(take_t, a, t),
-            jnp.where(take_t, c, count_t),
-            jnp.where(~on_t & (c < k), b, q))
+    hit = (values > a) | ((values == a) & (column() < b - base))
+    c = group_sum(hit)[row_group][:, None]
+    take_t = on_t & (c >= k_row)
+    return step + 1, jnp.concatenate(
+        [jnp.where(take_t, a, t), jnp.where(take_t, c, count_t),
+         jnp.where(~on_t & (c < k_row), b, q)], axis=1)
 
   # t = 0 counts every entry of the group (v >= 0).
-  totals = [sum(int(rows.size[i]) for i in members) for members in groups]
-  init = (jnp.int32(0), jnp.zeros((num_groups,), jnp.int32),
-          jnp.asarray(totals, jnp.int32), jnp.zeros((num_groups,), jnp.int32))
-  _, t, count_t, q = jax.lax.while_loop(unfinished, step_fn, init)
+  init = np.stack([np.where(grouped[:, 0], 0, big),
+                   np.where(grouped[:, 0], totals[row_group], 0),
+                   np.zeros(len(row_group))], axis=1)
+  _, st = jax.lax.while_loop(unfinished, step_fn,
+                             (jnp.int32(0), jnp.asarray(init, jnp.int32)))
+  t, count_t, q = st[:, 0:1], st[:, 1:2], st[:, 2:3]
   # A group whose count at t is at most k keeps all its ties.
-  limit = jnp.where(count_t > k, q, big)
-  a, b = per_row(t), per_row(limit) - base
-  return (values > a) | ((values == a) & (column() <= b))
+  limit = jnp.where(count_t > k_row, q, big) - base
+  return (values > t) | ((values == t) & (column() <= limit))
 
 
 # ----------------------------------------------------------------------------
