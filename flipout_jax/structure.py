@@ -355,20 +355,53 @@ def _random_top_k(key, shapes, groups, keep, guard=0) -> list[jax.Array]:
   other draw of the group (``keep`` already counts them).
 
   Init-only, one compiled program per layout whose kernels do not depend on
-  the number of leaves (:func:`_top_k_rows`). ``keep`` is traced.
+  the number of leaves (:func:`_top_k_rows`); ``keep`` may be traced. With
+  a concrete key and counts the program returns the rows of every leaf and
+  each leaf is cut out of them on the host (NumPy views, then one transfer
+  per leaf): a cut inside the program is one more output buffer, fusion
+  and copy per leaf (~1 ms of compile each, 0.2 s at 147 leaves). Under a
+  trace (``jit`` or ``vmap`` of init) the leaves are cut in the program.
   """
   shapes = tuple(tuple(s) for s in shapes)
   groups = tuple(tuple(g) for g in groups)
-  # Each leaf is cut out of the rows at a traced offset: XLA:CPU compiles a
-  # slice at a constant offset as a kernel of its own (~15 ms each), the
-  # same slice at a traced offset once per shape.
-  offsets = tuple(np.int32(r) for r in _rows(shapes, groups).first)
-  return _random_top_k_program(key, keep, offsets, shapes, groups, guard)
+  rows = _rows(shapes, groups)
+  if isinstance(key, jax.core.Tracer) or isinstance(keep, jax.core.Tracer):
+    # Each leaf is cut at a traced offset: XLA:CPU compiles a slice at a
+    # constant offset as a kernel of its own (~15 ms each), the same slice
+    # at a traced offset once per shape.
+    offsets = tuple(np.int32(r) for r in rows.first)
+    return _random_top_k_leaves(key, keep, offsets, shapes, groups, guard)
+  kept = np.asarray(_random_top_k_rows(key, keep, shapes, groups, guard))
+  return [jnp.asarray(_leaf_of_rows(kept, rows, i, shape, math.prod(shape)))
+          for i, shape in enumerate(shapes)]
+
+
+def _leaf_of_rows(kept: np.ndarray, rows: _Rows, i: int, shape, size: int):
+  """Leaf ``i``'s entries of the host rows ``kept`` (a NumPy view)."""
+  return kept[rows.first[i]:rows.first[i] + rows.per[i]].reshape(-1)[
+      :size].reshape(shape)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _random_top_k_rows(key, keep, shapes, groups, guard) -> jax.Array:
+  """bool ``[rows, C]``: :func:`_random_top_k`'s masks in the layout
+  :func:`_rows`."""
+  return _kept_rows(key, keep, shapes, groups, guard)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _random_top_k_program(key, keep, offsets, shapes, groups, guard):
-  """:func:`_random_top_k` (``offsets``: each leaf's first row, traced)."""
+def _random_top_k_leaves(key, keep, offsets, shapes, groups, guard):
+  """:func:`_random_top_k`'s masks, each cut out of the rows at its traced
+  first row ``offsets[i]``."""
+  kept = _kept_rows(key, keep, shapes, groups, guard)
+  rows = _rows(shapes, groups)
+  return [jax.lax.dynamic_slice_in_dim(kept, offsets[i], int(rows.per[i]))
+          .reshape(-1)[:math.prod(shape)].reshape(shape)
+          for i, shape in enumerate(shapes)]
+
+
+def _kept_rows(key, keep, shapes, groups, guard) -> jax.Array:
+  """The rows of :func:`_random_top_k_rows` (traced)."""
   keep = jnp.asarray(keep, jnp.int32)
   num = len(shapes)
   sizes = [math.prod(s) for s in shapes]
@@ -388,12 +421,7 @@ def _random_top_k_program(key, keep, offsets, shapes, groups, guard):
     guarded = _top_k_rows(draws, rows, tuple((i,) for i in range(num)),
                           counts)
     draws = jnp.where(guarded, jnp.int32(1 << _UNIFORM_BITS), draws)
-  kept = _top_k_rows(draws, rows, groups, keep)
-  out = []
-  for i, shape in enumerate(shapes):
-    block = jax.lax.dynamic_slice_in_dim(kept, offsets[i], int(rows.per[i]))
-    out.append(block.reshape(-1)[:sizes[i]].reshape(shape))
-  return out
+  return _top_k_rows(draws, rows, groups, keep)
 
 
 def _top_k_rows(values, rows: _Rows, groups, k) -> jax.Array:

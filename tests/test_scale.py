@@ -81,18 +81,18 @@ def test_random_initial_masks_program_does_not_grow_with_leaves(name):
     jax.clear_caches()
     # The random masks' own program (init runs it on the leaves' layout).
     text = None
-    real = fj.structure._random_top_k_program
+    real = fj.structure._random_top_k_rows
 
     def spy(*args):
       nonlocal text
       text = real.lower(*args).as_text()
       return real(*args)
 
-    fj.structure._random_top_k_program = spy
+    fj.structure._random_top_k_rows = spy
     try:
       tx.init(params)
     finally:
-      fj.structure._random_top_k_program = real
+      fj.structure._random_top_k_rows = real
     counts.append((_ops(text), _init_ops(text)))
   assert counts[0] == counts[1], counts
   # The key split and every leaf's draws are fused hashes (prng.threefry2x32),
@@ -204,10 +204,15 @@ def test_random_masks_match_a_sorted_reference(case):
       keep.append(int(ties[len(ties) // 2]) + 1)
     keep = tuple(keep)
   got = fj.structure._random_top_k(key, shapes, groups, keep, guard)
+  # Traced (as under jit(tx.init)), the leaves are cut inside the program.
+  traced = jax.jit(lambda k: fj.structure._random_top_k(
+      k, shapes, groups, keep, guard))(key)
   want = _reference_masks(key, shapes, groups, keep, guard)
-  for i, (g, w) in enumerate(zip(got, want)):
-    assert g.shape == shapes[i] and g.dtype == jnp.bool_
+  for i, (g, t, w) in enumerate(zip(got, traced, want)):
+    assert g.shape == t.shape == shapes[i]
+    assert g.dtype == t.dtype == jnp.bool_
     np.testing.assert_array_equal(np.asarray(g), w, err_msg=str(i))
+    np.testing.assert_array_equal(np.asarray(t), w, err_msg=str(i))
   for g, members in enumerate(groups):
     total = sum(math.prod(shapes[i]) for i in members)
     assert sum(int(np.sum(got[i])) for i in members) == min(keep[g], total)
