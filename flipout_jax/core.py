@@ -351,7 +351,8 @@ def _init_keys(seed) -> tuple[jax.Array, jax.Array]:
   if not isinstance(seed, jax.Array):
     keys = prng.split_seed(seed, 2)
     if keys is not None:
-      return jnp.asarray(keys[0]), jnp.asarray(keys[1])
+      # (device_put: jnp.asarray would compile a staging program.)
+      return jax.device_put(keys[0]), jax.device_put(keys[1])
   base = seed if isinstance(seed, jax.Array) else jax.random.PRNGKey(seed)
   init_key, key = jax.random.split(base)
   return init_key, key

@@ -372,7 +372,8 @@ def _random_top_k(key, shapes, groups, keep, guard=0) -> list[jax.Array]:
     offsets = tuple(np.int32(r) for r in rows.first)
     return _random_top_k_leaves(key, keep, offsets, shapes, groups, guard)
   kept = np.asarray(_random_top_k_rows(key, keep, shapes, groups, guard))
-  return [jnp.asarray(_leaf_of_rows(kept, rows, i, shape, math.prod(shape)))
+  # (device_put, not jnp.asarray: that compiles a staging program per shape.)
+  return [jax.device_put(_leaf_of_rows(kept, rows, i, shape, math.prod(shape)))
           for i, shape in enumerate(shapes)]
 
 
