@@ -455,6 +455,9 @@ def _top_k_rows(values, rows: _Rows, groups, k) -> jax.Array:
       group_first[g] = rows.first[members[0]]
       totals[g] = sum(int(rows.size[i]) for i in members)
       span = max(span, int(sum(rows.per[i] for i in members)) * chunk)
+  if span > 2**31:
+    raise ValueError("params: a group of 2**31 or more weights (positions "
+                     "are int32).")
   row_group = leaf_group[rows.leaf]
   pos_bits = (span - 1).bit_length()
   # An entry's position in its group's row-major order is its row's base
@@ -492,9 +495,9 @@ def _top_k_rows(values, rows: _Rows, groups, k) -> jax.Array:
     step, st = state
     t, count_t, q = st[:, 0:1], st[:, 1:2], st[:, 2:3]
     on_t = step < bits
-    a = jnp.where(on_t, t | (jnp.int32(1) << (bits - 1 - step)), t)
-    b = jnp.where(on_t, big,
-                  q | (jnp.int32(1) << (bits + pos_bits - 1 - step)))
+    bit = lambda b: jnp.int32(1) << jnp.clip(b, 0, 30)
+    a = jnp.where(on_t, t | bit(bits - 1 - step), t)
+    b = jnp.where(on_t, big, q | bit(bits + pos_bits - 1 - step))
     hit = (values > a) | ((values == a) & (column() < b - base))
     c = group_sum(hit)[row_group][:, None]
     take_t = on_t & (c >= k_row)
