@@ -435,8 +435,7 @@ def _top_k_rows(values, rows: _Rows, groups, k) -> jax.Array:
   rows are contiguous, in group order), ``t_g`` is the largest t with
   ``#{v >= t} >= k_g`` and ``q_g`` the largest q with ``#{v > t_g} +
   #{v == t_g, p < q} < k_g``. One loop finds both by bisection, ``t`` over
-  the 24 bits of the values, then ``q`` over the bits of the positions
-  (only while a group's count at ``t`` exceeds ``k``: a tie to cut); its
+  the 24 bits of the values, then ``q`` over the bits of the positions; its
   body counts ``#{v > a_g or (v == a_g and p < b_g)}`` for every group at
   once: one compare over ``values``, a sum per row and a segment sum per
   group. The loop keeps its candidates per row (each row's group's), so
@@ -447,13 +446,11 @@ def _top_k_rows(values, rows: _Rows, groups, k) -> jax.Array:
   big = np.iinfo(np.int32).max
   leaf_group = np.full((len(rows.per),), num_groups, np.int32)  # none: last
   group_first = np.zeros((num_groups + 1,), np.int64)
-  totals = np.zeros((num_groups + 1,), np.int64)
   span = 1
   for g, members in enumerate(groups):
     leaf_group[list(members)] = g
     if members:
       group_first[g] = rows.first[members[0]]
-      totals[g] = sum(int(rows.size[i]) for i in members)
       span = max(span, int(sum(rows.per[i] for i in members)) * chunk)
   if span > 2**31:
     raise ValueError("params: a group of 2**31 or more weights (positions "
@@ -466,11 +463,10 @@ def _top_k_rows(values, rows: _Rows, groups, k) -> jax.Array:
                      * chunk, jnp.int32)[:, None]
   # (Made where it is read: a loop operand would be a 4-byte-per-entry buffer.)
   column = lambda: jax.lax.broadcasted_iota(jnp.int32, values.shape, 1)
-  # Rows of no group: k = big, so that their t stays big (nothing counts,
+  # Rows of no group: k = big and t = big (never taken: nothing counts,
   # nothing is kept).
   k_row = jnp.concatenate([jnp.asarray(k, jnp.int32), jnp.full((1,), big)]
                           )[row_group][:, None]
-  grouped = row_group[:, None] < num_groups
   # Counts by runs of `sub` entries (XLA:CPU fuses a reduction of <= 32
   # elements into the compare; a longer one becomes an unfused compare, a
   # reduce-window and a reduce), then a segment sum of the runs per group.
@@ -483,38 +479,29 @@ def _top_k_rows(values, rows: _Rows, groups, k) -> jax.Array:
       num_segments=num_groups + 1)
   bits = _UNIFORM_BITS + 1  # the guard's 1 << 23 is a value too
 
-  # The loop state: per row, (t, #{v >= t}, q) of its group, one array so
-  # that one kernel updates it.
-  def unfinished(state):
-    step, st = state
-    # After t: only a group whose count of v >= t exceeds k cuts a tie.
-    return (step < bits) | ((step < bits + pos_bits)
-                            & jnp.any(st[:, 1:2] > k_row))
-
-  def step_fn(state):
-    step, st = state
-    t, count_t, q = st[:, 0:1], st[:, 1:2], st[:, 2:3]
+  # The loop state: per row, (t, q) of its group, one array so that one
+  # kernel updates it. (A fixed trip count: skipping the positions' steps
+  # when no count falls inside a tie saved less run time than its check
+  # cost to compile.)
+  def step_fn(step, st):
+    t, q = st[:, 0:1], st[:, 1:2]
     on_t = step < bits
     bit = lambda b: jnp.int32(1) << jnp.clip(b, 0, 30)
     a = jnp.where(on_t, t | bit(bits - 1 - step), t)
     b = jnp.where(on_t, big, q | bit(bits + pos_bits - 1 - step))
     hit = (values > a) | ((values == a) & (column() < b - base))
     c = group_sum(hit)[row_group][:, None]
-    take_t = on_t & (c >= k_row)
-    return step + 1, jnp.concatenate(
-        [jnp.where(take_t, a, t), jnp.where(take_t, c, count_t),
-         jnp.where(~on_t & (c < k_row), b, q)], axis=1)
+    return jnp.concatenate([jnp.where(on_t & (c >= k_row), a, t),
+                            jnp.where(~on_t & (c < k_row), b, q)], axis=1)
 
-  # t = 0 counts every entry of the group (v >= 0).
-  init = np.stack([np.where(grouped[:, 0], 0, big),
-                   np.where(grouped[:, 0], totals[row_group], 0),
+  init = np.stack([np.where(row_group < num_groups, 0, big),
                    np.zeros(len(row_group))], axis=1)
-  _, st = jax.lax.while_loop(unfinished, step_fn,
-                             (jnp.int32(0), jnp.asarray(init, jnp.int32)))
-  t, count_t, q = st[:, 0:1], st[:, 1:2], st[:, 2:3]
-  # A group whose count at t is at most k keeps all its ties.
-  limit = jnp.where(count_t > k_row, q, big) - base
-  return (values > t) | ((values == t) & (column() <= limit))
+  st = jax.lax.fori_loop(0, bits + pos_bits, step_fn,
+                         jnp.asarray(init, jnp.int32))
+  # (A group that keeps all its ties, or all its entries, ends with q past
+  # its last tie.)
+  t, q = st[:, 0:1], st[:, 1:2]
+  return (values > t) | ((values == t) & (column() <= q - base))
 
 
 # ----------------------------------------------------------------------------
