@@ -531,10 +531,13 @@ def prune(inner: optax.GradientTransformation,
   def build_state(params, given, key, prunable, axes):
     # One compiled program (cached per layout) instead of an eager op chain
     # per leaf: the first init of a deep model would compile each op anew.
-    masks = trees.mask_like(params, jax.tree.unflatten(*prunable))
-    if given is not None:
+    prunable = jax.tree.unflatten(*prunable)
+    if given is None:
+      masks = trees.mask_like(params, prunable)
+    else:  # (no all-alive masks to build and drop)
       masks = trees.map_prunable(
-          lambda m, g: jnp.asarray(g, jnp.bool_).reshape(m.shape), masks, given)
+          lambda p, g: jnp.asarray(g, jnp.bool_).reshape(p.shape),
+          jax.tree.map(lambda p, s: p if s else None, params, prunable), given)
     # Per-weight state (masks, tracker counts, inner moments) is sharded like
     # the params under jax.sharding, also when built by jnp.zeros, by a
     # jitted initial-mask function or under jit(tx.init); no-op on one device.
