@@ -323,7 +323,9 @@ def random_masks(sparsity: float, distribution="erk",
   exactly ``N − round(sparsity·N)``).
 
   Returns:
-    ``(params, dense_masks, key) -> masks``, as :func:`prune` expects.
+    ``(params, dense_masks, key) -> masks``, as :func:`prune` expects; it
+    reads only the shapes of ``dense_masks`` (``shapes_only``: any tree of
+    arrays or ``jax.ShapeDtypeStruct``s in mask layout).
   """
   structure = structure_lib.check(structure)
 
@@ -335,7 +337,7 @@ def random_masks(sparsity: float, distribution="erk",
         dense_masks, structure.random(lay, key, groups, table[0]))
 
   # It reads only the shapes of `dense_masks`: prune's init passes their
-  # jax.ShapeDtypeStruct (no dense mask is built).
+  # jax.ShapeDtypeStructs (no dense mask is built; see prune's initial_masks).
   init.shapes_only = True
   return init
 
@@ -463,7 +465,9 @@ def prune(inner: optax.GradientTransformation,
       (default :func:`flipout_jax.trees.default_filter`).
     initial_masks: starting masks (mask layout; e.g. to fine-tune with a
       fixed mask), or a function ``(params, dense_masks, key) -> masks``
-      (e.g. DST's random sparse start); default all alive. Weights whose
+      (e.g. DST's random sparse start; one with a true ``shapes_only``
+      attribute, as :func:`random_masks`'s, gets the masks'
+      ``jax.ShapeDtypeStruct``s); default all alive. Weights whose
       initial mask is False are zeroed by the first update.
     seed: seed of the PRNG key kept in the state (initial masks, noise,
       events): an int, or a PRNG key, which may be traced (e.g. one key
