@@ -18,6 +18,7 @@ import optax
 import pytest
 
 import flipout_jax as fj
+from flipout_jax import prng
 
 
 def _params(n):
@@ -224,3 +225,18 @@ def test_random_masks_of_a_typed_key_are_the_raw_keys():
   typed = fj.structure._random_top_k(jax.random.key(4), shapes, groups, keep)
   for a, b in zip(raw, typed):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_random_masks_of_another_prng_match_the_reference():
+  # A key that is not the partitionable threefry (here 'rbg') draws once per
+  # leaf size with jax.random.bits (vmapped over the leaves of that size,
+  # which under 'rbg' is the per-leaf draw only for the first of them: one
+  # leaf per size here).
+  shapes = ((40, 64), (3000,), (20, 64), (7,))
+  groups, keep = ((0, 1), (2,), (3,)), (900, 1000, 3)
+  key = jax.random.key(3, impl="rbg")
+  assert not prng.hashed(key)
+  got = fj.structure._random_top_k(key, shapes, groups, keep)
+  want = _reference_masks(key, shapes, groups, keep)
+  for i, (g, w) in enumerate(zip(got, want)):
+    np.testing.assert_array_equal(np.asarray(g), w, err_msg=str(i))
