@@ -177,12 +177,15 @@ class RawRule(NamedTuple):
     init: ``(layout, raw, sparsity, groups, keep) -> (masks, state)``: the
       masks and rule state of the starting raw weights (a list) at the
       schedule's step-0 target; runs once, eagerly, at ``init``.
-    select: ``(layout, raw, sparsity, groups, keep) -> RawSelection``,
-      traced inside every update with the stepped raw weights.
-      ``sparsity`` is the schedule's target in force (float32 ``[]``,
-      traced: a :func:`flipout_jax.schedules.ramp` moves every step);
-      ``groups`` and ``keep`` the budget of the structure's units for it
-      (int32 ``[num_groups]``; all kept before the first event).
+    select: ``(layout, raw, sparsity, groups, keep, previous) ->
+      RawSelection``, traced inside every update with the stepped raw
+      weights. ``sparsity`` is the schedule's target in force (float32
+      ``[]``, traced: a :func:`flipout_jax.schedules.ramp` moves every
+      step); ``groups`` and ``keep`` the budget of the structure's units
+      for it (int32 ``[num_groups]``; all kept before the first event).
+      ``previous`` is the last update's :class:`RawSelection` (the params,
+      masks and rule state the update started from): a hint only (e.g. to
+      warm-start a selection), the result must not depend on it.
     reset: None, or ``state -> state``: the rule's state once the masks are
       frozen (``freeze_step``), e.g. ST-3's thresholds 0 and scales 1.
   """
@@ -215,8 +218,8 @@ def hard_raw_rule(structure: structure_lib.Structure | None = None
     return structure.shrink(lay, alive, [jnp.abs(w.astype(jnp.float32))
                                          for w in raw], groups, keep)
 
-  def select(lay, raw, sparsity, groups, keep):
-    del sparsity
+  def select(lay, raw, sparsity, groups, keep, previous=None):
+    del sparsity, previous
     masks = masks_of(lay, raw, groups, keep)
     return RawSelection([jnp.where(m, w, jnp.zeros_like(w))
                          for m, w in zip(masks, raw)], masks)
@@ -769,8 +772,10 @@ def _raw_prune(inner, *, raw_rule, schedule, score_fn, mask_rule,
     old_rule = _rule_leaves(masks, state.method_state.rule)
 
     def select_step(_):
+      previous = RawSelection(trees.prunable_leaves(masks, params), mask_l,
+                              old_rule)
       sel = raw_rule.select(lay, new_raw, schedule.sparsity(count), groups,
-                            keep_at(table, count))
+                            keep_at(table, count), previous)
       raw_out, rule_state = new_raw, sel.state
       if freeze_step is not None:
         # The last selecting update: from now on the raw weights are its
