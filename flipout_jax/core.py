@@ -23,6 +23,8 @@ at most a :class:`Tracker` and a noise piece (:mod:`flipout_jax.noise`).
 
 from __future__ import annotations
 
+import functools
+import math
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -36,6 +38,7 @@ from flipout_jax import distributions as distributions_lib
 from flipout_jax import noise as noise_lib
 from flipout_jax import schedules as schedules_lib
 from flipout_jax import scores as scores_lib
+from flipout_jax import selection
 from flipout_jax import structure as structure_lib
 from flipout_jax import trees
 from flipout_jax import validate
@@ -210,17 +213,32 @@ def hard_raw_rule(structure: structure_lib.Structure | None = None
                   ) -> RawRule:
   """The raw-weights rule of hard masks: keep the ``keep[g]`` largest
   ``|w|`` of all units of each group (UniPTS's sparse training); effective
-  ``where(m, w, 0)``; no rule state."""
-  structure = structure_lib.check(structure)
+  ``where(m, w, 0)``; no rule state.
 
-  def masks_of(lay, raw, groups, keep):
+  Unstructured, the masks are :func:`flipout_jax.selection.magnitude_top_k`
+  of the raw weights (the same masks as the structure's ``shrink`` with
+  every weight alive), warm-started by the smallest kept ``|w|`` of each
+  group in the params the update starts from (the last update's cut, which
+  moves little from step to step).
+  """
+  structure = structure_lib.check(structure)
+  fast = structure.kind == "unstructured"
+
+  def masks_of(lay, raw, groups, keep, hint=None):
+    if fast:
+      sizes = [sum(math.prod(raw[i].shape) for i in g) for g in groups]
+      keep = jnp.minimum(jnp.asarray(keep, jnp.int32),
+                         jnp.asarray(sizes, jnp.int32))
+      return selection.magnitude_top_k(raw, groups, keep, hint=hint)[0]
     alive = [jnp.ones(w.shape, jnp.bool_) for w in raw]
     return structure.shrink(lay, alive, [jnp.abs(w.astype(jnp.float32))
                                          for w in raw], groups, keep)
 
   def select(lay, raw, sparsity, groups, keep, previous=None):
-    del sparsity, previous
-    masks = masks_of(lay, raw, groups, keep)
+    del sparsity
+    hint = None if previous is None or not fast else _kept_min_keys(
+        previous, groups)
+    masks = masks_of(lay, raw, groups, keep, hint)
     return RawSelection([jnp.where(m, w, jnp.zeros_like(w))
                          for m, w in zip(masks, raw)], masks)
 
@@ -233,6 +251,18 @@ def hard_raw_rule(structure: structure_lib.Structure | None = None
     return init_masks(lay, raw, groups, jnp.asarray(keep, jnp.int32)), None
 
   return RawRule(init, select)
+
+
+def _kept_min_keys(previous: RawSelection, groups) -> jax.Array:
+  """uint32 ``[num_groups]``: the sortable key of the smallest kept ``|p|``
+  of each group in ``previous`` (its params and masks; +inf's key where
+  nothing is kept), a hint for the next magnitude selection."""
+  mins = [jnp.min(jnp.where(m, jnp.abs(p).astype(jnp.float32), jnp.inf))
+          for p, m in zip(previous.effective, previous.masks)]
+  least = [functools.reduce(jnp.minimum, [mins[i] for i in g],
+                            jnp.float32(jnp.inf)) for g in groups]
+  return selection.sortable_key(jnp.stack(least)) if least else jnp.zeros(
+      (0,), jnp.uint32)
 
 
 def shrink_masks(masks: PyTree, scores: PyTree, groups, keep,

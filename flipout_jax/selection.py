@@ -549,15 +549,18 @@ def _stream_contiguous(src: _Source, fn, carry):
 
 
 def _digit_width(n: int, num_groups: int, bits: int) -> int:
-  """Bits per digit (16, 8 or 4) for ``num_groups`` groups of ``n`` entries.
+  """Bits per digit (4 to 16) for ``num_groups`` groups of ``n`` entries.
 
-  The widest whose histograms (``num_groups·2^w`` int32) fit in
-  ``max(n/4, 2^18)`` words: at most a quarter of float32 scores' bytes, or
-  1 MiB for small models. Never wider than ``bits`` needs.
+  The fewest passes over ``bits``-bit keys whose histograms
+  (``num_groups·2^w`` int32) fit in ``max(n/4, 2^18)`` words (at most a
+  quarter of float32 scores' bytes, or 1 MiB for small models), with the
+  narrowest digit that takes that many: ``ceil(bits/p)`` for ``p`` passes
+  (16 bits: 2 passes; 11: 3; 8: 4), at least 4.
   """
   budget = max(n // 4, _HIST_FLOOR_WORDS)
-  for width in (16, 8):
-    if num_groups << width <= budget and width // 2 < bits:
+  for passes in range(1, max(bits, 1) + 1):
+    width = max(-(-bits // passes), 4)
+    if width <= 16 and num_groups << width <= budget:
       return width
   return 4
 

@@ -206,17 +206,23 @@ def test_memory_stays_below_scores():
 
 
 def test_digit_width_respects_memory_budget():
+  # The fewest passes within the budget, each digit as narrow as that allows.
   assert selection._digit_width(10**6, 1, 32) == 16
   assert selection._digit_width(10, 1, 32) == 16  # the 1 MiB floor
-  assert selection._digit_width(10**6, 20, 32) == 8  # 20·2^16 > 2^18 words
+  assert selection._digit_width(10**6, 20, 32) == 11  # 20·2^16 > 2^18 words
   assert selection._digit_width(10**8, 20, 32) == 16
-  assert selection._digit_width(10**3, 5000, 32) == 4
-  assert selection._digit_width(10**6, 1, 9) == 16  # one pass for 9 bits
-  assert selection._digit_width(10**6, 1, 8) == 8  # few bits: narrow digits
+  assert selection._digit_width(10**3, 5000, 32) == 5  # 5000·2^6 > 2^18
+  assert selection._digit_width(10**6, 1, 9) == 9  # one pass for 9 bits
+  assert selection._digit_width(10**6, 1, 8) == 8
   assert selection._digit_width(10**6, 1, 4) == 4
-  for n, groups in ((10**6, 1), (10**7, 50), (10**8, 1000)):
+  assert selection._digit_width(10**6, 1, 3) == 4  # at least 4
+  for n, groups in ((10**6, 1), (10**7, 50), (10**8, 1000), (10**6, 75)):
     width = selection._digit_width(n, groups, 32)
     assert (groups << width) <= max(n // 4, 1 << 18)
+    # One pass fewer would need a wider digit than the budget holds.
+    passes = -(-32 // width)
+    if passes > 2:
+      assert (groups << -(-32 // (passes - 1))) > max(n // 4, 1 << 18)
 
 
 def test_argument_errors():
