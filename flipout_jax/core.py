@@ -255,14 +255,18 @@ def hard_raw_rule(structure: structure_lib.Structure | None = None
 
 def _kept_min_keys(previous: RawSelection, groups) -> jax.Array:
   """uint32 ``[num_groups]``: the sortable key of the smallest kept ``|p|``
-  of each group in ``previous`` (its params and masks; +inf's key where
-  nothing is kept), a hint for the next magnitude selection."""
-  mins = [jnp.min(jnp.where(m, jnp.abs(p).astype(jnp.float32), jnp.inf))
+  of each group in ``previous`` (its params and masks; all-ones where
+  nothing is kept), a hint for the next magnitude selection.
+
+  Integer minima of the keys: one fused pass over each tensor (a float
+  minimum would store its operand first, as YNNPACK's reductions do).
+  """
+  none = jnp.uint32(0xFFFFFFFF)
+  mins = [jnp.min(jnp.where(m, selection.sortable_key(jnp.abs(p)), none))
           for p, m in zip(previous.effective, previous.masks)]
-  least = [functools.reduce(jnp.minimum, [mins[i] for i in g],
-                            jnp.float32(jnp.inf)) for g in groups]
-  return selection.sortable_key(jnp.stack(least)) if least else jnp.zeros(
-      (0,), jnp.uint32)
+  least = [functools.reduce(jnp.minimum, [mins[i] for i in g], none)
+           for g in groups]
+  return jnp.stack(least) if least else jnp.zeros((0,), jnp.uint32)
 
 
 def shrink_masks(masks: PyTree, scores: PyTree, groups, keep,

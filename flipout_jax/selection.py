@@ -706,6 +706,8 @@ def _radix_select(buckets: Sequence[_Bucket], num_groups: int, k: jax.Array,
   drop = num_groups * bins  # past the end: mode="drop" discards
 
   def scatter(h, index):
+    # Unsigned indices: no wrapping of negative ones to compute.
+    index = index.astype(jnp.uint32)
     return h.at[index].add(1, mode="drop",
                            out_sharding=_replicated_if_explicit(index))
 
@@ -1013,6 +1015,17 @@ def _top_k(arrays, key_fn, groups, k, blocking, *, k_keep=None, hint=None,
   return masks, cut
 
 
+def _nonnegative_key(a: jax.Array) -> jax.Array:
+  """:func:`sortable_key` of float32 scores that are ``>= +0`` or NaN.
+
+  The same keys with fewer operations: the float's bits with the sign bit
+  set, NaN as ``-inf``'s key.
+  """
+  bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+  return jnp.where(bits > np.uint32(0x7F800000), np.uint32(0x007FFFFF),
+                   bits | _SIGN)
+
+
 @functools.lru_cache(maxsize=None)
 def _magnitude_key(divisor: float) -> Callable[..., jax.Array]:
   """``key_fn`` of the scores ``|w|/d`` (float32; ``|w|`` for ``d = 1``)."""
@@ -1020,7 +1033,7 @@ def _magnitude_key(divisor: float) -> Callable[..., jax.Array]:
   def key_fn(index, w):
     del index
     a = jnp.abs(w).astype(jnp.float32)
-    return sortable_key(a if divisor == 1.0 else a / jnp.float32(divisor))
+    return _nonnegative_key(a if divisor == 1.0 else a / jnp.float32(divisor))
 
   return key_fn
 
