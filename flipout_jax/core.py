@@ -191,10 +191,16 @@ class RawRule(NamedTuple):
       warm-start a selection), the result must not depend on it.
     reset: None, or ``state -> state``: the rule's state once the masks are
       frozen (``freeze_step``), e.g. ST-3's thresholds 0 and scales 1.
+    init_host: None, or ``(layout, raw, groups, keep) -> (masks, state)``:
+      :attr:`init` computed on the host (NumPy arrays in and out, the same
+      values), used at ``init`` when every prunable param is a concrete
+      array on one device: it saves compiling the rule's selection into
+      the init program.
   """
   init: Callable
   select: Callable
   reset: Callable | None = None
+  init_host: Callable | None = None
 
 
 class RawState(NamedTuple):
@@ -250,7 +256,11 @@ def hard_raw_rule(structure: structure_lib.Structure | None = None
     del sparsity
     return init_masks(lay, raw, groups, jnp.asarray(keep, jnp.int32)), None
 
-  return RawRule(init, select)
+  def init_host(lay, raw, groups, keep):
+    del lay
+    return selection.magnitude_top_k_host(raw, groups, keep)[0], None
+
+  return RawRule(init, select, None, init_host if fast else None)
 
 
 def _kept_min_keys(previous: RawSelection, groups) -> jax.Array:
@@ -748,21 +758,35 @@ def _raw_prune(inner, *, raw_rule, schedule, score_fn, mask_rule,
     if n >= 2**31 - 1:
       raise ValueError("params: 2**31 - 1 or more prunable weights; counts "
                        "are int32.")
-    _, groups, table = budget(masks)
+    lay, groups, table = budget(masks)
     _warn_empty_budget(name, masks, groups, table[1:])
     flat, treedef = jax.tree.flatten(prunable)
+    leaves = trees.prunable_leaves(masks, params)
+    host = None
+    if raw_rule.init_host is not None and all(map(_on_one_device, leaves)):
+      # The step-0 selection on the host: the init program then compiles
+      # no selection (seconds of CPU for a transformer's many layers).
+      host = raw_rule.init_host(lay, [np.asarray(x) for x in leaves], groups,
+                                np.asarray(_keep_at_start(table)))
     return _placed(build_state(params, (treedef, tuple(flat)),
-                               _packing_axes(packed_masks, params, prunable)),
-                   params)
+                               _packing_axes(packed_masks, params, prunable),
+                               host), params)
 
-  def build_state(params, prunable, axes):
+  def _keep_at_start(table):
+    """``keep_at(table, 0)``, one small compiled program."""
+    return jax.jit(keep_at, static_argnums=1)(jnp.asarray(table), 0)
+
+  def build_state(params, prunable, axes, host):
     # One compiled program per layout (see the masked init).
     masks = trees.mask_like(params, jax.tree.unflatten(*prunable))
     lay, groups, table = budget(masks)
     raw = copy_raw_weights(masks, params)
-    mask_l, rule_state = raw_rule.init(
-        lay, trees.prunable_leaves(masks, raw), schedule.sparsity(0), groups,
-        keep_at(table, 0))
+    if host is None:
+      mask_l, rule_state = raw_rule.init(
+          lay, trees.prunable_leaves(masks, raw), schedule.sparsity(0),
+          groups, keep_at(table, 0))
+    else:
+      mask_l, rule_state = host
     inner_state = trees.shard_like_params(inner.init(params), params)
     check_no_weight_copy(inner_state, name)
     # Per-weight buffers take their param's sharding (see the masked init).
@@ -844,6 +868,16 @@ def _raw_prune(inner, *, raw_rule, schedule, score_fn, mask_rule,
         inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _on_one_device(x) -> bool:
+  """Whether ``x`` is a concrete array on one device (or a NumPy array): its
+  values can be read on the host without gathering shards."""
+  if isinstance(x, np.ndarray):
+    return True
+  if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+    return False
+  return x.is_fully_addressable and len(x.sharding.device_set) == 1
 
 
 def _rule_tree(masks: PyTree, state):

@@ -1106,6 +1106,61 @@ def _magnitude_top_k(weights, groups, k, divisors, hint, blocking):
   return masks, cut.key
 
 
+def magnitude_top_k_host(weights: Sequence[np.ndarray],
+                         groups: Sequence[Sequence[int]], k,
+                         divisors: Sequence[float] | None = None
+                         ) -> tuple[list[np.ndarray], np.ndarray]:
+  """:func:`magnitude_top_k` in NumPy, on the host: the same masks and cut.
+
+  For a selection that runs once on concrete arrays (a method's ``init``):
+  it compiles nothing. Per group, ``np.partition`` finds the ``k``-th
+  largest key ``t``; the kept entries are those above ``t`` and the first
+  ``k − #{key > t}`` entries equal to ``t`` in group order.
+
+  Args:
+    weights: NumPy (or host-readable) float arrays.
+    groups, k, divisors: as :func:`magnitude_top_k`.
+
+  Returns:
+    ``(masks, cut)``: NumPy bool masks like ``weights`` (all False outside
+    every group) and uint32 ``[num_groups]`` cut keys.
+  """
+  weights = [np.asarray(w) for w in weights]
+  groups = _freeze_groups(groups, len(weights))
+  k = np.reshape(np.asarray(k), (len(groups),)).astype(np.int64)
+  divisors = [1.0] * len(weights) if divisors is None else list(divisors)
+  keys = []
+  for w, d in zip(weights, divisors):
+    a = np.abs(w).astype(np.float32)
+    if d != 1.0:
+      a = a / np.float32(d)
+    bits = a.view(np.uint32)
+    keys.append(np.where(bits > np.uint32(0x7F800000), np.uint32(0x007FFFFF),
+                         bits | _SIGN))
+  masks = [np.zeros(np.shape(w), bool) for w in weights]
+  cut = np.zeros(len(groups), np.uint32)
+  for g, members in enumerate(groups):
+    if not members:
+      continue
+    flat = np.concatenate([keys[i].ravel() for i in members])
+    size = flat.size
+    count = int(np.clip(k[g], 0, size))
+    kept = np.zeros(size, bool)
+    if count:
+      t = np.partition(flat, size - count)[size - count]  # k-th largest
+      kept = flat > t
+      ties = np.flatnonzero(flat == t)[:count - int(kept.sum())]
+      kept[ties] = True
+    if count < size:
+      cut[g] = flat[~kept].max()
+    start = 0
+    for i in members:
+      n = keys[i].size
+      masks[i] = kept[start:start + n].reshape(np.shape(weights[i]))
+      start += n
+  return masks, cut
+
+
 def top_k_mask(scores: jax.Array, k: jax.Array,
                eligible: jax.Array | None = None) -> jax.Array:
   """Single-tensor :func:`top_k_masks`: keeps exactly ``k`` entries."""

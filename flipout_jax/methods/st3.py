@@ -94,6 +94,7 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from flipout_jax import core
@@ -318,6 +319,10 @@ def threshold_rule(structure=None, *,
     paths = [p for p, _ in leaves]
     shapes = [tuple(x.shape) for _, x in leaves]
     lay = layout(paths, shapes)
+    if structure.kind in ("unstructured", "units"):
+      # One τ per leaf (ST3State); tracing the selection for its shapes
+      # would cost a transformer's init a second.
+      return [jnp.zeros([], jnp.float32) for _ in shapes]
     out = jax.eval_shape(
         lambda xs: structure.threshold(lay, xs, jnp.float32(0.0)).thresholds,
         [jax.ShapeDtypeStruct(x, jnp.float32) for x in shapes])
@@ -528,11 +533,21 @@ def st3_rule(structure=None, *, sigma_normalized: bool = False,
     return [jnp.ones(w.shape, jnp.bool_) for w in raw], ST3State(
         thresholds, scales)
 
+  def init_host(lay, raw, groups, keep):
+    # The same constants, made on the host (nothing to compile for them).
+    del groups, keep
+    thresholds = [np.zeros(np.shape(x), np.float32)
+                  for x in rule.init(list(zip(lay.paths, raw)))]
+    scales = [np.ones(w.shape[-1:] if w.ndim >= 2 else (), np.float32)
+              for w in raw]
+    return [np.ones(w.shape, np.bool_) for w in raw], ST3State(
+        thresholds, scales)
+
   def reset(state):
     return ST3State([jnp.zeros_like(x) for x in state.thresholds],
                     [jnp.ones_like(x) for x in state.scales])
 
-  return core.RawRule(init, select, reset)
+  return core.RawRule(init, select, reset, init_host)
 
 
 # ------------------------------------------------------------------ accessors
