@@ -773,8 +773,9 @@ def _raw_prune(inner, *, raw_rule, schedule, score_fn, mask_rule,
                                host), params)
 
   def _keep_at_start(table):
-    """``keep_at(table, 0)``, one small compiled program."""
-    return jax.jit(keep_at, static_argnums=1)(jnp.asarray(table), 0)
+    """``keep_at(table, 0)``, concrete also under an outer trace."""
+    with jax.ensure_compile_time_eval():
+      return np.asarray(keep_at(table, 0))
 
   def build_state(params, prunable, axes, host):
     # One compiled program per layout (see the masked init).
