@@ -23,6 +23,8 @@ at most a :class:`Tracker` and a noise piece (:mod:`flipout_jax.noise`).
 
 from __future__ import annotations
 
+import functools
+import math
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -37,6 +39,7 @@ from flipout_jax import noise as noise_lib
 from flipout_jax import prng
 from flipout_jax import schedules as schedules_lib
 from flipout_jax import scores as scores_lib
+from flipout_jax import selection
 from flipout_jax import structure as structure_lib
 from flipout_jax import trees
 from flipout_jax import validate
@@ -178,18 +181,27 @@ class RawRule(NamedTuple):
     init: ``(layout, raw, sparsity, groups, keep) -> (masks, state)``: the
       masks and rule state of the starting raw weights (a list) at the
       schedule's step-0 target; runs once, eagerly, at ``init``.
-    select: ``(layout, raw, sparsity, groups, keep) -> RawSelection``,
-      traced inside every update with the stepped raw weights.
-      ``sparsity`` is the schedule's target in force (float32 ``[]``,
-      traced: a :func:`flipout_jax.schedules.ramp` moves every step);
-      ``groups`` and ``keep`` the budget of the structure's units for it
-      (int32 ``[num_groups]``; all kept before the first event).
+    select: ``(layout, raw, sparsity, groups, keep, previous) ->
+      RawSelection``, traced inside every update with the stepped raw
+      weights. ``sparsity`` is the schedule's target in force (float32
+      ``[]``, traced: a :func:`flipout_jax.schedules.ramp` moves every
+      step); ``groups`` and ``keep`` the budget of the structure's units
+      for it (int32 ``[num_groups]``; all kept before the first event).
+      ``previous`` is the last update's :class:`RawSelection` (the params,
+      masks and rule state the update started from): a hint only (e.g. to
+      warm-start a selection), the result must not depend on it.
     reset: None, or ``state -> state``: the rule's state once the masks are
       frozen (``freeze_step``), e.g. ST-3's thresholds 0 and scales 1.
+    init_host: None, or ``(layout, raw, groups, keep) -> (masks, state)``:
+      :attr:`init` computed on the host (NumPy arrays in and out, the same
+      values), used at ``init`` when every prunable param is a concrete
+      array on one device: it saves compiling the rule's selection into
+      the init program.
   """
   init: Callable
   select: Callable
   reset: Callable | None = None
+  init_host: Callable | None = None
 
 
 class RawState(NamedTuple):
@@ -208,17 +220,32 @@ def hard_raw_rule(structure: structure_lib.Structure | None = None
                   ) -> RawRule:
   """The raw-weights rule of hard masks: keep the ``keep[g]`` largest
   ``|w|`` of all units of each group (UniPTS's sparse training); effective
-  ``where(m, w, 0)``; no rule state."""
-  structure = structure_lib.check(structure)
+  ``where(m, w, 0)``; no rule state.
 
-  def masks_of(lay, raw, groups, keep):
+  Unstructured, the masks are :func:`flipout_jax.selection.magnitude_top_k`
+  of the raw weights (the same masks as the structure's ``shrink`` with
+  every weight alive), warm-started by the smallest kept ``|w|`` of each
+  group in the params the update starts from (the last update's cut, which
+  moves little from step to step).
+  """
+  structure = structure_lib.check(structure)
+  fast = structure.kind == "unstructured"
+
+  def masks_of(lay, raw, groups, keep, hint=None):
+    if fast:
+      sizes = [sum(math.prod(raw[i].shape) for i in g) for g in groups]
+      keep = jnp.minimum(jnp.asarray(keep, jnp.int32),
+                         jnp.asarray(sizes, jnp.int32))
+      return selection.magnitude_top_k(raw, groups, keep, hint=hint)[0]
     alive = [jnp.ones(w.shape, jnp.bool_) for w in raw]
     return structure.shrink(lay, alive, [jnp.abs(w.astype(jnp.float32))
                                          for w in raw], groups, keep)
 
-  def select(lay, raw, sparsity, groups, keep):
+  def select(lay, raw, sparsity, groups, keep, previous=None):
     del sparsity
-    masks = masks_of(lay, raw, groups, keep)
+    hint = None if previous is None or not fast else _kept_min_keys(
+        previous, groups)
+    masks = masks_of(lay, raw, groups, keep, hint)
     return RawSelection([jnp.where(m, w, jnp.zeros_like(w))
                          for m, w in zip(masks, raw)], masks)
 
@@ -230,7 +257,27 @@ def hard_raw_rule(structure: structure_lib.Structure | None = None
     del sparsity
     return init_masks(lay, raw, groups, jnp.asarray(keep, jnp.int32)), None
 
-  return RawRule(init, select)
+  def init_host(lay, raw, groups, keep):
+    del lay
+    return selection.magnitude_top_k_host(raw, groups, keep)[0], None
+
+  return RawRule(init, select, None, init_host if fast else None)
+
+
+def _kept_min_keys(previous: RawSelection, groups) -> jax.Array:
+  """uint32 ``[num_groups]``: the sortable key of the smallest kept ``|p|``
+  of each group in ``previous`` (its params and masks; all-ones where
+  nothing is kept), a hint for the next magnitude selection.
+
+  Integer minima of the keys: one fused pass over each tensor (a float
+  minimum would store its operand first, as YNNPACK's reductions do).
+  """
+  none = jnp.uint32(0xFFFFFFFF)
+  mins = [jnp.min(jnp.where(m, selection.sortable_key(jnp.abs(p)), none))
+          for p, m in zip(previous.effective, previous.masks)]
+  least = [functools.reduce(jnp.minimum, [mins[i] for i in g], none)
+           for g in groups]
+  return jnp.stack(least) if least else jnp.zeros((0,), jnp.uint32)
 
 
 def shrink_masks(masks: PyTree, scores: PyTree, groups, keep,
@@ -741,21 +788,36 @@ def _raw_prune(inner, *, raw_rule, schedule, score_fn, mask_rule,
     if n >= 2**31 - 1:
       raise ValueError("params: 2**31 - 1 or more prunable weights; counts "
                        "are int32.")
-    _, groups, table = budget(masks)
+    lay, groups, table = budget(masks)
     _warn_empty_budget(name, masks, groups, table[1:])
     flat, treedef = jax.tree.flatten(prunable)
+    leaves = trees.prunable_leaves(masks, params)
+    host = None
+    if raw_rule.init_host is not None and all(map(_on_one_device, leaves)):
+      # The step-0 selection on the host: the init program then compiles
+      # no selection (seconds of CPU for a transformer's many layers).
+      host = raw_rule.init_host(lay, [np.asarray(x) for x in leaves], groups,
+                                np.asarray(_keep_at_start(table)))
     return _placed(build_state(params, (treedef, tuple(flat)),
-                               _packing_axes(packed_masks, params, prunable)),
-                   params)
+                               _packing_axes(packed_masks, params, prunable),
+                               host), params)
 
-  def build_state(params, prunable, axes):
+  def _keep_at_start(table):
+    """``keep_at(table, 0)``, concrete also under an outer trace."""
+    with jax.ensure_compile_time_eval():
+      return np.asarray(keep_at(table, 0))
+
+  def build_state(params, prunable, axes, host):
     # One compiled program per layout (see the masked init).
     masks = trees.mask_like(params, jax.tree.unflatten(*prunable))
     lay, groups, table = budget(masks)
     raw = copy_raw_weights(masks, params)
-    mask_l, rule_state = raw_rule.init(
-        lay, trees.prunable_leaves(masks, raw), schedule.sparsity(0), groups,
-        keep_at(table, 0))
+    if host is None:
+      mask_l, rule_state = raw_rule.init(
+          lay, trees.prunable_leaves(masks, raw), schedule.sparsity(0),
+          groups, keep_at(table, 0))
+    else:
+      mask_l, rule_state = host
     inner_state = trees.shard_like_params(inner.init(params), params)
     check_no_weight_copy(inner_state, name)
     # Per-weight buffers take their param's sharding (see the masked init).
@@ -799,8 +861,10 @@ def _raw_prune(inner, *, raw_rule, schedule, score_fn, mask_rule,
     old_rule = _rule_leaves(masks, state.method_state.rule)
 
     def select_step(_):
+      previous = RawSelection(trees.prunable_leaves(masks, params), mask_l,
+                              old_rule)
       sel = raw_rule.select(lay, new_raw, schedule.sparsity(count), groups,
-                            keep_at(table, count))
+                            keep_at(table, count), previous)
       raw_out, rule_state = new_raw, sel.state
       if freeze_step is not None:
         # The last selecting update: from now on the raw weights are its
@@ -835,6 +899,16 @@ def _raw_prune(inner, *, raw_rule, schedule, score_fn, mask_rule,
         inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _on_one_device(x) -> bool:
+  """Whether ``x`` is a concrete array on one device (or a NumPy array): its
+  values can be read on the host without gathering shards."""
+  if isinstance(x, np.ndarray):
+    return True
+  if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+    return False
+  return x.is_fully_addressable and len(x.sharding.device_set) == 1
 
 
 def _rule_tree(masks: PyTree, state):

@@ -188,8 +188,8 @@ def coupled(groups: Sequence, *, reduce: str = "sum",
     return spread(lay, ones, used,
                   units_of(inner.random(vlay, key, bgroups, keep)))
 
-  def threshold(lay, scores, sparsity):
-    del lay, scores, sparsity
+  def threshold(lay, weights, sparsity, **unused):
+    del lay, weights, sparsity, unused
     raise ValueError(
         "structure: fj.coupled has no soft-threshold selection (ST-3's "
         "thresholds are per leaf; a coupled unit spans several leaves); use "

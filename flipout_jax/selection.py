@@ -211,10 +211,15 @@ def _buckets(arrays: Sequence[Sequence[jax.Array]], key_fn, groups
   """The grouped tensors of ``arrays[i]`` (each a list of like-shaped arrays:
   scores, eligibility) bucketed by shape and dtypes, in first-seen order.
 
+  ``key_fn`` is one function for every tensor, or a list of one per tensor
+  (then a bucket also shares its key function).
+
   Every tensor of a bucket has the same compiled code (one loop over the
   stacked members), so a program grows with the distinct shapes of the
   tensors, not with their number. Stacking copies the members once.
   """
+  if callable(key_fn):
+    key_fn = [key_fn] * len(arrays)
   group_of, offset_of = {}, {}
   for g, members in enumerate(groups):
     start = 0
@@ -224,16 +229,24 @@ def _buckets(arrays: Sequence[Sequence[jax.Array]], key_fn, groups
   grouped = sorted(group_of)
   out = []
   # By the scores' shape and dtype (eligibility, when given, is bool of the
-  # scores' shape for every tensor).
+  # scores' shape for every tensor), then by key function.
   for same in trees.same_shape_groups([arrays[i][0] for i in grouped]):
-    members = [grouped[j] for j in same]
-    stacked = [jnp.stack([arrays[i][j] for i in members])
-               for j in range(len(arrays[members[0]]))]
-    out.append(_Bucket(
-        stacked, key_fn, tuple(jnp.shape(arrays[members[0]][0])),
-        tuple(members), np.asarray([group_of[i] for i in members], np.int32),
-        np.asarray([offset_of[i] for i in members], np.int32)))
+    by_fn = {}
+    for j in same:
+      by_fn.setdefault(key_fn[grouped[j]], []).append(grouped[j])
+    for fn, members in by_fn.items():
+      out.append(_bucket(arrays, fn, members, group_of, offset_of))
   return out
+
+
+def _bucket(arrays, key_fn, members, group_of, offset_of) -> _Bucket:
+  """The :class:`_Bucket` of tensors ``members`` (same shape and dtype)."""
+  stacked = [jnp.stack([arrays[i][j] for i in members])
+             for j in range(len(arrays[members[0]]))]
+  return _Bucket(
+      stacked, key_fn, tuple(jnp.shape(arrays[members[0]][0])),
+      tuple(members), np.asarray([group_of[i] for i in members], np.int32),
+      np.asarray([offset_of[i] for i in members], np.int32))
 
 
 def _stream_bucket(bucket: _Bucket, blocking: _Blocking, fn, carry):
@@ -536,15 +549,18 @@ def _stream_contiguous(src: _Source, fn, carry):
 
 
 def _digit_width(n: int, num_groups: int, bits: int) -> int:
-  """Bits per digit (16, 8 or 4) for ``num_groups`` groups of ``n`` entries.
+  """Bits per digit (4 to 16) for ``num_groups`` groups of ``n`` entries.
 
-  The widest whose histograms (``num_groups·2^w`` int32) fit in
-  ``max(n/4, 2^18)`` words: at most a quarter of float32 scores' bytes, or
-  1 MiB for small models. Never wider than ``bits`` needs.
+  The fewest passes over ``bits``-bit keys whose histograms
+  (``num_groups·2^w`` int32) fit in ``max(n/4, 2^18)`` words (at most a
+  quarter of float32 scores' bytes, or 1 MiB for small models), with the
+  narrowest digit that takes that many: ``ceil(bits/p)`` for ``p`` passes
+  (16 bits: 2 passes; 11: 3; 8: 4), at least 4.
   """
   budget = max(n // 4, _HIST_FLOOR_WORDS)
-  for width in (16, 8):
-    if num_groups << width <= budget and width // 2 < bits:
+  for passes in range(1, max(bits, 1) + 1):
+    width = max(-(-bits // passes), 4)
+    if width <= 16 and num_groups << width <= budget:
       return width
   return 4
 
@@ -592,54 +608,123 @@ def _select_digit(hist: jax.Array, k: jax.Array, above: jax.Array):
   return (r * cols + c).astype(jnp.uint32), take(ge, c) - ties, ties
 
 
+class _Cut(NamedTuple):
+  """What :func:`_radix_select` finds, per group (each ``[G]``).
+
+  Attributes:
+    key: uint32 ``t``, the largest key with ``#{key >= t} >= k``.
+    position: uint32 ``q_t``, the tie cut: the entries with ``key > t`` or
+      ``key == t and q >= q_t`` are the best ``k_keep`` (0: every tie,
+      ``2^32 − 1``: none).
+    above: int32 ``#{key > t}``.
+    ties: int32 ``#{key == t}``.
+  """
+  key: jax.Array
+  position: jax.Array
+  above: jax.Array
+  ties: jax.Array
+
+
+# The first pass of a hinted selection resolves two digits for the groups
+# whose answer lies within this many first-digit values of the hint's.
+_HINT_RADIUS = 2
+
+
+def _hint_radius(n: int, num_groups: int, width: int) -> int:
+  """Rows ``R`` of a hinted first pass (``-1``: none) within the budget.
+
+  Its histogram holds ``G·2^w`` first-digit bins plus ``G·(2R+1)·2^w``
+  second-digit bins, within :func:`_digit_width`'s budget.
+  """
+  budget = max(n // 4, _HIST_FLOOR_WORDS)
+  rows = budget // (num_groups << width) - 1
+  return min(_HINT_RADIUS, (rows - 1) // 2)
+
+
 def _radix_select(buckets: Sequence[_Bucket], num_groups: int, k: jax.Array,
                   blocking: _Blocking, *, key_bits: int = 32,
-                  position_bits: int = 0):
+                  position_bits: int = 0, k_keep: jax.Array | None = None,
+                  hint: jax.Array | None = None) -> _Cut:
   """Per group, the k-th largest key and, if needed, the tie cut.
 
   Ranks entries by the composite key ``(key, q)`` with ``q = 2^b − 2 − p``
   (``p`` the entry's flat index in its group, ``b = position_bits``), i.e.
-  by key, ties by position, and finds the k-th largest composite key one
-  digit at a time (most significant first): per pass, a histogram of the
-  digit over the entries matching the prefix found so far, then a suffix sum
-  picks the digit where the count of larger entries crosses ``k``.
+  by key, ties by position. The k-th largest key ``t`` is found one digit at
+  a time (most significant first): per pass, a histogram of the digit over
+  the entries matching the prefix found so far, then a suffix sum picks the
+  digit where the count of larger entries crosses ``k``. Then, if some
+  group keeps only some of its ties (``0 < k_keep − #{key > t} < #{key ==
+  t}``), the same passes run on over the position digits of the entries
+  with ``key == t``, ranked with ``k_keep``; otherwise every tie is kept
+  (``q_t = 0``) or none is (``q_t = 2^32 − 1``, where ``k_keep − #{key >
+  t} <= 0``).
 
-  The key's digits take ``ceil(key_bits/w)`` passes. The position digits
-  run only if some group must cut its ties (``k − #{key > t} < #{key ==
-  t}``); otherwise every tie is kept and ``q_t = 0``. All groups share the
-  passes: each fills one ``[G, 2^w]`` histogram (every tensor scatters into
-  its group's row) and one batched suffix sum picks every group's digit. The
-  passes are one ``while_loop`` over one traced body, and the tensors of a
-  bucket one loop in it, so the program holds one scatter per distinct
-  tensor shape however many tensors and passes there are.
+  The key's digits take ``ceil(key_bits/w)`` passes, the positions'
+  ``ceil(b/w)``. All groups share the passes: each fills one ``[G, 2^w]``
+  histogram (every tensor scatters into its group's row) and one batched
+  suffix sum picks every group's digit. The passes are one ``while_loop``
+  over one traced body, and the tensors of a bucket one loop in it, so the
+  program holds one scatter per distinct tensor shape however many tensors
+  and passes there are.
+
+  **Hint.** Given ``hint`` (uint32 ``[G]``, keys expected near ``t``, e.g.
+  the previous step's), the first pass is replaced by one that also counts
+  the second digit of the entries whose first digit lies within ``R`` of
+  the hint's (``2R + 1`` more histogram rows per group, ``R`` from the
+  memory budget): its first-digit histogram is the usual one (those rows'
+  totals added back), and if every group's first digit falls within its
+  window, the matching row is the second pass's histogram, which is then
+  skipped. Otherwise the loop goes on from the second pass. The result is
+  the same whatever ``hint`` holds; a good one saves a pass.
 
   Args:
     buckets: the grouped tensors, bucketed by shape (:func:`_buckets`);
       keys below ``2^key_bits``.
     num_groups: G.
-    k: int32 ``[G]``.
+    k: int32 ``[G]``, the rank of ``t``.
     blocking: how tensors are cut into streamed blocks.
     key_bits: bits of the keys.
     position_bits: ``b`` with ``2^b >= size + 2`` of every group, or 0 for
-      no tie cut (then ``q_t`` is always 0).
+      no tie cut (then ``q_t`` is 0 or ``2^32 − 1``).
+    k_keep: int32 ``[G]``, the entries the tie cut keeps (default ``k``).
+    hint: optional uint32 ``[G]`` (see above).
 
   Returns:
-    ``(t, q_t)``, each uint32 ``[G]``: ``t`` the largest key with
-    ``#{key >= t} >= k`` (all-ones for ``k <= 0``, 0 if ``k`` exceeds the
-    group's size), and ``q_t`` such that the entries with ``key > t`` or
-    ``key == t and q >= q_t`` are exactly the ``clip(k, 0, size)`` best
-    (``q_t = 0``: every tie).
+    A :class:`_Cut`: ``t`` is all-ones for ``k <= 0`` and 0 if ``k``
+    exceeds the group's size; with ``k_keep = k`` in ``[1, size]`` the
+    entries with ``key > t`` or ``key == t and q >= q_t`` are exactly the
+    ``k`` best.
   """
   n = sum(len(b.members) * math.prod(b.shape) for b in buckets)
+  k_keep = k if k_keep is None else k_keep
   width = _digit_width(n, num_groups, max(key_bits, position_bits))
   bins = 1 << width
   key_passes = -(-key_bits // width)
   pos_passes = -(-position_bits // width)
   key_top, pos_top = key_passes * width, pos_passes * width
   q_top = jnp.uint32((1 << position_bits) - 2 if position_bits else 0)
+  drop = num_groups * bins  # past the end: mode="drop" discards
+
+  def scatter(h, index):
+    # Unsigned indices: no wrapping of negative ones to compute.
+    index = index.astype(jnp.uint32)
+    return h.at[index].add(1, mode="drop",
+                           out_sharding=_replicated_if_explicit(index))
+
+  def stream(add_block, hist):
+    for bucket in buckets:
+      hist = _stream_bucket(
+          bucket, blocking,
+          functools.partial(add_block, key_fn=bucket.key_fn), hist)
+    return hist
+
+  def cut_found(p, above, ties):
+    # After the last key digit: does any group keep only some of its ties?
+    need = k_keep - above
+    return (p == key_passes) & jnp.any((need > 0) & (need < ties))
 
   def one_pass(carry):
-    p, prefix, q_prefix, above, _, partial = carry
+    p, prefix, q_prefix, above, ties, key_above, key_ties, partial = carry
     on_key = p < key_passes
     # Shifts of this pass (int32, clipped to [0, 32]: a uint32 shifted by
     # >= 32 is 0 in XLA, which is the empty prefix of a first pass).
@@ -663,24 +748,20 @@ def _radix_select(buckets: Sequence[_Bucket], num_groups: int, k: jax.Array,
         match = (key >> (shift + width)) == prefix[g]
       # Entries outside the group's prefix go past the end, which
       # mode="drop" discards: one scatter filters and counts.
-      index = jnp.where(match, digit.astype(jnp.int32) + g * bins,
-                        num_groups * bins)
-      return h.at[index].add(1, mode="drop",
-                             out_sharding=_replicated_if_explicit(index))
+      return scatter(h, jnp.where(match, digit.astype(jnp.int32) + g * bins,
+                                  drop))
 
-    hist = jnp.zeros((num_groups * bins,), jnp.int32)
-    for bucket in buckets:
-      hist = _stream_bucket(
-          bucket, blocking,
-          functools.partial(add_block, key_fn=bucket.key_fn), hist)
-    digit, new_above, new_ties = _select_digit(
-        hist.reshape(num_groups, bins), k, above)
+    hist = stream(add_block, jnp.zeros((num_groups * bins,), jnp.int32))
+    # The position digits rank the ties with k_keep.
+    digit, above, ties = _select_digit(hist.reshape(num_groups, bins),
+                                       jnp.where(on_key, k, k_keep), above)
     prefix = jnp.where(on_key, (prefix << width) | digit, prefix)
     q_prefix = jnp.where(on_key, q_prefix, (q_prefix << width) | digit)
-    # After the last key digit: does any group keep only some of its ties?
-    partial = jnp.where(p == key_passes - 1,
-                        jnp.any(k - new_above < new_ties), partial)
-    return p + 1, prefix, q_prefix, new_above, new_ties, partial
+    key_above = jnp.where(on_key, above, key_above)
+    key_ties = jnp.where(on_key, ties, key_ties)
+    partial = partial | cut_found(p + 1, above, ties)
+    return (p + 1, prefix, q_prefix, above, ties, key_above, key_ties,
+            partial)
 
   def more(carry):
     p, partial = carry[0], carry[-1]
@@ -688,9 +769,67 @@ def _radix_select(buckets: Sequence[_Bucket], num_groups: int, k: jax.Array,
 
   zeros = jnp.zeros((num_groups,), jnp.int32)
   uzeros = jnp.zeros((num_groups,), jnp.uint32)
-  carry = (jnp.int32(0), uzeros, uzeros, zeros, zeros, jnp.bool_(False))
-  _, t, q_t, _, _, _ = jax.lax.while_loop(more, one_pass, carry)
-  return t, q_t
+  radius = -1 if hint is None or key_passes < 2 else _hint_radius(
+      n, num_groups, width)
+  if radius < 0:
+    start = (jnp.int32(0), uzeros, zeros, zeros)
+  else:
+    start = _hinted_first_pass(stream, scatter, num_groups, width, key_top,
+                               radius, k, hint)
+  p, prefix, above, ties = start
+  carry = (p, prefix, uzeros, above, ties, above, ties,
+           cut_found(p, above, ties))
+  _, t, q_t, _, _, key_above, key_ties, _ = jax.lax.while_loop(
+      more, one_pass, carry)
+  # No tie kept where k_keep <= #{key > t} (the loop leaves q_t = 0 there
+  # when no position pass ran).
+  q_t = jnp.where(k_keep - key_above <= 0, jnp.uint32(0xFFFFFFFF), q_t)
+  return _Cut(t, q_t, key_above, key_ties)
+
+
+def _hinted_first_pass(stream, scatter, num_groups: int, width: int,
+                       key_top: int, radius: int, k, hint):
+  """The first pass of a hinted :func:`_radix_select`: ``(p, prefix, above,
+  ties)`` after one digit (``p = 1``) or, where every group's first digit
+  is within ``radius`` of its hint's, after two (``p = 2``)."""
+  bins, rows = 1 << width, 2 * radius + 1
+  # Two or more key digits: the first digit's shift is below 32.
+  shift, low_shift = key_top - width, key_top - 2 * width
+  g_all = jnp.arange(num_groups)
+  first = lambda key: key >> jnp.uint32(shift)
+  # The window's first row: the hint's first digit − R, kept in range.
+  row0 = jnp.clip(first(jnp.asarray(hint, jnp.uint32)).astype(jnp.int32)
+                  - radius, 0, bins - rows).astype(jnp.uint32)
+
+  def add_block(h, index, parts, key_fn, g, offset):
+    del offset
+    key = key_fn(index, *parts)
+    digit = first(key)
+    row = digit - row0[g]  # wraps below the window: > rows − 1
+    low = (key >> jnp.uint32(low_shift)) & jnp.uint32(bins - 1)
+    index = jnp.where(
+        row < rows,
+        num_groups * bins + ((g * rows + row.astype(jnp.int32)) * bins
+                             + low.astype(jnp.int32)),
+        g * bins + digit.astype(jnp.int32))
+    return scatter(h, index)
+
+  size = num_groups * bins * (rows + 1)
+  hist = stream(add_block, jnp.zeros((size,), jnp.int32))
+  coarse = hist[:num_groups * bins].reshape(num_groups, bins)
+  fine = hist[num_groups * bins:].reshape(num_groups, rows, bins)
+  coarse = coarse.at[g_all[:, None],
+                     row0.astype(jnp.int32)[:, None] + jnp.arange(rows)].add(
+                         jnp.sum(fine, axis=2, dtype=jnp.int32))
+  zeros = jnp.zeros((num_groups,), jnp.int32)
+  d1, above1, ties1 = _select_digit(coarse, k, zeros)
+  rel = d1 - row0
+  hit = jnp.all(rel < rows)
+  row = fine[g_all, jnp.minimum(rel, rows - 1).astype(jnp.int32)]
+  d2, above2, ties2 = _select_digit(row, k, above1)
+  pick = lambda a, b: jnp.where(hit, a, b)
+  return (pick(jnp.int32(2), jnp.int32(1)), pick((d1 << width) | d2, d1),
+          pick(above2, above1), pick(ties2, ties1))
 
 
 # ----------------------------------------------------------------------------
@@ -758,7 +897,7 @@ def kth_largest_keys(keys: Sequence[jax.Array],
 @functools.partial(jax.jit, static_argnums=(1, 3))
 def _kth_largest_keys(keys, groups, k, blocking):
   buckets = _buckets([[x] for x in keys], lambda index, x: x, groups)
-  return _radix_select(buckets, len(groups), k, blocking)[0]
+  return _radix_select(buckets, len(groups), k, blocking).key
 
 
 def top_k_masks(scores: Sequence[jax.Array],
@@ -818,15 +957,36 @@ def _top_k_masks(scores, groups, k, eligible, blocking):
   else:
     arrays = [[x, e] for x, e in zip(scores, eligible)]
     key_fn = lambda index, s, e: _keys(s, e)
-  buckets = _buckets(arrays, key_fn, groups)
-  largest = max((sum(math.prod(jnp.shape(scores[i])) for i in g)
+  return _top_k(arrays, key_fn, groups, k, blocking)[0]
+
+
+def _position_bits(arrays, groups) -> int:
+  """``b`` with ``2^b >= size + 2`` of every group."""
+  largest = max((sum(math.prod(jnp.shape(arrays[i][0])) for i in g)
                  for g in groups), default=0)
-  bits = int(largest + 1).bit_length()  # 2^bits >= size + 2
-  t, q_t = _radix_select(buckets, len(groups), k, blocking,
-                         position_bits=bits)
+  return int(largest + 1).bit_length()
+
+
+def _top_k(arrays, key_fn, groups, k, blocking, *, k_keep=None, hint=None,
+           stacked_masks: bool = True):
+  """``(masks, cut)``: the masks of the ``k_keep`` (default ``k``) best
+  entries of each group and the :class:`_Cut` of rank ``k``.
+
+  ``arrays[i]`` are tensor ``i``'s like-shaped arrays and ``key_fn(index,
+  *blocks)`` their keys. With ``stacked_masks`` the masks of same-shaped
+  tensors come from one loop over their stack (one loop body per shape);
+  without, each mask is an elementwise expression of its tensor's own
+  arrays, which XLA fuses into the mask's consumers (no stacked copy).
+  """
+  buckets = _buckets(arrays, key_fn, groups)
+  key_fns = [key_fn] * len(arrays) if callable(key_fn) else list(key_fn)
+  bits = _position_bits(arrays, groups)
+  cut = _radix_select(buckets, len(groups), k, blocking, position_bits=bits,
+                      k_keep=k_keep, hint=hint)
+  t, q_t = cut.key, cut.position
   q_top = jnp.uint32((1 << bits) - 2)
 
-  def member_masks(arrays, g, offset):
+  def member_masks(arrays, g, offset, key_fn):
     # Elementwise in the tensor's own shape (fused; keys recomputed, never
     # stored), so the mask keeps the scores' sharding.
     src = _Source(arrays, key_fn, jnp.shape(arrays[0]), blocking)
@@ -838,20 +998,167 @@ def _top_k_masks(scores, groups, k, eligible, blocking):
         jnp.uint32)
     return (key > t[g]) | ((key == t[g]) & (q >= q_t[g]))
 
-  masks = [jnp.zeros(jnp.shape(x), jnp.bool_) for x in scores]
+  masks = [jnp.zeros(jnp.shape(x[0]), jnp.bool_) for x in arrays]
   for b in buckets:
-    if len(b.members) == 1:
-      masks[b.members[0]] = member_masks(
-          [a[0] for a in b.arrays], int(b.groups[0]), int(b.offsets[0]))
+    if len(b.members) == 1 or not stacked_masks:
+      for m, i in enumerate(b.members):
+        masks[i] = member_masks(arrays[i], int(b.groups[m]),
+                                int(b.offsets[m]), key_fns[i])
       continue
     # One loop body per shape (sliced out of one batched expression, the
     # masks would be compiled once per tensor).
     stacked = jax.lax.map(
-        lambda xs: member_masks(list(xs[:-2]), xs[-2], xs[-1]),
+        lambda xs, b=b: member_masks(list(xs[:-2]), xs[-2], xs[-1], b.key_fn),
         (*b.arrays, jnp.asarray(b.groups), jnp.asarray(b.offsets)))
     for n, i in enumerate(b.members):
       masks[i] = stacked[n]
-  return masks
+  return masks, cut
+
+
+def _nonnegative_key(a: jax.Array) -> jax.Array:
+  """:func:`sortable_key` of float32 scores that are ``>= +0`` or NaN.
+
+  The same keys with fewer operations: the float's bits with the sign bit
+  set, NaN as ``-inf``'s key.
+  """
+  bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+  return jnp.where(bits > np.uint32(0x7F800000), np.uint32(0x007FFFFF),
+                   bits | _SIGN)
+
+
+@functools.lru_cache(maxsize=None)
+def _magnitude_key(divisor: float) -> Callable[..., jax.Array]:
+  """``key_fn`` of the scores ``|w|/d`` (float32; ``|w|`` for ``d = 1``)."""
+
+  def key_fn(index, w):
+    del index
+    a = jnp.abs(w).astype(jnp.float32)
+    return _nonnegative_key(a if divisor == 1.0 else a / jnp.float32(divisor))
+
+  return key_fn
+
+
+def magnitude_scores(weights: Sequence[jax.Array],
+                     divisors: Sequence[float] | None = None
+                     ) -> list[jax.Array]:
+  """The float32 scores ``|w|/d`` that :func:`magnitude_top_k` ranks
+  (``|w|`` where ``d = 1``)."""
+  divisors = [1.0] * len(weights) if divisors is None else divisors
+  out = []
+  for w, d in zip(weights, divisors):
+    a = jnp.abs(w).astype(jnp.float32)
+    out.append(a if d == 1.0 else a / jnp.float32(d))
+  return out
+
+
+def magnitude_top_k(weights: Sequence[jax.Array],
+                    groups: Sequence[Sequence[int]], k: jax.Array, *,
+                    divisors: Sequence[float] | None = None,
+                    hint: jax.Array | None = None
+                    ) -> tuple[list[jax.Array], jax.Array]:
+  """:func:`top_k_masks` of the magnitudes ``|w|/d``, and the cut: the key
+  of the best score each group drops.
+
+  The scores are never stored: every pass recomputes them from the weights
+  (exactly rounded float32 arithmetic, the same in every pass), tensors of
+  one shape, dtype and divisor are stacked once (a copy of the weights, not
+  of float32 scores), and each mask is an elementwise expression of its own
+  weights (fused into its consumers). One radix select finds the ``k +
+  1``-th largest score, whose key is the cut, and, only where ties at it
+  must be cut, the tied positions; so a threshold (ST-3's ``τ``, the largest
+  pruned score) and the masks cost one selection.
+
+  Args:
+    weights: float arrays (e.g. raw weights).
+    groups: a partition of ``range(len(weights))``, as in
+      :func:`top_k_masks`.
+    k: int ``[num_groups]``, ``0 <= k[g] <= size``: entries kept.
+    divisors: optional static positive floats, one per tensor (default 1):
+      the scores are ``|w|.astype(float32) / float32(d)``
+      (:func:`magnitude_scores`).
+    hint: optional uint32 ``[num_groups]``: keys expected near each group's
+      ``k + 1``-th score (e.g. the previous step's cut); a close one saves a
+      pass (:func:`_radix_select`). The results do not depend on it.
+
+  Returns:
+    ``(masks, cut)``: the masks of :func:`top_k_masks` on the scores
+    (exactly ``k[g]`` kept, ties by position, the earlier kept) and uint32
+    ``[num_groups]``, the :func:`sortable_key` of the largest score each
+    group drops (0 where it drops nothing).
+  """
+  weights = list(weights)
+  groups = _freeze_groups(groups, len(weights))
+  divisors = ((1.0,) * len(weights) if divisors is None
+              else tuple(float(d) for d in divisors))
+  if len(divisors) != len(weights):
+    raise ValueError(f"divisors: {len(divisors)} for {len(weights)} weights.")
+  k = _check_k(k, len(groups))
+  if hint is not None:
+    hint = jnp.reshape(jnp.asarray(hint, jnp.uint32), (len(groups),))
+  return _magnitude_top_k(weights, groups, k, divisors, hint, _blocking())
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3, 5))
+def _magnitude_top_k(weights, groups, k, divisors, hint, blocking):
+  masks, cut = _top_k(
+      [[w] for w in weights], [_magnitude_key(d) for d in divisors], groups,
+      k + 1, blocking, k_keep=k, hint=hint, stacked_masks=False)
+  return masks, cut.key
+
+
+def magnitude_top_k_host(weights: Sequence[np.ndarray],
+                         groups: Sequence[Sequence[int]], k,
+                         divisors: Sequence[float] | None = None
+                         ) -> tuple[list[np.ndarray], np.ndarray]:
+  """:func:`magnitude_top_k` in NumPy, on the host: the same masks and cut.
+
+  For a selection that runs once on concrete arrays (a method's ``init``):
+  it compiles nothing. Per group, ``np.partition`` finds the ``k``-th
+  largest key ``t``; the kept entries are those above ``t`` and the first
+  ``k − #{key > t}`` entries equal to ``t`` in group order.
+
+  Args:
+    weights: NumPy (or host-readable) float arrays.
+    groups, k, divisors: as :func:`magnitude_top_k`.
+
+  Returns:
+    ``(masks, cut)``: NumPy bool masks like ``weights`` (all False outside
+    every group) and uint32 ``[num_groups]`` cut keys.
+  """
+  weights = [np.asarray(w) for w in weights]
+  groups = _freeze_groups(groups, len(weights))
+  k = np.reshape(np.asarray(k), (len(groups),)).astype(np.int64)
+  divisors = [1.0] * len(weights) if divisors is None else list(divisors)
+  keys = []
+  for w, d in zip(weights, divisors):
+    a = np.abs(w).astype(np.float32)
+    if d != 1.0:
+      a = a / np.float32(d)
+    bits = a.view(np.uint32)
+    keys.append(np.where(bits > np.uint32(0x7F800000), np.uint32(0x007FFFFF),
+                         bits | _SIGN))
+  masks = [np.zeros(np.shape(w), bool) for w in weights]
+  cut = np.zeros(len(groups), np.uint32)
+  for g, members in enumerate(groups):
+    if not members:
+      continue
+    flat = np.concatenate([keys[i].ravel() for i in members])
+    size = flat.size
+    count = int(np.clip(k[g], 0, size))
+    kept = np.zeros(size, bool)
+    if count:
+      t = np.partition(flat, size - count)[size - count]  # k-th largest
+      kept = flat > t
+      ties = np.flatnonzero(flat == t)[:count - int(kept.sum())]
+      kept[ties] = True
+    if count < size:
+      cut[g] = flat[~kept].max()
+    start = 0
+    for i in members:
+      n = keys[i].size
+      masks[i] = kept[start:start + n].reshape(np.shape(weights[i]))
+      start += n
+  return masks, cut
 
 
 def top_k_mask(scores: jax.Array, k: jax.Array,

@@ -98,11 +98,14 @@ class Structure(NamedTuple):
       event that were not kept through it.
     random: ``(layout, key, groups, keep) -> masks``: uniformly random
       masks with exactly the counts ``keep``.
-    threshold: ``(layout, scores, sparsity) -> Threshold``: the selection
-      of a soft-thresholding method (ST-3) at a *traced* sparsity, from
-      non-negative per-weight scores (``|w|``, possibly normalised), every
-      active leaf ranked in one group per the structure (unstructured: one
-      global ranking).
+    threshold: ``(layout, weights, sparsity, *, divisors=None, hint=None)
+      -> Threshold``: the selection of a soft-thresholding method (ST-3) at
+      a *traced* sparsity, from the magnitudes ``|w|/d``
+      (:func:`flipout_jax.selection.magnitude_scores`; ``divisors`` static,
+      one per leaf, default 1), every active leaf ranked in one group per
+      the structure (unstructured: one global ranking). ``hint``: None or
+      the previous selection's ``thresholds`` (a list, in score units),
+      which may speed it up but never changes it.
   """
   name: str
   kind: str
@@ -225,26 +228,22 @@ def unstructured() -> Structure:
   def random(lay, key, groups, keep):
     return _random_top_k(key, lay.shapes, groups, keep)
 
-  def threshold(lay, scores, sparsity):
+  def threshold(lay, weights, sparsity, *, divisors=None, hint=None):
     del lay
-    n = sum(math.prod(x.shape) for x in scores)
+    n = sum(math.prod(x.shape) for x in weights)
     k_pruned = num_pruned(sparsity, n)
     # Exactly k = round(sN) pruned: the N − k largest scores are kept, ties
-    # broken by position. t, the (N − k + 1)-th largest key, is the largest
-    # pruned score's: τ (0 when nothing is pruned; then the count N + 1
-    # exceeds every candidate and t is key 0, below every real key).
-    # `key > t` keeps exactly N − k unless scores tie at t; only then
-    # (lax.cond) top_k_masks breaks the tie by position.
-    group = [list(range(len(scores)))]
-    keep = jnp.reshape(n - k_pruned, (1,))
-    keys = [selection.sortable_key(x) for x in scores]
-    t = selection.kth_largest_keys(keys, group, keep + 1)[0]
-    strict = [key > t for key in keys]
-    kept = sum((jnp.sum(m, dtype=jnp.int32) for m in strict), jnp.int32(0))
-    masks = jax.lax.cond(kept == keep[0], lambda: strict,
-                         lambda: selection.top_k_masks(scores, group, keep))
-    tau = jnp.where(k_pruned == 0, jnp.float32(0.0), selection.key_to_float(t))
-    taus = [tau for _ in scores]
+    # broken by position; τ is the largest pruned score (the cut, 0 when
+    # nothing is pruned). One radix select finds both (the tied positions
+    # only when a tie straddles the cut), warm-started by the hint.
+    masks, cut = selection.magnitude_top_k(
+        weights, [list(range(len(weights)))],
+        jnp.reshape(n - k_pruned, (1,)), divisors=divisors,
+        hint=None if not hint else selection.sortable_key(
+            jnp.reshape(jnp.asarray(hint[0], jnp.float32), (1,))))
+    tau = jnp.where(k_pruned == 0, jnp.float32(0.0),
+                    selection.key_to_float(cut[0]))
+    taus = [tau for _ in weights]
     return Threshold(masks, taus, taus)
 
   return Structure("unstructured", "unstructured", {}, layout, budget, shrink,
@@ -736,7 +735,9 @@ def n_m(n: int, m: int, *, axis: int = -2,
                            jnp.int32(keep[g]), None, m, _axis(lay.shapes[i]))
     return out
 
-  def threshold(lay, scores, sparsity):
+  def threshold(lay, weights, sparsity, *, divisors=None, hint=None):
+    del hint  # each group of M is ranked on its own, without passes
+    scores = selection.magnitude_scores(weights, divisors)
     n_t = n_for_density(1.0 - jnp.asarray(sparsity, jnp.float32), n, m)
     masks, taus, thresholds = [], [], []
     for shape, active, x in zip(lay.shapes, lay.active, scores):
@@ -952,7 +953,9 @@ def units(*, axis: int = -1, reduce: str = "sum", min_per_layer: int = 1,
       out[i] = from_units(kf, lay.shapes[i])
     return out
 
-  def threshold(lay, scores, sparsity):
+  def threshold(lay, weights, sparsity, *, divisors=None, hint=None):
+    del hint
+    scores = selection.magnitude_scores(weights, divisors)
     # Per layer (the group of units ranked together is the layer): the
     # F − round(s·F) units of largest score are kept (at least min_per_layer),
     # τ is the largest pruned unit score, and a kept unit of score r is

@@ -6,6 +6,8 @@ arrays exercise the chunk loop and its remainder; one test
 runs at the real chunk size. Must stay well under a minute on two slow CPUs.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -195,6 +197,86 @@ def test_jit_with_traced_k_and_vmap():
   np.testing.assert_array_equal(batched.sum(axis=1), [3, 100])
 
 
+def _magnitude_reference(weights, groups, k, divisors=None):
+  """Masks and cut of ``magnitude_top_k`` by a stable sort of the keys."""
+  divisors = [1.0] * len(weights) if divisors is None else divisors
+  scores = [np.abs(w).astype(np.float32) / np.float32(d)
+            for w, d in zip(weights, divisors)]
+  masks = _reference(scores, groups, k)
+  cut = []
+  for g, members in enumerate(groups):
+    keys = np.concatenate([_ref_keys(scores[i]).ravel() for i in members])
+    dropped = np.sort(keys)[::-1][int(k[g]):]
+    cut.append(int(dropped[0]) if dropped.size else 0)
+  return masks, cut
+
+
+def _hints(rng, cut):
+  """Hints from the exact cut to garbage: the result must not change."""
+  cut = np.asarray(cut, np.int64)
+  return [cut, cut + 1, np.maximum(cut - 70_000, 0), cut + 200_000,
+          np.zeros_like(cut), np.full_like(cut, 0xFFFFFFFF),
+          rng.integers(0, 2**32, cut.shape)]
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("kind", ["random", "tied", "equal", "extreme"])
+def test_magnitude_top_k_matches_sort_whatever_the_hint(kind):
+  rng = np.random.default_rng(6)
+  weights = [_draw(kind, rng, s) for s in SHAPES]
+  divisors = [1.0, 0.5, 1.0, 3.0, 1.0, 0.1]
+  total = sum(np.size(w) for w in weights)
+  # (groups, k, divisors): one compiled program per groups and divisors.
+  cases = [([ALL], [k], divisors) for k in (0, 1, total // 3, total - 1,
+                                            total)]
+  cases.append(([[2, 0, 5], [3, 1, 4]], [300, 900], None))
+  cases.append(([[i] for i in ALL], [350, 0, 1, 255, 600, 77], None))
+  for groups, k, div in cases:
+    want_masks, want_cut = _magnitude_reference(weights, groups, k, div)
+    # Unhinted only for the k = 0 case (a program of its own).
+    for hint in _hints(rng, want_cut) if k[0] else [None]:
+      masks, cut = selection.magnitude_top_k(
+          [jnp.asarray(w) for w in weights], groups, jnp.asarray(k),
+          divisors=div, hint=None if hint is None else jnp.asarray(
+              hint.astype(np.uint32)))
+      np.testing.assert_array_equal(np.asarray(cut), want_cut)
+      for a, b in zip(masks, want_masks):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    host_masks, host_cut = selection.magnitude_top_k_host(
+        weights, groups, k, div)
+    np.testing.assert_array_equal(host_cut, want_cut)
+    for a, b in zip(host_masks, want_masks):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_hinted_first_pass_resolves_two_digits_near_the_hint():
+  # The point of the hint: with the answer's first digit within the window,
+  # the first pass also yields the second digit (p = 2, one pass saved);
+  # far from it, the loop goes on from the second pass (p = 1). Either way
+  # its counts are those of the passes it stands for.
+  rng = np.random.default_rng(7)
+  w = jnp.asarray(rng.normal(size=(3000,)).astype(np.float32))
+  key_fn = selection._magnitude_key(1.0)
+  buckets = selection._buckets([[w]], key_fn, ((0,),))
+  blocking = selection._Blocking(256, False)
+  k = jnp.array([1234], jnp.int32)
+  keys = np.sort(np.asarray(key_fn(None, w)))[::-1]
+  t = int(keys[1233])
+  stream = lambda add, h: selection._stream_bucket(
+      buckets[0], blocking, functools.partial(add, key_fn=key_fn), h)
+  scatter = lambda h, i: h.at[i.astype(jnp.uint32)].add(1, mode="drop")
+  radius = selection._hint_radius(w.size, 1, 16)
+  assert radius >= 1
+  for hint, passes in ((t, 2), (t + (1 << 16), 2), (t >> 1, 1), (0, 1)):
+    p, prefix, above, ties = selection._hinted_first_pass(
+        stream, scatter, 1, 16, 32, radius, k, jnp.array([hint], jnp.uint32))
+    assert int(p) == passes, hex(hint)
+    shift = 32 - 16 * passes
+    assert int(prefix[0]) == t >> shift
+    assert int(above[0]) == int(np.sum((keys >> shift) > (t >> shift)))
+    assert int(ties[0]) == int(np.sum((keys >> shift) == (t >> shift)))
+
+
 def test_memory_stays_below_scores():
   n = 1 << 22
   spec = jax.ShapeDtypeStruct((n,), jnp.float32)
@@ -206,17 +288,23 @@ def test_memory_stays_below_scores():
 
 
 def test_digit_width_respects_memory_budget():
+  # The fewest passes within the budget, each digit as narrow as that allows.
   assert selection._digit_width(10**6, 1, 32) == 16
   assert selection._digit_width(10, 1, 32) == 16  # the 1 MiB floor
-  assert selection._digit_width(10**6, 20, 32) == 8  # 20·2^16 > 2^18 words
+  assert selection._digit_width(10**6, 20, 32) == 11  # 20·2^16 > 2^18 words
   assert selection._digit_width(10**8, 20, 32) == 16
-  assert selection._digit_width(10**3, 5000, 32) == 4
-  assert selection._digit_width(10**6, 1, 9) == 16  # one pass for 9 bits
-  assert selection._digit_width(10**6, 1, 8) == 8  # few bits: narrow digits
+  assert selection._digit_width(10**3, 5000, 32) == 5  # 5000·2^6 > 2^18
+  assert selection._digit_width(10**6, 1, 9) == 9  # one pass for 9 bits
+  assert selection._digit_width(10**6, 1, 8) == 8
   assert selection._digit_width(10**6, 1, 4) == 4
-  for n, groups in ((10**6, 1), (10**7, 50), (10**8, 1000)):
+  assert selection._digit_width(10**6, 1, 3) == 4  # at least 4
+  for n, groups in ((10**6, 1), (10**7, 50), (10**8, 1000), (10**6, 75)):
     width = selection._digit_width(n, groups, 32)
     assert (groups << width) <= max(n // 4, 1 << 18)
+    # One pass fewer would need a wider digit than the budget holds.
+    passes = -(-32 // width)
+    if passes > 2:
+      assert (groups << -(-32 // (passes - 1))) > max(n // 4, 1 << 18)
 
 
 def test_argument_errors():

@@ -94,6 +94,7 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from flipout_jax import core
@@ -207,11 +208,13 @@ class ThresholdRule(NamedTuple):
       ``thresholds`` of the prunable leaves (only the leaves' shapes are
       read). Runs once, at ``init``; raises ValueError (naming the layer)
       for a leaf the rule cannot handle.
-    select: ``(paths, raw, s) -> ThresholdSelection``: the masks and
-      thresholds of the raw weights (a list of arrays, with their paths) at
-      sparsity ``s`` (a traced float32 scalar); traced inside the update, so
-      it must be jittable. The thresholds are float32, of the shapes
-      ``init`` returned.
+    select: ``(paths, raw, s, previous=None) -> ThresholdSelection``: the
+      masks and thresholds of the raw weights (a list of arrays, with their
+      paths) at sparsity ``s`` (a traced float32 scalar); traced inside the
+      update, so it must be jittable. The thresholds are float32, of the
+      shapes ``init`` returned. ``previous``: None or the thresholds of the
+      last update, a hint that may speed the selection up but never
+      changes it.
 
   :func:`threshold_rule` builds it from a structure
   (:attr:`flipout_jax.structure.Structure.threshold`); its selection goes
@@ -296,14 +299,17 @@ def threshold_rule(structure=None, *,
   def layout(paths, shapes):
     return structure.layout(tuple(paths), tuple(tuple(x) for x in shapes))
 
-  def select(paths, raw, sparsity):
+  def select(paths, raw, sparsity, previous=None):
     lay = layout(paths, [w.shape for w in raw])
     sigmas = [_sigma(w.shape) if sigma_normalized else 1.0 for w in raw]
-    scores = [jax.lax.stop_gradient(
-        jnp.abs(w).astype(jnp.float32) if s == 1.0
-        else jnp.abs(w).astype(jnp.float32) / jnp.float32(s))
-              for w, s in zip(raw, sigmas)]
-    sel = structure.threshold(lay, scores, sparsity)
+    raw = [jax.lax.stop_gradient(w) for w in raw]
+    # The stored thresholds back in score units: the previous selection's
+    # cut, where this one is likely to be found again.
+    hint = None if previous is None else [
+        jax.lax.stop_gradient(jnp.asarray(x, jnp.float32) if s == 1.0
+                              else jnp.asarray(x, jnp.float32) / jnp.float32(s))
+        for x, s in zip(previous, sigmas)]
+    sel = structure.threshold(lay, raw, sparsity, divisors=sigmas, hint=hint)
     scale = lambda xs: [jax.lax.stop_gradient(  # pylint: disable=g-long-lambda
         x if s == 1.0 else x * jnp.float32(s)) for x, s in zip(xs, sigmas)]
     return ThresholdSelection(list(sel.masks), scale(sel.taus),
@@ -313,6 +319,10 @@ def threshold_rule(structure=None, *,
     paths = [p for p, _ in leaves]
     shapes = [tuple(x.shape) for _, x in leaves]
     lay = layout(paths, shapes)
+    if structure.kind in ("unstructured", "units"):
+      # One τ per leaf (ST3State); tracing the selection for its shapes
+      # would cost a transformer's init a second.
+      return [jnp.zeros([], jnp.float32) for _ in shapes]
     out = jax.eval_shape(
         lambda xs: structure.threshold(lay, xs, jnp.float32(0.0)).thresholds,
         [jax.ShapeDtypeStruct(x, jnp.float32) for x in shapes])
@@ -322,8 +332,11 @@ def threshold_rule(structure=None, *,
 
 
 def threshold_leaves(rule: ThresholdRule, raw: list[jax.Array], sparsity, *,
-                     rescale: bool = True, paths=None):
+                     rescale: bool = True, paths=None, previous=None):
   """ST-3 on a list of prunable tensors with the selection of ``rule``.
+
+  ``previous``: None or the thresholds of the last update (a hint for the
+  selection; the results do not depend on it).
 
   Returns:
     ``(effective, masks, thresholds, scales)``, lists matching ``raw``
@@ -331,7 +344,7 @@ def threshold_leaves(rule: ThresholdRule, raw: list[jax.Array], sparsity, *,
     them).
   """
   paths = [str(i) for i in range(len(raw))] if paths is None else list(paths)
-  sel = rule.select(paths, raw, sparsity)
+  sel = rule.select(paths, raw, sparsity, previous)
   effective, scales = [], []
   for w, m, tau in zip(raw, sel.masks, sel.taus):
     eff, scale = soft_threshold_rescale(w, m, tau, rescale=rescale)
@@ -503,10 +516,12 @@ def st3_rule(structure=None, *, sigma_normalized: bool = False,
   rule = threshold_rule(structure, sigma_normalized=sigma_normalized)
   rescale = validate.boolean(rescale, "rescale")
 
-  def select(lay, raw, sparsity, groups, keep):
+  def select(lay, raw, sparsity, groups, keep, previous=None):
     del groups, keep  # counted from the traced s_t by the structure
-    eff, masks, thr, scl = threshold_leaves(rule, raw, sparsity,
-                                            rescale=rescale, paths=lay.paths)
+    eff, masks, thr, scl = threshold_leaves(
+        rule, raw, sparsity, rescale=rescale, paths=lay.paths,
+        previous=None if previous is None or previous.state is None
+        else previous.state.thresholds)
     return core.RawSelection(eff, masks, ST3State(thr, scl))
 
   def init(lay, raw, sparsity, groups, keep):
@@ -518,11 +533,21 @@ def st3_rule(structure=None, *, sigma_normalized: bool = False,
     return [jnp.ones(w.shape, jnp.bool_) for w in raw], ST3State(
         thresholds, scales)
 
+  def init_host(lay, raw, groups, keep):
+    # The same constants, made on the host (nothing to compile for them).
+    del groups, keep
+    thresholds = [np.zeros(np.shape(x), np.float32)
+                  for x in rule.init(list(zip(lay.paths, raw)))]
+    scales = [np.ones(w.shape[-1:] if w.ndim >= 2 else (), np.float32)
+              for w in raw]
+    return [np.ones(w.shape, np.bool_) for w in raw], ST3State(
+        thresholds, scales)
+
   def reset(state):
     return ST3State([jnp.zeros_like(x) for x in state.thresholds],
                     [jnp.ones_like(x) for x in state.scales])
 
-  return core.RawRule(init, select, reset)
+  return core.RawRule(init, select, reset, init_host)
 
 
 # ------------------------------------------------------------------ accessors
