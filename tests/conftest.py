@@ -11,12 +11,10 @@ so compiling is most of their CPU time, and XLA:CPU compiles them with
 * ``--xla_cpu_use_fusion_emitters=false``: fusions emitted by the classic
   elemental IR emitter rather than the MLIR fusion emitters, whose lowering
   pipeline is most of what is left of a small program's compile (about half
-  the CPU time of the conformance setups).
-
-(``--xla_cpu_parallel_codegen_split_count=1`` would save about 15 % more,
-but with it the packed-mask and bool-mask programs of sparse_init differ in
-the last bit of three weights after an event, so
-``test_packed_masks_are_bit_identical`` fails; it is not used.)
+  the CPU time of the conformance setups);
+* ``--xla_cpu_parallel_codegen_split_count=1``: the module's LLVM IR in one
+  piece, not split for threads that two busy cores cannot run in parallel
+  anyway (about 15 % less CPU on top).
 
 Results are still deterministic (the same flags everywhere in a session:
 the subprocesses the tests start inherit them), and benchmarks and
@@ -35,7 +33,8 @@ import warnings
 import pytest
 
 COMPILE_FAST = ("--xla_backend_optimization_level=0",
-                "--xla_cpu_use_fusion_emitters=false")
+                "--xla_cpu_use_fusion_emitters=false",
+                "--xla_cpu_parallel_codegen_split_count=1")
 _TRIED = "FLIPOUT_JAX_TEST_XLA_FLAGS_TRIED"
 
 
