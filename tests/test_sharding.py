@@ -15,10 +15,9 @@ runs happen in subprocesses:
   over gloo on 127.0.0.1, and its FlipOut run is compared with the worker's
   single-device one.
 
-All subprocesses compile with ``--xla_backend_optimization_level=0`` and
-the other flags of ``tests/conftest.py`` (inherited from the session;
-sharding and the compared runs use the same flags) to keep the test near a
-minute of CPU.
+All subprocesses compile with ``--xla_backend_optimization_level=0`` (LLVM
+codegen only; sharding and the compared runs use the same flags) to keep the
+test under a minute of CPU.
 
 Why "same params" is a tolerance for the MLP and bitwise elsewhere: the
 sharded step sums some floats across devices (the data-parallel gradient
