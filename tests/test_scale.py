@@ -78,8 +78,8 @@ def test_random_initial_masks_program_does_not_grow_with_leaves(name):
     tx = fj.registry.build(name, optax.sgd(0.1), sparsity=0.5, every=1,
                            end_step=10)
     params = _params(n)
-    jax.clear_caches()
-    # The random masks' own program (init runs it, then splits per leaf).
+    # The random masks' own program (init runs it, then splits per leaf;
+    # its caller is eager, so the spy sees every init, cached or not).
     text = None
     real = fj.structure._random_top_k_stacked
 
@@ -93,6 +93,7 @@ def test_random_initial_masks_program_does_not_grow_with_leaves(name):
       tx.init(params)
     finally:
       fj.structure._random_top_k_stacked = real
+    assert text is not None, "init did not run the random masks' program"
     counts.append((_ops(text), _init_ops(text)))
   assert counts[0] == counts[1], counts
   # Two hash calls: the split of the key and every leaf's draws.
