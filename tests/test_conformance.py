@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 from typing import Any, Callable
 
 import equinox as eqx
@@ -326,13 +325,6 @@ def run_plain(name, tx, params, *, steps=STEPS, step_fn=None, donate=False,
 # ------------------------------------------------- per-constructor setups
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_jit_adam(name):
-  case = CASES[name]
-  params = make_params()
-  run_plain(name, case.build(optax.adam(1e-2), params, 0), params)
-
-
 def _packed_leaves(state):
   masks = fj.core.find_prune_states(state)[0].masks
   return [m for m in jax.tree.leaves(
@@ -342,9 +334,11 @@ def _packed_leaves(state):
 
 @pytest.mark.parametrize("name", ALL)
 def test_packed_masks_are_bit_identical(name):
-  """``packed_masks=True``: the state holds uint8 bits (one per weight,
-  rounded up to whole bytes along the packed axis), and params, masks and
-  every other state leaf equal the bool-mask run's bit for bit."""
+  """The plain setup, jitted Adam steps, with the contract after each (the
+  bool-mask run); and with ``packed_masks=True``: the state holds uint8 bits
+  (one per weight, rounded up to whole bytes along the packed axis), and
+  params, masks and every other state leaf equal the bool-mask run's bit for
+  bit."""
   case = CASES[name]
   params = make_params()
   runs = [run_plain(name, case.build(optax.adam(1e-2), params, 0, **kw),

@@ -21,7 +21,6 @@ import time
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import sweep
 from experiments import train
 from test_experiments import MAIN_CONFIG, REPO, TINY
 from test_experiments import assert_bit_identical, cli, final_params, load_config

@@ -94,6 +94,7 @@ def test_random_initial_masks_program_does_not_grow_with_leaves(name):
       tx.init(params)
     finally:
       fj.structure._random_top_k_rows = real
+    assert text is not None, "init did not run the random masks' program"
     counts.append((_ops(text), _init_ops(text)))
   assert counts[0] == counts[1], counts
   # The key split and every leaf's draws are fused hashes (prng.threefry2x32),

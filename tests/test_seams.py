@@ -6,7 +6,6 @@ ST-3, zero-size leaves with ERK, UniPTS on a model without ``train=``,
 reports on ``nnx.State``, reseeding, NaN weights, collapsed layers.
 """
 
-import math
 import warnings
 
 import flax.linen as nn
