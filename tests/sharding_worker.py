@@ -61,8 +61,11 @@ def synthetic_step(tx, params, state, targets):
   return optax.apply_updates(params, updates), state
 
 
-def synthetic_train(tx, mesh=None, steps=st.STEPS, spec_fn=st.param_spec):
-  step = jax.jit(functools.partial(synthetic_step, tx))
+def synthetic_train(tx, mesh=None, steps=st.STEPS, spec_fn=st.param_spec,
+                    step=None):
+  """``steps`` jitted steps of ``tx`` (``step``: that jitted step, if the
+  caller lowers it afterwards: the same jit object reuses its executable)."""
+  step = step or jax.jit(functools.partial(synthetic_step, tx))
   if mesh is None:
     put = lambda tree: jax.tree.map(jnp.asarray, tree)
   else:
@@ -275,9 +278,10 @@ def main(out):
   packed = {}
   for name in SYNTHETIC:
     tx = synthetic_tx(name, packed_masks=True)
+    step = jax.jit(functools.partial(synthetic_step, tx))
     with jax.set_mesh(mesh):
-      params, state = synthetic_train(tx, mesh)
-      hlo = jax.jit(functools.partial(synthetic_step, tx)).lower(
+      params, state = synthetic_train(tx, mesh, step=step)
+      hlo = step.lower(  # the loop's steady-state program: cached
           params, state, st.to_global(synthetic_targets(0), mesh,
                                       st.param_spec)).compile().as_text()
     save_run(arrays, f"packed/{name}/sharded", params, state)
