@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flipout_jax import prng
 from flipout_jax import trees
 from flipout_jax import validate
 
@@ -74,9 +75,7 @@ def hash_bits(key: jax.Array, shape) -> jax.Array:
   Returns:
     ``uint32`` array of ``shape``.
   """
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.key_data(key)
-  k = key.reshape(-1).astype(jnp.uint32)
+  k = prng.key_data(key).reshape(-1).astype(jnp.uint32)
   shape = tuple(int(d) for d in shape)
   index = jnp.zeros(shape, jnp.uint32)
   stride = 1

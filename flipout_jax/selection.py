@@ -1021,9 +1021,19 @@ def _nonnegative_key(a: jax.Array) -> jax.Array:
   The same keys with fewer operations: the float's bits with the sign bit
   set, NaN as ``-inf``'s key.
   """
-  bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
-  return jnp.where(bits > np.uint32(0x7F800000), np.uint32(0x007FFFFF),
-                   bits | _SIGN)
+  return _nonnegative_key_of_bits(jax.lax.bitcast_convert_type(a, jnp.uint32))
+
+
+def _nonnegative_key_of_bits(bits, xp=jnp):
+  """:func:`_nonnegative_key` from the float32 bits (jnp or NumPy)."""
+  return xp.where(bits > np.uint32(0x7F800000), np.uint32(0x007FFFFF),
+                  bits | _SIGN)
+
+
+def _magnitude(w, divisor: float, xp=jnp):
+  """The float32 score ``|w|/d`` (``|w|`` for ``d = 1``), jnp or NumPy."""
+  a = xp.abs(w).astype(xp.float32)
+  return a if divisor == 1.0 else a / xp.float32(divisor)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1032,8 +1042,7 @@ def _magnitude_key(divisor: float) -> Callable[..., jax.Array]:
 
   def key_fn(index, w):
     del index
-    a = jnp.abs(w).astype(jnp.float32)
-    return _nonnegative_key(a if divisor == 1.0 else a / jnp.float32(divisor))
+    return _nonnegative_key(_magnitude(w, divisor))
 
   return key_fn
 
@@ -1044,11 +1053,7 @@ def magnitude_scores(weights: Sequence[jax.Array],
   """The float32 scores ``|w|/d`` that :func:`magnitude_top_k` ranks
   (``|w|`` where ``d = 1``)."""
   divisors = [1.0] * len(weights) if divisors is None else divisors
-  out = []
-  for w, d in zip(weights, divisors):
-    a = jnp.abs(w).astype(jnp.float32)
-    out.append(a if d == 1.0 else a / jnp.float32(d))
-  return out
+  return [_magnitude(w, d) for w, d in zip(weights, divisors)]
 
 
 def magnitude_top_k(weights: Sequence[jax.Array],
@@ -1129,14 +1134,8 @@ def magnitude_top_k_host(weights: Sequence[np.ndarray],
   groups = _freeze_groups(groups, len(weights))
   k = np.reshape(np.asarray(k), (len(groups),)).astype(np.int64)
   divisors = [1.0] * len(weights) if divisors is None else list(divisors)
-  keys = []
-  for w, d in zip(weights, divisors):
-    a = np.abs(w).astype(np.float32)
-    if d != 1.0:
-      a = a / np.float32(d)
-    bits = a.view(np.uint32)
-    keys.append(np.where(bits > np.uint32(0x7F800000), np.uint32(0x007FFFFF),
-                         bits | _SIGN))
+  keys = [_nonnegative_key_of_bits(_magnitude(w, d, np).view(np.uint32), np)
+          for w, d in zip(weights, divisors)]
   masks = [np.zeros(np.shape(w), bool) for w in weights]
   cut = np.zeros(len(groups), np.uint32)
   for g, members in enumerate(groups):

@@ -524,24 +524,23 @@ def st3_rule(structure=None, *, sigma_normalized: bool = False,
         else previous.state.thresholds)
     return core.RawSelection(eff, masks, ST3State(thr, scl))
 
-  def init(lay, raw, sparsity, groups, keep):
-    del sparsity, groups, keep  # s_0 = 0: nothing masked yet
-    thresholds = [jnp.asarray(x, jnp.float32)
+  def constants(lay, raw, xp):
+    # s_0 = 0: nothing masked yet; thresholds 0, scales 1 (jnp or NumPy).
+    thresholds = [xp.zeros(xp.shape(x), xp.float32)
                   for x in rule.init(list(zip(lay.paths, raw)))]
-    scales = [jnp.ones(w.shape[-1:] if w.ndim >= 2 else (), jnp.float32)
+    scales = [xp.ones(w.shape[-1:] if w.ndim >= 2 else (), xp.float32)
               for w in raw]
-    return [jnp.ones(w.shape, jnp.bool_) for w in raw], ST3State(
+    return [xp.ones(w.shape, xp.bool_) for w in raw], ST3State(
         thresholds, scales)
+
+  def init(lay, raw, sparsity, groups, keep):
+    del sparsity, groups, keep
+    return constants(lay, raw, jnp)
 
   def init_host(lay, raw, groups, keep):
     # The same constants, made on the host (nothing to compile for them).
     del groups, keep
-    thresholds = [np.zeros(np.shape(x), np.float32)
-                  for x in rule.init(list(zip(lay.paths, raw)))]
-    scales = [np.ones(w.shape[-1:] if w.ndim >= 2 else (), np.float32)
-              for w in raw]
-    return [np.ones(w.shape, np.bool_) for w in raw], ST3State(
-        thresholds, scales)
+    return constants(lay, raw, np)
 
   def reset(state):
     return ST3State([jnp.zeros_like(x) for x in state.thresholds],
