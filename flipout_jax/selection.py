@@ -851,14 +851,24 @@ def _freeze_groups(groups, num_tensors: int) -> tuple[tuple[int, ...], ...]:
   return frozen
 
 
-def _check_k(k, num_groups: int) -> jax.Array:
-  k = jnp.asarray(k)
+def _check_k(k, num_groups: int, xp=jnp) -> jax.Array:
+  """int32 ``[num_groups]`` (a jnp or, with ``xp=np``, NumPy array)."""
+  k = xp.asarray(k)
   if not jnp.issubdtype(k.dtype, jnp.integer):
     raise ValueError(f"k: must hold integers, got dtype {k.dtype}.")
   if k.size != num_groups:
     raise ValueError(
         f"k: needs one count per group ({num_groups}), got shape {k.shape}.")
-  return jnp.reshape(k.astype(jnp.int32), (num_groups,))
+  return xp.reshape(k.astype(xp.int32), (num_groups,))
+
+
+def _check_divisors(divisors, num: int) -> tuple[float, ...]:
+  """The static divisors of :func:`magnitude_top_k` (default 1 each)."""
+  divisors = ((1.0,) * num if divisors is None
+              else tuple(float(d) for d in divisors))
+  if len(divisors) != num:
+    raise ValueError(f"divisors: {len(divisors)} for {num} weights.")
+  return divisors
 
 
 # ----------------------------------------------------------------------------
@@ -1093,10 +1103,7 @@ def magnitude_top_k(weights: Sequence[jax.Array],
   """
   weights = list(weights)
   groups = _freeze_groups(groups, len(weights))
-  divisors = ((1.0,) * len(weights) if divisors is None
-              else tuple(float(d) for d in divisors))
-  if len(divisors) != len(weights):
-    raise ValueError(f"divisors: {len(divisors)} for {len(weights)} weights.")
+  divisors = _check_divisors(divisors, len(weights))
   k = _check_k(k, len(groups))
   if hint is not None:
     hint = jnp.reshape(jnp.asarray(hint, jnp.uint32), (len(groups),))
@@ -1132,8 +1139,8 @@ def magnitude_top_k_host(weights: Sequence[np.ndarray],
   """
   weights = [np.asarray(w) for w in weights]
   groups = _freeze_groups(groups, len(weights))
-  k = np.reshape(np.asarray(k), (len(groups),)).astype(np.int64)
-  divisors = [1.0] * len(weights) if divisors is None else list(divisors)
+  k = _check_k(k, len(groups), np)
+  divisors = _check_divisors(divisors, len(weights))
   keys = [_nonnegative_key_of_bits(_magnitude(w, d, np).view(np.uint32), np)
           for w, d in zip(weights, divisors)]
   masks = [np.zeros(np.shape(w), bool) for w in weights]

@@ -249,6 +249,22 @@ def test_magnitude_top_k_matches_sort_whatever_the_hint(kind):
       np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("host", [False, True])
+def test_magnitude_top_k_refuses_bad_divisors_and_k(host):
+  # The device and host selections share their checks: each error names
+  # its argument.
+  select = (selection.magnitude_top_k_host if host else
+            lambda w, g, k, divisors=None: selection.magnitude_top_k(
+                [jnp.asarray(x) for x in w], g, k, divisors=divisors))
+  weights = [np.ones((4, 3), np.float32), np.ones((5,), np.float32)]
+  with pytest.raises(ValueError, match="^divisors: 1 for 2 weights"):
+    select(weights, [[0, 1]], [3], divisors=[2.0])
+  with pytest.raises(ValueError, match="^k: must hold integers"):
+    select(weights, [[0, 1]], [2.5])
+  with pytest.raises(ValueError, match=r"^k: needs one count per group \(2\)"):
+    select(weights, [[0], [1]], [1])
+
+
 def test_hinted_first_pass_resolves_two_digits_near_the_hint():
   # The point of the hint: with the answer's first digit within the window,
   # the first pass also yields the second digit (p = 2, one pass saved);
